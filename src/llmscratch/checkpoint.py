@@ -1,0 +1,137 @@
+"""The checkpoint folder: `model.safetensors` + `config.json` + tokenizer files (+ `hyperparameters.yaml`).
+
+Every folder is self-contained: `load(folder)` rebuilds the model and its tokenizer from it alone. Weights
+are stored with safetensors (no pickle); files are written to a temporary name and renamed into place, so a
+crash never leaves a half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+
+from llmscratch.config import ModelConfig
+from llmscratch.errors import UserError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+HPARAMS = "hyperparameters.yaml"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp_path)` and rename the result to `path`; on failure nothing appears at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict to save: a tied LM head is dropped (it is the embedding; safetensors refuses aliases)."""
+    state = model.state_dict()
+    if getattr(model.config, "tie_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def save_model(directory: str | Path, model, tokenizer=None, hyperparameters: dict | None = None) -> Path:
+    """Write the checkpoint files of `model` (and `tokenizer`) into `directory`."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create checkpoint folder {directory}: {exc.strerror}") from None
+    state = {k: v.cpu() for k, v in model_state(model).items()}
+    atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG, model.config.save)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    if hyperparameters is not None:
+        text = yaml.safe_dump(hyperparameters, sort_keys=False)
+        atomic_write(directory / HPARAMS, lambda p: p.write_text(text))
+    return directory
+
+
+def find_model_folder(path: str | Path) -> Path:
+    """The folder holding model files for `path`: itself, or for a training run its newest checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint folder not found")
+    if not path.is_dir():
+        raise UserError(f"{path}: expected a checkpoint folder (with {WEIGHTS} and {CONFIG}), got a file")
+    if (path / WEIGHTS).exists() or (path / CONFIG).exists():
+        return path
+    steps = sorted((path / "checkpoints").glob("step-*")) if (path / "checkpoints").is_dir() else []
+    if steps:
+        return steps[-1]
+    raise UserError(f"{path}: no {WEIGHTS} or {CONFIG} here; point at a checkpoint folder written by "
+                    "`llmscratch pretrain` or `llmscratch download`")
+
+
+def load_state_dict(file: Path, device="cpu") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise UserError(f"{file}: weights file missing; the checkpoint folder is incomplete")
+    try:
+        return load_file(str(file), device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{file}: cannot read weights ({exc}); the file is truncated or not safetensors — "
+                        "re-save or re-download the checkpoint") from None
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise UserError naming the first missing/unexpected keys or shape mismatches (with both shapes)."""
+    expected = model_state(model)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if mismatched:
+        problems.append(f"shape mismatch in {len(mismatched)} tensor(s), first: " + "; ".join(mismatched[:3]))
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s), first: {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s), first: {', '.join(unexpected[:3])}")
+    if problems:
+        raise UserError(f"{source}: weights do not fit config.json — " + "; ".join(problems))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Build the model from `config.json` and fill it from `model.safetensors`."""
+    from llmscratch.model import GPT
+
+    folder = find_model_folder(path)
+    cfg = ModelConfig.load(folder / CONFIG)
+    state = load_state_dict(folder / WEIGHTS)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    check_state_dict(model, state, str(folder / WEIGHTS))
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval()
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a checkpoint folder — the package's front door."""
+    from llmscratch.tokenizer import load_tokenizer
+
+    folder = find_model_folder(path)
+    return load_model(folder, device, dtype), load_tokenizer(folder)

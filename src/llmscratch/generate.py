@@ -1,0 +1,143 @@
+"""Sampling from a model: greedy, temperature, top-k, top-p, eos and stop strings, streaming.
+
+One sampler serves every caller (CLI, chat, evaluation). Decoding uses the model's KV cache; the uncached
+path (`use_cache=False`) recomputes the whole window each step as the book's `generate_text_simple` does and
+is kept as the reference the cached path is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from llmscratch.errors import UserError
+from llmscratch.tokenizer.base import Tokenizer
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one next token per row of `logits` (B, V). temperature 0 means greedy (argmax)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        # Nucleus sampling (Holtzman et al. 2019): keep the smallest set of tokens whose probability mass
+        # reaches top_p. A token is dropped when the mass *before* it already reaches top_p, so the most
+        # likely token always survives.
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                 seed: int | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield the next token ids (B,) one step at a time for prompts `prompt_ids` (B, T) of equal length.
+
+    Rows that produced `eos_id` keep yielding `eos_id`; the iterator ends when every row has, or after
+    `max_new_tokens`. Past the context length the window is cropped to the last `context_length` tokens.
+    """
+    if prompt_ids.dim() == 1:
+        prompt_ids = prompt_ids.unsqueeze(0)
+    if prompt_ids.size(1) == 0:
+        raise UserError("the prompt is empty: give at least one token")
+    device = next(model.parameters()).device
+    seq = prompt_ids.to(device)
+    ctx = model.config.context_length
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    done = torch.zeros(seq.size(0), dtype=torch.bool, device=device)
+    if use_cache:
+        model.setup_kv_cache(seq.size(0), min(ctx, seq.size(1) + max_new_tokens))
+    try:
+        pos = 0  # number of tokens of `seq` already in the cache
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits = model(seq[:, -ctx:])
+            elif seq.size(1) <= ctx and pos > 0:
+                logits = model(seq[:, pos:], input_pos=pos)
+            else:
+                # First step, or the window slid past the context: positions shift, so refill the cache.
+                logits = model(seq[:, -ctx:], input_pos=0)
+            pos = min(seq.size(1), ctx)
+            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            yield nxt
+            if eos_id is not None and bool(done.all()):
+                break
+    finally:
+        if use_cache:
+            model.clear_kv_cache()
+        model.train(was_training)
+
+
+def stream(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.0,
+           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+           stop: Sequence[str] = (), stop_at_eos: bool = True, use_cache: bool = True) -> Iterator[str]:
+    """Yield the generated text piece by piece for one prompt.
+
+    Text is held back while it ends in an incomplete UTF-8 character (decoded as U+FFFD) or could still be
+    the start of a stop string, so the pieces joined equal the final text exactly.
+    """
+    ids = tokenizer.encode(prompt)
+    eos = tokenizer.eos_id if stop_at_eos else None
+    out: list[int] = []
+    emitted = 0
+    text = ""
+    for nxt in generate_ids(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, eos,
+                            seed, use_cache):
+        token = int(nxt[0])
+        if eos is not None and token == eos:
+            break
+        out.append(token)
+        text = tokenizer.decode(out)
+        cut = _first_stop(text, stop)
+        if cut is not None:
+            text = text[:cut]
+            break
+        safe = len(text)
+        while safe > emitted and text[safe - 1] == "\ufffd":
+            safe -= 1
+        safe = min(safe, _stop_prefix_start(text, stop))
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def generate(model, tokenizer: Tokenizer, prompt: str, **kwargs) -> str:
+    """The generated continuation of `prompt` as one string (see `stream` for the options)."""
+    return "".join(stream(model, tokenizer, prompt, **kwargs))
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    hits = [i for s in stop if s and (i := text.find(s)) >= 0]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_start(text: str, stop: Sequence[str]) -> int:
+    """Index where a suffix of `text` begins that is a proper prefix of some stop string (len(text) if none)."""
+    start = len(text)
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                start = min(start, len(text) - n)
+                break
+    return start

@@ -1,0 +1,98 @@
+"""Causal self-attention (multi-head and grouped-query in one class) and its KV cache.
+
+GPT-2 uses multi-head attention: every query head has its own key/value head. Grouped-query attention
+(Ainslie et al. 2023) lets `n_heads / n_kv_heads` query heads share one key/value head, shrinking the KV
+cache; MHA is the special case n_kv_heads == n_heads, so one class serves both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention_reference(q, k, v, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    """softmax(Q Kᵀ / √d) V written out, the book's chapter 3.
+
+    q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs). `mask` is boolean (Tq, Tk), True where attention is allowed;
+    `is_causal` builds the lower-triangular mask for Tq == Tk.
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
+    if is_causal:
+        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return weights @ v  # (B, nh, Tq, hs)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one attention layer for `max_len` positions.
+
+    `update(pos, k, v)` writes the new entries at [pos, pos + T) and returns the filled prefix, so prefill
+    (T = prompt length) and decoding (T = 1) are the same call.
+    """
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(2)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot write up to {end}")
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head / grouped-query causal self-attention calling `F.scaled_dot_product_attention`."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, qkv_bias: bool = True,
+                 bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        # One matmul for q, k and v together (GPT-2's c_attn); with GQA k and v are narrower.
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, input_pos: int | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        hs, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
+        q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+
+        mask, is_causal = None, True
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, input_pos + T, hs)
+            if input_pos > 0:
+                # New queries sit at absolute positions input_pos..input_pos+T-1 and may see every cached key
+                # up to their own position. SDPA's is_causal aligns the mask top-left, which is only right
+                # when Tq == Tk, so past the first chunk the mask is explicit (T = 1 needs none at all).
+                is_causal = False
+                if T > 1:
+                    mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=input_pos)
+        if nkv != nh:
+            # Each key/value head serves nh // nkv consecutive query heads.
+            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, Tk, hs)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
+        return self.resid_dropout(self.proj(y))

@@ -1,0 +1,56 @@
+"""Normalisation and feed-forward layers, each with its hand-written reference beside the fused op.
+
+The model calls the fused PyTorch kernels; the `*_reference` functions spell out the math the book derives
+and are tested equal to them (tests/model/test_layers.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def layer_norm_reference(x: torch.Tensor, weight, bias, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm from its definition: normalise each vector to zero mean and unit variance, then scale/shift.
+
+    The variance is the biased one (divide by n, not n-1), as in the LayerNorm paper and `F.layer_norm`.
+    """
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True, unbiased=False)
+    y = (x - mean) / torch.sqrt(var + eps)
+    y = y * weight
+    return y + bias if bias is not None else y
+
+
+def gelu_reference(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation used by GPT-2 (Hendrycks & Gimpel 2016, eq. in section 2)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (GPT-2 has one); calls the fused kernel."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class GELUMLP(nn.Module):
+    """GPT-2's feed-forward net: expand to d_ff, GELU (tanh form), project back to d_model."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))

@@ -1,0 +1,116 @@
+"""The decoder-only transformer (GPT-2's architecture; the book's `GPTModel`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llmscratch.config import ModelConfig
+from llmscratch.model.attention import CausalSelfAttention, KVCache
+from llmscratch.model.layers import GELUMLP, LayerNorm
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention and feed-forward each wrapped in a residual connection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.qkv_bias, cfg.bias,
+                                        cfg.dropout)
+        self.norm2 = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.mlp = GELUMLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
+
+    def forward(self, x: torch.Tensor, input_pos: int | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), input_pos)
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """Token + position embeddings → n_layers blocks → final norm → LM head.
+
+    `model(idx)` maps token ids (B, T) to next-token logits (B, T, vocab_size). For cached decoding call
+    `setup_kv_cache(batch_size, max_len)` once, then pass `input_pos` (the absolute position of idx[:, 0]).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02) everywhere, zero biases, and the projections that write into the
+        residual stream scaled by 1/√(2·n_layers) so its variance does not grow with depth (GPT-2 paper, §2.3)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx: torch.Tensor, input_pos: int | None = None) -> torch.Tensor:
+        B, T = idx.shape
+        start = input_pos or 0
+        if start + T > self.config.context_length:
+            raise ValueError(f"sequence of {start + T} positions exceeds context_length "
+                             f"{self.config.context_length}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, input_pos)
+        return self.lm_head(self.norm(x))  # (B, T, vocab)
+
+    # --- KV cache ---------------------------------------------------------------------------------------
+    def setup_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> None:
+        """Give every attention layer a preallocated cache for `batch_size` sequences of up to `max_len`."""
+        max_len = min(max_len or self.config.context_length, self.config.context_length)
+        ref = self.lm_head.weight
+        for block in self.blocks:
+            a = block.attn
+            a.kv_cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, dtype or ref.dtype,
+                                 device or ref.device)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    @property
+    def has_kv_cache(self) -> bool:
+        return self.blocks[0].attn.kv_cache is not None if len(self.blocks) else False
+
+    # --- accounting -------------------------------------------------------------------------------------
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Distinct parameters (a tied head counts once); optionally without the embedding tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+        return n
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True) -> float:
+    """Approximate FLOPs per token: 2·N for a forward pass through the N non-embedding weights plus the
+    attention scores (2·n_layers·T·d for QKᵀ and AV each), ×3 for training (backward ≈ 2× forward).
+    Follows the accounting of Kaplan et al. 2020 (table 1) and the PaLM paper's MFU appendix; the LM head is
+    counted since it is a real matmul."""
+    T = seq_len or cfg.context_length
+    d, L = cfg.d_model, cfg.n_layers
+    kv_dim = cfg.n_kv_heads * cfg.head_dim
+    per_layer = d * (d + 2 * kv_dim) + d * d + 2 * d * cfg.d_ff  # qkv, out proj, mlp
+    matmul_params = L * per_layer + d * cfg.vocab_size
+    forward = 2 * matmul_params + 2 * 2 * L * T * d
+    return forward * (3 if training else 1)

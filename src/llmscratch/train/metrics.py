@@ -1,0 +1,92 @@
+"""Training metrics: a CSV always, TensorBoard when installed, and the book's loss plot."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+FIELDS = ["kind", "step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss", "val_ppl", "tokens_per_s",
+          "mfu"]
+
+
+class MetricsLog:
+    """Appends rows to `metrics.csv` (one row per log or eval event) and mirrors them to TensorBoard."""
+
+    def __init__(self, out_dir: str | Path, resume_from_step: int | None = None, tensorboard: bool = True):
+        self.path = Path(out_dir) / "metrics.csv"
+        rows = read_metrics(self.path) if resume_from_step is not None and self.path.exists() else []
+        # A run killed after its last checkpoint logged steps that the resumed run will redo: drop them.
+        rows = [r for r in rows if resume_from_step is not None and int(r["step"]) <= resume_from_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=FIELDS)
+        self._writer.writeheader()
+        for r in rows:
+            self._writer.writerow(r)
+        self._file.flush()
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self._tb = None
+
+    def log(self, kind: str, step: int, **values) -> None:
+        row = {"kind": kind, "step": step}
+        row.update({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in values.items() if v is not None})
+        self._writer.writerow(row)
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and k not in ("tokens", "elapsed_s"):
+                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path | None:
+    """Train/val loss against steps, with tokens seen on a second x-axis (the book's figure 5.12).
+
+    Returns None when matplotlib is missing or there is nothing to plot."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in read_metrics(metrics_csv) if r["kind"] == "eval" and r["val_loss"]]
+    train_rows = [r for r in read_metrics(metrics_csv) if r["kind"] == "train" and r["train_loss"]]
+    if not rows and not train_rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train_rows:
+        ax.plot([int(r["step"]) for r in train_rows], [float(r["train_loss"]) for r in train_rows],
+                label="train loss (running)", alpha=0.5)
+    if rows:
+        steps = [int(r["step"]) for r in rows]
+        ax.plot(steps, [float(r["train_loss"]) for r in rows], "o-", label="train loss (eval)")
+        ax.plot(steps, [float(r["val_loss"]) for r in rows], "s--", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats)")
+    ax.legend()
+    all_rows = rows + train_rows
+    max_step = max(int(r["step"]) for r in all_rows)
+    max_tokens = max(int(r["tokens"]) for r in all_rows)
+    if max_step > 0 and max_tokens > 0:
+        per_step = max_tokens / max_step
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+        top.set_xlabel("tokens seen")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,374 @@
+"""The one training loop. Pretraining and every fine-tuning stage call `train` with their own loss and data.
+
+A stage supplies:
+  * `batches`: a `BatchSource` — `next(split)` gives the next batch of "train" or "val", and its
+    `state_dict()` captures the data position so `--resume` continues with the very next batch;
+  * `loss_fn(model, batch) -> (loss, n_tokens)`: the mean loss and how many tokens it covered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llmscratch.checkpoint import save_model
+from llmscratch.errors import UserError
+from llmscratch.model.transformer import flops_per_token
+from llmscratch.train.metrics import MetricsLog, plot_losses
+from llmscratch.train.schedule import lr_at
+
+TRAIN_STATE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings of one training run."""
+
+    max_steps: int = 1000  # optimizer updates in the run (the LR schedule spans them)
+    max_minutes: float | None = None  # stop (and save) once this much wall time has passed
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer update
+    lr: float = 6e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100  # linear warmup length
+    weight_decay: float = 0.1  # AdamW decay on matrices (never on norms, biases or embeddings)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_every: int = 100  # evaluate train/val loss every N steps (and at the end)
+    eval_batches: int = 20  # batches per evaluation
+    log_every: int = 10  # read the loss back and log it every N steps
+    sample_every: int = 0  # print a sample every N steps (0: never)
+    save_every: int = 500  # write a resumable checkpoint every N steps (and at the end)
+    keep_last: int = 2  # resumable checkpoints to keep
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model (slow to start; pays off on long GPU runs)
+    peak_tflops: float | None = None  # accelerator peak for MFU; None = known GPUs only
+    progress: bool = True  # tqdm progress bar
+
+
+class BatchSource(Protocol):
+    def next(self, split: str) -> Any: ...
+    def reset_eval(self) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int
+    train_loss: float | None = None
+    val_loss: float | None = None
+    stopped_early: str | None = None  # "time", "interrupt" or None
+    history: list[dict] = field(default_factory=list)
+
+
+def lm_loss(model, batch) -> tuple[torch.Tensor, int]:
+    """Next-token cross-entropy over every position of (x, y) batches (the book's calc_loss_batch)."""
+    x, y = batch
+    logits = model(x)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+    return loss, y.numel()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision`, or None for plain fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision in ("fp32", "float32"):
+        return None
+    if precision in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    raise UserError(f"precision {precision!r} is not supported; use auto, fp32 or bf16")
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    """Dense bf16 peak FLOP/s used for MFU (vendor datasheets); None when unknown."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L4", 121), ("A10", 125), ("4090", 165)):
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only: norms, biases and embeddings are not decayed, since
+    shrinking them toward zero does not regularise anything useful (as in nanoGPT and the GPT-3 setup)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_embedding = "emb" in name.split(".")[0]
+        (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # fused kernels missing for this device/dtype
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def _rng_state() -> dict:
+    _, keys, pos, _, _ = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    folder = out_dir / "checkpoints"
+    steps = sorted(p for p in folder.glob("step-*") if (p / TRAIN_STATE).exists()) if folder.is_dir() else []
+    return steps[-1] if steps else None
+
+
+def save_checkpoint(out_dir: Path, model, tokenizer, optimizer, step: int, tokens: int, batches: BatchSource,
+                    hparams: dict, keep_last: int) -> Path:
+    """Write checkpoints/step-NNNNNNN atomically (a temp folder renamed into place) and prune old ones."""
+    ckpt_root = out_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=ckpt_root))
+    try:
+        save_model(tmp, model, tokenizer, hparams)
+        torch.save({"step": step, "tokens": tokens, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+                    "data": batches.state_dict()}, tmp / TRAIN_STATE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    kept = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+    for old in kept[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_train_state(ckpt: Path) -> dict:
+    try:
+        return torch.load(ckpt / TRAIN_STATE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which one
+        raise UserError(f"{ckpt / TRAIN_STATE}: cannot read training state ({exc}); "
+                        "delete this checkpoint folder to resume from an earlier one") from None
+
+
+class _StopFlag:
+    """Turns the first Ctrl-C into a request to save and stop at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave the default behaviour
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@torch.no_grad()
+def evaluate(model, batches: BatchSource, loss_fn, n_batches: int, amp_dtype, device) -> dict[str, float]:
+    """Mean loss over the same `n_batches` of each split every time (the source resets its eval stream)."""
+    was_training = model.training
+    model.eval()
+    batches.reset_eval()
+    out = {}
+    for split in ("train", "val"):
+        total = 0.0
+        for _ in range(n_batches):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss, _ = loss_fn(model, batches.next(f"eval_{split}"))
+            total += float(loss)
+        out[split] = total / max(1, n_batches)
+    model.train(was_training)
+    return out
+
+
+def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, loss_fn=lm_loss, tokenizer=None,
+          resume: bool = False, hparams: dict | None = None,
+          sample_fn: Callable[[torch.nn.Module], str] | None = None,
+          on_step: Callable[[int, float | None], None] | None = None) -> TrainResult:
+    """Train `model` on `batches` and write checkpoints, metrics and plots under `out_dir`."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.device)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    if cfg.max_steps <= 0:
+        raise UserError(f"max_steps must be positive, got {cfg.max_steps}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg, device)
+    hparams = {"train": dataclasses.asdict(cfg), **(hparams or {})}
+
+    step, tokens = 0, 0
+    if resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            raise UserError(f"--resume: no checkpoint with {TRAIN_STATE} under {out_dir / 'checkpoints'}; "
+                            "start without --resume")
+        from llmscratch.checkpoint import check_state_dict, load_state_dict
+        state = load_state_dict(ckpt / "model.safetensors", device=device)
+        check_state_dict(model, state, str(ckpt))
+        model.load_state_dict(state, strict=False)
+        ts = load_train_state(ckpt)
+        optimizer.load_state_dict(ts["optimizer"])
+        batches.load_state_dict(ts["data"])
+        _set_rng_state(ts["rng"])
+        step, tokens = int(ts["step"]), int(ts["tokens"])
+    metrics = MetricsLog(out_dir, resume_from_step=step if resume else None)
+    fwd_model = torch.compile(model) if cfg.compile else model
+    flops_tok = flops_per_token(model.config) if hasattr(model, "config") else None
+    peak = peak_flops(device, cfg.peak_tflops)
+
+    result = TrainResult(step=step, tokens=tokens)
+    start = time.perf_counter()
+    window_t, window_tokens = start, 0
+    running = torch.zeros((), device=device)
+    running_n = 0
+    last_saved = step
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, desc="train", unit="step",
+               dynamic_ncols=True)
+
+    def save(at_step: int) -> Path:
+        return save_checkpoint(out_dir, model, tokenizer, optimizer, at_step, tokens, batches, hparams,
+                               cfg.keep_last)
+
+    try:
+        with _StopFlag() as stop:
+            while step < cfg.max_steps:
+                lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                for _ in range(cfg.grad_accum):
+                    batch = batches.next("train")
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss, n = loss_fn(fwd_model, batch)
+                    (loss / cfg.grad_accum).backward()
+                    running += loss.detach() / cfg.grad_accum
+                    tokens += n
+                    window_tokens += n
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                running_n += 1
+                bar.update(1)
+
+                last = step == cfg.max_steps
+                out_of_time = cfg.max_minutes is not None and time.perf_counter() - start > cfg.max_minutes * 60
+                stopping = last or out_of_time or stop.requested
+                saving = step % cfg.save_every == 0 or stopping
+                # Losses are read back (a host sync) only when logging, and always before a save so that a
+                # non-finite loss never reaches a checkpoint.
+                if step % cfg.log_every == 0 or saving:
+                    train_loss = float(running) / running_n  # the only host sync in the loop
+                    running.zero_()
+                    running_n = 0
+                    if not math.isfinite(train_loss):
+                        good = latest_checkpoint(out_dir)
+                        where = f"last good checkpoint: {good}" if good else "no checkpoint was written yet"
+                        raise TrainingDiverged(f"loss became {train_loss} at step {step}; stopping ({where}). "
+                                               "Lower --lr or raise --warmup-steps and retry")
+                    now = time.perf_counter()
+                    tok_s = window_tokens / max(now - window_t, 1e-9)
+                    window_t, window_tokens = now, 0
+                    mfu = tok_s * flops_tok / peak if (peak and flops_tok) else None
+                    metrics.log("train", step, tokens=tokens, elapsed_s=round(now - start, 2), lr=lr,
+                                train_loss=train_loss, tokens_per_s=round(tok_s, 1), mfu=mfu)
+                    result.train_loss = train_loss
+                    postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.1e}", "tok/s": f"{tok_s:,.0f}"}
+                    if mfu is not None:
+                        postfix["mfu"] = f"{mfu:.1%}"
+                    bar.set_postfix(postfix)
+                    if on_step is not None:
+                        on_step(step, train_loss)
+                elif on_step is not None:
+                    on_step(step, None)
+
+                if step % cfg.eval_every == 0 or stopping:
+                    ev = evaluate(model, batches, loss_fn, cfg.eval_batches, amp_dtype, device)
+                    metrics.log("eval", step, tokens=tokens, elapsed_s=round(time.perf_counter() - start, 2),
+                                lr=lr, train_loss=ev["train"], val_loss=ev["val"],
+                                val_ppl=math.exp(min(ev["val"], 50.0)))
+                    result.val_loss = ev["val"]
+                    result.history.append({"step": step, "train": ev["train"], "val": ev["val"]})
+                    bar.write(f"step {step}: train loss {ev['train']:.3f}, val loss {ev['val']:.3f} "
+                              f"(perplexity {math.exp(min(ev['val'], 50.0)):.1f})")
+                    if not math.isfinite(ev["val"]):
+                        raise TrainingDiverged(f"validation loss became {ev['val']} at step {step}; stopping. "
+                                               "Lower --lr and retry")
+                if sample_fn is not None and cfg.sample_every and step % cfg.sample_every == 0:
+                    bar.write(f"sample @ {step}: {sample_fn(model)!r}")
+                if saving:
+                    save(step)
+                    last_saved = step
+                if out_of_time or stop.requested:
+                    result.stopped_early = "time" if out_of_time else "interrupt"
+                    break
+    finally:
+        bar.close()
+        metrics.close()
+    result.step, result.tokens = step, tokens
+    if last_saved == step:
+        save_model(out_dir, model, tokenizer, hparams)
+        plot_losses(out_dir / "metrics.csv", out_dir / "loss.png")
+    return result
