@@ -358,7 +358,7 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
                                                "Lower --lr and retry")
                 if sample_fn is not None and cfg.sample_every and step % cfg.sample_every == 0:
                     bar.write(f"sample @ {step}: {sample_fn(model)!r}")
-                if saving:
+                if saving or stop.requested:  # a Ctrl-C during on_step still saves this step
                     save(step)
                     last_saved = step
                 if out_of_time or stop.requested:

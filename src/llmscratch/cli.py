@@ -1,0 +1,258 @@
+"""The `llmscratch` command line: one verb per pipeline stage.
+
+Every verb takes `--config FILE.yaml` (keys = option names with underscores) and, where a run has training
+settings, dotted overrides such as `--train.lr 3e-4`. User mistakes end as one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from llmscratch.errors import UserError
+
+CORPUS_HELP = "a named corpus (pydocs, the-verdict, tinyshakespeare), a text file, a folder or a glob"
+
+
+def _parser_class():
+    from jsonargparse import ArgumentParser
+
+    class Parser(ArgumentParser):
+        """Parse errors as one line on stderr and exit code 2, like every other user mistake."""
+
+        def error(self, message, *args, **kwargs):
+            first = str(message).strip().splitlines()[0] if str(message).strip() else "invalid arguments"
+            sys.stderr.write(f"llmscratch: error: {first} (see `{self.prog} --help`)\n")
+            sys.exit(2)
+
+    return Parser
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile
+
+    from llmscratch.config import PRESETS
+    from llmscratch.train.trainer import TrainConfig
+
+    P = _parser_class()
+    root = P(prog="llmscratch", description="Build, train and sample a GPT from scratch. "
+             "Start with `llmscratch quickstart`.")
+    root.add_argument("--version", action="version", version=_version())
+    verbs = root.add_subcommands(dest="verb", required=True)
+
+    def verb(name: str, help: str, parent=verbs, prog=None):
+        p = P(prog=prog or f"llmscratch {name}", description=help)
+        p.add_argument("--config", action=ActionConfigFile, help="YAML file of option values (keys use underscores)")
+        parent.add_subcommand(name, p, help=help)
+        return p
+
+    # tokenizer train
+    tok = P(prog="llmscratch tokenizer", description="Tokenizer tools.")
+    verbs.add_subcommand("tokenizer", tok, help="train a byte-level BPE tokenizer from scratch")
+    tok_verbs = tok.add_subcommands(dest="action", required=True)
+    p = verb("train", "Train a byte-level BPE tokenizer (GPT-2's pre-tokenizer) on a corpus.", tok_verbs,
+             prog="llmscratch tokenizer train")
+    p.add_argument("--data", required=True, help=CORPUS_HELP)
+    p.add_argument("--vocab-size", type=int, default=4096, help="target vocabulary size incl. special tokens")
+    p.add_argument("--out", type=str, required=True, help="folder to write tokenizer.json into")
+
+    p = verb("prepare", "Tokenize a corpus into train.bin/val.bin token files (uint16/uint32 memmaps).")
+    p.add_argument("--data", required=True, help=CORPUS_HELP)
+    p.add_argument("--tokenizer", default="gpt2", help="a tokenizer folder, or `gpt2` (tiktoken's GPT-2 BPE)")
+    p.add_argument("--out", required=True, help="folder for train.bin, val.bin, meta.json and the tokenizer")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of random chunks held out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val chunk draw")
+
+    p = verb("pretrain", "Pretrain a GPT with next-token prediction; checkpoints, metrics.csv and loss.png "
+             "go to --out.")
+    p.add_argument("--model", default="gpt-mini", help=f"preset: {', '.join(PRESETS)}")
+    p.add_argument("--data", default="pydocs", help=CORPUS_HELP + ", or a folder made by `prepare`")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or `gpt2` (default: the prepared folder's, else gpt2)")
+    p.add_argument("--out", required=True, help="run folder (model files, checkpoints/, metrics.csv, loss.png)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--context-length", type=int, default=None, help="override the preset's context length")
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--sample-prompt", default="The", help="prompt of the periodic samples")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_class_arguments(TrainConfig, "train", skip={"progress"})
+
+    p = verb("generate", "Generate text from a checkpoint folder.")
+    p.add_argument("checkpoint", help="checkpoint folder (or a training run folder)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", type=str, action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole window every step")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+
+    p = verb("info", "Parameters, FLOPs per token and memory estimates of a checkpoint or preset.")
+    p.add_argument("target", help=f"checkpoint folder or preset ({', '.join(PRESETS)})")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size for the activation estimate")
+
+    p = verb("quickstart", "Offline end to end on the embedded pydocs corpus: tokenizer, data, a small GPT "
+             "pretrained for a few minutes, samples before/after, loss vs the unigram baseline.")
+    p.add_argument("--minutes", type=float, default=4.0, help="pretraining time budget")
+    p.add_argument("--out", default="runs/quickstart", help="run folder")
+    p.add_argument("--model", default="gpt-mini", help="preset to train")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return root
+
+
+def _version() -> str:
+    from llmscratch import __version__
+
+    return f"llmscratch {__version__}"
+
+
+# --- verbs ------------------------------------------------------------------------------------------------
+def cmd_tokenizer_train(a) -> None:
+    from llmscratch.data import load_corpus
+    from llmscratch.tokenizer import BPETokenizer
+
+    from llmscratch.train.pretrain import check_out_dir
+
+    docs = load_corpus(a.data)
+    check_out_dir(Path(a.out))
+    tok = BPETokenizer.train(docs, a.vocab_size)
+    tok.save(a.out)
+    print(f"trained a {tok.vocab_size}-token BPE on {a.data}; saved to {a.out}")
+
+
+def cmd_prepare(a) -> None:
+    from llmscratch.tokenizer import load_tokenizer
+    from llmscratch.train.pretrain import check_out_dir, prepare
+
+    tok = load_tokenizer(a.tokenizer)
+    check_out_dir(Path(a.out))
+    meta = prepare(a.data, tok, a.out, val_fraction=a.val_fraction, seed=a.seed)
+    print(f"wrote {meta.train_tokens:,} train and {meta.val_tokens:,} val tokens ({meta.dtype}) to {a.out}")
+
+
+def cmd_pretrain(a) -> None:
+    from llmscratch.train.pretrain import run_pretrain
+    from llmscratch.train.trainer import TrainConfig
+
+    cfg = TrainConfig(**{k: v for k, v in vars(a.train).items() if not k.startswith("__")},
+                      progress=not a.no_progress)
+    r = run_pretrain(a.model, a.data, a.out, a.tokenizer, a.resume, cfg, a.context_length, a.dropout,
+                     a.sample_prompt, progress=not a.no_progress)
+    val = f", val loss {r.val_loss:.3f}" if r.val_loss is not None else ""
+    note = {"time": " (time budget reached)", "interrupt": " (interrupted; resume with --resume)"}.get(
+        r.stopped_early, "")
+    print(f"stopped at step {r.step}{note}: {r.tokens:,} tokens{val}. Model in {a.out}")
+
+
+def _dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise UserError(f"--dtype {name}: use auto, fp32, bf16 or fp16")
+    return table[name]
+
+
+def cmd_generate(a) -> None:
+    from llmscratch.checkpoint import load
+    from llmscratch.generate import stream
+    from llmscratch.train.trainer import resolve_device
+
+    device = resolve_device(a.device)
+    model, tok = load(a.checkpoint, device=device, dtype=_dtype(a.dtype, device))
+    pieces = stream(model, tok, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                    top_k=a.top_k or None, top_p=a.top_p, seed=a.seed, stop=a.stop or (),
+                    use_cache=not a.no_kv_cache)
+    if a.stream:
+        sys.stdout.write(a.prompt)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(a.prompt + "".join(pieces))
+
+
+def cmd_info(a) -> None:
+    from llmscratch.checkpoint import CONFIG, find_model_folder
+    from llmscratch.config import PRESETS, ModelConfig
+    from llmscratch.model.transformer import flops_per_token
+
+    if a.target in PRESETS and not Path(a.target).exists():
+        cfg, source = ModelConfig.from_preset(a.target), "preset"
+    else:
+        if not Path(a.target).exists():
+            raise UserError(f"{a.target}: neither a checkpoint folder nor a preset ({', '.join(PRESETS)})")
+        folder = find_model_folder(a.target)
+        cfg, source = ModelConfig.load(folder / CONFIG), str(folder)
+    import torch
+
+    from llmscratch.model import GPT
+
+    with torch.device("meta"):
+        m = GPT(cfg)
+    n, n_body = m.num_params(), m.num_params(exclude_embeddings=True)
+    T, B = cfg.context_length, a.batch_size
+    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
+    # Activations saved for backward, per token per layer, roughly 34·d + 5·h·T bytes in 16-bit
+    # (Korthikanti et al. 2022, eq. 1, no recomputation); reported for bf16 autocast.
+    act = B * T * cfg.n_layers * (34 * cfg.d_model + 5 * cfg.n_heads * T)
+    gib = 1024 ** 3
+    rows = [
+        ("config", f"{cfg.name} ({source})"),
+        ("shape", f"{cfg.n_layers} layers × d_model {cfg.d_model}, {cfg.n_heads} heads "
+                  f"({cfg.n_kv_heads} kv), d_ff {cfg.d_ff}, context {T}, vocab {cfg.vocab_size}"),
+        ("parameters", f"{n:,} ({n / 1e6:.1f}M); without embeddings {n_body:,}"),
+        ("FLOPs/token", f"forward {flops_per_token(cfg, T, False) / 1e9:.3f} GFLOP, "
+                        f"training {flops_per_token(cfg, T, True) / 1e9:.3f} GFLOP (at context {T})"),
+        ("weights", f"fp32 {n * 4 / gib:.2f} GiB, bf16 {n * 2 / gib:.2f} GiB"),
+        ("training", f"≈{(n * 16 + act) / gib:.2f} GiB at batch {B} (fp32 weights+grads+AdamW "
+                     f"{n * 16 / gib:.2f} GiB, activations ≈{act / gib:.2f} GiB)"),
+        ("KV cache", f"{kv_per_token * 2 / 1024:.1f} KiB/token in bf16; full context {kv_per_token * 2 * T / 2**20:.1f} MiB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def cmd_quickstart(a) -> None:
+    from llmscratch.train.pretrain import quickstart
+
+    quickstart(a.out, a.minutes, a.vocab_size, a.model, a.device, overwrite=a.overwrite,
+               progress=not a.no_progress)
+
+
+COMMANDS = {"tokenizer": {"train": cmd_tokenizer_train}, "prepare": cmd_prepare, "pretrain": cmd_pretrain,
+            "generate": cmd_generate, "info": cmd_info, "quickstart": cmd_quickstart}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+        sub = getattr(args, args.verb)
+        handler = COMMANDS[args.verb]
+        if isinstance(handler, dict):
+            handler, sub = handler[sub.action], getattr(sub, sub.action)
+        handler(sub)
+    except UserError as exc:
+        sys.stderr.write(f"llmscratch: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("llmscratch: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

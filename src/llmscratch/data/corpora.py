@@ -1,0 +1,383 @@
+"""Raw text in: the embedded stdlib corpus, named downloads (sha256-checked, cached) and local files.
+
+Every corpus comes out as a list of documents (strings). Documents stay separate so the token stage can put
+an end-of-text token between them; a single file is one document.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from llmscratch.errors import UserError
+
+__all__ = [
+    "CORPORA",
+    "NAMED_DOWNLOADS",
+    "NamedCorpus",
+    "cache_dir",
+    "download",
+    "fetch_corpus",
+    "load_corpus",
+    "pydocs_documents",
+    "pydocs_text",
+    "read_text_file",
+    "resolve_source",
+]
+
+
+def cache_dir() -> Path:
+    """Folder for downloads and built corpora: $LLMSCRATCH_CACHE, else $XDG_CACHE_HOME/llmscratch, else
+    ~/.cache/llmscratch. Not created here; writers create what they need."""
+    if env := os.environ.get("LLMSCRATCH_CACHE"):
+        return Path(env).expanduser()
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return Path(xdg).expanduser() / "llmscratch"
+    return Path.home() / ".cache" / "llmscratch"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pydocs: English prose that ships with every Python
+
+
+# Bump when the extraction or dedup rules change, so stale cache files are not reused.
+_PYDOCS_FORMAT = 1
+
+
+def _pydocs_cache_file() -> Path:
+    # Keyed by interpreter: the set of importable modules and their docstrings change between versions.
+    v = sys.version_info
+    key = f"{sys.implementation.name}{v.major}.{v.minor}.{v.micro}-{sys.platform}-v{_PYDOCS_FORMAT}"
+    return cache_dir() / "pydocs" / f"pydocs-{key}.json"
+
+
+def _normalize(paragraph: str) -> str:
+    return " ".join(paragraph.split())
+
+
+def _dedup_documents(raw_documents: list[list[str]]) -> list[str]:
+    """Drop every paragraph already seen anywhere earlier (whitespace-insensitive), then empty documents.
+
+    Inherited and boilerplate docstrings ("Return self==value.", one per class) repeat hundreds of times; a
+    model would learn to recite them and the validation loss would reward it.
+    """
+    seen: set[str] = set()
+    documents = []
+    for texts in raw_documents:
+        kept = []
+        for text in texts:
+            for paragraph in re.split(r"\n[ \t]*\n", text):
+                paragraph = paragraph.strip("\n").rstrip()
+                key = _normalize(paragraph)
+                if key and key not in seen:
+                    seen.add(key)
+                    kept.append(paragraph)
+        if kept:
+            documents.append("\n\n".join(kept))
+    return documents
+
+
+def _build_pydocs() -> list[str]:
+    worker = Path(__file__).with_name("_stdlib_docs.py")
+    # -I: isolated (no user site, no cwd on sys.path, no PYTHON* env); -B: no .pyc writes into the stdlib.
+    # DISPLAY is dropped so nothing imported can reach a window system.
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    with tempfile.TemporaryDirectory(prefix="llmscratch-pydocs-") as tmp:
+        out = Path(tmp) / "docs.json"
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-I", "-B", str(worker), str(out)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=env,
+                timeout=600,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise UserError(
+                f"building the pydocs corpus with {worker} timed out after {exc.timeout:.0f} s; "
+                "pass a local text file with --data PATH instead"
+            ) from None
+        if proc.returncode != 0 or not out.exists():
+            tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+            raise UserError(
+                f"building the pydocs corpus with {worker} failed (exit {proc.returncode}: {tail[0]}); "
+                "pass a local text file with --data PATH instead"
+            )
+        collected = json.loads(out.read_text(encoding="utf-8"))
+    raw = [texts for _, texts in collected["modules"]]
+    raw += [[text] for _, text in collected["topics"]]
+    return _dedup_documents(raw)
+
+
+def pydocs_documents() -> list[str]:
+    """The standard library's documentation as a list of documents, deduplicated and in a fixed order.
+
+    One document per module (its docstring, then its public classes, methods and functions) followed by one
+    per `pydoc_data.topics` entry (the language reference texts behind `help("if")`). Built once per Python
+    version in a child interpreter (about a second) and cached as JSON under `cache_dir()/pydocs`.
+    """
+    path = _pydocs_cache_file()
+    try:
+        documents = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(documents, list) and documents and all(isinstance(d, str) for d in documents):
+            return documents
+    except (OSError, ValueError):
+        pass  # missing or damaged cache: rebuild it
+    documents = _build_pydocs()
+    try:
+        _atomic_write_bytes(path, json.dumps(documents).encode("utf-8"))
+    except OSError:
+        pass  # a read-only cache folder only costs a rebuild next time
+    return documents
+
+
+def pydocs_text() -> str:
+    """`pydocs_documents()` joined by blank lines (~1.5 MB of English on CPython 3.11)."""
+    return "\n\n".join(pydocs_documents())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# named downloads
+
+
+@dataclass(frozen=True)
+class NamedCorpus:
+    """A text file the project knows how to fetch and verify."""
+
+    name: str  # what users type: --data the-verdict
+    url: str  # where a machine with internet gets it
+    sha256: str  # hex digest the bytes must have; guards against truncated or changed files
+    filename: str  # name under cache_dir()/corpora
+    description: str  # one line for --help
+
+
+NAMED_DOWNLOADS: dict[str, NamedCorpus] = {
+    c.name: c
+    for c in (
+        NamedCorpus(
+            "the-verdict",
+            "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/"
+            "the-verdict.txt",
+            "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f",
+            "the-verdict.txt",
+            "Edith Wharton's short story, the book's chapter-2 text (20 KB)",
+        ),
+        NamedCorpus(
+            "tinyshakespeare",
+            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+            "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+            "tinyshakespeare.txt",
+            "40k lines of Shakespeare, the char-rnn corpus (1.1 MB)",
+        ),
+    )
+}
+
+#: Every name `load_corpus` accepts besides a path, for CLI help.
+CORPORA: tuple[str, ...] = ("pydocs", *NAMED_DOWNLOADS)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _one_line(reason: object) -> str:
+    return " ".join(str(reason).split()) or "unknown error"
+
+
+def download(
+    url: str,
+    dest: str | Path,
+    sha256: str | None,
+    *,
+    name: str | None = None,
+    timeout: float = 30.0,
+    progress: bool = True,
+) -> Path:
+    """Fetch `url` to `dest` unless `dest` already holds the right bytes; returns `dest`.
+
+    Streams to a temporary file beside `dest` and renames it into place only once the sha256 matches, so
+    an interrupted or corrupted download never looks like a cached file. `timeout` applies to connecting
+    and to each read. Failures raise UserError naming `name` (default: the file name) and the URL.
+    """
+    dest = Path(dest)
+    name = name or dest.name
+    if dest.is_file() and (sha256 is None or _sha256_of(dest) == sha256):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    digest = hashlib.sha256()
+    try:
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": "llmscratch"})
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
+                length = response.headers.get("Content-Length")
+                with tqdm(
+                    total=int(length) if length and length.isdigit() else None,
+                    unit="B",
+                    unit_scale=True,
+                    desc=f"downloading {name}",
+                    disable=not progress,
+                ) as bar:
+                    while block := response.read(1 << 16):
+                        out.write(block)
+                        digest.update(block)
+                        bar.update(len(block))
+        except urllib.error.HTTPError as exc:
+            raise _download_error(name, url, dest, f"HTTP {exc.code} {exc.reason}") from None
+        except urllib.error.URLError as exc:
+            raise _download_error(name, url, dest, exc.reason) from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:  # timeouts, resets, bad URLs
+            raise _download_error(name, url, dest, f"{type(exc).__name__}: {exc}") from None
+        got = digest.hexdigest()
+        if sha256 is not None and got != sha256:
+            raise UserError(
+                f"downloaded {name} from {url} but its sha256 is {got}, expected {sha256}; the file may be "
+                f"truncated or changed upstream: retry, or pass a local copy with --data PATH"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _download_error(name: str, url: str, dest: Path, reason: object) -> UserError:
+    return UserError(
+        f"could not download {name} from {url} ({_one_line(reason)}); pass a local file with --data PATH, "
+        f"or place the file at {dest}"
+    )
+
+
+def fetch_corpus(name: str, *, progress: bool = True) -> Path:
+    """Path of the named download in the cache, fetching and verifying it first when needed."""
+    try:
+        corpus = NAMED_DOWNLOADS[name]
+    except KeyError:
+        raise UserError(f"unknown download {name!r}; choose one of {', '.join(NAMED_DOWNLOADS)}") from None
+    dest = cache_dir() / "corpora" / corpus.filename
+    return download(corpus.url, dest, corpus.sha256, name=corpus.name, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# local files and the one entry point
+
+
+# Only text-like files are taken from folders: a data folder often also holds archives, images or .bin
+# token files that would otherwise fail the UTF-8 check.
+_TEXT_SUFFIXES = (".txt", ".md")
+
+
+def _is_glob(src: str) -> bool:
+    return any(ch in src for ch in "*?[")
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def resolve_source(src: str | Path) -> str | list[Path]:
+    """What `src` names: a corpus name from `CORPORA` (returned as is) or the sorted list of files to read.
+
+    A bare corpus name wins over a file of the same name in the working directory; write ./pydocs to mean
+    the path. A folder contributes its *.txt and *.md files, recursively, skipping hidden ones; a glob
+    (``data/*.txt``, ``books/**/*.md``) contributes the files it matches.
+    """
+    text = str(src)
+    if isinstance(src, str) and text in CORPORA:
+        return text
+    path = Path(text).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.suffix.lower() in _TEXT_SUFFIXES and p.is_file() and not _hidden(p, path)
+        )
+        if not files:
+            raise UserError(
+                f"{path}: folder has no .txt or .md files; put the training text in such files or pass "
+                "a file or glob with --data"
+            )
+        return files
+    if _is_glob(text):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True))
+        files = [p for p in files if p.is_file()]
+        if not files:
+            raise UserError(f"{text}: glob matches no files; check the pattern (quote it in the shell)")
+        return files
+    raise UserError(
+        f"{text}: no such file or folder, and not a corpus name; pass an existing path or glob, or one "
+        f"of {', '.join(CORPORA)}"
+    )
+
+
+def read_text_file(path: Path) -> str:
+    """The file's text as UTF-8 (a leading BOM dropped, CRLF turned into LF); UserError if it is not."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({_one_line(exc.strerror or exc)})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}); convert it, e.g. "
+            f"iconv -f LATIN1 -t UTF-8, or leave it out"
+        ) from None
+    return text.replace("\r\n", "\n")
+
+
+def load_corpus(src: str | Path, *, progress: bool = True) -> list[str]:
+    """The documents of a corpus name, file, folder or glob (see `resolve_source`); one per file.
+
+    A file named on its own must not be empty; empty files inside a folder or glob are skipped, but at
+    least one must have text.
+    """
+    resolved = resolve_source(src)
+    if resolved == "pydocs":
+        return pydocs_documents()
+    if isinstance(resolved, str):
+        return [read_text_file(fetch_corpus(resolved, progress=progress))]
+    named_file = Path(str(src)).expanduser().is_file()
+    documents = []
+    for path in resolved:
+        text = read_text_file(path)
+        if text.strip():
+            documents.append(text)
+        elif named_file:
+            raise UserError(f"{path}: file is empty; put training text in it or pass another --data")
+    if not documents:
+        raise UserError(f"{src}: all {len(resolved)} matching files are empty; add text to them")
+    return documents

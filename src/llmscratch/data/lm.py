@@ -1,0 +1,424 @@
+"""Language-model data: next-token (input, target) pairs from a token stream.
+
+Two forms of the same idea. `SlidingWindowDataset` is the book's chapter-2 dataset: windows over an
+in-memory list of ids, walked in order by a DataLoader. `prepare_tokens` + `TokenMemmap` is the form that
+scales (as in nanoGPT): the corpus is tokenized once into flat binary files and training samples random
+windows straight from a memory map, so a corpus larger than RAM costs nothing to open.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import pickle
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from llmscratch.errors import UserError
+from llmscratch.tokenizer.base import Tokenizer
+
+__all__ = [
+    "SPLITS",
+    "SlidingWindowDataset",
+    "TokenMemmap",
+    "TokenMeta",
+    "create_dataloader",
+    "prepare_tokens",
+    "read_meta",
+]
+
+SPLITS = ("train", "val")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the book's sliding window
+
+
+def _as_id_tensor(token_ids) -> torch.Tensor:
+    if isinstance(token_ids, torch.Tensor):
+        return token_ids.reshape(-1).to(torch.long)
+    return torch.as_tensor(np.asarray(token_ids, dtype=np.int64).reshape(-1))
+
+
+class SlidingWindowDataset(Dataset):
+    """Windows of `max_length` ids starting every `stride` ids; the target is the input shifted by one.
+
+    ``stride == max_length`` gives non-overlapping windows (the book's training setting); a smaller stride
+    overlaps them. Windows are views into one tensor, made on access rather than stored like the book's
+    lists, so memory stays one copy of the ids.
+    """
+
+    def __init__(self, token_ids: Sequence[int] | np.ndarray | torch.Tensor, max_length: int, stride: int):
+        if max_length < 1 or stride < 1:
+            raise UserError(f"max_length and stride must be positive, got {max_length} and {stride}")
+        self.ids = _as_id_tensor(token_ids)
+        self.max_length = max_length
+        self.stride = stride
+        n = len(self.ids)
+        if n < max_length + 1:
+            raise UserError(
+                f"the corpus has {n} tokens but one window of context {max_length} needs {max_length + 1} "
+                "(inputs plus the shifted target); use a smaller context length or more text"
+            )
+        # the book's range(0, n - max_length, stride): every start whose target still fits
+        self._count = len(range(0, n - max_length, stride))
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(f"window {index} out of range for {self._count} windows")
+        start = index * self.stride
+        chunk = self.ids[start : start + self.max_length + 1]
+        return chunk[:-1], chunk[1:]  # (T,), (T,)
+
+
+def create_dataloader(
+    token_ids: Sequence[int] | np.ndarray | torch.Tensor,
+    batch_size: int,
+    max_length: int,
+    stride: int,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    num_workers: int = 0,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    """A DataLoader over `SlidingWindowDataset` yielding (inputs, targets), each (batch_size, max_length).
+
+    `generator` seeds the shuffle order, so a run can be repeated exactly.
+    """
+    if batch_size < 1:
+        raise UserError(f"batch_size must be positive, got {batch_size}")
+    dataset = SlidingWindowDataset(token_ids, max_length, stride)
+    if drop_last and len(dataset) < batch_size:
+        # with drop_last the loader would silently yield nothing and training would do zero steps
+        raise UserError(
+            f"only {len(dataset)} windows (context {max_length}, stride {stride}) fit in {len(dataset.ids)} "
+            f"tokens, fewer than batch_size {batch_size}; lower the batch size, stride or context, or add text"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        generator=generator,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# token files: prepare once, sample windows from a memory map
+
+
+@dataclass
+class TokenMeta:
+    """The `meta.json` beside `train.bin` / `val.bin`: how to read them and where they came from."""
+
+    dtype: str  # numpy dtype of the .bin files: "uint16", or "uint32" when ids do not fit in 16 bits
+    vocab_size: int  # tokenizer vocabulary size; every id is below it
+    train_tokens: int  # length of train.bin in tokens
+    val_tokens: int  # length of val.bin in tokens
+    eos_id: int | None  # id put between documents, None when the tokenizer has no end-of-text token
+    chunk_tokens: int  # the stream was cut into chunks of this many tokens before the train/val draw
+    val_fraction: float  # requested share of chunks sent to val
+    seed: int  # seed of the chunk draw
+    documents: int  # number of non-empty documents tokenized
+    source: str | None = None  # free text naming the corpus, e.g. the --data value
+    tokenizer: str | None = None  # tokenizer class name, as a hint when the files are reused
+
+    def num_tokens(self, split: str) -> int:
+        return self.train_tokens if split == "train" else self.val_tokens
+
+
+def _dtype_for(vocab_size: int) -> np.dtype:
+    # ids run 0..vocab_size-1; 16 bits halve the files and the page-cache footprint for GPT-2's 50257
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def read_meta(directory: str | Path) -> TokenMeta:
+    """Parse and check `directory/meta.json`; UserError naming the file and field on any problem."""
+    path = Path(directory) / "meta.json"
+    redo = "re-run the token preparation to rewrite it"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; prepare the corpus into {path.parent} first") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read ({exc}); {redo}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}); {redo}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object; {redo}")
+    known = {f.name for f in fields(TokenMeta)}
+    required = {f.name for f in fields(TokenMeta) if f.default is not None}
+    missing = sorted(required - raw.keys())
+    if missing:
+        raise UserError(f"{path}: missing field(s) {', '.join(missing)}; {redo}")
+    meta = TokenMeta(**{k: v for k, v in raw.items() if k in known})
+    if meta.dtype not in ("uint16", "uint32"):
+        raise UserError(f"{path}: field dtype is {meta.dtype!r}, expected 'uint16' or 'uint32'; {redo}")
+    for name in ("vocab_size", "train_tokens", "val_tokens", "chunk_tokens"):
+        value = getattr(meta, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"{path}: field {name} must be a non-negative integer, got {value!r}; {redo}")
+    return meta
+
+
+class _Encoder:
+    """Per-process tokenizing state: a pool worker gets its own copy of the tokenizer once, not per task."""
+
+    tokenizer: Tokenizer | None = None
+    dtype: np.dtype = np.dtype(np.uint16)
+
+
+def _init_worker(tokenizer: Tokenizer, dtype: np.dtype) -> None:
+    _Encoder.tokenizer = tokenizer
+    _Encoder.dtype = dtype
+
+
+def _encode_many(texts: list[str]) -> list[np.ndarray]:
+    tokenizer = _Encoder.tokenizer
+    out = []
+    for text in texts:
+        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+            bad = int(ids.max() if ids.max() >= tokenizer.vocab_size else ids.min())
+            raise ValueError(
+                f"{type(tokenizer).__name__} produced id {bad} outside [0, {tokenizer.vocab_size})"
+            )
+        out.append(ids.astype(_Encoder.dtype))
+    return out
+
+
+def _tasks(documents: Sequence[str], n_tasks: int) -> list[list[str]]:
+    """Consecutive groups of documents with about equal total characters (order kept)."""
+    total = sum(len(d) for d in documents)
+    target = max(1, total // n_tasks)
+    tasks, current, size = [], [], 0
+    for doc in documents:
+        current.append(doc)
+        size += len(doc)
+        if size >= target:
+            tasks.append(current)
+            current, size = [], 0
+    if current:
+        tasks.append(current)
+    return tasks
+
+
+def _auto_workers(documents: Sequence[str], num_workers: int | None) -> int:
+    if num_workers is not None:
+        return max(1, min(num_workers, len(documents)))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # under ~1 MB, starting processes costs more than tokenizing (tiktoken does several MB/s per core)
+    if sum(len(d) for d in documents) < 1_000_000:
+        return 1
+    return max(1, min(cpus, len(documents)))
+
+
+def prepare_tokens(
+    documents: Sequence[str],
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    num_workers: int | None = None,
+    chunk_tokens: int | None = None,
+    source: str | None = None,
+    progress: bool = True,
+) -> TokenMeta:
+    """Tokenize `documents` into `out_dir/train.bin`, `val.bin` and `meta.json`; returns the meta.
+
+    Documents are encoded in order, joined by the tokenizer's eos id when it has one, into one stream. The
+    stream is cut into chunks of `chunk_tokens` (default: ~1% of the stream, clamped to 64..4096) and a
+    seeded draw sends round(val_fraction * chunks) of them, at least one, to val. Random chunks rather
+    than the tail: on a small corpus the tail is one topic (the stdlib corpus ends with the language
+    reference), so a tail split measures a different distribution from the one trained on.
+
+    `num_workers` processes tokenize in parallel (None: all cores when the corpus is over ~1 MB); the
+    tokenizer is sent to each once, so it must pickle, else the work runs in this process. The files
+    appear only when complete: they are written to a temporary folder inside `out_dir` and renamed.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise UserError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    out_dir = Path(out_dir)
+    vocab_size = tokenizer.vocab_size
+    dtype = _dtype_for(vocab_size)
+    eos_id = tokenizer.eos_id
+    workers = _auto_workers(documents, num_workers)
+    if workers > 1:
+        try:
+            pickle.dumps(tokenizer)
+        except Exception as exc:  # noqa: BLE001 - any pickling failure means: no pool
+            warnings.warn(
+                f"{type(tokenizer).__name__} cannot be pickled ({exc}); tokenizing in one process",
+                stacklevel=2,
+            )
+            workers = 1
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    try:
+        stream_path = tmp / "stream.bin"
+        n_docs = 0
+        with (
+            open(stream_path, "wb") as stream,
+            tqdm(total=len(documents), unit="doc", desc="tokenizing", disable=not progress) as bar,
+        ):
+            eos = np.array([eos_id], dtype=dtype) if eos_id is not None else None
+            if workers > 1:
+                # ~4 tasks per worker balances uneven documents without drowning in IPC
+                pool = multiprocessing.get_context().Pool(workers, _init_worker, (tokenizer, dtype))
+                results = pool.imap(_encode_many, _tasks(documents, 4 * workers))
+            else:
+                pool = None
+                _init_worker(tokenizer, dtype)
+                results = (_encode_many([doc]) for doc in documents)
+            try:
+                for arrays in results:
+                    for ids in arrays:
+                        if ids.size == 0:
+                            continue  # an empty document would leave two eos ids in a row
+                        if n_docs and eos is not None:
+                            eos.tofile(stream)
+                        ids.tofile(stream)
+                        n_docs += 1
+                    bar.update(len(arrays))
+            except BaseException:
+                if pool is not None:
+                    pool.terminate()
+                    pool.join()
+                raise
+            else:
+                if pool is not None:
+                    pool.close()
+                    pool.join()
+            finally:
+                _Encoder.tokenizer = None
+        n_tokens = stream_path.stat().st_size // dtype.itemsize
+        if n_tokens == 0:
+            raise UserError(
+                f"the corpus for {out_dir} tokenized to no tokens ({len(documents)} documents, all empty); "
+                "pass text with content"
+            )
+        chunk = chunk_tokens or min(4096, max(64, n_tokens // 100))
+        n_chunks = math.ceil(n_tokens / chunk)
+        n_val = 0
+        if val_fraction > 0 and n_chunks > 1:
+            n_val = min(n_chunks - 1, max(1, round(val_fraction * n_chunks)))
+        is_val = np.zeros(n_chunks, dtype=bool)
+        is_val[np.random.default_rng(seed).choice(n_chunks, size=n_val, replace=False)] = True
+
+        stream_ids = np.memmap(stream_path, dtype=dtype, mode="r")
+        counts = {}
+        for split, wanted in (("train", False), ("val", True)):
+            with open(tmp / f"{split}.bin", "wb") as f:
+                for i in np.flatnonzero(is_val == wanted):
+                    stream_ids[i * chunk : (i + 1) * chunk].tofile(f)
+                counts[split] = f.tell() // dtype.itemsize
+        del stream_ids  # release the map before the file is deleted
+
+        meta = TokenMeta(
+            dtype=dtype.name,
+            vocab_size=vocab_size,
+            train_tokens=counts["train"],
+            val_tokens=counts["val"],
+            eos_id=eos_id,
+            chunk_tokens=chunk,
+            val_fraction=val_fraction,
+            seed=seed,
+            documents=n_docs,
+            source=source,
+            tokenizer=type(tokenizer).__name__,
+        )
+        (tmp / "meta.json").write_text(json.dumps(asdict(meta), indent=2) + "\n", encoding="utf-8")
+        # meta.json goes first (removed) and last (written), so a reader never pairs old meta with new bins
+        (out_dir / "meta.json").unlink(missing_ok=True)
+        for name in ("train.bin", "val.bin", "meta.json"):
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+class TokenMemmap:
+    """One split of a prepared token folder, memory-mapped; samples random training windows.
+
+    `TokenMemmap("out/tokens", "train").get_batch(8, 256, generator)` gives x, y of shape (8, 256) with
+    y[:, t] == x[:, t + 1]: the next-token targets.
+    """
+
+    def __init__(self, directory: str | Path, split: str = "train"):
+        if split not in SPLITS:
+            raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        self.directory = Path(directory)
+        self.split = split
+        self.meta = read_meta(self.directory)
+        self.path = self.directory / f"{split}.bin"
+        dtype = np.dtype(self.meta.dtype)
+        expected = self.meta.num_tokens(split)
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            raise UserError(
+                f"{self.path}: not found; prepare the corpus into {self.directory} again"
+            ) from None
+        if size != expected * dtype.itemsize:
+            raise UserError(
+                f"{self.path}: {size} bytes, but meta.json says {expected} {dtype.name} tokens "
+                f"({expected * dtype.itemsize} bytes); the files are from different runs: prepare again"
+            )
+        # numpy cannot map an empty file; an empty split is legal until someone samples from it
+        self.tokens = np.memmap(self.path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def get_batch(
+        self,
+        batch_size: int,
+        context_length: int,
+        generator: torch.Generator | None = None,
+        device: str | torch.device = "cpu",
+        pin: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`batch_size` windows at uniformly random starts: x (B, T) int64 and y = x shifted by one.
+
+        Start indices come from `torch.randint(..., generator=generator)`, so restoring the generator's
+        state (`generator.set_state`) replays the exact batch sequence, e.g. after resuming a run.
+        `pin` page-locks the batch first so a copy to a CUDA device can overlap compute.
+        """
+        n = self.num_tokens
+        if n < context_length + 1:
+            raise UserError(
+                f"{self.path}: the {self.split} split has {n} tokens but a window of context "
+                f"{context_length} needs {context_length + 1}; use a smaller context length, more text, or "
+                "(for val) a larger val_fraction"
+            )
+        starts = torch.randint(n - context_length, (batch_size,), generator=generator)  # (B,)
+        rows = starts.numpy()[:, None] + np.arange(context_length + 1)  # (B, T+1) positions
+        window = torch.from_numpy(self.tokens[rows].astype(np.int64))  # (B, T+1), one gather from the map
+        x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (B, T) each
+        device = torch.device(device)
+        if device.type == "cuda":
+            if pin:
+                x, y = x.pin_memory(), y.pin_memory()
+            return x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
+        return x.to(device), y.to(device)

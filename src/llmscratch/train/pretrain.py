@@ -1,0 +1,273 @@
+"""Pretraining: corpus → tokenizer → token files → GPT → the one trainer. Also the offline quickstart."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmscratch.config import ModelConfig
+from llmscratch.errors import UserError
+from llmscratch.train.trainer import TrainConfig, TrainResult, latest_checkpoint, resolve_device, train
+
+
+class LMBatches:
+    """Random windows from prepared token files; the train stream's generator state is the data position."""
+
+    def __init__(self, data_dir: str | Path, batch_size: int, context_length: int, seed: int = 0,
+                 device: str | torch.device = "cpu"):
+        from llmscratch.data.lm import TokenMemmap
+
+        self.splits = {s: TokenMemmap(data_dir, s) for s in ("train", "val")}
+        for split, mm in self.splits.items():
+            if mm.num_tokens < context_length + 1:
+                raise UserError(f"{mm.path}: the {split} split has {mm.num_tokens} tokens, fewer than one window "
+                                f"of {context_length + 1}; use more text or a smaller --context-length")
+        self.batch_size, self.context_length, self.seed = batch_size, context_length, seed
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.reset_eval()
+
+    def reset_eval(self) -> None:
+        # Evaluations see the same windows every time, so their losses are comparable across steps.
+        self.eval_generators = {s: torch.Generator().manual_seed(self.seed + 1 + i)
+                                for i, s in enumerate(("train", "val"))}
+
+    def next(self, split: str):
+        if split == "train":
+            gen, mm = self.generator, self.splits["train"]
+        else:
+            name = split.removeprefix("eval_")
+            gen, mm = self.eval_generators[name], self.splits[name]
+        return mm.get_batch(self.batch_size, self.context_length, gen, self.device,
+                            pin=self.device.type == "cuda")
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path) / "meta.json").is_file()
+
+
+def prepare(data: str, tokenizer, out: str | Path, val_fraction: float = 0.1, seed: int = 0,
+            progress: bool = True):
+    """Tokenize corpus `data` into `out` (train.bin, val.bin, meta.json) and save the tokenizer beside them."""
+    from llmscratch.data import load_corpus, prepare_tokens
+
+    documents = load_corpus(data, progress=progress)
+    meta = prepare_tokens(documents, tokenizer, out, val_fraction=val_fraction, seed=seed, source=str(data),
+                          progress=progress)
+    tokenizer.save(out)
+    return meta
+
+
+def check_out_dir(out: Path) -> bool:
+    """Create `out` if needed; returns True when this call created it. Unwritable → UserError."""
+    created = not out.exists()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder; choose another path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--out {out}: not writable ({exc.strerror}); choose a folder you can write to") from None
+    return created
+
+
+def sample_fn(tokenizer, prompt: str, max_new_tokens: int = 40, seed: int = 0):
+    from llmscratch.generate import generate
+
+    def sample(model) -> str:
+        return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=40,
+                        seed=seed)
+    return sample
+
+
+def run_pretrain(model: str = "gpt-mini", data: str = "pydocs", out: str | Path = "runs/pretrain",
+                 tokenizer: str | None = None, resume: bool = False, train_cfg: TrainConfig | None = None,
+                 context_length: int | None = None, dropout: float | None = None,
+                 sample_prompt: str = "The", progress: bool = True) -> TrainResult:
+    """Pretrain `model` (a preset) on `data` (a corpus or a folder made by `prepare`) into `out`."""
+    from llmscratch.checkpoint import CONFIG
+    from llmscratch.model import GPT
+    from llmscratch.tokenizer import load_tokenizer
+
+    out = Path(out)
+    cfg = train_cfg or TrainConfig()
+    ModelConfig.from_preset(model)  # unknown preset → error before anything is written
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise UserError(f"--resume: no checkpoint under {out / 'checkpoints'}; start without --resume")
+        model_cfg = ModelConfig.load(ckpt / CONFIG)
+        tok = load_tokenizer(ckpt)
+        data_dir = Path(data) if is_prepared(data) else out / "data"
+        created = False
+    else:
+        created = check_out_dir(out)
+        try:
+            if is_prepared(data):
+                data_dir = Path(data)
+                tok = load_tokenizer(tokenizer or data_dir)
+            else:
+                tok = load_tokenizer(tokenizer or "gpt2")
+                data_dir = out / "data"
+                prepare(data, tok, data_dir, seed=cfg.seed, progress=progress)
+            overrides = {"vocab_size": tok.vocab_size}
+            if context_length:
+                overrides["context_length"] = context_length
+            if dropout is not None:
+                overrides["dropout"] = dropout
+            model_cfg = ModelConfig.from_preset(model, **overrides)
+            LMBatches(data_dir, cfg.batch_size, model_cfg.context_length)  # corpus too small → error now
+        except BaseException:
+            if created:  # leave nothing half-written behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+    device = resolve_device(cfg.device)
+    batches = LMBatches(data_dir, cfg.batch_size, model_cfg.context_length, cfg.seed, device)
+    torch.manual_seed(cfg.seed)
+    net = GPT(model_cfg)
+    hparams = {"model": model, "data": str(data), "data_dir": str(data_dir)}
+    return train(net, batches, cfg, out, tokenizer=tok, resume=resume, hparams=hparams,
+                 sample_fn=sample_fn(tok, sample_prompt, seed=cfg.seed))
+
+
+def unigram_cross_entropy(data_dir: str | Path) -> float:
+    """Cross-entropy (nats/token) on val of the train split's token frequencies: the loss of a model that
+    ignores context. A language model has learned something real only once its val loss is clearly below."""
+    from llmscratch.data.lm import TokenMemmap
+
+    train_t = TokenMemmap(data_dir, "train").tokens
+    val_t = TokenMemmap(data_dir, "val").tokens
+    vocab = int(max(train_t.max(), val_t.max())) + 1
+    counts = np.bincount(np.asarray(train_t), minlength=vocab).astype(np.float64) + 0.5  # add-half smoothing
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.asarray(val_t)].mean())
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AVX512-BF16 / AMX), where bf16 autocast trains faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def estimate_step_seconds(model, batches: LMBatches, cfg: TrainConfig, n: int = 3) -> float:
+    """Time a few forward/backward passes (after one warm-up) to size a time-bounded run's schedule."""
+    from llmscratch.train.trainer import autocast_dtype, lm_loss
+
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
+    model.to(device).train()
+    gen_state = batches.generator.get_state()
+    times = []
+    for i in range(n + 1):
+        t0 = time.perf_counter()
+        for _ in range(cfg.grad_accum):
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss, _ = lm_loss(model, batches.next("train"))
+            loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    batches.generator.set_state(gen_state)
+    return sorted(times)[len(times) // 2]
+
+
+def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_size: int = 4096,
+               model: str = "gpt-mini", device: str = "auto", seed: int = 1337, overwrite: bool = False,
+               progress: bool = True) -> dict:
+    """Offline end to end: train a BPE tokenizer on the embedded `pydocs` corpus, pretrain a small GPT for
+    `minutes`, and report the validation loss next to the corpus's unigram cross-entropy."""
+    from llmscratch.data import load_corpus, prepare_tokens
+    from llmscratch.generate import generate
+    from llmscratch.model import GPT
+    from llmscratch.tokenizer import BPETokenizer, load_tokenizer
+
+    out = Path(out)
+    if minutes <= 0:
+        raise UserError(f"--minutes must be positive, got {minutes}")
+    if (out / "checkpoints").exists():
+        if not overwrite:
+            raise UserError(f"--out {out}: already holds a training run; pass --overwrite to replace it or "
+                            "choose another folder")
+        shutil.rmtree(out)
+    created = check_out_dir(out)
+    t0 = time.perf_counter()
+    try:
+        print("[1/4] loading the embedded corpus (Python standard library docs)...", flush=True)
+        documents = load_corpus("pydocs", progress=progress)
+        size_mb = sum(len(d) for d in documents) / 1e6
+        print(f"      {len(documents):,} documents, {size_mb:.2f} MB of text", flush=True)
+        print(f"[2/4] training a {vocab_size}-token byte-level BPE tokenizer from scratch...", flush=True)
+        bpe = BPETokenizer.train(documents, vocab_size, progress=progress)
+        bpe.save(out / "tokenizer")
+        tok = load_tokenizer(out / "tokenizer")  # the tiktoken-backed fast path of the same vocabulary
+        print("[3/4] tokenizing into train/val token files...", flush=True)
+        data_dir = out / "data"
+        meta = prepare_tokens(documents, tok, data_dir, val_fraction=0.1, seed=seed, source="pydocs",
+                              progress=progress)
+        tok.save(data_dir)
+        unigram = unigram_cross_entropy(data_dir)
+        print(f"      {meta.train_tokens:,} train / {meta.val_tokens:,} val tokens; unigram cross-entropy "
+              f"{unigram:.3f} nats (the loss of a model that ignores context)", flush=True)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+    dev = resolve_device(device)
+    on_cpu = dev.type == "cpu"
+    precision = "bf16" if (not on_cpu or cpu_has_fast_bf16()) else "fp32"
+    model_cfg = ModelConfig.from_preset(model, vocab_size=tok.vocab_size)
+    cfg = TrainConfig(batch_size=16 if on_cpu else 64, lr=2e-3 if on_cpu else 1e-3, warmup_steps=20,
+                      weight_decay=0.1, eval_every=50, eval_batches=8, log_every=10, save_every=100,
+                      keep_last=1, seed=seed, device=device, precision=precision, max_minutes=minutes,
+                      progress=progress)
+    batches = LMBatches(data_dir, cfg.batch_size, model_cfg.context_length, seed, dev)
+    torch.manual_seed(seed)
+    net = GPT(model_cfg)
+    prompt = "The module"
+    before = generate(net, tok, prompt, max_new_tokens=30, temperature=0.8, top_k=40, seed=seed)
+    print(f"      sample before training: {prompt}{before!r}", flush=True)
+    step_s = estimate_step_seconds(net, batches, cfg)
+    # Size the cosine schedule to the time budget, leaving ~10% for evaluations and checkpoints.
+    cfg.max_steps = max(20, int(minutes * 60 * 0.9 / step_s))
+    n_params = net.num_params()
+    print(f"[4/4] pretraining {model} ({n_params / 1e6:.1f}M parameters) on {dev.type} in {precision} for "
+          f"~{minutes:g} min (~{cfg.max_steps} steps of {cfg.batch_size}×{model_cfg.context_length} tokens)...",
+          flush=True)
+    result = train(net, batches, cfg, out, tokenizer=tok,
+                   hparams={"model": model, "data": "pydocs", "data_dir": str(data_dir)},
+                   sample_fn=sample_fn(tok, prompt, seed=seed))
+    after = generate(net, tok, prompt, max_new_tokens=40, temperature=0.8, top_k=40, seed=seed)
+    val = result.val_loss
+    total_min = (time.perf_counter() - t0) / 60
+    print(f"\nsample after training: {prompt}{after!r}")
+    print(f"final validation loss {val:.3f} nats (perplexity {math.exp(val):.1f}) vs unigram cross-entropy "
+          f"{unigram:.3f}: {'beats' if val < unigram else 'does NOT beat'} it by {unigram - val:.2f} nats")
+    print(f"done in {total_min:.1f} min: {result.step} steps, {result.tokens:,} tokens. Files in {out}/: "
+          "model.safetensors, config.json, tokenizer.json, metrics.csv, loss.png, checkpoints/")
+    print("\nnext, try:")
+    print(f'  llmscratch generate {out} --prompt "The module" --max-new-tokens 60 --temperature 0.8 --top-k 40')
+    print(f"  llmscratch info {out}")
+    print(f"  llmscratch pretrain --model gpt-mini --data tinyshakespeare --tokenizer {out} --out runs/shakespeare")
+    return {"val_loss": val, "unigram": unigram, "steps": result.step, "tokens": result.tokens,
+            "minutes": total_min}
+

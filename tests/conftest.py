@@ -1,0 +1,43 @@
+"""Suite-wide settings: never wait on the network, and point caches at a temp folder."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+#: ../shared/data beside the repository: real data sets for optional tests (absent on a user's machine).
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Tests must not read or write the user's ~/.cache/llmscratch; one cache per session.
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path_factory.getbasetemp() / "llmscratch-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """~40 KB of real English (a few stdlib module docstrings), written once per session."""
+    import importlib
+    import inspect
+
+    names = ["argparse", "collections", "csv", "json", "logging", "pathlib", "re", "string", "textwrap",
+             "unittest", "zipfile", "tarfile", "statistics", "fractions", "decimal", "heapq", "bisect"]
+    docs = [inspect.getdoc(importlib.import_module(n)) or "" for n in names]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(docs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, tiny_corpus) -> Path:
+    """A 300-token BPE trained on `tiny_corpus` and the corpus prepared into train/val token files."""
+    from llmscratch.tokenizer import BPETokenizer, load_tokenizer
+    from llmscratch.train.pretrain import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    BPETokenizer.train(tiny_corpus.read_text(), 300, progress=False).save(root / "tok")
+    prepare(str(tiny_corpus), load_tokenizer(root / "tok"), root / "data", progress=False)
+    return root / "data"

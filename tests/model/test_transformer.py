@@ -1,0 +1,221 @@
+"""The GPT: shapes, tied head, causality, KV cache == no cache, context limit, FLOPs and initialisation."""
+
+import math
+
+import pytest
+import torch
+
+from llmscratch.config import ModelConfig
+from llmscratch.model import GPT, KVCache, flops_per_token
+
+
+def test_logits_shape(cfg):
+    model = GPT(cfg)
+    assert model(torch.randint(0, cfg.vocab_size, (3, 11))).shape == (3, 11, cfg.vocab_size)
+
+
+def test_tied_head_shares_storage(cfg):
+    model = GPT(cfg)
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert model.lm_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
+    with torch.no_grad():
+        model.tok_emb.weight[3, 5] = 7.0
+    assert model.lm_head.weight[3, 5].item() == 7.0
+    # A tied head is one parameter, counted once.
+    assert sum(1 for p in model.parameters() if p is model.tok_emb.weight) == 1
+
+
+def test_untied_head_is_separate(cfg):
+    model = GPT(cfg.replace(tie_embeddings=False))
+    assert model.lm_head.weight.data_ptr() != model.tok_emb.weight.data_ptr()
+    tied = GPT(cfg)
+    assert model.num_params() == tied.num_params() + cfg.vocab_size * cfg.d_model
+
+
+def test_causal_changing_a_token_leaves_earlier_logits_alone(cfg):
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    base = model(idx)
+    for t in (0, 5, 15):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % cfg.vocab_size
+        out = model(changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-6, rtol=0)
+        assert not torch.allclose(out[:, t], base[:, t])  # the position itself does see the change
+
+
+def test_batch_rows_are_independent(cfg):
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (3, 10))
+    torch.testing.assert_close(model(idx)[1:2], model(idx[1:2]), atol=1e-5, rtol=1e-5)
+
+
+def _cached_logits(model, idx, chunk_sizes):
+    B, T = idx.shape
+    model.setup_kv_cache(B, T)
+    outs, pos = [], 0
+    for size in chunk_sizes:
+        outs.append(model(idx[:, pos : pos + size], input_pos=pos))
+        pos += size
+    assert pos == T
+    model.clear_kv_cache()
+    return torch.cat(outs, dim=1)
+
+
+def _chunks(total, first, rest):
+    sizes = [first]
+    while sum(sizes) < total:
+        sizes.append(min(rest, total - sum(sizes)))
+    return sizes
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa"])
+@pytest.mark.parametrize("schedule", ["prefill+steps", "chunks-of-3", "all-steps"])
+def test_kv_cache_equals_uncached(cfg, gqa_cfg, kind, schedule):
+    config = (cfg if kind == "mha" else gqa_cfg).replace(dropout=0.1)  # dropout must be off in eval
+    model = GPT(config).eval()
+    idx = torch.randint(0, config.vocab_size, (2, 20))
+    full = model(idx)
+    sizes = {"prefill+steps": _chunks(20, 7, 1), "chunks-of-3": _chunks(20, 3, 3),
+             "all-steps": _chunks(20, 1, 1)}[schedule]
+    cached = _cached_logits(model, idx, sizes)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_up_to_the_full_context(cfg):
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.context_length))
+    full = model(idx)
+    cached = _cached_logits(model, idx, _chunks(cfg.context_length, 30, 1))
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_setup_and_clear(cfg, gqa_cfg):
+    model = GPT(gqa_cfg)
+    assert not model.has_kv_cache
+    model.setup_kv_cache(3, 10)
+    assert model.has_kv_cache
+    cache = model.blocks[0].attn.kv_cache
+    assert cache.k.shape == (3, gqa_cfg.n_kv_heads, 10, gqa_cfg.head_dim)  # GQA: the cache is narrower
+    model.setup_kv_cache(1, 10_000)
+    assert model.blocks[0].attn.kv_cache.max_len == gqa_cfg.context_length  # never beyond the context
+    model.clear_kv_cache()
+    assert not model.has_kv_cache
+    assert all(b.attn.kv_cache is None for b in model.blocks)
+
+
+def test_kv_cache_buffers_are_not_saved(cfg):
+    model = GPT(cfg)
+    keys = set(model.state_dict())
+    model.setup_kv_cache(2, 8)
+    assert set(model.state_dict()) == keys
+
+
+def test_kv_cache_overflow_raises():
+    cache = KVCache(1, 4, 2, 8, torch.float32)
+    k = torch.randn(1, 2, 3, 8)
+    cache.update(0, k, k)
+    with pytest.raises(ValueError, match="4 positions"):
+        cache.update(3, k, k)
+
+
+def test_kv_cache_update_returns_filled_prefix():
+    cache = KVCache(2, 6, 1, 4, torch.float32)
+    k1, v1 = torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 4)
+    k2, v2 = torch.randn(2, 1, 1, 4), torch.randn(2, 1, 1, 4)
+    cache.update(0, k1, v1)
+    k, v = cache.update(2, k2, v2)
+    torch.testing.assert_close(k, torch.cat([k1, k2], dim=2))
+    torch.testing.assert_close(v, torch.cat([v1, v2], dim=2))
+
+
+def test_sequence_longer_than_context_raises(cfg):
+    model = GPT(cfg)
+    with pytest.raises(ValueError, match="context_length"):
+        model(torch.zeros(1, cfg.context_length + 1, dtype=torch.long))
+    model(torch.zeros(1, cfg.context_length, dtype=torch.long))  # exactly the context is fine
+    model.setup_kv_cache(1)
+    with pytest.raises(ValueError, match="context_length"):
+        model(torch.zeros(1, 2, dtype=torch.long), input_pos=cfg.context_length - 1)
+
+
+def test_backward_reaches_every_parameter(cfg):
+    model = GPT(cfg.replace(tie_embeddings=False))
+    idx = torch.randint(0, cfg.vocab_size, (2, 8))
+    loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+# --- FLOPs --------------------------------------------------------------------------------------------------
+def _matmul_weights(model: GPT) -> int:
+    """Weights of every Linear layer, the LM head included (a tied head is still a matmul)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_flops_per_token_is_about_6n_for_training(cfg, n_kv_heads):
+    config = cfg.replace(n_kv_heads=n_kv_heads or cfg.n_heads)
+    n = _matmul_weights(GPT(config))
+    train = flops_per_token(config, seq_len=1, training=True)
+    assert train > 0
+    assert train == pytest.approx(6 * n, rel=0.02)
+    # Attention's T-dependent term: 2 matmuls · 2 FLOPs · n_layers · T · d_model, ×3 for training.
+    expected_t_term = 3 * 2 * 2 * config.n_layers * config.d_model * (16 - 1)
+    assert flops_per_token(config, 16) - flops_per_token(config, 1) == pytest.approx(expected_t_term)
+
+
+def test_flops_forward_is_a_third_of_training(cfg):
+    assert flops_per_token(cfg, 8, training=True) == pytest.approx(3 * flops_per_token(cfg, 8, training=False))
+    # seq_len defaults to the context length
+    assert flops_per_token(cfg) == flops_per_token(cfg, cfg.context_length)
+
+
+def test_flops_gpt2_124m_matches_kaplan_estimate():
+    # Kaplan et al.: C_forward ≈ 2N + 2·n_layer·n_ctx·d_model; N(non-embedding) ≈ 85M for GPT-2 small.
+    cfg = ModelConfig.from_preset("gpt2-124m")
+    forward = flops_per_token(cfg, training=False)
+    n_nonemb = 12 * 12 * 768**2
+    expected = 2 * (n_nonemb + 768 * 50257) + 2 * 2 * 12 * 1024 * 768
+    assert forward == pytest.approx(expected, rel=0.01)
+
+
+# --- initialisation -----------------------------------------------------------------------------------------
+def test_init_gpt2_style():
+    cfg = ModelConfig(vocab_size=512, context_length=64, d_model=128, n_layers=4, n_heads=4,
+                      tie_embeddings=False)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+    seen = set()
+    for name, p in model.named_parameters():
+        seen.add(name)
+        if name.endswith("bias"):
+            assert torch.all(p == 0), name
+        elif "norm" in name:
+            assert torch.all(p == 1), name
+        elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+            assert p.std().item() == pytest.approx(residual_std, rel=0.05), name
+            assert abs(p.mean().item()) < residual_std / 10, name
+        else:
+            assert p.std().item() == pytest.approx(0.02, rel=0.05), name
+            assert abs(p.mean().item()) < 0.002, name
+    assert {"tok_emb.weight", "pos_emb.weight", "lm_head.weight", "blocks.0.attn.qkv.weight",
+            "blocks.3.mlp.fc.weight", "blocks.3.mlp.proj.weight", "blocks.0.attn.proj.weight"} <= seen
+
+
+def test_init_std_follows_config():
+    cfg = ModelConfig(vocab_size=512, context_length=64, d_model=128, n_layers=1, n_heads=4, init_std=0.05)
+    model = GPT(cfg)
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.05, rel=0.05)
+
+
+def test_initial_loss_is_near_log_vocab(cfg):
+    # With std-0.02 weights the logits are almost flat, so the untrained loss is ≈ ln(vocab).
+    model = GPT(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (4, 32))
+    # Targets independent of the inputs: with a tied head the input token's own logit is slightly raised.
+    targets = torch.randint(0, cfg.vocab_size, (4, 32))
+    loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    assert loss.item() == pytest.approx(math.log(cfg.vocab_size), rel=0.05)

@@ -1,0 +1,160 @@
+"""The `llmscratch` CLI end to end on tiny settings, and each user mistake → one line on stderr, exit 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmscratch.cli import main
+
+FAST = ["--model", "gpt-micro", "--train.max_steps", "6", "--train.batch_size", "2", "--train.eval_every", "3",
+        "--train.eval_batches", "1", "--train.save_every", "3", "--train.warmup_steps", "2",
+        "--context-length", "32", "--no-progress"]
+
+
+def run(argv, capsys):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argument errors exit from the parser
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, *needles):
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_pipeline_end_to_end(tiny_corpus, tmp_path, capsys):
+    tok, data, run_dir = tmp_path / "tok", tmp_path / "data", tmp_path / "run"
+    code, out, err = run(["tokenizer", "train", "--data", tiny_corpus, "--vocab-size", 300, "--out", tok], capsys)
+    assert code == 0, err
+    assert (tok / "tokenizer.json").is_file()
+    code, out, err = run(["prepare", "--data", tiny_corpus, "--tokenizer", tok, "--out", data], capsys)
+    assert code == 0, err
+    assert {p.name for p in data.iterdir()} >= {"train.bin", "val.bin", "meta.json", "tokenizer.json"}
+    code, out, err = run(["pretrain", "--data", data, "--out", run_dir, *FAST], capsys)
+    assert code == 0, err
+    assert "stopped at step 6" in out
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.csv", "loss.png",
+                 "hyperparameters.yaml"):
+        assert (run_dir / name).is_file(), name
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
+    code, out, err = run(["generate", run_dir, "--prompt", "The module", "--max-new-tokens", 8, "--seed", 1],
+                         capsys)
+    assert code == 0, err
+    assert out.startswith("The module") and len(out.strip()) > len("The module")
+    code, out2, err = run(["generate", run_dir, "--prompt", "The module", "--max-new-tokens", 8, "--seed", 1,
+                           "--stream"], capsys)
+    assert code == 0 and out2 == out  # streaming prints the same text
+    code, out, err = run(["info", run_dir], capsys)
+    assert code == 0 and "parameters" in out and "FLOPs/token" in out
+
+
+def test_pretrain_from_corpus_with_config_file_and_resume(tiny_corpus, tmp_path, capsys):
+    tok = tmp_path / "tok"
+    assert run(["tokenizer", "train", "--data", tiny_corpus, "--vocab-size", 300, "--out", tok], capsys)[0] == 0
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: gpt-micro\ncontext_length: 32\ntrain:\n  max_steps: 4\n  batch_size: 2\n"
+                   "  eval_every: 2\n  eval_batches: 1\n  save_every: 2\n")
+    run_dir = tmp_path / "run"
+    code, out, err = run(["pretrain", "--config", cfg, "--data", tiny_corpus, "--tokenizer", tok,
+                          "--out", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    assert (run_dir / "data" / "train.bin").is_file()
+    code, out, err = run(["pretrain", "--config", cfg, "--out", run_dir, "--resume", "--train.max_steps", 6,
+                          "--no-progress"], capsys)
+    assert code == 0, err
+    assert "stopped at step 6" in out
+
+
+def test_console_script_help_and_error_exit_code(tmp_path):
+    exe = Path(sys.executable).parent / "llmscratch"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "llmscratch.cli"]
+    proc = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "quickstart" in proc.stdout and "pretrain" in proc.stdout
+    proc = subprocess.run(cmd + ["generate", str(tmp_path / "nope"), "--prompt", "x"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not found" in proc.stderr
+
+
+# --- user mistakes ----------------------------------------------------------------------------------------
+def test_missing_data_file(tmp_path, capsys):
+    code, _, err = run(["tokenizer", "train", "--data", tmp_path / "missing.txt", "--out", tmp_path / "t"], capsys)
+    assert_user_error(code, err, "missing.txt")
+    assert not (tmp_path / "t").exists()
+
+
+def test_unknown_preset(prepared, tmp_path, capsys):
+    code, _, err = run(["pretrain", "--data", prepared, "--model", "gpt-huge", "--out", tmp_path / "r"], capsys)
+    assert_user_error(code, err, "gpt-huge", "gpt2-124m", "gpt-micro")
+    assert not (tmp_path / "r").exists()
+
+
+def test_info_unknown_target(capsys):
+    assert_user_error(*run(["info", "gpt-huge"], capsys)[::2], "gpt-huge")
+
+
+def test_bad_yaml_key(prepared, tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("train:\n  learning_rate: 0.1\n")
+    code, _, err = run(["pretrain", "--config", cfg, "--data", prepared, "--out", tmp_path / "r"], capsys)
+    assert_user_error(code, err, "learning_rate")
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_option(capsys):
+    code, _, err = run(["generate", "x", "--prompt", "a", "--temprature", "1"], capsys)
+    assert_user_error(code, err, "--temprature")
+
+
+def test_corpus_too_small(tmp_path, prepared, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text("just a few words here")
+    code, _, err = run(["pretrain", "--data", small, "--tokenizer", prepared, "--out", tmp_path / "r", *FAST],
+                       capsys)
+    assert_user_error(code, err, "tokens")
+    assert not (tmp_path / "r").exists()  # nothing half-written
+
+
+def test_unwritable_out(prepared, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run(["pretrain", "--data", prepared, "--out", blocker / "run", *FAST], capsys)
+    assert_user_error(code, err, "--out")
+
+
+@pytest.mark.skipif(sys.platform == "win32" or __import__("os").geteuid() == 0,
+                    reason="root ignores directory permissions")
+def test_read_only_out(prepared, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    code, _, err = run(["pretrain", "--data", prepared, "--out", ro / "run", *FAST], capsys)
+    assert_user_error(code, err, "not writable")
+
+
+def test_resume_without_run(tmp_path, prepared, capsys):
+    code, _, err = run(["pretrain", "--data", prepared, "--out", tmp_path / "r", "--resume", *FAST], capsys)
+    assert_user_error(code, err, "--resume")
+
+
+def test_generate_missing_checkpoint_and_truncated_weights(prepared, tmp_path, capsys):
+    assert_user_error(*run(["generate", tmp_path / "nope", "--prompt", "x"], capsys)[::2], "not found")
+    run_dir = tmp_path / "run"
+    assert run(["pretrain", "--data", prepared, "--out", run_dir, *FAST], capsys)[0] == 0
+    weights = run_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, _, err = run(["generate", run_dir, "--prompt", "x"], capsys)
+    assert_user_error(code, err, "model.safetensors")
+
+
+def test_quickstart_rejects_bad_minutes(tmp_path, capsys):
+    code, _, err = run(["quickstart", "--minutes", "0", "--out", tmp_path / "q"], capsys)
+    assert_user_error(code, err, "--minutes")

@@ -1,0 +1,235 @@
+"""The trainer: LR schedule, exact resume (also after SIGKILL), NaN guard, metrics and plots."""
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from llmscratch.config import ModelConfig
+from llmscratch.errors import UserError
+from llmscratch.model import GPT
+from llmscratch.train.pretrain import LMBatches
+from llmscratch.train.schedule import lr_at
+from llmscratch.train.trainer import TrainConfig, TrainingDiverged, build_optimizer, train
+
+MICRO = dict(vocab_size=300, context_length=32, d_model=32, n_layers=2, n_heads=4, dropout=0.1)
+
+
+def train_losses(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), r["train_loss"]) for r in csv.DictReader(f) if r["kind"] == "train"]
+
+
+def small_cfg(**kw):
+    base = dict(max_steps=12, batch_size=4, lr=3e-3, warmup_steps=3, eval_every=6, eval_batches=2, log_every=1,
+                save_every=4, keep_last=5, progress=False, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def fresh(prepared, cfg):
+    torch.manual_seed(0)
+    return GPT(ModelConfig(**MICRO)), LMBatches(prepared, cfg.batch_size, MICRO["context_length"], cfg.seed)
+
+
+# --- schedule ---------------------------------------------------------------------------------------------
+def test_lr_schedule_warmup_peak_cosine_floor():
+    lrs = [lr_at(s, 1.0, 10, 110, 0.1) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # warmup rises linearly
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55)  # halfway through the cosine: midpoint of peak and floor
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))  # then decays monotonically
+    assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+
+
+def test_lr_schedule_without_warmup_starts_at_peak():
+    assert lr_at(0, 3e-4, 0, 100) == pytest.approx(3e-4)
+
+
+# --- optimizer --------------------------------------------------------------------------------------------
+def test_no_weight_decay_on_norms_biases_embeddings():
+    model = GPT(ModelConfig(**MICRO))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    for name, p in model.named_parameters():
+        expect = p.dim() >= 2 and not name.startswith(("tok_emb", "pos_emb"))
+        assert (id(p) in decayed) == expect, name
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+# --- training ---------------------------------------------------------------------------------------------
+def test_overfits_and_writes_run_folder(prepared, tmp_path):
+    cfg = small_cfg(max_steps=40, eval_every=20, save_every=20, lr=1e-2)
+    model, batches = fresh(prepared, cfg)
+    result = train(model, batches, cfg, tmp_path / "run")
+    losses = [float(v) for _, v in train_losses(tmp_path / "run")]
+    assert losses[-1] < losses[0] - 0.5, losses  # it learns
+    run = tmp_path / "run"
+    for name in ("model.safetensors", "config.json", "metrics.csv", "loss.png", "hyperparameters.yaml"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000020", "step-0000040"]
+    assert (run / "checkpoints" / "step-0000040" / "train_state.pt").is_file()
+    assert result.step == 40 and result.val_loss is not None and math.isfinite(result.val_loss)
+    assert not list(run.rglob("*.tmp")) and not list((run / "checkpoints").glob(".step-*"))
+
+
+def test_keep_last_prunes_old_checkpoints(prepared, tmp_path):
+    cfg = small_cfg(max_steps=12, save_every=2, keep_last=2)
+    model, batches = fresh(prepared, cfg)
+    train(model, batches, cfg, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000010",
+                                                                                    "step-0000012"]
+
+
+def test_resume_after_exception_matches_uninterrupted_run(prepared, tmp_path):
+    cfg = small_cfg()
+    model, batches = fresh(prepared, cfg)
+    train(model, batches, cfg, tmp_path / "a")
+
+    class Stop(Exception):
+        pass
+
+    def crash(step, loss):
+        if step == 7:  # after the step-4 checkpoint, before the step-8 one
+            raise Stop
+
+    model, batches = fresh(prepared, cfg)
+    with pytest.raises(Stop):
+        train(model, batches, cfg, tmp_path / "b", on_step=crash)
+    model, batches = fresh(prepared, cfg)
+    train(model, batches, cfg, tmp_path / "b", resume=True)
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    assert len(train_losses(tmp_path / "b")) == cfg.max_steps
+
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys, torch
+    from llmscratch.config import ModelConfig
+    from llmscratch.model import GPT
+    from llmscratch.train.pretrain import LMBatches
+    from llmscratch.train.trainer import TrainConfig, train
+    data, out, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    cfg = TrainConfig(max_steps=12, batch_size=4, lr=3e-3, warmup_steps=3, eval_every=6, eval_batches=2,
+                      log_every=1, save_every=4, keep_last=5, progress=False, device="cpu")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{MICRO!r}))
+    batches = LMBatches(data, cfg.batch_size, {ctx}, cfg.seed)
+    def on_step(step, loss):
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    train(model, batches, cfg, out, on_step=on_step)
+""").replace("{MICRO!r}", repr(MICRO)).replace("{ctx}", str(MICRO["context_length"]))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL needs a POSIX system")
+def test_resume_after_sigkill_matches_uninterrupted_run(prepared, tmp_path):
+    cfg = small_cfg()
+    model, batches = fresh(prepared, cfg)
+    train(model, batches, cfg, tmp_path / "a")
+
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    proc = subprocess.run([sys.executable, str(script), str(prepared), str(tmp_path / "b"), "10"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-0000004",
+                                                                                  "step-0000008"]
+    model, batches = fresh(prepared, cfg)
+    train(model, batches, cfg, tmp_path / "b", resume=True)
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+
+
+def test_resume_without_checkpoint_is_a_user_error(prepared, tmp_path):
+    cfg = small_cfg()
+    model, batches = fresh(prepared, cfg)
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(model, batches, cfg, tmp_path / "empty", resume=True)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(prepared, tmp_path):
+    cfg = small_cfg(max_steps=12, save_every=4)
+
+    def loss_fn(model, batch):
+        x, y = batch
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        if model.training:
+            if step_counter["n"] >= 6 * cfg.grad_accum:  # poison the training loss from step 7 on
+                loss = loss * float("nan")
+            step_counter["n"] += 1
+        return loss, y.numel()
+
+    step_counter = {"n": 0}
+    model, batches = fresh(prepared, cfg)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 7"):
+        train(model, batches, cfg, tmp_path / "run", loss_fn=loss_fn)
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-0000004"]
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "run" / "checkpoints" / "step-0000004" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_time_budget_stops_early_and_saves(prepared, tmp_path):
+    cfg = small_cfg(max_steps=100000, max_minutes=0.02, save_every=100000, eval_every=100000)
+    model, batches = fresh(prepared, cfg)
+    result = train(model, batches, cfg, tmp_path / "run")
+    assert result.stopped_early == "time" and 0 < result.step < 100000
+    assert (tmp_path / "run" / "checkpoints" / f"step-{result.step:07d}").is_dir()
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_grad_accumulation_equals_bigger_batch(prepared, tmp_path):
+    """Two micro-batches of 2 give the same update as one batch of 4 holding the same rows."""
+    torch.manual_seed(0)
+    cfg_model = ModelConfig(**{**MICRO, "dropout": 0.0})
+    a, b = GPT(cfg_model), GPT(cfg_model)
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 300, (4, 16))
+    y = torch.randint(0, 300, (4, 16))
+
+    class Fixed:
+        def __init__(self, parts):
+            self.parts, self.i = parts, 0
+
+        def next(self, split):
+            part = self.parts[self.i % len(self.parts)]
+            self.i += 1
+            return part
+
+        def reset_eval(self):
+            pass
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, s):
+            pass
+
+    common = dict(max_steps=1, warmup_steps=0, eval_every=100, eval_batches=1, save_every=100, progress=False,
+                  device="cpu", grad_clip=0.0)
+    train(a, Fixed([(x, y)]), TrainConfig(batch_size=4, **common), tmp_path / "a")
+    train(b, Fixed([(x[:2], y[:2]), (x[2:], y[2:])]), TrainConfig(batch_size=2, grad_accum=2, **common),
+          tmp_path / "b")
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_interrupt_flag_saves_and_stops(prepared, tmp_path):
+    cfg = small_cfg(max_steps=50, save_every=1000)
+
+    def ctrl_c(step, loss):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    model, batches = fresh(prepared, cfg)
+    result = train(model, batches, cfg, tmp_path / "run", on_step=ctrl_c)
+    assert result.stopped_early == "interrupt" and result.step == 5
+    assert (tmp_path / "run" / "checkpoints" / "step-0000005" / "train_state.pt").is_file()
