@@ -14,4 +14,4 @@ from llmscratch.generate import generate, stream
 from llmscratch.model import GPT
 
 __version__ = "0.1.0"
-__all__ = ["GPT", "ModelConfig", "PRESETS", "UserError", "load", "save_model", "generate", "stream"]
+__all__ = ["GPT", "PRESETS", "ModelConfig", "UserError", "generate", "load", "save_model", "stream"]

@@ -7,9 +7,6 @@ crash never leaves a half-written file under the real name.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,24 +14,12 @@ import yaml
 
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
+from llmscratch.fileio import atomic_write
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 HPARAMS = "hyperparameters.yaml"
 
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)` and rename the result to `path`; on failure nothing appears at `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -117,7 +117,6 @@ def _version() -> str:
 def cmd_tokenizer_train(a) -> None:
     from llmscratch.data import load_corpus
     from llmscratch.tokenizer import BPETokenizer
-
     from llmscratch.train.pretrain import check_out_dir
 
     docs = load_corpus(a.data)
@@ -218,7 +217,8 @@ def cmd_info(a) -> None:
         ("weights", f"fp32 {n * 4 / gib:.2f} GiB, bf16 {n * 2 / gib:.2f} GiB"),
         ("training", f"≈{(n * 16 + act) / gib:.2f} GiB at batch {B} (fp32 weights+grads+AdamW "
                      f"{n * 16 / gib:.2f} GiB, activations ≈{act / gib:.2f} GiB)"),
-        ("KV cache", f"{kv_per_token * 2 / 1024:.1f} KiB/token in bf16; full context {kv_per_token * 2 * T / 2**20:.1f} MiB"),
+        ("KV cache", f"{kv_per_token * 2 / 1024:.1f} KiB/token in bf16; "
+                     f"full context {kv_per_token * 2 * T / 2**20:.1f} MiB"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

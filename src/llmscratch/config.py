@@ -52,14 +52,14 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> "ModelConfig":
+    def from_dict(cls, data: dict, source: str = "config") -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -73,7 +73,7 @@ class ModelConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
+    def load(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: config file not found")
@@ -86,7 +86,7 @@ class ModelConfig:
         return cls.from_dict(data, source=str(path))
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
         if name not in PRESETS:
             raise UserError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
         return cls(name=name, **{**PRESETS[name], **overrides})

@@ -103,6 +103,7 @@ def test_train_stops_when_pairs_run_out():
     [
         ({"vocab_size": 200}, "vocab_size=200 is too small"),
         ({"vocab_size": 300, "special_tokens": ("<|x|>", "<|x|>")}, "distinct non-empty"),
+        ({"vocab_size": 300, "pattern": "(?P<"}, "not a valid regex"),
     ],
 )
 def test_train_rejects_bad_arguments(kwargs, message):
@@ -170,3 +171,15 @@ def test_round_trip_and_parity_on_arbitrary_unicode(trained, trained_tiktoken, t
     ids = trained.encode(text)
     assert trained.decode(ids) == text
     assert ids == trained_tiktoken.encode(text, allowed_special="all")
+
+
+def test_long_words_take_the_heap_path_with_the_same_ids(trained, trained_tiktoken):
+    for text in ("=" * 5000, "ab" * 3000, "😀" * 500, "x" + "-=" * 2000 + " tail", "é" * 1000):
+        assert trained.encode(text) == trained_tiktoken.encode(text), text[:20]
+        assert trained.decode(trained.encode(text)) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(alphabet="aabé-=😀", min_size=60, max_size=400))
+def test_long_words_match_tiktoken_property(trained, trained_tiktoken, text):
+    assert trained.encode(text) == trained_tiktoken.encode(text)

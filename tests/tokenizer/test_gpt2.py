@@ -174,3 +174,9 @@ def test_gpt2_pure_equals_fast_on_arbitrary_unicode(gpt2_pure, gpt2_fast, text):
     ids = gpt2_fast.encode(text)
     assert gpt2_pure.encode(text) == ids
     assert gpt2_pure.decode(ids) == text
+
+
+@settings(max_examples=50, deadline=None)
+@given(text=st.text(alphabet="aeinrst-=_😀é", min_size=70, max_size=600))
+def test_gpt2_long_words_match(gpt2_pure, gpt2_fast, text):
+    assert gpt2_pure.encode(text) == gpt2_fast.encode(text)

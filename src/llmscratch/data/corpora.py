@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llmscratch.errors import UserError
+from llmscratch.fileio import atomic_write_bytes
 
 __all__ = [
     "CORPORA",
@@ -140,7 +141,7 @@ def pydocs_documents() -> list[str]:
         pass  # missing or damaged cache: rebuild it
     documents = _build_pydocs()
     try:
-        _atomic_write_bytes(path, json.dumps(documents).encode("utf-8"))
+        atomic_write_bytes(path, json.dumps(documents).encode("utf-8"))
     except OSError:
         pass  # a read-only cache folder only costs a rebuild next time
     return documents
@@ -198,17 +199,6 @@ def _sha256_of(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _one_line(reason: object) -> str:

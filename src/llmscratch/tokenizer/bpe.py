@@ -206,6 +206,12 @@ class BPETokenizer(Tokenizer):
                 f"vocab_size={vocab_size} is too small: a byte-level BPE needs 256 byte tokens "
                 f"+ {len(special_tokens)} special token(s); ask for at least {256 + len(special_tokens)}"
             )
+        try:
+            regex.compile(pattern)
+        except regex.error as e:
+            raise UserError(
+                f"pattern {pattern!r} is not a valid regex ({e}); GPT2_PATTERN is the usual one"
+            ) from None
         word_counts = count_words(texts, pattern, special_tokens)
         merges = learn_merges(word_counts, vocab_size - len(special_tokens), progress=progress)
         ranks = {bytes([b]): b for b in range(256)}

@@ -20,11 +20,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from llmscratch.errors import UserError
+from llmscratch.fileio import atomic_write_text
 from llmscratch.tokenizer.vocab import check_vocab
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -53,7 +52,7 @@ def write_tokenizer_json(
         for token, rank in sorted(ranks.items(), key=lambda item: item[1])
     )
     path = directory / TOKENIZER_FILE
-    _atomic_write_text(path, header + rows + "\n ]}\n")
+    atomic_write_text(path, header + rows + "\n ]}\n")
     return path
 
 
@@ -108,18 +107,3 @@ def read_tokenizer_json(path: str | Path) -> tuple[dict[bytes, int], dict[str, i
         ranks[token] = rank
     check_vocab(ranks, special_tokens, str(path))
     return ranks, special_tokens, pattern
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    # A crash mid-write leaves the old file (or none), never a truncated one that loads as garbage.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(fd, 0o644)  # mkstemp's 0600 would hide the tokenizer from other users of a shared run folder
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
