@@ -141,7 +141,7 @@ SAFETENSORS_0600 = ("src bug: safetensors' save_file (0.8) replaces the file it 
 
 @pytest.mark.parametrize("name", [
     CONFIG, "tokenizer.json", "hyperparameters.yaml",
-    pytest.param(WEIGHTS, marks=pytest.mark.xfail(reason=SAFETENSORS_0600, strict=True)),
+    WEIGHTS,
 ])
 def test_saved_files_are_readable_by_others(tmp_path, name):
     # atomic_write promises the usual 0644 rather than mkstemp's 0600, so a shared run folder stays readable.

@@ -44,10 +44,11 @@ class ScriptedModel(nn.Module):
     """A stand-in model whose next token after the prompt is fixed: row b emits script[b][step].
 
     It works out `step` from the absolute end position of its input, so cached (prompt, then one token at
-    `input_pos`) and uncached (the whole sequence every time) calls agree. Past the script it emits `filler`.
+    `input_pos`) and uncached (the whole sequence every time) calls agree. Past the script it emits `filler`
+    (default 46, the byte ".").
     """
 
-    def __init__(self, scripts, prompt_len, vocab_size=257, filler=ord("."), context_length=1024):
+    def __init__(self, scripts, prompt_len, vocab_size=257, filler=46, context_length=1024):
         super().__init__()
         self.scripts, self.prompt_len, self.vocab, self.filler = scripts, prompt_len, vocab_size, filler
         self.config = SimpleNamespace(context_length=context_length, vocab_size=vocab_size)

@@ -31,18 +31,29 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # free-form notes carried into config.json
 
     def __post_init__(self) -> None:
+        problems = []
+        for f in dataclasses.fields(self):
+            value, type_name = getattr(self, f.name), str(f.type)
+            if value is None and "None" in type_name:
+                continue
+            kind = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(type_name.split(" ")[0])
+            if kind and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+                problems.append(f"{f.name} must be {type_name.split(' ')[0]}, got {value!r}")
+        if problems:
+            raise UserError("invalid model config: " + "; ".join(problems))
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
-        problems = []
+        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if problems:
+            raise UserError("invalid model config: " + "; ".join(problems))
         if self.d_model % self.n_heads:
             problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
-        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if problems:
@@ -89,7 +100,7 @@ class ModelConfig:
     def from_preset(cls, name: str, **overrides) -> ModelConfig:
         if name not in PRESETS:
             raise UserError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
-        return cls(name=name, **{**PRESETS[name], **overrides})
+        return cls.from_dict({"name": name, **PRESETS[name], **overrides}, source=f"preset {name}")
 
 
 # GPT-2 shapes from OpenAI's released hparams.json files (n_embd, n_layer, n_head; n_ctx 1024, vocab 50257).

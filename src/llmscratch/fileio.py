@@ -19,8 +19,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o644)
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # after writing: some writers (safetensors) replace the file they are given
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
