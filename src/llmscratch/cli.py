@@ -29,11 +29,12 @@ def _parser_class():
 
 
 def build_parser():
-    from jsonargparse import ActionConfigFile
+    from jsonargparse import ActionConfigFile, set_parsing_settings
 
     from llmscratch.config import PRESETS
     from llmscratch.train.trainer import TrainConfig
 
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # TrainConfig field docstrings → --help
     P = _parser_class()
     root = P(prog="llmscratch", description="Build, train and sample a GPT from scratch. "
              "Start with `llmscratch quickstart`.")
