@@ -10,6 +10,7 @@ from torch import nn
 from llmscratch.config import ModelConfig
 from llmscratch.model.attention import CausalSelfAttention, KVCache
 from llmscratch.model.layers import GELUMLP, LayerNorm
+from llmscratch.model.loss import lm_head_cross_entropy
 
 
 class Block(nn.Module):
@@ -63,7 +64,10 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: torch.Tensor, input_pos: int | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: int | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) — or, given `targets` (B, T), the mean next-token cross-entropy, computed by
+        the chunked fused LM-head loss so the full logits are never materialised (model/loss.py)."""
         B, T = idx.shape
         start = input_pos or 0
         if start + T > self.config.context_length:
@@ -73,7 +77,10 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x, input_pos)
-        return self.lm_head(self.norm(x))  # (B, T, vocab)
+        x = self.norm(x)
+        if targets is not None:
+            return lm_head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return self.lm_head(x)  # (B, T, vocab)
 
     # --- KV cache ---------------------------------------------------------------------------------------
     def setup_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> None:

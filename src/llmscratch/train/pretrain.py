@@ -259,8 +259,10 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_
     val = result.val_loss
     total_min = (time.perf_counter() - t0) / 60
     print(f"\nsample after training: {prompt}{after!r}")
+    verdict = (f"{unigram - val:.2f} nats better: it learned to use context" if val < unigram
+               else f"not below it ({val - unigram:.2f} nats above): train longer, e.g. --minutes 8")
     print(f"final validation loss {val:.3f} nats (perplexity {math.exp(val):.1f}) vs unigram cross-entropy "
-          f"{unigram:.3f}: {'beats' if val < unigram else 'does NOT beat'} it by {unigram - val:.2f} nats")
+          f"{unigram:.3f}: {verdict}")
     print(f"done in {total_min:.1f} min: {result.step} steps, {result.tokens:,} tokens. Files in {out}/: "
           "model.safetensors, config.json, tokenizer.json, metrics.csv, loss.png, checkpoints/")
     print("\nnext, try:")

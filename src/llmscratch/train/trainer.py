@@ -23,7 +23,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from llmscratch.checkpoint import save_model
 from llmscratch.errors import UserError
@@ -108,11 +107,12 @@ class TrainResult:
 
 
 def lm_loss(model, batch) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy over every position of (x, y) batches (the book's calc_loss_batch)."""
+    """Next-token cross-entropy over every position of (x, y) batches (the book's calc_loss_batch).
+
+    The model computes it with its fused LM-head loss; `F.cross_entropy(model(x).flatten(0, 1), y.flatten())`
+    is the same number (tests/model/test_loss.py)."""
     x, y = batch
-    logits = model(x)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
-    return loss, y.numel()
+    return model(x, targets=y), y.numel()
 
 
 def resolve_device(name: str) -> torch.device:
