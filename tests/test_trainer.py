@@ -214,6 +214,7 @@ def test_grad_accumulation_equals_bigger_batch(prepared, tmp_path):
             pass
 
     common = dict(max_steps=1, warmup_steps=0, eval_every=100, eval_batches=1, save_every=100, progress=False,
+                  precision="fp32",
                   device="cpu", grad_clip=0.0)
     train(a, Fixed([(x, y)]), TrainConfig(batch_size=4, **common), tmp_path / "a")
     train(b, Fixed([(x[:2], y[:2]), (x[2:], y[2:])]), TrainConfig(batch_size=2, grad_accum=2, **common),

@@ -90,7 +90,8 @@ def build_parser():
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole window every step")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on CUDA and bf16-capable CPUs, else fp32) | fp32 | bf16 | fp16")
 
     p = verb("info", "Parameters, FLOPs per token and memory estimates of a checkpoint or preset.")
     p.add_argument("target", help=f"checkpoint folder or preset ({', '.join(PRESETS)})")
@@ -151,25 +152,13 @@ def cmd_pretrain(a) -> None:
     print(f"stopped at step {r.step}{note}: {r.tokens:,} tokens{val}. Model in {a.out}")
 
 
-def _dtype(name: str, device):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if name not in table:
-        raise UserError(f"--dtype {name}: use auto, fp32, bf16 or fp16")
-    return table[name]
-
-
 def cmd_generate(a) -> None:
     from llmscratch.checkpoint import load
     from llmscratch.generate import stream
-    from llmscratch.train.trainer import resolve_device
+    from llmscratch.runtime import inference_dtype, resolve_device
 
     device = resolve_device(a.device)
-    model, tok = load(a.checkpoint, device=device, dtype=_dtype(a.dtype, device))
+    model, tok = load(a.checkpoint, device=device, dtype=inference_dtype(a.dtype, device))
     pieces = stream(model, tok, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                     top_k=a.top_k or None, top_p=a.top_p, seed=a.seed, stop=a.stop or (),
                     use_cache=not a.no_kv_cache)

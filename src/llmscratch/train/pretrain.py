@@ -12,7 +12,8 @@ import torch
 
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
-from llmscratch.train.trainer import TrainConfig, TrainResult, latest_checkpoint, resolve_device, train
+from llmscratch.runtime import autocast_dtype, resolve_device
+from llmscratch.train.trainer import TrainConfig, TrainResult, latest_checkpoint, train
 
 
 class LMBatches:
@@ -156,18 +157,9 @@ def unigram_cross_entropy(data_dir: str | Path) -> float:
     return float(-logp[np.asarray(val_t)].mean())
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (AVX512-BF16 / AMX), where bf16 autocast trains faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def estimate_step_seconds(model, batches: LMBatches, cfg: TrainConfig, n: int = 3) -> float:
     """Time a few forward/backward passes (after one warm-up) to size a time-bounded run's schedule."""
-    from llmscratch.train.trainer import autocast_dtype, lm_loss
+    from llmscratch.train.trainer import lm_loss
 
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
@@ -233,7 +225,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_
 
     dev = resolve_device(device)
     on_cpu = dev.type == "cpu"
-    precision = "bf16" if (not on_cpu or cpu_has_fast_bf16()) else "fp32"
+    precision = "bf16" if autocast_dtype("auto", dev) else "fp32"
     model_cfg = ModelConfig.from_preset(model, vocab_size=tok.vocab_size)
     cfg = TrainConfig(batch_size=16 if on_cpu else 64, lr=2e-3 if on_cpu else 1e-3, warmup_steps=20,
                       weight_decay=0.1, eval_every=50, eval_batches=8, log_every=10, save_every=100,

@@ -27,6 +27,7 @@ import torch
 from llmscratch.checkpoint import save_model
 from llmscratch.errors import UserError
 from llmscratch.model.transformer import flops_per_token
+from llmscratch.runtime import autocast_dtype, peak_flops, resolve_device
 from llmscratch.train.metrics import MetricsLog, plot_losses
 from llmscratch.train.schedule import lr_at
 
@@ -76,7 +77,7 @@ class TrainConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
     precision: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16"""
+    """auto (bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32) | fp32 | bf16"""
     compile: bool = False
     """torch.compile the model (slow to start; pays off on long GPU runs)"""
     peak_tflops: float | None = None
@@ -113,39 +114,6 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, int]:
     is the same number (tests/model/test_loss.py)."""
     x, y = batch
     return model(x, targets=y), y.numel()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return dev
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision`, or None for plain fp32."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if precision in ("fp32", "float32"):
-        return None
-    if precision in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    raise UserError(f"precision {precision!r} is not supported; use auto, fp32 or bf16")
-
-
-def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    """Dense bf16 peak FLOP/s used for MFU (vendor datasheets); None when unknown."""
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L4", 121), ("A10", 125), ("4090", 165)):
-        if key in name:
-            return tflops * 1e12
-    return None
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:

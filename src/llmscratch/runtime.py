@@ -1,0 +1,77 @@
+"""Where and in which precision to run: device resolution, autocast and inference dtypes, peak FLOP/s.
+
+The `auto` choices are measured, not assumed (benchmarks/RESULTS.md): bf16 on CUDA, and on CPUs with bf16
+matrix instructions (AVX512-BF16 / AMX), where bf16 matrix products run several times faster than fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from llmscratch.errors import UserError
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → CUDA when present, else CPU; an explicit CUDA request without CUDA → UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AVX512-BF16 / AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for training at `precision` (auto | fp32 | bf16), or None for plain fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else None
+    if precision in ("fp32", "float32"):
+        return None
+    if precision in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    raise UserError(f"precision {precision!r} is not supported; use auto, fp32 or bf16")
+
+
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Weights dtype for generation: `auto` is bf16 where bf16 is fast, else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    if name not in _DTYPES:
+        raise UserError(f"--dtype {name}: use auto, fp32, bf16 or fp16")
+    return _DTYPES[name]
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """Dense bf16 peak FLOP/s for MFU, from vendor datasheets; None when unknown (e.g. CPUs)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L4", 121), ("A10", 125), ("4090", 165)):
+        if key in name:
+            return tflops * 1e12
+    return None
