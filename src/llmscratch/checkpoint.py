@@ -34,6 +34,8 @@ def save_model(directory: str | Path, model, tokenizer=None, hyperparameters: di
     """Write the checkpoint files of `model` (and `tokenizer`) into `directory`."""
     from safetensors.torch import save_file
 
+    if getattr(model, "packed_for_inference", False):
+        raise ValueError("this model's linear weights were packed for CPU inference; save the unpacked model")
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)

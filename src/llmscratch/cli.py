@@ -89,6 +89,8 @@ def build_parser():
     p.add_argument("--stop", type=str, action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole window every step")
+    p.add_argument("--no-pack", action="store_true",
+                   help="on CPU, keep plain nn.Linear weights instead of oneDNN-packed ones (slower decoding)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA and bf16-capable CPUs, else fp32) | fp32 | bf16 | fp16")
@@ -155,10 +157,13 @@ def cmd_pretrain(a) -> None:
 def cmd_generate(a) -> None:
     from llmscratch.checkpoint import load
     from llmscratch.generate import stream
+    from llmscratch.model.packed import pack_for_cpu_inference
     from llmscratch.runtime import inference_dtype, resolve_device
 
     device = resolve_device(a.device)
     model, tok = load(a.checkpoint, device=device, dtype=inference_dtype(a.dtype, device))
+    if not a.no_pack:
+        pack_for_cpu_inference(model)  # CPU only; a no-op elsewhere
     pieces = stream(model, tok, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                     top_k=a.top_k or None, top_p=a.top_p, seed=a.seed, stop=a.stop or (),
                     use_cache=not a.no_kv_cache)

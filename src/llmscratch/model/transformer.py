@@ -86,7 +86,7 @@ class GPT(nn.Module):
     def setup_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> None:
         """Give every attention layer a preallocated cache for `batch_size` sequences of up to `max_len`."""
         max_len = min(max_len or self.config.context_length, self.config.context_length)
-        ref = self.lm_head.weight
+        ref = self.tok_emb.weight
         for block in self.blocks:
             a = block.attn
             a.kv_cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, dtype or ref.dtype,

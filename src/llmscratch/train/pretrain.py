@@ -181,6 +181,9 @@ def estimate_step_seconds(model, batches: LMBatches, cfg: TrainConfig, n: int = 
     return sorted(times)[len(times) // 2]
 
 
+MAX_EPOCHS = 6  # quickstart's cap on passes over the corpus
+
+
 def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_size: int = 4096,
                model: str = "gpt-mini", device: str = "auto", seed: int = 1337, overwrite: bool = False,
                progress: bool = True) -> dict:
@@ -227,7 +230,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_
     on_cpu = dev.type == "cpu"
     precision = "bf16" if autocast_dtype("auto", dev) else "fp32"
     model_cfg = ModelConfig.from_preset(model, vocab_size=tok.vocab_size)
-    cfg = TrainConfig(batch_size=16 if on_cpu else 64, lr=2e-3 if on_cpu else 1e-3, warmup_steps=20,
+    cfg = TrainConfig(batch_size=16, lr=2e-3 if on_cpu else 1e-3, warmup_steps=20,
                       weight_decay=0.1, eval_every=50, eval_batches=8, log_every=10, save_every=100,
                       keep_last=1, seed=seed, device=device, precision=precision, max_minutes=minutes,
                       progress=progress)
@@ -238,8 +241,12 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_
     before = generate(net, tok, prompt, max_new_tokens=30, temperature=0.8, top_k=40, seed=seed)
     print(f"      sample before training: {prompt}{before!r}", flush=True)
     step_s = estimate_step_seconds(net, batches, cfg)
-    # Size the cosine schedule to the time budget, leaving ~10% for evaluations and checkpoints.
-    cfg.max_steps = max(20, int(minutes * 60 * 0.9 / step_s))
+    # Size the cosine schedule to the time budget, leaving ~10% for evaluations and checkpoints, but to at most
+    # MAX_EPOCHS passes over the data: a GPU gets through this small corpus in seconds, and past ~10 epochs
+    # the model memorises the training text and validation loss climbs again (seen on an H200).
+    by_time = int(minutes * 60 * 0.9 / step_s)
+    by_epochs = int(MAX_EPOCHS * meta.train_tokens / (cfg.batch_size * model_cfg.context_length))
+    cfg.max_steps = max(20, min(by_time, by_epochs))
     n_params = net.num_params()
     print(f"[4/4] pretraining {model} ({n_params / 1e6:.1f}M parameters) on {dev.type} in {precision} for "
           f"~{minutes:g} min (~{cfg.max_steps} steps of {cfg.batch_size}×{model_cfg.context_length} tokens)...",

@@ -1,0 +1,61 @@
+"""CPU inference fast path: linear weights reordered once into oneDNN's blocked layout.
+
+A batch-1 decode step is a chain of matrix-vector products, so its speed is the rate at which the weights
+stream from memory. `F.linear` reads the plain (out, in) matrix; oneDNN (the CPU library behind PyTorch's
+`mkldnn` ops) can pre-pack a weight into a blocked layout its kernels stream about twice as fast on the
+2-core AVX512 machine of benchmarks/RESULTS.md. `torch.compile`'s CPU "freezing" does the same reorder; this
+does it directly, with no compile time. The math is unchanged — y = x Wᵀ + b — and tests check it equals
+`nn.Linear`.
+
+Only for inference: a packed model cannot be trained or saved (its `nn.Linear` weights are gone).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def can_pack(model: nn.Module) -> bool:
+    """True when the model sits on the CPU in fp32/bf16 and this PyTorch build has oneDNN's linear ops."""
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    ops = torch.ops.mkldnn
+    return hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+
+
+class PackedLinear(nn.Module):
+    """y = x Wᵀ + b with W held in oneDNN's packed layout (inference only)."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = 1):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        # batch_hint tells oneDNN the expected number of rows: 1 picks the layout for matrix-vector products.
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint),
+                             persistent=False)
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
+
+
+def pack_for_cpu_inference(model: nn.Module) -> int:
+    """Swap every `nn.Linear` of `model` for a `PackedLinear`; returns how many were packed (0 if unsupported)."""
+    if not can_pack(model):
+        return 0
+    model.eval().requires_grad_(False)
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, PackedLinear(mod))
+    model.packed_for_inference = True
+    return len(targets)
