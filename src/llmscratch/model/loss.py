@@ -25,37 +25,45 @@ def lm_head_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targe
 class _ChunkedLMHeadCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size: int, ignore_index: int, need_grad: bool):
-        n = h.size(0)
-        valid = targets != ignore_index
-        n_valid = int(valid.sum())
-        grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        scale = 1.0 / max(n_valid, 1)
-        for start in range(0, n, chunk_size):
-            end = min(n, start + chunk_size)
-            h_c, y_c, ok = h[start:end], targets[start:end], valid[start:end]
-            logits = (h_c @ weight.t()).float()  # (c, V): the only vocab-sized tensor, one chunk at a time
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            y_safe = torch.where(ok, y_c, torch.zeros_like(y_c))
-            picked = logits.gather(1, y_safe[:, None]).squeeze(1)  # (c,) logit of the target
-            total += ((lse - picked) * ok).sum()
-            if need_grad:
-                # d(mean CE)/d logits = (softmax − one_hot(y)) / n_valid for the valid rows, 0 for ignored ones
-                g = torch.exp(logits - lse[:, None])
-                g[torch.arange(end - start, device=h.device), y_safe] -= 1.0
-                g *= (ok.float() * scale)[:, None]
-                g = g.to(weight.dtype if not torch.is_autocast_enabled(h.device.type) else h_c.dtype)
-                grad_h[start:end] = (g @ weight.to(g.dtype)).to(h.dtype)  # (c, d)
-                grad_w += (g.t() @ h_c.to(g.dtype)).float()  # (V, d)
+        dev = h.device.type
+        # Under autocast the products run in its dtype (bf16); the weight is cast once per call, not per chunk.
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        with torch.autocast(dev, enabled=False):
+            hc, wc = h.to(dt), weight.to(dt)
+            valid = targets != ignore_index  # (N,)
+            y = targets.masked_fill(~valid, 0)
+            n_valid = valid.sum()  # stays on the device: no host sync
+            n = h.size(0)
+            grad_h = torch.empty(h.shape, dtype=dt, device=h.device) if need_grad else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for s in range(0, n, chunk_size):
+                e = min(n, s + chunk_size)
+                rows = torch.arange(e - s, device=h.device)
+                h_c, y_c, ok = hc[s:e], y[s:e], valid[s:e]
+                # The only vocab-sized tensor, one chunk at a time; log_softmax accumulates in fp32.
+                logp = torch.log_softmax(h_c @ wc.t(), dim=-1, dtype=torch.float32)  # (c, V)
+                total -= (logp[rows, y_c] * ok).sum()
+                if need_grad:
+                    # d(sum of losses)/d(logits) = softmax − one_hot(y); the 1/n_valid is applied in backward.
+                    g = logp.exp_()
+                    g[rows, y_c] -= 1.0
+                    g = g.to(dt)
+                    keep = ok[:, None].to(dt)  # ignored rows contribute nothing: mask the narrow (c, d) sides
+                    torch.mm(g, wc, out=grad_h[s:e])
+                    grad_h[s:e] *= keep
+                    grad_w.add_(torch.mm(g.t(), h_c * keep))
         if need_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return total * scale if n_valid else total * float("nan")
+            ctx.save_for_backward(grad_h, grad_w, n_valid)
+            ctx.dtypes = (h.dtype, weight.dtype)
+        return total / n_valid  # NaN when every row is ignored, like F.cross_entropy
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None, None
+        grad_h, grad_w, n_valid = ctx.saved_tensors
+        scale = grad_out / n_valid
+        return (grad_h.to(ctx.dtypes[0]) * scale.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]) * scale.to(ctx.dtypes[1]),
+                None, None, None, None)
 
 
 def lm_head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,

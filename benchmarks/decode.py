@@ -1,0 +1,299 @@
+"""Decoding speed on the CPU: our GPT (with and without its KV cache) against Hugging Face `transformers`.
+
+Batch 1, a GPT-2-124M-shaped model with random weights, a 10-token prompt, greedy decoding of --new-tokens
+tokens (100). Each contender runs at fp32 (everyone's default) and at bf16 (weights and activations cast,
+the same for all). Tokens/s counts the new tokens over the whole call, prefill included.
+
+The weight-streaming bound: one decode step has to read every weight matrix once, so a chain of
+matrix-vector products with the same shapes (per layer qkv, attention out-projection, MLP fc and proj; then
+the LM head) timed on this machine is the fastest a step can be; tokens/s bound = 1 / that time. Everything
+else a step does (layer norms, attention over the cache, sampling, Python) only adds. The chain is timed two
+ways: with F.linear (what nn.Linear runs) and with the weights pre-packed for oneDNN (the layout inductor's
+CPU freezing uses), which streams them about twice as fast here; the bound is the faster of the two.
+
+Ours runs twice per dtype: as built (plain nn.Linear) and with its linear weights packed for oneDNN by
+llmscratch.model.packed, which is what `llmscratch generate` does on a CPU (with --dtype auto: bf16 on CPUs
+with AVX512-BF16/AMX); "ours at its default" is the latter. --prototype adds a candidate src change, measured
+by patching (src is untouched): packed, with one-token bf16 attention computed in fp32.
+
+Every contender is warmed up once, then the contenders run in turn --repeats times (interleaved, so a burst
+of load from other processes hits all of them) and the median is reported.
+
+    .venv/bin/python benchmarks/decode.py [--new-tokens 100] [--repeats 3] [--threads N] [--prototype]
+        [--ours-default fp32|bf16] [--dtypes fp32,bf16] [--no-uncached] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import _common as C  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+PROMPT_LEN = 10
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TARGET_VS_HF = 1.5  # ours (its default) / transformers (its default)
+TARGET_VS_BOUND = 0.85  # ours / weight-streaming bound, same dtype
+BOUND_LINEAR = "matvec bound, F.linear"
+BOUND_PACKED = "matvec bound, oneDNN packed"
+PACKED = "ours, packed linears (CLI default)"
+PROTO = "ours packed + fp32 1-token attention (prototype)"
+
+
+def build_ours(dtype: torch.dtype):
+    from llmscratch import GPT, ModelConfig
+
+    torch.manual_seed(0)
+    return GPT(ModelConfig.from_preset("gpt2-124m")).to(dtype).eval()
+
+
+def build_hf(dtype: torch.dtype):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def ours_decode(model, prompt: torch.Tensor, new_tokens: int, use_cache: bool) -> list[int]:
+    from llmscratch.generate import generate_ids
+
+    out = [int(t[0]) for t in generate_ids(model, prompt, new_tokens, temperature=0.0, use_cache=use_cache)]
+    assert len(out) == new_tokens, f"ours produced {len(out)} of {new_tokens} tokens"
+    return out
+
+
+@torch.inference_mode()
+def hf_decode(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    eos = model.config.eos_token_id
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                         pad_token_id=eos, eos_token_id=eos)
+    assert out.size(1) - prompt.size(1) == new_tokens, "transformers stopped early"
+    return out[0, prompt.size(1):].tolist()
+
+
+def step_weights(model) -> list[torch.Tensor]:
+    """The weight matrices one decode step streams, in order: per layer qkv, proj, fc, proj; the LM head."""
+    ws = []
+    for block in model.blocks:
+        ws += [block.attn.qkv.weight, block.attn.proj.weight, block.mlp.fc.weight, block.mlp.proj.weight]
+    return ws + [model.lm_head.weight]
+
+
+@torch.inference_mode()
+def bound_decode(weights: list[torch.Tensor], inputs: dict[int, torch.Tensor], new_tokens: int) -> None:
+    for _ in range(new_tokens):
+        for w in weights:
+            F.linear(inputs[w.size(1)], w)
+
+
+def onednn_packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def onednn_pack(w: torch.Tensor) -> torch.Tensor:
+    """`w` (out, in) reordered into oneDNN's blocked layout for a batch of 1 (what inductor's CPU freezing
+    pass does to linear weights); only `onednn_linear` can use the result."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@torch.inference_mode()
+def packed_bound_decode(packed: list[tuple[torch.Tensor, int]], inputs: dict[int, torch.Tensor],
+                        new_tokens: int) -> None:
+    for _ in range(new_tokens):
+        for w, in_features in packed:
+            onednn_linear(inputs[in_features], w, None)
+
+
+def pack_linears(model):
+    """Pack `model`'s linear weights for oneDNN as the CLI's `generate` does (llmscratch.model.packed); with a
+    src that predates that module, the same thing done here by patching each nn.Linear's forward."""
+    try:
+        from llmscratch.model.packed import pack_for_cpu_inference
+    except ImportError:
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear):
+                packed, bias = onednn_pack(mod.weight), mod.bias
+                mod.forward = lambda x, packed=packed, bias=bias: onednn_linear(x, packed, bias)
+        return model
+    if not pack_for_cpu_inference(model):
+        raise RuntimeError("llmscratch.model.packed could not pack this model")
+    return model
+
+
+class _Fp32SingleTokenAttention:
+    """Stands in for torch.nn.functional inside llmscratch.model.attention (PROTOTYPE, not in src): a
+    one-query bf16 attention (a decode step) runs in fp32, where PyTorch's CPU SDPA kernel is several times
+    faster for such tiny problems (~17 µs against ~70-100 µs per layer here); everything else is unchanged."""
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+    @staticmethod
+    def scaled_dot_product_attention(q, k, v, *args, **kwargs):
+        if q.dtype == torch.bfloat16 and q.size(-2) == 1:
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), *args, **kwargs).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, *args, **kwargs)
+
+
+def with_fp32_decode_attention(fn):
+    """`fn` run with the prototype attention patched into llmscratch.model.attention (and restored after)."""
+    import llmscratch.model.attention as attention
+
+    def run():
+        saved, attention.F = attention.F, _Fp32SingleTokenAttention()
+        try:
+            return fn()
+        finally:
+            attention.F = saved
+
+    return run
+
+
+def profile_ours(model, prompt: torch.Tensor, new_tokens: int, label: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ours_decode(model, prompt, new_tokens, use_cache=True)
+    print(f"\nprofile of ours (KV cache, {label}), {new_tokens} tokens, top ops by self CPU time:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender; the median is shown")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
+    parser.add_argument("--ours-default", choices=sorted(DTYPES), default=None,
+                        help="the weights dtype our generation uses by default (default: what "
+                             "llmscratch.runtime.inference_dtype('auto') picks on this CPU)")
+    parser.add_argument("--no-uncached", action="store_true", help="skip ours without the KV cache (slow)")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of ours")
+    parser.add_argument("--prototype", action="store_true",
+                        help="also time ours packed with single-token bf16 attention run in fp32 (a candidate "
+                             "src change)")
+    args = parser.parse_args()
+    if args.new_tokens < 1 or args.repeats < 1:
+        parser.error("--new-tokens and --repeats must be positive")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        parser.error(f"--dtypes takes a comma-separated subset of {','.join(DTYPES)}")
+
+    transformers = C.require("transformers", "pip install 'llmscratch[bench]' (or: pip install transformers)")
+    threads = C.set_threads(args.threads)
+    device = torch.device("cpu")
+    args.ours_default = args.ours_default or C.ours_default_precision(device, "generate")
+    print(C.header("decode benchmark", device, f"transformers {transformers.__version__}"))
+    print(f"GPT-2 124M shape, random weights, batch 1, prompt {PROMPT_LEN} tokens, {args.new_tokens} new tokens "
+          f"greedy, median of {args.repeats} interleaved runs after one warm-up each")
+
+    torch.manual_seed(1234)
+    prompt = torch.randint(0, 50257, (1, PROMPT_LEN))
+    n = args.new_tokens
+
+    # (contender, dtype) -> a call that runs it once (and records its tokens)
+    contenders: dict[tuple[str, str], callable] = {}
+    outputs: dict[tuple[str, str], list[int]] = {}
+    packing = onednn_packing_available()
+    for d in dtypes:
+        ours = build_ours(DTYPES[d])
+        hf = build_hf(DTYPES[d])
+        weights = [w.detach() for w in step_weights(ours)]
+        inputs = {k: torch.randn(1, k, dtype=DTYPES[d]) for k in {w.size(1) for w in weights}}
+
+        def record(key, fn):
+            contenders[key] = lambda: outputs.__setitem__(key, fn())
+
+        record(("ours (KV cache)", d), lambda m=ours: ours_decode(m, prompt, n, use_cache=True))
+        if packing:
+            packed_model = pack_linears(build_ours(DTYPES[d]))
+            record((PACKED, d), lambda m=packed_model: ours_decode(m, prompt, n, use_cache=True))
+            if args.prototype and d == "bf16":
+                record((PROTO, d), with_fp32_decode_attention(
+                    lambda m=packed_model: ours_decode(m, prompt, n, use_cache=True)))
+        if not args.no_uncached:
+            record(("ours (no cache)", d), lambda m=ours: ours_decode(m, prompt, n, use_cache=False))
+        record(("transformers generate", d), lambda m=hf: hf_decode(m, prompt, n))
+        contenders[(BOUND_LINEAR, d)] = lambda w=weights, x=inputs: bound_decode(w, x, n)
+        if packing:
+            packed = [(onednn_pack(w), w.size(1)) for w in weights]
+            contenders[(BOUND_PACKED, d)] = lambda w=packed, x=inputs: packed_bound_decode(w, x, n)
+
+    for fn in contenders.values():  # warm-up: kernels chosen, caches allocated, lazy imports done
+        fn()
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in contenders}
+    for _ in range(args.repeats):
+        for key, fn in contenders.items():
+            times[key].append(C.timed(fn, device))
+
+    rate = {k: n / C.median(v) for k, v in times.items()}
+    bounds = (BOUND_LINEAR, BOUND_PACKED)
+    # The machine's bound at a dtype: the faster of the two ways of streaming the same weights.
+    bound = {d: max(rate[(b, d)] for b in bounds if (b, d) in rate) for d in dtypes}
+    rows = []
+    for (name, d), r in rate.items():
+        hf_r = rate.get(("transformers generate", d))
+        runs = " ".join(f"{n / t:.1f}" for t in times[(name, d)])
+        rows.append([name, d, f"{r:.1f}", f"{1e3 / r:.1f}", runs,
+                     f"{r / hf_r:.2f}" if name not in bounds else "", f"{r / bound[d]:.0%}"])
+    print()
+    print(C.markdown_table(["contender", "dtype", "tok/s", "ms/token", "runs (tok/s)",
+                            "÷ transformers (same dtype)", "÷ bound (same dtype)"], rows, "llrrrrr"))
+    print("bound = the faster matvec chain of the two at that dtype (every weight matrix of one step read once)")
+
+    print()
+    # Our default is what `llmscratch generate` runs: runtime's 'auto' dtype, linears packed where possible.
+    default_key = (PACKED if (PACKED, args.ours_default) in rate else "ours (KV cache)", args.ours_default)
+    hf_default = ("transformers generate", "fp32")
+    if default_key in rate and hf_default in rate:
+        r = rate[default_key] / rate[hf_default]
+        print(f"ours at its default ('{default_key[0]}', {args.ours_default} = llmscratch.runtime 'auto') "
+              f"÷ transformers at its default (fp32): {r:.2f} ({C.verdict(r, TARGET_VS_HF)})")
+    if hf_default in rate:
+        for key in [(name, d) for name in ("ours (KV cache)", PACKED, PROTO) for d in DTYPES]:
+            if key in rate and key != default_key:
+                r = rate[key] / rate[hf_default]
+                print(f"{key[0]} {key[1]} ÷ transformers at its default (fp32), were it our default: {r:.2f} "
+                      f"({C.verdict(r, TARGET_VS_HF)})")
+    for d in dtypes:
+        for name in ("ours (KV cache)", PACKED, PROTO):
+            if (name, d) not in rate:
+                continue
+            r = rate[(name, d)] / rate[("transformers generate", d)]
+            b = rate[(name, d)] / bound[d]
+            print(f"{d}: {name} ÷ transformers {r:.2f}; ÷ bound {b:.0%} ({C.verdict(b, TARGET_VS_BOUND)})")
+        print(f"{d}: bound {bound[d]:.1f} tok/s = {1e3 / bound[d]:.1f} ms/step ("
+              + ", ".join(f"{b.split(', ')[1]} {rate[(b, d)]:.1f}" for b in bounds if (b, d) in rate) + ")")
+    if "fp32" in dtypes and not args.no_uncached:
+        same = outputs[("ours (KV cache)", "fp32")] == outputs[("ours (no cache)", "fp32")]
+        print(f"check: fp32 greedy tokens with and without the cache {'agree' if same else 'DIFFER'}")
+    for d in dtypes:
+        for name in (PACKED, PROTO):
+            if (name, d) in outputs:
+                same = outputs[(name, d)] == outputs[("ours (KV cache)", d)]
+                print(f"check: {d} greedy tokens of '{name}' and plain ours {'agree' if same else 'DIFFER'}")
+    note = C.contention_note(threads)
+    print(f"load avg (1/5/15 min) at end: {C.load_average()}" + (f"\n{note}" if note else ""))
+
+    if args.profile:
+        for d in dtypes:
+            profile_ours(build_ours(DTYPES[d]), prompt, n, d)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
