@@ -13,13 +13,12 @@ CPU freezing uses), which streams them about twice as fast here; the bound is th
 
 Ours runs twice per dtype: as built (plain nn.Linear) and with its linear weights packed for oneDNN by
 llmscratch.model.packed, which is what `llmscratch generate` does on a CPU (with --dtype auto: bf16 on CPUs
-with AVX512-BF16/AMX); "ours at its default" is the latter. --prototype adds a candidate src change, measured
-by patching (src is untouched): packed, with one-token bf16 attention computed in fp32.
+with AVX512-BF16/AMX); "ours at its default" is the latter.
 
 Every contender is warmed up once, then the contenders run in turn --repeats times (interleaved, so a burst
 of load from other processes hits all of them) and the median is reported.
 
-    .venv/bin/python benchmarks/decode.py [--new-tokens 100] [--repeats 3] [--threads N] [--prototype]
+    .venv/bin/python benchmarks/decode.py [--new-tokens 100] [--repeats 3] [--threads N]
         [--ours-default fp32|bf16] [--dtypes fp32,bf16] [--no-uncached] [--profile]
 """
 
@@ -44,7 +43,6 @@ TARGET_VS_BOUND = 0.85  # ours / weight-streaming bound, same dtype
 BOUND_LINEAR = "matvec bound, F.linear"
 BOUND_PACKED = "matvec bound, oneDNN packed"
 PACKED = "ours, packed linears (CLI default)"
-PROTO = "ours packed + fp32 1-token attention (prototype)"
 
 
 def build_ours(dtype: torch.dtype):
@@ -134,35 +132,6 @@ def pack_linears(model):
     return model
 
 
-class _Fp32SingleTokenAttention:
-    """Stands in for torch.nn.functional inside llmscratch.model.attention (PROTOTYPE, not in src): a
-    one-query bf16 attention (a decode step) runs in fp32, where PyTorch's CPU SDPA kernel is several times
-    faster for such tiny problems (~17 µs against ~70-100 µs per layer here); everything else is unchanged."""
-
-    def __getattr__(self, name):
-        return getattr(F, name)
-
-    @staticmethod
-    def scaled_dot_product_attention(q, k, v, *args, **kwargs):
-        if q.dtype == torch.bfloat16 and q.size(-2) == 1:
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), *args, **kwargs).to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, *args, **kwargs)
-
-
-def with_fp32_decode_attention(fn):
-    """`fn` run with the prototype attention patched into llmscratch.model.attention (and restored after)."""
-    import llmscratch.model.attention as attention
-
-    def run():
-        saved, attention.F = attention.F, _Fp32SingleTokenAttention()
-        try:
-            return fn()
-        finally:
-            attention.F = saved
-
-    return run
-
-
 def profile_ours(model, prompt: torch.Tensor, new_tokens: int, label: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -183,9 +152,6 @@ def main() -> int:
                              "llmscratch.runtime.inference_dtype('auto') picks on this CPU)")
     parser.add_argument("--no-uncached", action="store_true", help="skip ours without the KV cache (slow)")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of ours")
-    parser.add_argument("--prototype", action="store_true",
-                        help="also time ours packed with single-token bf16 attention run in fp32 (a candidate "
-                             "src change)")
     args = parser.parse_args()
     if args.new_tokens < 1 or args.repeats < 1:
         parser.error("--new-tokens and --repeats must be positive")
@@ -222,9 +188,6 @@ def main() -> int:
         if packing:
             packed_model = pack_linears(build_ours(DTYPES[d]))
             record((PACKED, d), lambda m=packed_model: ours_decode(m, prompt, n, use_cache=True))
-            if args.prototype and d == "bf16":
-                record((PROTO, d), with_fp32_decode_attention(
-                    lambda m=packed_model: ours_decode(m, prompt, n, use_cache=True)))
         if not args.no_uncached:
             record(("ours (no cache)", d), lambda m=ours: ours_decode(m, prompt, n, use_cache=False))
         record(("transformers generate", d), lambda m=hf: hf_decode(m, prompt, n))
@@ -264,13 +227,13 @@ def main() -> int:
         print(f"ours at its default ('{default_key[0]}', {args.ours_default} = llmscratch.runtime 'auto') "
               f"÷ transformers at its default (fp32): {r:.2f} ({C.verdict(r, TARGET_VS_HF)})")
     if hf_default in rate:
-        for key in [(name, d) for name in ("ours (KV cache)", PACKED, PROTO) for d in DTYPES]:
+        for key in [(name, d) for name in ("ours (KV cache)", PACKED) for d in DTYPES]:
             if key in rate and key != default_key:
                 r = rate[key] / rate[hf_default]
                 print(f"{key[0]} {key[1]} ÷ transformers at its default (fp32), were it our default: {r:.2f} "
                       f"({C.verdict(r, TARGET_VS_HF)})")
     for d in dtypes:
-        for name in ("ours (KV cache)", PACKED, PROTO):
+        for name in ("ours (KV cache)", PACKED):
             if (name, d) not in rate:
                 continue
             r = rate[(name, d)] / rate[("transformers generate", d)]
@@ -282,7 +245,7 @@ def main() -> int:
         same = outputs[("ours (KV cache)", "fp32")] == outputs[("ours (no cache)", "fp32")]
         print(f"check: fp32 greedy tokens with and without the cache {'agree' if same else 'DIFFER'}")
     for d in dtypes:
-        for name in (PACKED, PROTO):
+        for name in (PACKED,):
             if (name, d) in outputs:
                 same = outputs[(name, d)] == outputs[("ours (KV cache)", d)]
                 print(f"check: {d} greedy tokens of '{name}' and plain ours {'agree' if same else 'DIFFER'}")

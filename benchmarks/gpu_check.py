@@ -91,7 +91,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as out:
         torch.manual_seed(0)
         net = GPT(cfg)
-        tcfg = TrainConfig(max_steps=30 if dry_run else 150, batch_size=16, lr=3e-3, warmup_steps=10, eval_every=50, eval_batches=4,
+        tcfg = TrainConfig(max_steps=30 if dry_run else 150, batch_size=16, lr=3e-3, warmup_steps=10, eval_every=50,
+                           eval_batches=4,
                            log_every=10, save_every=150, progress=False, device=dev.type, precision="bf16")
         t0 = time.perf_counter()
         res = train(net, RandomTokens(1000, 128, 16, dev), tcfg, out)

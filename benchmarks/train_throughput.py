@@ -20,8 +20,8 @@ allowed, fused AdamW; each contender runs its steps as one block between torch.c
 MFU = tokens/s × training FLOPs per token (llmscratch.model.flops_per_token) / 989 TFLOP/s, the dense bf16
 peak of an H100/H200 SXM (override with --peak-tflops). --compile adds torch.compile'd variants.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 5] [--warmup 2] [--threads N] [--prototype]
-    python benchmarks/train_throughput.py --device cuda [--batch-size 16] [--compile] [--prototype]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 5] [--warmup 2] [--threads N]
+    python benchmarks/train_throughput.py --device cuda [--batch-size 16] [--compile]
 """
 
 from __future__ import annotations
@@ -86,71 +86,9 @@ def build_book(shape: dict, device, fused: bool):
     return model, opt, lambda m, x, y: loss_of(m(x), y)
 
 
-# --- prototype, not in src: a leaner version of src's chunked fused LM-head loss (model/loss.py) ----------
-class ChunkedLMHeadLoss(torch.autograd.Function):
-    """Mean next-token cross-entropy of `h @ w.T` without materialising the (N, vocab) logits.
-
-    The same algorithm as llmscratch.model.loss (rows `chunk` at a time; each chunk's gradient, softmax −
-    one-hot, folded into grad_h and grad_w at once; backward only scales), with fewer passes over the
-    vocab-sized chunk tensors: one fused log_softmax(dtype=fp32) from the autocast-dtype product (src: a
-    .float() copy, logsumexp, then exp(logits − lse) into two new tensors), exp_ in place, the 1/N applied in
-    backward instead of a pass over the chunk, the weight cast to the autocast dtype once per call (src: once
-    per chunk), grad_h written in place with mm(out=) and grad_w's bf16 partial products added straight into
-    the fp32 sum (src: an extra fp32 copy of each (V, d) partial). No ignore_index handling (unneeded here).
-    """
-
-    @staticmethod
-    def forward(ctx, h, w, y, chunk: int):
-        dev = h.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        with torch.autocast(dev, enabled=False):
-            hc, wc = h.to(dt), w.to(dt)
-            n = h.size(0)
-            grad_h = torch.empty(h.shape, dtype=dt, device=h.device)
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
-            for s in range(0, n, chunk):
-                e = min(n, s + chunk)
-                rows = torch.arange(e - s, device=h.device)
-                logp = torch.log_softmax(hc[s:e] @ wc.t(), dim=-1, dtype=torch.float32)  # (rows, V)
-                tgt = y[s:e]
-                total -= logp[rows, tgt].sum()
-                g = logp.exp_()  # softmax, in place
-                g[rows, tgt] -= 1.0  # d(sum of losses)/d(logits); the 1/n is applied in backward
-                g = g.to(dt)
-                torch.mm(g, wc, out=grad_h[s:e])
-                grad_w.add_(torch.mm(g.t(), hc[s:e]))  # bf16 product under autocast, summed in fp32
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes, ctx.n = (h.dtype, w.dtype), n
-        return total / n
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        scale = grad_out / ctx.n
-        return grad_h.to(ctx.dtypes[0]) * scale, grad_w.to(ctx.dtypes[1]) * scale, None, None
-
-
-def build_ours_chunked_loss(shape: dict, device, fused: bool, chunk: int = 1024):
-    """Ours with the prototype loss in place of src's: the model runs up to the final norm, then the loss."""
-    model, opt, _ = build_ours(shape, device, fused)
-
-    def loss_fn(m, x, y):
-        B, T = x.shape
-        h = m.drop(m.tok_emb(x) + m.pos_emb(torch.arange(T, device=x.device)))
-        for block in m.blocks:
-            h = block(h)
-        h = m.norm(h)
-        return ChunkedLMHeadLoss.apply(h.flatten(0, 1), m.lm_head.weight, y.flatten(), chunk)
-
-    return model, opt, loss_fn
-
-
 BUILDERS = {"ours": build_ours, "transformers": build_hf, "book": build_book}
-PROTOTYPES = {"ours-chunked-loss": build_ours_chunked_loss}
 LABELS = {"ours": "ours (llmscratch GPT)", "transformers": "transformers GPT2LMHeadModel",
-          "book": "book GPTModel (llms_from_scratch.ch04)",
-          "ours-chunked-loss": "ours + leaner chunked loss (prototype)"}
+          "book": "book GPTModel (llms_from_scratch.ch04)"}
 
 
 @dataclass
@@ -175,7 +113,7 @@ class Contender:
 
 def setup(c: Contender, shape: dict, device, fused: bool) -> None:
     torch.manual_seed(0)
-    model, opt, loss_fn = {**BUILDERS, **PROTOTYPES}[c.kind](shape, device, fused)
+    model, opt, loss_fn = BUILDERS[c.kind](shape, device, fused)
     model.train()
     c.state = (model, opt, loss_fn, torch.compile(model) if c.compiled else model)
 
@@ -212,8 +150,6 @@ def main() -> int:
     parser.add_argument("--schedule", choices=("sequential", "interleaved"), default="sequential",
                         help="sequential: each contender alone, one after another (default); interleaved (CPU "
                              "only): all alive, taking turns step by step, fairer under load from other processes")
-    parser.add_argument("--prototype", action="store_true",
-                        help="also time ours with a leaner chunked LM-head loss (a candidate src change)")
     parser.add_argument("--ours-default", choices=("fp32", "bf16"), default=None,
                         help="our trainer's default precision (default: what llmscratch.runtime picks for "
                              "--precision auto on this device)")
@@ -274,8 +210,6 @@ def main() -> int:
                 if p == "bf16" and kind == "book" and not on_cuda:
                     continue  # the book's model is compared at fp32 only on the CPU
                 contenders.append(Contender(kind, p, compiled))
-            if kind == "ours" and args.prototype:
-                contenders += [Contender("ours-chunked-loss", p, compiled) for p in precisions]
 
     torch.manual_seed(1234)
     data = torch.randint(0, shape["vocab_size"], (batch, T + 1), device=device)
@@ -365,13 +299,6 @@ def main() -> int:
                      f"ours ÷ book {o / b:.2f}" if o and b else ""]
             if any(parts):
                 print(f"same precision ({p}){suffix}: " + "; ".join(p_ for p_ in parts if p_))
-        for kind in PROTOTYPES:
-            for p in precisions:
-                r, o = tok.get((kind, p, compiled)), tok.get(("ours", p, compiled))
-                if r and o:
-                    vs_hf = [f"÷ transformers {hp} {r / tok[('transformers', hp, compiled)]:.2f}"
-                             for hp in dict.fromkeys(["fp32", p]) if ("transformers", hp, compiled) in tok]
-                    print(f"{LABELS[kind]} {p}{suffix}: ÷ ours {p} {r / o:.2f}; " + "; ".join(vs_hf))
     if not on_cuda:
         note = C.contention_note(threads)
         print(f"load avg (1/5/15 min) at end: {C.load_average()}" + (f"\n{note}" if note else ""))
