@@ -114,6 +114,8 @@ PRESETS: dict[str, dict] = {
     # Small presets for a CPU. Their vocab_size is a default: training sets it from the tokenizer.
     # gpt-mini: ~10.6M parameters outside the embeddings (~12M with a 4096-token vocabulary).
     "gpt-mini": dict(vocab_size=4096, context_length=256, d_model=384, n_layers=6, n_heads=6),
+    # gpt-tiny: ~3.2M parameters outside the embeddings; learns most per CPU-minute (the quickstart's model).
+    "gpt-tiny": dict(vocab_size=4096, context_length=256, d_model=256, n_layers=4, n_heads=4),
     # gpt-micro: ~0.13M parameters, for tests and smoke runs.
     "gpt-micro": dict(vocab_size=512, context_length=64, d_model=64, n_layers=2, n_heads=4),
 }

@@ -185,7 +185,7 @@ MAX_EPOCHS = 6  # quickstart's cap on passes over the corpus
 
 
 def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_size: int = 4096,
-               model: str = "gpt-mini", device: str = "auto", seed: int = 1337, overwrite: bool = False,
+               model: str = "gpt-tiny", device: str = "auto", seed: int = 1337, overwrite: bool = False,
                progress: bool = True) -> dict:
     """Offline end to end: train a BPE tokenizer on the embedded `pydocs` corpus, pretrain a small GPT for
     `minutes`, and report the validation loss next to the corpus's unigram cross-entropy."""
