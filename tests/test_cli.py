@@ -158,3 +158,20 @@ def test_generate_missing_checkpoint_and_truncated_weights(prepared, tmp_path, c
 def test_quickstart_rejects_bad_minutes(tmp_path, capsys):
     code, _, err = run(["quickstart", "--minutes", "0", "--out", tmp_path / "q"], capsys)
     assert_user_error(code, err, "--minutes")
+
+
+def test_quickstart_end_to_end_small(tmp_path, capsys):
+    """The main job on tiny settings: tokenizer, token files, a short run, samples and the loss report."""
+    out = tmp_path / "qs"
+    code, stdout, err = run(["quickstart", "--minutes", "0.05", "--vocab-size", 300, "--model", "gpt-micro",
+                             "--out", out, "--no-progress"], capsys)
+    assert code == 0, err
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.csv", "loss.png"):
+        assert (out / name).is_file(), name
+    assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "data" / "train.bin").is_file()
+    assert "sample before training" in stdout and "sample after training" in stdout
+    assert "unigram cross-entropy" in stdout and "next, try:" in stdout
+    # a second run into the same folder needs --overwrite, and nothing is lost without it
+    code, _, err = run(["quickstart", "--minutes", "0.05", "--out", out], capsys)
+    assert_user_error(code, err, "--overwrite")
+    assert (out / "model.safetensors").is_file()
