@@ -33,7 +33,9 @@ test: $(VENV)/.stamp-test
 lint: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# The book's package declares tensorflow, jupyterlab and pandas; its GPTModel needs only torch.
 bench: $(VENV)/.stamp-bench
+	$(PY) -m pip install --quiet --no-deps "llms-from-scratch==1.0.19"
 	$(PY) benchmarks/bpe_train.py
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/train_throughput.py
