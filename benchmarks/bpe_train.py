@@ -54,8 +54,18 @@ def main() -> int:
     args = parser.parse_args()
 
     if not args.data.is_file():
-        print(f"error: data file {args.data} not found; pass --data PATH to a text file", file=sys.stderr)
-        return 2
+        if args.data != DEFAULT_DATA:
+            print(f"error: data file {args.data} not found; pass --data PATH to a text file", file=sys.stderr)
+            return 2
+        # No ../shared beside the repo (a user's machine): the same corpus through llmscratch's download cache.
+        from llmscratch.data.corpora import fetch_corpus
+        from llmscratch.errors import UserError
+
+        try:
+            args.data = fetch_corpus("tinyshakespeare")
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     try:
         import tokenizers
     except ImportError:
