@@ -1,8 +1,9 @@
 """The one training loop. Pretraining and every fine-tuning stage call `train` with their own loss and data.
 
 A stage supplies:
-  * `batches`: a `BatchSource` — `next(split)` gives the next batch of "train" or "val", and its
-    `state_dict()` captures the data position so `--resume` continues with the very next batch;
+  * `batches`: a `BatchSource` — `next("train")` gives the next training batch; `next("eval_train")` and
+    `next("eval_val")` give evaluation batches, which must repeat after `reset_eval()` so evaluations are
+    comparable; `state_dict()` captures the data position so `--resume` continues with the very next batch;
   * `loss_fn(model, batch) -> (loss, n_tokens)`: the mean loss and how many tokens it covered.
 """
 
