@@ -11,6 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data (may be absent: tests using it skip with a reason)."""
+    return SHARED_DATA
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Tests must not read or write the user's ~/.cache/llmscratch; one cache per session.

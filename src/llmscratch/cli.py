@@ -99,6 +99,21 @@ def build_parser():
     p.add_argument("target", help=f"checkpoint folder or preset ({', '.join(PRESETS)})")
     p.add_argument("--batch-size", type=int, default=8, help="batch size for the activation estimate")
 
+    conv = P(prog="llmscratch convert", description="Convert weights between formats.")
+    verbs.add_subcommand("convert", conv, help="convert Hugging Face GPT-2 folders to our checkpoints and back")
+    conv_verbs = conv.add_subcommands(dest="action", required=True)
+    p = verb("from-hf", "A Hugging Face GPT-2 folder (model.safetensors, a sharded index, or pytorch_model.bin "
+             "read with weights_only) → our checkpoint folder.", conv_verbs, prog="llmscratch convert from-hf")
+    p.add_argument("hf_dir", help="Hugging Face model folder with config.json")
+    p.add_argument("out", help="checkpoint folder to write")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or `gpt2` (default: the folder's vocab.json + merges.txt)")
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16: dtype of the saved weights")
+    p = verb("to-hf", "Our checkpoint folder → a folder transformers.GPT2LMHeadModel.from_pretrained loads.",
+             conv_verbs, prog="llmscratch convert to-hf")
+    p.add_argument("checkpoint", help="our checkpoint folder")
+    p.add_argument("out", help="Hugging Face folder to write")
+
     p = verb("quickstart", "Offline end to end on the embedded pydocs corpus: tokenizer, data, a small GPT "
              "pretrained for a few minutes, samples before/after, loss vs the unigram baseline.")
     p.add_argument("--minutes", type=float, default=4.0, help="pretraining time budget")
@@ -221,6 +236,40 @@ def cmd_info(a) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+def cmd_convert_from_hf(a) -> None:
+    from llmscratch.checkpoint import save_model
+    from llmscratch.runtime import inference_dtype
+    from llmscratch.tokenizer import TiktokenTokenizer, load_tokenizer
+    from llmscratch.tokenizer.gpt2 import GPT2_PATTERN, read_gpt2_files
+    from llmscratch.weights import load_hf_gpt2
+
+    hf = Path(a.hf_dir)
+    if a.tokenizer:
+        tok = load_tokenizer(a.tokenizer)
+    elif (hf / "vocab.json").is_file() and (hf / "merges.txt").is_file():
+        # Hugging Face's GPT-2 tokenizer files are OpenAI's encoder.json and vocab.bpe under other names.
+        ranks, specials = read_gpt2_files(hf / "vocab.json", hf / "merges.txt")
+        tok = TiktokenTokenizer(ranks, specials, GPT2_PATTERN, name="gpt2")
+    else:
+        raise UserError(f"{hf}: no vocab.json + merges.txt; pass --tokenizer gpt2 or a tokenizer folder")
+    import torch
+
+    model, cfg = load_hf_gpt2(hf, dtype=inference_dtype(a.dtype, torch.device("cpu")))
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size}; "
+                        "pass the matching --tokenizer")
+    save_model(a.out, model, tok, hyperparameters={"converted_from": str(hf)})
+    print(f"converted {hf} ({model.num_params() / 1e6:.1f}M parameters) to {a.out}")
+
+
+def cmd_convert_to_hf(a) -> None:
+    from llmscratch.checkpoint import load_model
+    from llmscratch.weights import export_hf_gpt2
+
+    export_hf_gpt2(load_model(a.checkpoint), a.out)
+    print(f"wrote {a.out} (transformers.GPT2LMHeadModel.from_pretrained loads it)")
+
+
 def cmd_quickstart(a) -> None:
     from llmscratch.train.pretrain import quickstart
 
@@ -229,7 +278,8 @@ def cmd_quickstart(a) -> None:
 
 
 COMMANDS = {"tokenizer": {"train": cmd_tokenizer_train}, "prepare": cmd_prepare, "pretrain": cmd_pretrain,
-            "generate": cmd_generate, "info": cmd_info, "quickstart": cmd_quickstart}
+            "generate": cmd_generate, "info": cmd_info, "quickstart": cmd_quickstart,
+            "convert": {"from-hf": cmd_convert_from_hf, "to-hf": cmd_convert_to_hf}}
 
 
 def main(argv: list[str] | None = None) -> int:

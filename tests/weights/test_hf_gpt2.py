@@ -1,0 +1,164 @@
+"""Parity with Hugging Face transformers: their GPT2LMHeadModel → our converter → equal logits, and back."""
+
+import json
+
+import pytest
+import torch
+
+from llmscratch.errors import UserError
+from llmscratch.generate import generate_ids
+from llmscratch.weights import export_hf_gpt2, load_hf_gpt2
+
+transformers = pytest.importorskip("transformers", reason="transformers is a test dependency for parity")
+
+CONFIGS = [  # vary layers, heads, width, vocab, context, tying
+    dict(n_layer=2, n_head=4, n_embd=32, vocab_size=101, n_positions=24, tie_word_embeddings=True),
+    dict(n_layer=3, n_head=2, n_embd=48, vocab_size=257, n_positions=40, tie_word_embeddings=False),
+    dict(n_layer=1, n_head=8, n_embd=64, vocab_size=77, n_positions=16, tie_word_embeddings=True, n_inner=96),
+]
+
+
+def hf_model(tmp_path, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(**kw, bos_token_id=kw["vocab_size"] - 1, eos_token_id=kw["vocab_size"] - 1,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # random LayerNorm and bias values, so a swapped or missing tensor cannot hide
+        for name, p in model.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.normal_(0.0, 0.5).add_(1.0 if name.endswith("weight") else 0.0)
+    model.save_pretrained(tmp_path / "hf")
+    return model
+
+
+@pytest.mark.parametrize("kw", CONFIGS)
+def test_logits_and_greedy_tokens_equal_transformers(tmp_path, kw):
+    theirs = hf_model(tmp_path, **kw)
+    ours, cfg = load_hf_gpt2(tmp_path / "hf")
+    assert cfg.tie_embeddings == kw["tie_word_embeddings"]
+    idx = torch.randint(0, kw["vocab_size"], (3, kw["n_positions"]))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), theirs(idx).logits, atol=1e-5, rtol=1e-5)
+    prompt = idx[:1, :5]
+    ours_ids = torch.stack(list(generate_ids(ours, prompt, 8)), 1)
+    theirs_ids = theirs.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                 pad_token_id=kw["vocab_size"] - 1)[:, 5:]
+    assert torch.equal(ours_ids, theirs_ids)
+
+
+@pytest.mark.parametrize("kw", CONFIGS)
+def test_export_round_trip_through_transformers(tmp_path, kw):
+    hf_model(tmp_path, **kw)
+    ours, _ = load_hf_gpt2(tmp_path / "hf")
+    export_hf_gpt2(ours, tmp_path / "export")
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    idx = torch.randint(0, kw["vocab_size"], (2, kw["n_positions"]))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(idx).logits, ours(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_and_unprefixed_keys(tmp_path):
+    """A sharded index and keys without the "transformer." prefix (OpenAI's upload) load the same."""
+    from safetensors.torch import load_file, save_file
+
+    kw = CONFIGS[0]
+    hf_model(tmp_path, **kw)
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    names = sorted(tensors)
+    shard_dir = tmp_path / "sharded"
+    shard_dir.mkdir()
+    (shard_dir / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    halves = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2:]}
+    weight_map = {}
+    for shard, keys in halves.items():
+        save_file({k.removeprefix("transformer."): tensors[k] for k in keys}, str(shard_dir / shard))
+        weight_map.update({k.removeprefix("transformer."): shard for k in keys})
+    (shard_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    a, _ = load_hf_gpt2(tmp_path / "hf")
+    b, _ = load_hf_gpt2(shard_dir)
+    idx = torch.randint(0, kw["vocab_size"], (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(a(idx), b(idx))
+
+
+def test_bad_folders(tmp_path):
+    with pytest.raises(UserError, match="config.json"):
+        load_hf_gpt2(tmp_path)
+    hf_model(tmp_path, **CONFIGS[0])
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["n_embd"] = 64
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="do not fit"):
+        load_hf_gpt2(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(UserError, match="cannot read"):
+        load_hf_gpt2(tmp_path / "hf")
+
+
+# --- CLI --------------------------------------------------------------------------------------------------
+def _cli(argv, capsys):
+    from llmscratch.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_convert_from_hf_generate_and_back(tmp_path, prepared, capsys):
+    from llmscratch.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(prepared).vocab_size
+    theirs = hf_model(tmp_path, n_layer=2, n_head=2, n_embd=32, vocab_size=vocab, n_positions=32)
+    code, out, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "ours", "--tokenizer", prepared],
+                          capsys)
+    assert code == 0, err
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "ours").iterdir()}
+    code, out, err = _cli(["generate", tmp_path / "ours", "--prompt", "The", "--max-new-tokens", 5,
+                           "--temperature", 0, "--dtype", "fp32"], capsys)
+    assert code == 0 and out.startswith("The"), err
+    code, out, err = _cli(["convert", "to-hf", tmp_path / "ours", tmp_path / "back"], capsys)
+    assert code == 0, err
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
+    idx = torch.randint(0, vocab, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(idx).logits, theirs(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_convert_without_tokenizer_is_a_user_error(tmp_path, capsys):
+    hf_model(tmp_path, **CONFIGS[0])
+    capsys.readouterr()  # transformers' own progress bars
+    code, _, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "ours"], capsys)
+    assert code == 2 and "vocab.json" in err and err.count("\n") == 1
+    assert not (tmp_path / "ours").exists()
+
+
+def test_cli_convert_reads_hf_gpt2_tokenizer_files(tmp_path, capsys, shared_data):
+    """HF's vocab.json + merges.txt are OpenAI's encoder.json + vocab.bpe: GPT-2 ids come out of the folder."""
+    gpt2 = shared_data / "gpt2"
+    if not (gpt2 / "encoder.json").is_file():
+        pytest.skip(f"GPT-2's BPE files not found in {gpt2}")
+    hf_model(tmp_path, n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_positions=16)
+    (tmp_path / "hf" / "vocab.json").write_bytes((gpt2 / "encoder.json").read_bytes())
+    (tmp_path / "hf" / "merges.txt").write_bytes((gpt2 / "vocab.bpe").read_bytes())
+    code, _, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "ours"], capsys)
+    assert code == 0, err
+    from llmscratch.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tmp_path / "ours")
+    assert tok.encode("Hello, world! Is this-- a test?") == [15496, 11, 995, 0, 1148, 428, 438, 257, 1332, 30]
+
+
+def test_pytorch_model_bin_is_read_with_weights_only(tmp_path):
+    theirs = hf_model(tmp_path, **CONFIGS[1])
+    # transformers 5 only writes safetensors; older releases wrote this pickle-based file (a plain state dict)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    torch.save(theirs.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    ours, _ = load_hf_gpt2(tmp_path / "bin")
+    idx = torch.randint(0, CONFIGS[1]["vocab_size"], (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), theirs(idx).logits, atol=1e-5, rtol=1e-5)
