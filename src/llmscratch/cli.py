@@ -21,8 +21,11 @@ def _parser_class():
         """Parse errors as one line on stderr and exit code 2, like every other user mistake."""
 
         def error(self, message, *args, **kwargs):
-            first = str(message).strip().splitlines()[0] if str(message).strip() else "invalid arguments"
-            sys.stderr.write(f"llmscratch: error: {first} (see `{self.prog} --help`)\n")
+            # jsonargparse's messages span lines ('Parser key "x":' then the reason): fold them into one.
+            text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+            text = text[:400] or "invalid arguments"
+            prog = self.prog.replace(" [options]", "")
+            sys.stderr.write(f"llmscratch: error: {text} (see `{prog} --help`)\n")
             sys.exit(2)
 
     return Parser
