@@ -175,3 +175,8 @@ def test_quickstart_end_to_end_small(tmp_path, capsys):
     code, _, err = run(["quickstart", "--minutes", "0.05", "--out", out], capsys)
     assert_user_error(code, err, "--overwrite")
     assert (out / "model.safetensors").is_file()
+
+
+def test_wrong_type_names_the_option_and_value(capsys):
+    code, _, err = run(["quickstart", "--minutes", "abc"], capsys)
+    assert_user_error(code, err, "minutes", "abc", "llmscratch quickstart --help")
