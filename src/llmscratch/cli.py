@@ -242,17 +242,15 @@ def cmd_info(a) -> None:
 def cmd_convert_from_hf(a) -> None:
     from llmscratch.checkpoint import save_model
     from llmscratch.runtime import inference_dtype
-    from llmscratch.tokenizer import TiktokenTokenizer, load_tokenizer
-    from llmscratch.tokenizer.gpt2 import GPT2_PATTERN, read_gpt2_files
+    from llmscratch.tokenizer import gpt2_tokenizer, load_tokenizer
+    from llmscratch.tokenizer.gpt2 import gpt2_files_in
     from llmscratch.weights import load_hf_gpt2
 
     hf = Path(a.hf_dir)
     if a.tokenizer:
         tok = load_tokenizer(a.tokenizer)
-    elif (hf / "vocab.json").is_file() and (hf / "merges.txt").is_file():
-        # Hugging Face's GPT-2 tokenizer files are OpenAI's encoder.json and vocab.bpe under other names.
-        ranks, specials = read_gpt2_files(hf / "vocab.json", hf / "merges.txt")
-        tok = TiktokenTokenizer(ranks, specials, GPT2_PATTERN, name="gpt2")
+    elif gpt2_files_in(hf) is not None:  # vocab.json + merges.txt, as Hugging Face names GPT-2's BPE files
+        tok = gpt2_tokenizer(hf)
     else:
         raise UserError(f"{hf}: no vocab.json + merges.txt; pass --tokenizer gpt2 or a tokenizer folder")
     import torch

@@ -23,6 +23,7 @@ from llmscratch.tokenizer.vocab import check_vocab
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 GPT2_FILES = ("encoder.json", "vocab.bpe")
+HF_GPT2_FILES = ("vocab.json", "merges.txt")  # Hugging Face's names for the same two files
 ENV_VAR = "LLMSCRATCH_GPT2_DIR"
 
 # Keys of encoder.json shaped like this are special tokens (GPT-2 has one: <|endoftext|> = 50256).
@@ -116,10 +117,14 @@ def read_gpt2_files(
 
 
 def gpt2_files_in(folder: str | Path) -> tuple[Path, Path] | None:
-    """`(encoder.json, vocab.bpe)` inside `folder`, or None when either is missing."""
+    """`(encoder.json, vocab.bpe)` inside `folder` — or Hugging Face's names for the same two files,
+    `(vocab.json, merges.txt)` — or None when neither pair is complete."""
     folder = Path(folder)
-    paths = tuple(folder / name for name in GPT2_FILES)
-    return paths if all(p.is_file() for p in paths) else None  # type: ignore[return-value]
+    for names in (GPT2_FILES, HF_GPT2_FILES):
+        paths = tuple(folder / name for name in names)
+        if all(p.is_file() for p in paths):
+            return paths  # type: ignore[return-value]
+    return None
 
 
 def _from_folder(folder: Path, origin: str) -> TiktokenTokenizer:
