@@ -189,7 +189,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_
                progress: bool = True) -> dict:
     """Offline end to end: train a BPE tokenizer on the embedded `pydocs` corpus, pretrain a small GPT for
     `minutes`, and report the validation loss next to the corpus's unigram cross-entropy."""
-    from llmscratch.data import load_corpus, prepare_tokens
+    from llmscratch.data import load_corpus
     from llmscratch.generate import generate
     from llmscratch.model import GPT
     from llmscratch.tokenizer import BPETokenizer, load_tokenizer
@@ -215,9 +215,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_
         tok = load_tokenizer(out / "tokenizer")  # the tiktoken-backed fast path of the same vocabulary
         print("[3/4] tokenizing into train/val token files...", flush=True)
         data_dir = out / "data"
-        meta = prepare_tokens(documents, tok, data_dir, val_fraction=0.1, seed=seed, source="pydocs",
-                              progress=progress)
-        tok.save(data_dir)
+        meta = prepare("pydocs", tok, data_dir, val_fraction=0.1, seed=seed, progress=progress)
         unigram = unigram_cross_entropy(data_dir)
         print(f"      {meta.train_tokens:,} train / {meta.val_tokens:,} val tokens; unigram cross-entropy "
               f"{unigram:.3f} nats (the loss of a model that ignores context)", flush=True)
