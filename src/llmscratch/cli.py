@@ -117,6 +117,11 @@ def build_parser():
     p.add_argument("checkpoint", help="our checkpoint folder")
     p.add_argument("out", help="Hugging Face folder to write")
 
+    # finetune classify | instruct (| dpo): each fine-tuning verb registers itself in this group.
+    ft = P(prog="llmscratch finetune", description="Fine-tune a checkpoint with the one trainer.")
+    verbs.add_subcommand("finetune", ft, help="fine-tune a checkpoint (classification, instructions)")
+    ft_verbs = ft.add_subcommands(dest="action", required=True)
+
     p = verb("quickstart", "Offline end to end on the embedded pydocs corpus: tokenizer, data, a small GPT "
              "pretrained for a few minutes, samples before/after, loss vs the unigram baseline.")
     p.add_argument("--minutes", type=float, default=4.0, help="pretraining time budget")
@@ -278,9 +283,21 @@ def cmd_quickstart(a) -> None:
                progress=not a.no_progress)
 
 
-COMMANDS = {"tokenizer": {"train": cmd_tokenizer_train}, "prepare": cmd_prepare, "pretrain": cmd_pretrain,
-            "generate": cmd_generate, "info": cmd_info, "quickstart": cmd_quickstart,
-            "convert": {"from-hf": cmd_convert_from_hf, "to-hf": cmd_convert_to_hf}}
+# verb → handler; a group of verbs maps to a dict of action → handler.
+COMMANDS = {
+    "tokenizer": {"train": cmd_tokenizer_train},
+    "prepare": cmd_prepare,
+    "pretrain": cmd_pretrain,
+    "generate": cmd_generate,
+    "info": cmd_info,
+    "quickstart": cmd_quickstart,
+    "convert": {
+        "from-hf": cmd_convert_from_hf,
+        "to-hf": cmd_convert_to_hf,
+    },
+    "finetune": {
+    },
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,10 +64,8 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: torch.Tensor, input_pos: int | None = None,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) — or, given `targets` (B, T), the mean next-token cross-entropy, computed by
-        the chunked fused LM-head loss so the full logits are never materialised (model/loss.py)."""
+    def features(self, idx: torch.Tensor, input_pos: int | None = None) -> torch.Tensor:
+        """The final-norm hidden states (B, T, d_model) that the LM head (or a classification head) reads."""
         B, T = idx.shape
         start = input_pos or 0
         if start + T > self.config.context_length:
@@ -77,7 +75,13 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x, input_pos)
-        x = self.norm(x)
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor, input_pos: int | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) — or, given `targets` (B, T), the mean next-token cross-entropy, computed by
+        the chunked fused LM-head loss so the full logits are never materialised (model/loss.py)."""
+        x = self.features(idx, input_pos)
         if targets is not None:
             return lm_head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         return self.lm_head(x)  # (B, T, vocab)
