@@ -28,6 +28,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # LM head shares the token-embedding matrix (GPT-2 does)
     norm_eps: float = 1e-5  # epsilon inside LayerNorm
     init_std: float = 0.02  # std of the normal init (GPT-2); PyTorch's N(0, 1) embedding init learns badly
+    n_classes: int | None = None  # set: the head maps to class logits (a classifier), not to the vocabulary
     extra: dict = field(default_factory=dict)  # free-form notes carried into config.json
 
     def __post_init__(self) -> None:
@@ -54,6 +55,8 @@ class ModelConfig:
             problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if self.n_classes is not None and (self.n_classes < 2 or self.tie_embeddings):
+            problems.append(f"n_classes={self.n_classes} needs at least 2 classes and tie_embeddings=False")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if problems:
