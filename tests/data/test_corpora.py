@@ -46,7 +46,8 @@ def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the network was used")
 
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    # every urllib request, urlopen's or a custom opener's, goes through OpenerDirector.open
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", refuse)
 
 
 @pytest.fixture
@@ -137,7 +138,7 @@ def test_download_file_url_caches_and_skips_the_network(tmp_path, monkeypatch):
     assert download(src.as_uri(), dest, _sha(b"hello corpus\n"), progress=False) == dest
     assert dest.read_bytes() == b"hello corpus\n"
 
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("network used"))
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", lambda *a, **k: pytest.fail("network used"))
     assert download("http://127.0.0.1:9/never", dest, _sha(b"hello corpus\n")) == dest
 
 
@@ -186,6 +187,184 @@ def test_download_http_error_names_the_status(http_root):
     _, base = http_root
     with pytest.raises(UserError, match="HTTP 404"):
         download(f"{base}/missing.txt", http_root[0].parent / "dl" / "x.txt", None, progress=False)
+
+
+class _RangeServer:
+    """An HTTP server on 127.0.0.1 serving byte strings from `files` (path → bytes), with `Range: bytes=N-`
+    support that tests can switch off, redirects (`redirects`: path → (location, extra headers)), a
+    connection cut after `cut_after` bytes of one response, and a log of each request's path and headers."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.redirects: dict[str, tuple[str, dict]] = {}
+        self.honour_range = True
+        self.cut_after: int | None = None
+        self.requests: list[tuple[str, dict]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.requests.append((self.path, dict(self.headers)))
+                if self.path in outer.redirects:
+                    location, extra = outer.redirects[self.path]
+                    self.send_response(302)
+                    self.send_header("Location", location)
+                    for k, v in extra.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                data = outer.files.get(self.path)
+                if data is None:
+                    self.send_error(404)
+                    return
+                m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+                start = int(m[1]) if m and outer.honour_range else 0
+                if start >= len(data) > 0:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206 if m and outer.honour_range else 200)
+                if m and outer.honour_range:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                if outer.cut_after is not None:  # drop the connection mid-body, once
+                    body, outer.cut_after = body[: outer.cut_after], None
+                    self.wfile.write(body)
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def range_server():
+    server = _RangeServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_download_resumes_a_partial_file_with_a_range_request(range_server, tmp_path):
+    data = bytes(range(256)) * 1000
+    range_server.files["/f.bin"] = data
+    dest = tmp_path / "dl" / "f.bin"
+    dest.parent.mkdir()
+    (tmp_path / "dl" / "f.bin.part").write_bytes(data[:100_000])
+    download(f"{range_server.base}/f.bin", dest, _sha(data), progress=False)
+    assert dest.read_bytes() == data and not (tmp_path / "dl" / "f.bin.part").exists()
+    assert [h.get("Range") for _, h in range_server.requests] == ["bytes=100000-"]
+
+
+def test_download_dropped_connection_keeps_the_part_file_and_the_next_call_continues(range_server, tmp_path):
+    data = b"0123456789" * 50_000
+    range_server.files["/f.bin"] = data
+    range_server.cut_after = 123_456
+    dest = tmp_path / "dl" / "f.bin"
+    with pytest.raises(UserError) as info:
+        download(f"{range_server.base}/f.bin", dest, _sha(data), name="f", progress=False, hint="try X")
+    message = str(info.value)
+    assert "\n" not in message and "123,456 bytes received are kept" in message and message.endswith("; try X")
+    assert (tmp_path / "dl" / "f.bin.part").read_bytes() == data[:123_456] and not dest.exists()
+    download(f"{range_server.base}/f.bin", dest, _sha(data), progress=False)
+    assert dest.read_bytes() == data
+    assert range_server.requests[-1][1].get("Range") == "bytes=123456-"
+
+
+def test_download_starts_over_when_the_server_ignores_range(range_server, tmp_path):
+    data = b"abcdef" * 10_000
+    range_server.files["/f.bin"] = data
+    range_server.honour_range = False
+    dest = tmp_path / "f.bin"
+    (tmp_path / "f.bin.part").write_bytes(b"garbage that must not stay in front")
+    download(f"{range_server.base}/f.bin", dest, None, size=len(data), progress=False)
+    assert dest.read_bytes() == data
+    assert range_server.requests[0][1].get("Range") == "bytes=35-"
+
+
+def test_download_stale_part_of_another_file_is_discarded_after_the_hash_check(range_server, tmp_path):
+    old, new = b"old version " * 5000, b"new version!" * 5000
+    range_server.files["/f.bin"] = new
+    dest = tmp_path / "f.bin"
+    (tmp_path / "f.bin.part").write_bytes(old[:20_000])  # resumes, fails the hash, then fetches afresh
+    download(f"{range_server.base}/f.bin", dest, _sha(new), progress=False)
+    assert dest.read_bytes() == new
+    assert [h.get("Range") for _, h in range_server.requests] == ["bytes=20000-", None]
+
+
+def test_download_complete_part_file_is_taken_after_a_416(range_server, tmp_path):
+    data = b"whole" * 1000
+    range_server.files["/f.bin"] = data
+    (tmp_path / "f.bin.part").write_bytes(data)  # a crash between the last byte and the rename
+    download(f"{range_server.base}/f.bin", tmp_path / "f.bin", _sha(data), progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == data and not (tmp_path / "f.bin.part").exists()
+
+
+@pytest.mark.parametrize("pinned", ["sha256", "size"])
+def test_download_mismatch_removes_everything(range_server, tmp_path, pinned):
+    range_server.files["/f.bin"] = b"tampered" * 100
+    dest = tmp_path / "dl" / "f.bin"
+    kwargs = {"sha256": "0" * 64} if pinned == "sha256" else {"sha256": None, "size": 5}
+    with pytest.raises(UserError, match="sha256 is" if pinned == "sha256" else "800 bytes, expected 5"):
+        download(f"{range_server.base}/f.bin", dest, progress=False, **kwargs)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_download_checks_the_sha256_and_size_a_redirect_states(range_server, tmp_path):
+    data = b"lfs object" * 3000
+    good = {"X-Linked-Etag": f'"{_sha(data)}"', "X-Linked-Size": str(len(data)), "ETag": '"abc123"'}
+    range_server.files["/cdn/blob"] = data
+    range_server.redirects["/resolve/good"] = (f"{range_server.base}/cdn/blob", good)
+    range_server.redirects["/resolve/bad"] = (f"{range_server.base}/cdn/blob", {**good, "X-Linked-Etag": "f" * 64})
+    download(f"{range_server.base}/resolve/good", tmp_path / "good", None, server_hash=True, progress=False)
+    assert (tmp_path / "good").read_bytes() == data
+    with pytest.raises(UserError, match=f"expected {'f' * 64}"):
+        download(f"{range_server.base}/resolve/bad", tmp_path / "bad", None, server_hash=True, progress=False)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.part").exists()
+    download(f"{range_server.base}/resolve/bad", tmp_path / "unchecked", None, progress=False)  # opt-in only
+
+
+def test_download_sends_the_token_to_the_first_host_only(range_server, tmp_path):
+    range_server.files["/cdn/blob"] = b"x" * 10
+    other_host = range_server.base.replace("127.0.0.1", "localhost")
+    range_server.redirects["/resolve/a"] = ("/resolve/b", {})  # same host: keeps the token
+    range_server.redirects["/resolve/b"] = (f"{other_host}/cdn/blob", {})  # elsewhere: drops it
+    download(f"{range_server.base}/resolve/a", tmp_path / "f", None, token="secret", progress=False)
+    auth = [(path, h.get("Authorization")) for path, h in range_server.requests]
+    assert auth == [("/resolve/a", "Bearer secret"), ("/resolve/b", "Bearer secret"), ("/cdn/blob", None)]
+
+
+def test_download_connect_timeout_is_separate_from_the_read_timeout(monkeypatch, tmp_path):
+    seen = []
+    real = socket.create_connection
+
+    def spy(address, timeout=None, *args, **kwargs):
+        seen.append(timeout)
+        return real(address, timeout, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", spy)
+    url = f"http://127.0.0.1:{_closed_port()}/x"
+    with pytest.raises(UserError, match="could not download"):
+        download(url, tmp_path / "x", None, timeout=60, connect_timeout=2.5, progress=False)
+    assert seen == [2.5]
 
 
 @pytest.mark.parametrize("name", ["the-verdict", "tinyshakespeare"])

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +206,184 @@ def _one_line(reason: object) -> str:
     return " ".join(str(reason).split()) or "unknown error"
 
 
+class _ConnectTimeout:
+    """Mixin for urllib's HTTP(S) handlers: connect within `connect_timeout`, then allow the request's own
+    (longer) timeout for each read. Without network a download fails in seconds, while a slow mirror is
+    still given time between blocks."""
+
+    def __init__(self, connect_timeout: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.connect_timeout = connect_timeout
+
+    def do_open(self, http_class, req, **kwargs):
+        connect_timeout = self.connect_timeout
+
+        class Connection(http_class):
+            def connect(self) -> None:
+                read_timeout, self.timeout = self.timeout, connect_timeout
+                super().connect()  # TCP (and for HTTPS the TLS handshake) under the connect timeout
+                self.timeout = read_timeout
+                self.sock.settimeout(read_timeout)
+
+        return super().do_open(Connection, req, **kwargs)
+
+
+class _HTTPHandler(_ConnectTimeout, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPSHandler(_ConnectTimeout, urllib.request.HTTPSHandler):
+    pass
+
+
+class _RecordingRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects like urllib's own handler, and also keeps each redirect response's headers (a file
+    host such as the Hugging Face hub states the file's sha256 and size on its redirect to the CDN).
+
+    An Authorization header goes only to the host it was meant for: urllib does not copy an "unredirected"
+    header to the next request, and this handler puts it back only when the redirect stays on that host.
+    """
+
+    def __init__(self) -> None:
+        self.headers: list = []
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.headers.append(headers)
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")
+        if new is not None and auth and urllib.parse.urlsplit(newurl).netloc == urllib.parse.urlsplit(
+                req.full_url).netloc:
+            new.add_unredirected_header("Authorization", auth)
+        return new
+
+
+def _open(url: str, headers: dict[str, str], token: str | None, timeout: float, connect_timeout: float):
+    """(response, [headers of each redirect on the way]) for a GET of `url`."""
+    redirects = _RecordingRedirects()
+    opener = urllib.request.build_opener(_HTTPHandler(connect_timeout), _HTTPSHandler(connect_timeout), redirects)
+    request = urllib.request.Request(url, headers={"User-Agent": "llmscratch", **headers})
+    if token:
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
+    return opener.open(request, timeout=timeout), redirects.headers
+
+
+def _stated_sha256(chain: list) -> str | None:
+    """The sha256 a server states for the file, if any: `X-Linked-Etag` on a redirect (the Hugging Face hub's
+    LFS object id), else the first response's `ETag` when it is 64 hex digits. Other ETags (git blob ids,
+    MD5s, mtime-size pairs) are not content hashes of this kind and are ignored."""
+    values = [h.get("X-Linked-Etag") for h in chain] + [chain[0].get("ETag") if chain else None]
+    for value in values:
+        if value:
+            value = value.strip().removeprefix("W/").strip('"').lower()
+            if re.fullmatch(r"[0-9a-f]{64}", value):
+                return value
+    return None
+
+
+def _stated_size(chain: list) -> int | None:
+    for h in chain:
+        value = (h.get("X-Linked-Size") or "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """(first byte, total size) of a `Content-Range: bytes first-last/total` (or `bytes */total`) header."""
+    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value or "")
+    if not m:
+        return None, None
+    return (int(m[1]) if m[1] else None), (int(m[2]) if m[2] != "*" else None)
+
+
+@dataclass
+class _Fetched:
+    sha256: str  # of the whole .part file
+    size: int  # bytes in it
+    stated_sha256: str | None  # what the server said the file's sha256 is
+    stated_size: int | None  # what the server said its size is
+    resumed: bool  # True when earlier bytes of the .part were kept
+
+
+def _fetch(part, url: str, name: str, token: str | None, timeout: float, connect_timeout: float,
+           progress: bool) -> _Fetched:
+    """Bring the open `.part` file up to the full content of `url`, continuing from its current length with an
+    HTTP Range request; a server that ignores Range (200 instead of 206) makes it start over."""
+    have = part.seek(0, os.SEEK_END)
+    chain: list = []
+    try:
+        response, chain = _open(url, {"Range": f"bytes={have}-"} if have else {}, token, timeout, connect_timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code != 416 or not have:
+            raise
+        # Range not satisfiable: the .part is already whole (a crash just before the rename) or longer than the
+        # file now is. The former is checked by the caller's hash; the latter starts over.
+        _, total = _content_range(exc.headers.get("Content-Range"))
+        exc.close()
+        if total != have:
+            part.seek(0)
+            part.truncate()
+            return _fetch(part, url, name, token, timeout, connect_timeout, progress)
+        return _Fetched(_sha256_of_file(part, have), have, None, total, True)
+    with response:
+        status = getattr(response, "status", None)  # None for file:// URLs
+        start, total = _content_range(response.headers.get("Content-Range"))
+        if status == 206 and start != have:  # a part we did not ask for: start over without Range
+            response.close()
+            part.seek(0)
+            part.truncate()
+            return _fetch(part, url, name, token, timeout, connect_timeout, progress)
+        if have and status != 206:
+            have = 0  # the server ignored Range: the body is the whole file
+            part.seek(0)
+            part.truncate()
+        if status != 206:
+            length = (response.headers.get("Content-Length") or "").strip()
+            total = int(length) if length.isdigit() else None
+        digest = hashlib.sha256()
+        if have:
+            digest = _sha256_of_file(part, have, digest)
+        part.seek(have)
+        with tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                  desc=f"downloading {name}", disable=not progress) as bar:
+            while block := response.read(1 << 20):
+                part.write(block)
+                digest.update(block)
+                bar.update(len(block))
+        part.flush()
+        size = part.tell()
+    if total is not None and size < total:  # urllib returns a short body without raising: keep it, resume later
+        raise ConnectionError(f"connection closed after {size:,} of {total:,} bytes")
+    chain = [*chain, response.headers]
+    return _Fetched(digest.hexdigest(), size, _stated_sha256(chain), _stated_size(chain) or total, have > 0)
+
+
+def _sha256_of_file(f, length: int, digest=None):
+    """sha256 of the first `length` bytes of the open binary file `f` (a hashlib object if `digest` is given,
+    updated in place; else the hex digest)."""
+    own = digest is None
+    digest = digest or hashlib.sha256()
+    f.seek(0)
+    left = length
+    while left and (block := f.read(min(1 << 20, left))):
+        digest.update(block)
+        left -= len(block)
+    return digest.hexdigest() if own else digest
+
+
+def _lock(f, part: Path, name: str) -> None:
+    """Exclusive lock on the .part file: two processes appending to it would interleave garbage."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; concurrent downloads of one file are the user's risk
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"{part}: another process is downloading {name} into this file; wait for it to "
+                        "finish, then run again") from None
+
+
 def download(
     url: str,
     dest: str | Path,
@@ -213,60 +392,96 @@ def download(
     name: str | None = None,
     timeout: float = 30.0,
     progress: bool = True,
+    size: int | None = None,
+    connect_timeout: float | None = None,
+    token: str | None = None,
+    server_hash: bool = False,
+    hint: str | None = None,
 ) -> Path:
     """Fetch `url` to `dest` unless `dest` already holds the right bytes; returns `dest`.
 
-    Streams to a temporary file beside `dest` and renames it into place only once the sha256 matches, so
-    an interrupted or corrupted download never looks like a cached file. `timeout` applies to connecting
-    and to each read. Failures raise UserError naming `name` (default: the file name) and the URL.
+    Bytes go to `dest` + ".part" and are renamed into place only once they pass the checks, so a file under
+    the real name is always whole. The .part file survives a dropped connection or Ctrl-C, and the next call
+    continues it with an HTTP `Range: bytes=N-` request (a server that ignores Range sends the whole file
+    and the download starts over).
+
+    Checks: `sha256` (hex digest) and `size` (bytes) when given; with `server_hash`, a sha256 the server
+    states (see `_stated_sha256`) stands in for a missing `sha256`; a size the server states (Content-Length,
+    Content-Range, X-Linked-Size) must be met too. A mismatch removes the .part file.
+
+    `timeout` bounds each read, `connect_timeout` (default: `timeout`) the connection. `token` is sent as
+    `Authorization: Bearer` to the URL's host only, never to a host it redirects to. Failures raise UserError
+    naming `name` (default: the file name) and the URL, followed by `hint` (what to do instead; default:
+    the advice for corpora).
     """
     dest = Path(dest)
     name = name or dest.name
-    if dest.is_file() and (sha256 is None or _sha256_of(dest) == sha256):
+    hint = hint or f"pass a local file with --data PATH, or place the file at {dest}"
+
+    def cached() -> bool:
+        return (dest.is_file() and (size is None or dest.stat().st_size == size)
+                and (sha256 is None or _sha256_of(dest) == sha256))
+
+    if cached():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    digest = hashlib.sha256()
+    part_path = dest.with_name(dest.name + ".part")
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = open(part_path, "a+b")
+    except OSError as exc:
+        raise UserError(f"cannot write {part_path} ({_one_line(exc.strerror or exc)}); set LLMSCRATCH_CACHE to "
+                        "a writable folder") from None
+
+    def discard() -> None:  # remove the .part file, unless it is no longer ours (renamed, or replaced)
         try:
-            request = urllib.request.Request(url, headers={"User-Agent": "llmscratch"})
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
-                length = response.headers.get("Content-Length")
-                with tqdm(
-                    total=int(length) if length and length.isdigit() else None,
-                    unit="B",
-                    unit_scale=True,
-                    desc=f"downloading {name}",
-                    disable=not progress,
-                ) as bar:
-                    while block := response.read(1 << 16):
-                        out.write(block)
-                        digest.update(block)
-                        bar.update(len(block))
-        except urllib.error.HTTPError as exc:
-            raise _download_error(name, url, dest, f"HTTP {exc.code} {exc.reason}") from None
-        except urllib.error.URLError as exc:
-            raise _download_error(name, url, dest, exc.reason) from None
-        except (OSError, http.client.HTTPException, ValueError) as exc:  # timeouts, resets, bad URLs
-            raise _download_error(name, url, dest, f"{type(exc).__name__}: {exc}") from None
-        got = digest.hexdigest()
-        if sha256 is not None and got != sha256:
-            raise UserError(
-                f"downloaded {name} from {url} but its sha256 is {got}, expected {sha256}; the file may be "
-                f"truncated or changed upstream: retry, or pass a local copy with --data PATH"
-            )
-        os.replace(tmp, dest)
+            if os.path.samestat(os.fstat(part.fileno()), os.stat(part_path)):
+                part_path.unlink()
+        except OSError:
+            pass
+
+    # A crash or Ctrl-C keeps the .part file: the next call continues from its bytes.
+    try:
+        _lock(part, part_path, name)
+        if cached():  # another process finished it while this one was starting
+            discard()
+            return dest
+        problem = None
+        for _attempt in range(2):
+            fetched = None
+            try:
+                fetched = _fetch(part, url, name, token, timeout, connect_timeout or timeout, progress)
+            except urllib.error.HTTPError as exc:
+                reason = f"HTTP {exc.code} {exc.reason}"
+            except urllib.error.URLError as exc:
+                reason = exc.reason
+            except (OSError, http.client.HTTPException, ValueError) as exc:  # timeouts, resets, bad URLs
+                reason = f"{type(exc).__name__}: {exc}"
+            if fetched is None:
+                have = part.seek(0, os.SEEK_END)
+                if not have:
+                    discard()
+                kept = (f"; the {have:,} bytes received are kept in {part_path} and the next run continues "
+                        "from there") if have else ""
+                raise UserError(f"could not download {name} from {url} ({_one_line(reason)}){kept}; {hint}")
+            want_sha = sha256 or (fetched.stated_sha256 if server_hash else None)
+            if size is not None and fetched.size != size:
+                problem = f"it has {fetched.size:,} bytes, expected {size:,}"
+            elif fetched.stated_size is not None and fetched.size != fetched.stated_size:
+                problem = f"it has {fetched.size:,} bytes but the server said {fetched.stated_size:,}"
+            elif want_sha is not None and fetched.sha256 != want_sha:
+                problem = f"its sha256 is {fetched.sha256}, expected {want_sha}"
+            else:
+                os.replace(part_path, dest)
+                return dest
+            part.seek(0)
+            part.truncate()
+            if not fetched.resumed:  # bytes kept from an earlier run may belong to an older file: retry afresh
+                break
+        discard()
+        raise UserError(f"downloaded {name} from {url} but {problem}; the file may be truncated or changed "
+                        f"upstream: retry, or {hint}")
     finally:
-        tmp.unlink(missing_ok=True)
-    return dest
-
-
-def _download_error(name: str, url: str, dest: Path, reason: object) -> UserError:
-    return UserError(
-        f"could not download {name} from {url} ({_one_line(reason)}); pass a local file with --data PATH, "
-        f"or place the file at {dest}"
-    )
+        part.close()
 
 
 def fetch_corpus(name: str, *, progress: bool = True) -> Path:
