@@ -122,6 +122,17 @@ def build_parser():
     verbs.add_subcommand("finetune", ft, help="fine-tune a checkpoint (classification, instructions)")
     ft_verbs = ft.add_subcommands(dest="action", required=True)
 
+    p = verb("classify", "Fine-tune a checkpoint into a text classifier (the book's chapter 6): a class head read "
+             "at each text's last real token. Writes the classifier, labels.json, metrics.json (accuracy and loss "
+             "per split, confusion matrix), loss.png, accuracy.png and confusion.png to --out.", ft_verbs,
+             prog="llmscratch finetune classify")
+    _classify_arguments(p)
+
+    p = verb("classify", "Classify texts with a fine-tuned classifier: prints label, probability and text per line.")
+    p.add_argument("checkpoint", help="classifier folder written by `llmscratch finetune classify`")
+    p.add_argument("texts", nargs="+", help="one or more texts to classify (quote each)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
     p = verb("quickstart", "Offline end to end on the embedded pydocs corpus: tokenizer, data, a small GPT "
              "pretrained for a few minutes, samples before/after, loss vs the unigram baseline.")
     p.add_argument("--minutes", type=float, default=4.0, help="pretraining time budget")
@@ -133,6 +144,39 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return root
+
+
+def _classify_arguments(p) -> None:
+    import dataclasses
+
+    from llmscratch.finetune.classify import TRAINABLE, default_train_config
+    from llmscratch.train.trainer import TrainConfig
+
+    p.add_argument("checkpoint", help="pretrained checkpoint folder (e.g. runs/quickstart)")
+    p.add_argument("--data", required=True,
+                   help="sms-spam (the UCI SMS Spam Collection, downloaded once) or a .tsv/.csv/.jsonl/.json file "
+                        "of labelled texts; TSV/CSV with a header row, or headerless as label<TAB>text")
+    p.add_argument("--out", required=True, help="folder for the classifier and its metrics and plots")
+    p.add_argument("--text-column", default="text", help="column (or JSON key) holding the text")
+    p.add_argument("--label-column", default="label", help="column (or JSON key) holding the label")
+    p.add_argument("--no-balance", action="store_true",
+                   help="keep every example instead of undersampling each class to the smallest one's size")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per text; longer texts are cut (default: the longest text, capped at the context)")
+    p.add_argument("--trainable", default="last-block",
+                   help=f"{' | '.join(TRAINABLE)}: what is trained; last-block = last transformer block + final "
+                        "norm + class head (the book's choice), all = every weight")
+    p.add_argument("--epochs", type=float, default=5, help="passes over the training split")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="optimizer updates (default: epochs x batches per epoch)")
+    p.add_argument("--data-seed", type=int, default=123, help="seed of the balancing draw and the 70/10/20 split")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a training run already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    skip = {"progress", "max_steps", "sample_every"}  # no samples: a classifier does not generate
+    p.add_class_arguments(TrainConfig, "train", skip=skip)
+    defaults = dataclasses.asdict(default_train_config())
+    p.set_defaults({f"train.{k}": v for k, v in defaults.items() if k not in skip})
 
 
 def _version() -> str:
@@ -276,6 +320,27 @@ def cmd_convert_to_hf(a) -> None:
     print(f"wrote {a.out} (transformers.GPT2LMHeadModel.from_pretrained loads it)")
 
 
+def cmd_finetune_classify(a) -> None:
+    from llmscratch.finetune.classify import finetune_classify
+    from llmscratch.train.trainer import TrainConfig
+
+    cfg = TrainConfig(**{k: v for k, v in vars(a.train).items() if not k.startswith("__")},
+                      progress=not a.no_progress)
+    finetune_classify(a.checkpoint, a.data, a.out, text_column=a.text_column, label_column=a.label_column,
+                      balance=not a.no_balance, max_length=a.max_length, trainable=a.trainable, epochs=a.epochs,
+                      max_steps=a.max_steps, data_seed=a.data_seed, train_cfg=cfg, resume=a.resume,
+                      overwrite=a.overwrite, progress=not a.no_progress)
+
+
+def cmd_classify(a) -> None:
+    from llmscratch.finetune.classify import Classifier
+    from llmscratch.runtime import resolve_device
+
+    clf = Classifier.load(a.checkpoint, device=resolve_device(a.device))
+    for text, (label, prob) in zip(a.texts, clf.predict(a.texts)):
+        print(f"{label}\t{prob:.3f}\t{text}")
+
+
 def cmd_quickstart(a) -> None:
     from llmscratch.train.pretrain import quickstart
 
@@ -295,7 +360,9 @@ COMMANDS = {
         "from-hf": cmd_convert_from_hf,
         "to-hf": cmd_convert_to_hf,
     },
+    "classify": cmd_classify,
     "finetune": {
+        "classify": cmd_finetune_classify,
     },
 }
 
