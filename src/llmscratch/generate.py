@@ -7,6 +7,7 @@ is kept as the reference the cached path is tested against.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -37,14 +38,31 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def compiled_decode_step(model):
+    """`step(idx (B, 1), pos 0-dim tensor) -> logits (B, V)`: one cached decoding step with static shapes,
+    compiled once per model — with CUDA graphs on a GPU (`mode="reduce-overhead"`), which replay the step's
+    hundreds of kernel launches as one. The KV cache must span the full context so every call has one shape."""
+    step = getattr(model, "_compiled_decode_step", None)
+    if step is None:
+        def decode(idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            return model(idx, input_pos=pos)[:, -1]
+
+        on_gpu = next(model.parameters()).is_cuda
+        step = torch.compile(decode, mode="reduce-overhead" if on_gpu else None, fullgraph=True, dynamic=False)
+        model._compiled_decode_step = step
+    return step
+
+
 @torch.inference_mode()
 def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-                 seed: int | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+                 seed: int | None = None, use_cache: bool = True, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time for prompts `prompt_ids` (B, T) of equal length.
 
     Rows that produced `eos_id` keep yielding `eos_id`; the iterator ends when every row has, or after
     `max_new_tokens`. Past the context length the window is cropped to the last `context_length` tokens.
+    `compile=True` runs the per-token steps through `compiled_decode_step` (static KV cache, CUDA graphs on a
+    GPU); the prompt itself is processed eagerly. The tokens are the same as without it.
     """
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids.unsqueeze(0)
@@ -60,20 +78,28 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
     was_training = model.training
     model.eval()
     done = torch.zeros(seq.size(0), dtype=torch.bool, device=device)
+    compile = compile and use_cache
     if use_cache:
-        model.setup_kv_cache(seq.size(0), min(ctx, seq.size(1) + max_new_tokens))
+        # A compiled step has one shape for every call: the cache then spans the whole context.
+        model.setup_kv_cache(seq.size(0), ctx if compile else min(ctx, seq.size(1) + max_new_tokens))
+    step = compiled_decode_step(model) if compile else None
+    pos_t = torch.zeros((), dtype=torch.long, device=device)  # the step's position, kept on the device
     try:
         pos = 0  # number of tokens of `seq` already in the cache
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits = model(seq[:, -ctx:])
+                last = model(seq[:, -ctx:])[:, -1]
             elif seq.size(1) <= ctx and pos > 0:
-                logits = model(seq[:, pos:], input_pos=pos)
+                if step is not None:  # exactly one new token: the compiled static-shape step
+                    pos_t.fill_(pos)  # a device-side write, no host sync
+                    last = step(seq[:, pos:].contiguous(), pos_t)
+                else:
+                    last = model(seq[:, pos:], input_pos=pos)[:, -1]
             else:
                 # First step, or the window slid past the context: positions shift, so refill the cache.
-                logits = model(seq[:, -ctx:], input_pos=0)
+                last = model(seq[:, -ctx:], input_pos=0)[:, -1]
             pos = min(seq.size(1), ctx)
-            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            nxt = sample_next(last, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id
@@ -82,7 +108,7 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
             if eos_id is not None and bool(done.all()):
                 break
     finally:
-        if use_cache:
+        if use_cache and not compile:  # a compiled step keeps its cache for the next call
             model.clear_kv_cache()
         model.train(was_training)
 
@@ -125,6 +151,54 @@ def stream(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100, 
 def generate(model, tokenizer: Tokenizer, prompt: str, **kwargs) -> str:
     """The generated continuation of `prompt` as one string (see `stream` for the options)."""
     return "".join(stream(model, tokenizer, prompt, **kwargs))
+
+
+def generate_batch(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 100,
+                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   seed: int | None = None, stop: Sequence[str] = (), stop_at_eos: bool = True,
+                   batch_size: int = 32, use_cache: bool = True, progress: bool = False) -> list[str]:
+    """The continuations of many prompts, in order (evaluation sets, test-set responses).
+
+    Prompts with the same number of tokens decode together as one batch. Prompts of different lengths never
+    share one: the model has no padding mask, so a left-padded row would attend to its pads. With greedy
+    decoding (temperature 0) each result equals `generate(model, tokenizer, prompt, ...)` for that prompt.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size <= 0:
+        raise UserError(f"batch size must be positive, got {batch_size}")
+    eos = tokenizer.eos_id if stop_at_eos else None
+    encoded = [tokenizer.encode(p) for p in prompts]
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, ids in enumerate(encoded):
+        by_length[len(ids)].append(i)
+    results: list[str] = [""] * len(prompts)
+    with tqdm(total=len(prompts), disable=not progress, desc="generate", unit="prompt", dynamic_ncols=True) as bar:
+        for _, members in sorted(by_length.items()):
+            for start in range(0, len(members), batch_size):
+                chunk = members[start:start + batch_size]
+                rows: list[list[int]] = [[] for _ in chunk]
+                finished = [False] * len(chunk)
+                prompt_ids = torch.tensor([encoded[i] for i in chunk])  # (B, T): equal lengths
+                for nxt in generate_ids(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, eos_id=eos, seed=seed, use_cache=use_cache):
+                    for r, token in enumerate(nxt.tolist()):
+                        if finished[r]:
+                            continue
+                        if eos is not None and token == eos:
+                            finished[r] = True
+                            continue
+                        rows[r].append(token)
+                        if stop and _first_stop(tokenizer.decode(rows[r]), stop) is not None:
+                            finished[r] = True
+                    if all(finished):
+                        break
+                for i, row in zip(chunk, rows):
+                    text = tokenizer.decode(row)
+                    cut = _first_stop(text, stop)
+                    results[i] = text if cut is None else text[:cut]
+                bar.update(len(chunk))
+    return results
 
 
 def _first_stop(text: str, stop: Sequence[str]) -> int | None:

@@ -70,3 +70,17 @@ def test_model_loss_equals_cross_entropy_of_logits(tie):
     torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
     for (name, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("pad_to", [8, 64])
+def test_padded_vocabulary_changes_nothing(pad_to):
+    # 97 ids padded to 104 or 128 inside the loss: same loss and gradients, weight grad keeps the real shape.
+    torch.manual_seed(0)
+    h, w = torch.randn(40, 16), torch.randn(97, 16) * 0.3
+    y = torch.randint(0, 97, (40,))
+    y[::7] = -100
+    a = _grads(lambda h, w, y: lm_head_cross_entropy(h, w, y, chunk_size=16, pad_vocab_to=pad_to), h, w, y)
+    b = _grads(lm_head_cross_entropy_reference, h, w, y)
+    assert a[2].shape == w.shape
+    for got, want in zip(a, b):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

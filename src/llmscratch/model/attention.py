@@ -46,7 +46,19 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.size(2)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, pos: int | torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nkv, T, hs) at positions [pos, pos + T).
+
+        With `pos` an int, return the filled prefix (its length varies). With `pos` a 0-dim tensor on the
+        cache's device — the static-shape path that `torch.compile` and CUDA graphs need — write with
+        `index_copy_` and return the whole buffers; the caller masks the unfilled tail.
+        """
+        if isinstance(pos, torch.Tensor):
+            idx = pos + torch.arange(k.size(2), device=k.device)
+            self.k.index_copy_(2, idx, k)
+            self.v.index_copy_(2, idx, v)
+            return self.k, self.v
         end = pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; cannot write up to {end}")
@@ -70,7 +82,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, input_pos: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d) → (B, T, d). `input_pos`: absolute position of x[:, 0] when decoding with the KV cache —
+        an int, or a 0-dim tensor for the static-shape (compilable) path."""
         B, T, _ = x.shape
         hs, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
         q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
@@ -79,7 +93,13 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
 
         mask, is_causal = None, True
-        if self.kv_cache is not None and input_pos is not None:
+        if isinstance(input_pos, torch.Tensor):
+            # Static shapes: attend over the whole cache, masking keys after each query's own position.
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, max_len, hs)
+            q_pos = input_pos + torch.arange(T, device=x.device)
+            mask = torch.arange(k.size(2), device=x.device) <= q_pos[:, None]  # (T, max_len)
+            is_causal = False
+        elif self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, input_pos + T, hs)
             if input_pos > 0:
                 # New queries sit at absolute positions input_pos..input_pos+T-1 and may see every cached key

@@ -6,6 +6,12 @@ large share of its time. Here the rows are processed `chunk_size` at a time: a c
 and, right away, its gradients (softmax − one-hot), which are folded into grad_h and grad_W before the next
 chunk. Nothing vocab-sized outlives a chunk, and backward only scales the stored gradients by the incoming one.
 
+GPU matrix units want the product's dimensions aligned: GPT-2's 50,257-token vocabulary is odd, so with
+`pad_vocab_to=m` the LM-head weight is padded inside this function with zero rows up to a multiple of m (50,304
+for m=64) and those columns' logits are set to −∞ before the softmax. They add nothing to the loss, get zero
+gradient, and exist only here: the model's parameters, its checkpoints and its logits keep the real vocabulary,
+so a padding id can never be sampled.
+
 `lm_head_cross_entropy_reference` is the plain formula; tests check that both give the same loss and grads.
 """
 
@@ -24,25 +30,32 @@ def lm_head_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targe
 
 class _ChunkedLMHeadCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size: int, ignore_index: int, need_grad: bool):
+    def forward(ctx, h, weight, targets, chunk_size: int, ignore_index: int, need_grad: bool, pad_vocab_to: int):
         dev = h.device.type
         # Under autocast the products run in its dtype (bf16); the weight is cast once per call, not per chunk.
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        vocab = weight.size(0)
+        pad = -vocab % pad_vocab_to if pad_vocab_to > 1 else 0
         with torch.autocast(dev, enabled=False):
             hc, wc = h.to(dt), weight.to(dt)
+            if pad:
+                wc = F.pad(wc, (0, 0, 0, pad))  # (vocab + pad, d); the extra rows are zeros
             valid = targets != ignore_index  # (N,)
             y = targets.masked_fill(~valid, 0)
             n_valid = valid.sum()  # stays on the device: no host sync
             n = h.size(0)
             grad_h = torch.empty(h.shape, dtype=dt, device=h.device) if need_grad else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
+            grad_w = torch.zeros(wc.shape, dtype=torch.float32, device=h.device) if need_grad else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for s in range(0, n, chunk_size):
                 e = min(n, s + chunk_size)
                 rows = torch.arange(e - s, device=h.device)
                 h_c, y_c, ok = hc[s:e], y[s:e], valid[s:e]
                 # The only vocab-sized tensor, one chunk at a time; log_softmax accumulates in fp32.
-                logp = torch.log_softmax(h_c @ wc.t(), dim=-1, dtype=torch.float32)  # (c, V)
+                logits = h_c @ wc.t()  # (c, V + pad)
+                if pad:
+                    logits[:, vocab:] = float("-inf")  # padding columns: probability 0, gradient 0
+                logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
                 total -= (logp[rows, y_c] * ok).sum()
                 if need_grad:
                     # d(sum of losses)/d(logits) = softmax − one_hot(y); the 1/n_valid is applied in backward.
@@ -54,6 +67,8 @@ class _ChunkedLMHeadCE(torch.autograd.Function):
                     grad_h[s:e] *= keep
                     grad_w.add_(torch.mm(g.t(), h_c * keep))
         if need_grad:
+            if pad:
+                grad_w = grad_w[:vocab]
             ctx.save_for_backward(grad_h, grad_w, n_valid)
             ctx.dtypes = (h.dtype, weight.dtype)
         return total / n_valid  # NaN when every row is ignored, like F.cross_entropy
@@ -63,15 +78,18 @@ class _ChunkedLMHeadCE(torch.autograd.Function):
         grad_h, grad_w, n_valid = ctx.saved_tensors
         scale = grad_out / n_valid
         return (grad_h.to(ctx.dtypes[0]) * scale.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]) * scale.to(ctx.dtypes[1]),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def lm_head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
-                          ignore_index: int = -100) -> torch.Tensor:
+                          ignore_index: int = -100, pad_vocab_to: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of h @ weightᵀ against `targets` without materialising the full logits.
 
     h: (N, d) final hidden states; weight: (V, d) the LM head; targets: (N,) ids, `ignore_index` to skip a row.
-    Like `F.cross_entropy`, the mean over zero valid rows is NaN.
+    Like `F.cross_entropy`, the mean over zero valid rows is NaN. `pad_vocab_to` (default: 64 on CUDA, none
+    elsewhere) pads the vocabulary inside the computation for aligned matrix products (see the module notes).
     """
+    if pad_vocab_to is None:
+        pad_vocab_to = 64 if h.is_cuda else 1
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _ChunkedLMHeadCE.apply(h, weight, targets, chunk_size, ignore_index, need_grad)
+    return _ChunkedLMHeadCE.apply(h, weight, targets, chunk_size, ignore_index, need_grad, pad_vocab_to)

@@ -24,7 +24,7 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.bias)
         self.mlp = GELUMLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
 
-    def forward(self, x: torch.Tensor, input_pos: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), input_pos)
         x = x + self.mlp(self.norm2(x))
         return x
@@ -65,20 +65,23 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def features(self, idx: torch.Tensor, input_pos: int | None = None) -> torch.Tensor:
+    def features(self, idx: torch.Tensor, input_pos: int | torch.Tensor | None = None) -> torch.Tensor:
         """The final-norm hidden states (B, T, d_model) that the LM head (or a classification head) reads."""
         B, T = idx.shape
-        start = input_pos or 0
-        if start + T > self.config.context_length:
-            raise ValueError(f"sequence of {start + T} positions exceeds context_length "
-                             f"{self.config.context_length}")
-        pos = torch.arange(start, start + T, device=idx.device)
+        if isinstance(input_pos, torch.Tensor):  # static-shape decoding: no host sync for a bounds check
+            pos = input_pos + torch.arange(T, device=idx.device)
+        else:
+            start = input_pos or 0
+            if start + T > self.config.context_length:
+                raise ValueError(f"sequence of {start + T} positions exceeds context_length "
+                                 f"{self.config.context_length}")
+            pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x, input_pos)
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, input_pos: int | None = None,
+    def forward(self, idx: torch.Tensor, input_pos: int | torch.Tensor | None = None,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) — or, given `targets` (B, T), the mean next-token cross-entropy, computed by
         the chunked fused LM-head loss so the full logits are never materialised (model/loss.py)."""
@@ -92,10 +95,14 @@ class GPT(nn.Module):
         """Give every attention layer a preallocated cache for `batch_size` sequences of up to `max_len`."""
         max_len = min(max_len or self.config.context_length, self.config.context_length)
         ref = self.tok_emb.weight
+        dtype, device = dtype or ref.dtype, torch.device(device or ref.device)
         for block in self.blocks:
             a = block.attn
-            a.kv_cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, dtype or ref.dtype,
-                                 device or ref.device)
+            old = a.kv_cache
+            if (old is not None and tuple(old.k.shape) == (batch_size, a.n_kv_heads, max_len, a.head_dim)
+                    and old.k.dtype == dtype and old.k.device == device):
+                continue  # reuse: a compiled decoding step stays valid for the same buffers
+            a.kv_cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, dtype, device)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
