@@ -102,8 +102,21 @@ def build_parser():
     p.add_argument("target", help=f"checkpoint folder or preset ({', '.join(PRESETS)})")
     p.add_argument("--batch-size", type=int, default=8, help="batch size for the activation estimate")
 
+    p = verb("download", "Download OpenAI's GPT-2 (from the Hugging Face hub, or OpenAI's own release) into the "
+             "cache (resumable, size/sha256-checked) and convert it into a checkpoint folder. Environment: "
+             "HF_ENDPOINT (a hub mirror), HF_TOKEN (sent as a bearer token), HF_HUB_OFFLINE=1 (cache only).")
+    p.add_argument("model", help="gpt2-124m | gpt2-355m | gpt2-774m | gpt2-1558m")
+    p.add_argument("--out", required=True, help="checkpoint folder to create (must be new or empty)")
+    p.add_argument("--source", default="hf",
+                   help="hf: the hub's model.safetensors (default) | openai: OpenAI's TensorFlow checkpoint")
+    p.add_argument("--endpoint", default=None,
+                   help="server to download from instead (a mirror; default: $HF_ENDPOINT, else the official one)")
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16: dtype of the saved weights")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     conv = P(prog="llmscratch convert", description="Convert weights between formats.")
-    verbs.add_subcommand("convert", conv, help="convert Hugging Face GPT-2 folders to our checkpoints and back")
+    verbs.add_subcommand("convert", conv, help="convert GPT-2 weights (Hugging Face, OpenAI) to our checkpoints "
+                         "and back")
     conv_verbs = conv.add_subcommands(dest="action", required=True)
     p = verb("from-hf", "A Hugging Face GPT-2 folder (model.safetensors, a sharded index, or pytorch_model.bin "
              "read with weights_only) → our checkpoint folder.", conv_verbs, prog="llmscratch convert from-hf")
@@ -112,10 +125,19 @@ def build_parser():
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer folder or `gpt2` (default: the folder's vocab.json + merges.txt)")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16: dtype of the saved weights")
-    p = verb("to-hf", "Our checkpoint folder → a folder transformers.GPT2LMHeadModel.from_pretrained loads.",
+    p = verb("from-openai", "A folder of OpenAI's original GPT-2 release (hparams.json, checkpoint, model.ckpt.index, "
+             "model.ckpt.data-*, encoder.json, vocab.bpe) → our checkpoint folder; no TensorFlow needed.",
+             conv_verbs, prog="llmscratch convert from-openai")
+    p.add_argument("tf_dir", help="folder with hparams.json and model.ckpt.*")
+    p.add_argument("out", help="checkpoint folder to write (must be new or empty)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or `gpt2` (default: the folder's encoder.json + vocab.bpe)")
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16: dtype of the saved weights")
+    p = verb("to-hf", "Our checkpoint folder → a folder transformers.GPT2LMHeadModel.from_pretrained loads, with "
+             "vocab.json + merges.txt for AutoTokenizer when the tokenizer is a byte-level BPE with GPT-2's regex.",
              conv_verbs, prog="llmscratch convert to-hf")
     p.add_argument("checkpoint", help="our checkpoint folder")
-    p.add_argument("out", help="Hugging Face folder to write")
+    p.add_argument("out", help="Hugging Face folder to write (must be new or empty)")
 
     # finetune classify | instruct (| dpo): each fine-tuning verb registers itself in this group.
     ft = P(prog="llmscratch finetune", description="Fine-tune a checkpoint with the one trainer.")
@@ -289,35 +311,32 @@ def cmd_info(a) -> None:
 
 
 def cmd_convert_from_hf(a) -> None:
-    from llmscratch.checkpoint import save_model
-    from llmscratch.runtime import inference_dtype
-    from llmscratch.tokenizer import gpt2_tokenizer, load_tokenizer
-    from llmscratch.tokenizer.gpt2 import gpt2_files_in
-    from llmscratch.weights import load_hf_gpt2
+    from llmscratch.weights.convert import from_hf
 
-    hf = Path(a.hf_dir)
-    if a.tokenizer:
-        tok = load_tokenizer(a.tokenizer)
-    elif gpt2_files_in(hf) is not None:  # vocab.json + merges.txt, as Hugging Face names GPT-2's BPE files
-        tok = gpt2_tokenizer(hf)
-    else:
-        raise UserError(f"{hf}: no vocab.json + merges.txt; pass --tokenizer gpt2 or a tokenizer folder")
-    import torch
+    model = from_hf(a.hf_dir, a.out, a.tokenizer, a.dtype)
+    print(f"converted {a.hf_dir} ({model.num_params() / 1e6:.1f}M parameters) to {a.out}")
 
-    model, cfg = load_hf_gpt2(hf, dtype=inference_dtype(a.dtype, torch.device("cpu")))
-    if tok.vocab_size > cfg.vocab_size:
-        raise UserError(f"tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size}; "
-                        "pass the matching --tokenizer")
-    save_model(a.out, model, tok, hyperparameters={"converted_from": str(hf)})
-    print(f"converted {hf} ({model.num_params() / 1e6:.1f}M parameters) to {a.out}")
+
+def cmd_convert_from_openai(a) -> None:
+    from llmscratch.weights.convert import from_openai
+
+    model = from_openai(a.tf_dir, a.out, a.tokenizer, a.dtype)
+    print(f"converted {a.tf_dir} ({model.num_params() / 1e6:.1f}M parameters) to {a.out}")
 
 
 def cmd_convert_to_hf(a) -> None:
-    from llmscratch.checkpoint import load_model
-    from llmscratch.weights import export_hf_gpt2
+    from llmscratch.weights.convert import to_hf
 
-    export_hf_gpt2(load_model(a.checkpoint), a.out)
-    print(f"wrote {a.out} (transformers.GPT2LMHeadModel.from_pretrained loads it)")
+    note = to_hf(a.checkpoint, a.out)
+    print(f"wrote {a.out}, {note} (transformers.GPT2LMHeadModel.from_pretrained loads it)")
+
+
+def cmd_download(a) -> None:
+    from llmscratch.weights.hub import download_pretrained
+
+    model = download_pretrained(a.model, a.out, a.source, a.endpoint, a.dtype, progress=not a.no_progress)
+    print(f"downloaded {a.model} ({model.num_params() / 1e6:.1f}M parameters) to {a.out}; try "
+          f"`llmscratch generate {a.out} --prompt \"Hello, I'm a language model,\"`")
 
 
 def cmd_finetune_classify(a) -> None:
@@ -356,8 +375,10 @@ COMMANDS = {
     "generate": cmd_generate,
     "info": cmd_info,
     "quickstart": cmd_quickstart,
+    "download": cmd_download,
     "convert": {
         "from-hf": cmd_convert_from_hf,
+        "from-openai": cmd_convert_from_openai,
         "to-hf": cmd_convert_to_hf,
     },
     "classify": cmd_classify,

@@ -18,22 +18,9 @@ CONFIGS = [  # vary layers, heads, width, vocab, context, tying
 ]
 
 
-def hf_model(tmp_path, seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(**kw, bos_token_id=kw["vocab_size"] - 1, eos_token_id=kw["vocab_size"] - 1,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():  # random LayerNorm and bias values, so a swapped or missing tensor cannot hide
-        for name, p in model.named_parameters():
-            if "ln" in name or name.endswith("bias"):
-                p.normal_(0.0, 0.5).add_(1.0 if name.endswith("weight") else 0.0)
-    model.save_pretrained(tmp_path / "hf")
-    return model
-
-
 @pytest.mark.parametrize("kw", CONFIGS)
-def test_logits_and_greedy_tokens_equal_transformers(tmp_path, kw):
-    theirs = hf_model(tmp_path, **kw)
+def test_logits_and_greedy_tokens_equal_transformers(hf_gpt2, tmp_path, kw):
+    theirs = hf_gpt2(tmp_path, **kw)
     ours, cfg = load_hf_gpt2(tmp_path / "hf")
     assert cfg.tie_embeddings == kw["tie_word_embeddings"]
     idx = torch.randint(0, kw["vocab_size"], (3, kw["n_positions"]))
@@ -47,8 +34,8 @@ def test_logits_and_greedy_tokens_equal_transformers(tmp_path, kw):
 
 
 @pytest.mark.parametrize("kw", CONFIGS)
-def test_export_round_trip_through_transformers(tmp_path, kw):
-    hf_model(tmp_path, **kw)
+def test_export_round_trip_through_transformers(hf_gpt2, tmp_path, kw):
+    hf_gpt2(tmp_path, **kw)
     ours, _ = load_hf_gpt2(tmp_path / "hf")
     export_hf_gpt2(ours, tmp_path / "export")
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
@@ -57,12 +44,12 @@ def test_export_round_trip_through_transformers(tmp_path, kw):
         torch.testing.assert_close(reloaded(idx).logits, ours(idx), atol=1e-5, rtol=1e-5)
 
 
-def test_sharded_and_unprefixed_keys(tmp_path):
+def test_sharded_and_unprefixed_keys(hf_gpt2, tmp_path):
     """A sharded index and keys without the "transformer." prefix (OpenAI's upload) load the same."""
     from safetensors.torch import load_file, save_file
 
     kw = CONFIGS[0]
-    hf_model(tmp_path, **kw)
+    hf_gpt2(tmp_path, **kw)
     tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
     names = sorted(tensors)
     shard_dir = tmp_path / "sharded"
@@ -81,10 +68,10 @@ def test_sharded_and_unprefixed_keys(tmp_path):
         torch.testing.assert_close(a(idx), b(idx))
 
 
-def test_bad_folders(tmp_path):
+def test_bad_folders(hf_gpt2, tmp_path):
     with pytest.raises(UserError, match="config.json"):
         load_hf_gpt2(tmp_path)
-    hf_model(tmp_path, **CONFIGS[0])
+    hf_gpt2(tmp_path, **CONFIGS[0])
     cfg_path = tmp_path / "hf" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["n_embd"] = 64
@@ -108,11 +95,11 @@ def _cli(argv, capsys):
     return code, out, err
 
 
-def test_cli_convert_from_hf_generate_and_back(tmp_path, prepared, capsys):
+def test_cli_convert_from_hf_generate_and_back(hf_gpt2, tmp_path, prepared, capsys):
     from llmscratch.tokenizer import load_tokenizer
 
     vocab = load_tokenizer(prepared).vocab_size
-    theirs = hf_model(tmp_path, n_layer=2, n_head=2, n_embd=32, vocab_size=vocab, n_positions=32)
+    theirs = hf_gpt2(tmp_path, n_layer=2, n_head=2, n_embd=32, vocab_size=vocab, n_positions=32)
     code, out, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "ours", "--tokenizer", prepared],
                           capsys)
     assert code == 0, err
@@ -128,20 +115,20 @@ def test_cli_convert_from_hf_generate_and_back(tmp_path, prepared, capsys):
         torch.testing.assert_close(reloaded(idx).logits, theirs(idx).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_cli_convert_without_tokenizer_is_a_user_error(tmp_path, capsys):
-    hf_model(tmp_path, **CONFIGS[0])
+def test_cli_convert_without_tokenizer_is_a_user_error(hf_gpt2, tmp_path, capsys):
+    hf_gpt2(tmp_path, **CONFIGS[0])
     capsys.readouterr()  # transformers' own progress bars
     code, _, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "ours"], capsys)
     assert code == 2 and "vocab.json" in err and err.count("\n") == 1
     assert not (tmp_path / "ours").exists()
 
 
-def test_cli_convert_reads_hf_gpt2_tokenizer_files(tmp_path, capsys, shared_data):
+def test_cli_convert_reads_hf_gpt2_tokenizer_files(hf_gpt2, tmp_path, capsys, shared_data):
     """HF's vocab.json + merges.txt are OpenAI's encoder.json + vocab.bpe: GPT-2 ids come out of the folder."""
     gpt2 = shared_data / "gpt2"
     if not (gpt2 / "encoder.json").is_file():
         pytest.skip(f"GPT-2's BPE files not found in {gpt2}")
-    hf_model(tmp_path, n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_positions=16)
+    hf_gpt2(tmp_path, n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_positions=16)
     (tmp_path / "hf" / "vocab.json").write_bytes((gpt2 / "encoder.json").read_bytes())
     (tmp_path / "hf" / "merges.txt").write_bytes((gpt2 / "vocab.bpe").read_bytes())
     code, _, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "ours"], capsys)
@@ -152,8 +139,8 @@ def test_cli_convert_reads_hf_gpt2_tokenizer_files(tmp_path, capsys, shared_data
     assert tok.encode("Hello, world! Is this-- a test?") == [15496, 11, 995, 0, 1148, 428, 438, 257, 1332, 30]
 
 
-def test_pytorch_model_bin_is_read_with_weights_only(tmp_path):
-    theirs = hf_model(tmp_path, **CONFIGS[1])
+def test_pytorch_model_bin_is_read_with_weights_only(hf_gpt2, tmp_path):
+    theirs = hf_gpt2(tmp_path, **CONFIGS[1])
     # transformers 5 only writes safetensors; older releases wrote this pickle-based file (a plain state dict)
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
@@ -162,3 +149,97 @@ def test_pytorch_model_bin_is_read_with_weights_only(tmp_path):
     idx = torch.randint(0, CONFIGS[1]["vocab_size"], (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), theirs(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_shape_problems_name_both_shapes_and_unexpected_tensors(hf_gpt2, tmp_path):
+    hf_gpt2(tmp_path, **CONFIGS[1])  # 3 layers, untied
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(n_layer=2, vocab_size=250)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(UserError) as info:
+        load_hf_gpt2(tmp_path / "hf")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "wte.weight is (257, 48), expected (250, 48)" in message
+    assert "unexpected tensor(s), first: h.2.attn.c_attn.bias" in message
+
+
+# --- export with the tokenizer ------------------------------------------------------------------------------
+SAMPLE = "Hello, world! It's 2024 -- the module's __init__ ran   twice.\n\nÜnïcödé 日本語 <|endoftext|> end"
+
+
+def _to_hf(model, tokenizer, tmp_path, name="ckpt"):
+    from llmscratch.checkpoint import save_model
+    from llmscratch.weights.convert import to_hf
+
+    save_model(tmp_path / name, model, tokenizer)
+    return to_hf(tmp_path / name, tmp_path / f"{name}-hf")
+
+
+def test_to_hf_writes_a_tokenizer_transformers_loads_with_our_ids(tmp_path, prepared):
+    from llmscratch.config import ModelConfig
+    from llmscratch.model import GPT
+    from llmscratch.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(prepared)  # a byte-level BPE trained from scratch, GPT-2's regex
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=32, d_model=32, n_layers=1, n_heads=2))
+    note = _to_hf(model, tok, tmp_path)
+    assert "vocab.json + merges.txt" in note
+    out = tmp_path / "ckpt-hf"
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"} <= {
+        p.name for p in out.iterdir()}
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert theirs.encode(SAMPLE) == tok.encode(SAMPLE)
+    assert theirs.eos_token == "<|endoftext|>" and theirs.eos_token_id == tok.special_tokens["<|endoftext|>"]
+    assert transformers.GPT2LMHeadModel.from_pretrained(out).config.eos_token_id == theirs.eos_token_id
+
+
+def test_to_hf_gpt2_tokenizer_files_equal_openai_files(tmp_path, shared_data):
+    """GPT-2's own ranks → merges.txt identical to OpenAI's vocab.bpe, and transformers' ids equal tiktoken's."""
+    gpt2 = shared_data / "gpt2"
+    if not (gpt2 / "encoder.json").is_file():
+        pytest.skip(f"GPT-2's BPE files not found in {gpt2}")
+    from llmscratch.config import ModelConfig
+    from llmscratch.model import GPT
+    from llmscratch.tokenizer import gpt2_tokenizer
+
+    tok = gpt2_tokenizer(gpt2)
+    _to_hf(GPT(ModelConfig(context_length=16, d_model=16, n_layers=1, n_heads=2)), tok, tmp_path)
+    out = tmp_path / "ckpt-hf"
+    original = [line for line in (gpt2 / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:] if line]
+    assert (out / "merges.txt").read_text(encoding="utf-8").splitlines()[1:] == original
+    assert json.loads((out / "vocab.json").read_text(encoding="utf-8")) == json.loads(
+        (gpt2 / "encoder.json").read_text(encoding="utf-8"))
+    assert transformers.AutoTokenizer.from_pretrained(out).encode(SAMPLE) == tok.encode(SAMPLE)
+
+
+def test_to_hf_without_a_gpt2_style_tokenizer_writes_weights_only(tmp_path):
+    from llmscratch.config import ModelConfig
+    from llmscratch.model import GPT
+    from llmscratch.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train("aaa bbb aaa ccc " * 50, 270, pattern=r"\S+|\s+", progress=False)
+    note = _to_hf(GPT(ModelConfig(vocab_size=270, context_length=8, d_model=16, n_layers=1, n_heads=2)), tok,
+                  tmp_path)
+    assert note.startswith("weights only") and "regex" in note
+    assert {p.name for p in (tmp_path / "ckpt-hf").iterdir()} == {"model.safetensors", "config.json"}
+
+
+def test_to_hf_refuses_a_classifier_and_a_used_folder(tmp_path, capsys):
+    from llmscratch.checkpoint import save_model
+    from llmscratch.config import ModelConfig
+    from llmscratch.model import GPT
+
+    cfg = ModelConfig(vocab_size=50, context_length=8, d_model=16, n_layers=1, n_heads=2, n_classes=2,
+                      tie_embeddings=False)
+    save_model(tmp_path / "clf", GPT(cfg))
+    code, _, err = _cli(["convert", "to-hf", tmp_path / "clf", tmp_path / "clf-hf"], capsys)
+    assert code == 2 and "classifier (n_classes=2)" in err and err.count("\n") == 1
+    assert not (tmp_path / "clf-hf").exists()
+    save_model(tmp_path / "lm", GPT(cfg.replace(n_classes=None)))
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("mine")
+    code, _, err = _cli(["convert", "to-hf", tmp_path / "lm", tmp_path / "used"], capsys)
+    assert code == 2 and "not an empty folder" in err
+    assert [p.name for p in (tmp_path / "used").iterdir()] == ["keep.txt"]

@@ -1,0 +1,129 @@
+"""Whole-folder conversions behind `llmscratch convert` and `llmscratch download`: another format's folder →
+our checkpoint folder (weights + tokenizer), and ours → a Hugging Face folder.
+
+Every output folder is built beside its destination under a temporary name and renamed into place when
+complete, so a failure (bad input, full disk, Ctrl-C) leaves nothing at the destination.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from llmscratch.errors import UserError
+
+
+def check_new_folder(out: str | Path) -> Path:
+    """`out` as a Path, after checking it is free: absent or an empty folder (UserError otherwise)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not an empty folder; choose a new output folder or remove "
+                        "this one")
+    return out
+
+
+def write_folder(out: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` on a fresh temporary folder beside `out`, then rename it to `out` (which must be free,
+    see `check_new_folder`). On any failure the temporary folder is removed and `out` is left as it was."""
+    out = check_new_folder(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create the folder ({exc.strerror}); choose a folder you can write to") \
+            from None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+        if out.is_dir():
+            out.rmdir()  # empty, as checked
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _tokenizer(folder: Path, override: str | None, source: str):
+    """The tokenizer for a converted model: `override` (a tokenizer folder or "gpt2"), else GPT-2's two BPE
+    files found in `folder` under OpenAI's or Hugging Face's names."""
+    from llmscratch.tokenizer import gpt2_tokenizer, load_tokenizer
+    from llmscratch.tokenizer.gpt2 import gpt2_files_in
+
+    if override:
+        return load_tokenizer(override)
+    if gpt2_files_in(folder) is not None:
+        return gpt2_tokenizer(folder)
+    raise UserError(f"{folder}: no {source}; pass --tokenizer gpt2 or a tokenizer folder")
+
+
+def _save_converted(out: Path, model, tokenizer, source: Path, name: str | None) -> Path:
+    from llmscratch.checkpoint import save_model
+
+    if name:
+        model.config.name = name
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}; "
+                        "pass the matching --tokenizer")
+    return write_folder(out, lambda tmp: save_model(tmp, model, tokenizer,
+                                                    hyperparameters={"converted_from": str(source)}))
+
+
+def _dtype(name: str) -> torch.dtype:
+    from llmscratch.runtime import inference_dtype
+
+    return inference_dtype(name, torch.device("cpu"))
+
+
+def from_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None, dtype: str = "fp32",
+            name: str | None = None):
+    """A Hugging Face GPT-2 folder → our checkpoint folder `out` (the model config named `name` if given);
+    returns the model."""
+    from llmscratch.weights.hf_gpt2 import load_hf_gpt2
+
+    hf_dir, out = Path(hf_dir), check_new_folder(out)
+    tok = _tokenizer(hf_dir, tokenizer, "vocab.json + merges.txt")
+    model, _ = load_hf_gpt2(hf_dir, dtype=_dtype(dtype))
+    _save_converted(out, model, tok, hf_dir, name)
+    return model
+
+
+def from_openai(tf_dir: str | Path, out: str | Path, tokenizer: str | None = None, dtype: str = "fp32",
+                name: str | None = None):
+    """A folder of OpenAI's GPT-2 release (TensorFlow checkpoint) → our checkpoint folder `out`."""
+    from llmscratch.weights.openai_tf import load_openai_gpt2
+
+    tf_dir, out = Path(tf_dir), check_new_folder(out)
+    tok = _tokenizer(tf_dir, tokenizer, "encoder.json + vocab.bpe")
+    model, _ = load_openai_gpt2(tf_dir, dtype=_dtype(dtype))
+    _save_converted(out, model, tok, tf_dir, name)
+    return model
+
+
+def to_hf(checkpoint: str | Path, out: str | Path) -> str:
+    """Our checkpoint folder → a Hugging Face GPT-2 folder (weights, config, and the tokenizer when GPT-2's
+    files can express it). Returns a note on the tokenizer for the user."""
+    from llmscratch.checkpoint import find_model_folder, load_model
+    from llmscratch.tokenizer import load_tokenizer
+    from llmscratch.tokenizer.storage import TOKENIZER_FILE
+    from llmscratch.weights.hf_gpt2 import export_hf_gpt2
+    from llmscratch.weights.hf_tokenizer import gpt2_vocab_and_merges
+
+    out = check_new_folder(out)
+    folder = find_model_folder(checkpoint)
+    model = load_model(folder)
+    tok, note = None, "no tokenizer in the checkpoint; none written"
+    if (folder / TOKENIZER_FILE).is_file():
+        tok = load_tokenizer(folder)
+        try:
+            gpt2_vocab_and_merges(tok)  # checked before anything is written
+            note = "with its tokenizer (vocab.json + merges.txt)"
+        except UserError as exc:
+            tok, note = None, f"weights only: {exc}"
+    write_folder(out, lambda tmp: export_hf_gpt2(model, tmp, tokenizer=tok))
+    return note
