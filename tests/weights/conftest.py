@@ -22,7 +22,7 @@ def make_hf_gpt2(tmp_path: Path, seed: int = 0, **kw):
     return model
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def hf_gpt2():
     """`make_hf_gpt2(tmp_path, seed=0, **GPT2Config fields)`."""
     pytest.importorskip("transformers", reason="transformers is a test dependency for parity")

@@ -236,23 +236,25 @@ def read_tensors(prefix: Path) -> dict[str, torch.Tensor]:
 def config_from_hparams(folder: Path) -> ModelConfig:
     """Our ModelConfig from OpenAI's `hparams.json` (n_vocab, n_ctx, n_embd, n_head, n_layer)."""
     path = folder / HPARAMS
+    fields = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
     if not path.is_file():
         raise UserError(f"{path}: missing; OpenAI's GPT-2 folder has hparams.json beside model.ckpt.index")
     try:
         h = json.loads(path.read_text())
-        return ModelConfig(name=f"gpt2-openai-{h['n_layer']}l-{h['n_embd']}d", vocab_size=h["n_vocab"],
-                           context_length=h["n_ctx"], d_model=h["n_embd"], n_layers=h["n_layer"],
-                           n_heads=h["n_head"], tie_embeddings=True, norm_eps=1e-5)  # OpenAI's norm uses 1e-5
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
-    except KeyError as exc:
-        raise UserError(f"{path}: missing field {exc.args[0]!r} (needs n_vocab, n_ctx, n_embd, n_head, "
-                        "n_layer)") from None
+    if not isinstance(h, dict):
+        raise UserError(f"{path}: expected a JSON object with {', '.join(fields)}")
+    missing = [k for k in fields if k not in h]
+    if missing:
+        raise UserError(f"{path}: missing field {missing[0]!r} (needs {', '.join(fields)})")
+    try:
+        # OpenAI's model.py: LayerNorm epsilon 1e-5, feed-forward width 4 * n_embd, head tied to wte.
+        return ModelConfig(name="gpt2-openai", vocab_size=h["n_vocab"], context_length=h["n_ctx"],
+                           d_model=h["n_embd"], n_layers=h["n_layer"], n_heads=h["n_head"], tie_embeddings=True,
+                           norm_eps=1e-5)
     except UserError as exc:  # values ModelConfig rejects
         raise UserError(f"{path}: {exc}") from None
-    except TypeError:
-        raise UserError(f"{path}: expected a JSON object of numbers (n_vocab, n_ctx, n_embd, n_head, "
-                        "n_layer)") from None
 
 
 def load_openai_gpt2(folder: str | Path, dtype: torch.dtype | None = None):
