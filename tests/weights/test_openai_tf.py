@@ -4,15 +4,10 @@ reader must give that model's logits."""
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,67 +18,23 @@ from llmscratch.weights.openai_tf import read_index
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency for parity")
 
-# The interpreter that runs TensorFlow: this one (make test installs the `tf` extra), or another virtualenv's
-# python named by LLMSCRATCH_TF_PYTHON, since TensorFlow only ever runs in a child process.
-TF_PYTHON = os.environ.get("LLMSCRATCH_TF_PYTHON") or sys.executable
-WRITER = Path(__file__).with_name("make_openai_checkpoint.py")
 CONFIGS = [  # OpenAI's GPT-2 always ties the LM head to the token embedding
     dict(n_layer=2, n_head=4, n_embd=32, n_positions=24),  # vocab: the `prepared` tokenizer's, for the CLI test
     dict(n_layer=3, n_head=2, n_embd=48, n_positions=16, vocab_size=77),
 ]
 
 
-@functools.cache
-def _tensorflow_version() -> str | None:
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('tensorflow') is None)"
-    try:
-        if subprocess.run([TF_PYTHON, "-c", probe], capture_output=True, timeout=60).returncode != 0:
-            return None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return "available"
-
-
-def openai_arrays(model) -> dict[str, np.ndarray]:
-    """A transformers GPT-2's weights under OpenAI's variable names and shapes (their `model.py`: conv1d
-    weights are [1, nx, nf], LayerNorm scale/shift are g/b), written out here independently of our table."""
-    sd = {k.removeprefix("transformer."): v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    arrays = {"model/wte": sd["wte.weight"], "model/wpe": sd["wpe.weight"],
-              "model/ln_f/g": sd["ln_f.weight"], "model/ln_f/b": sd["ln_f.bias"]}
-    for i in range(model.config.n_layer):
-        for ln in ("ln_1", "ln_2"):
-            arrays[f"model/h{i}/{ln}/g"] = sd[f"h.{i}.{ln}.weight"]
-            arrays[f"model/h{i}/{ln}/b"] = sd[f"h.{i}.{ln}.bias"]
-        for conv in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj"):
-            hf = conv.replace("/", ".")
-            arrays[f"model/h{i}/{conv}/w"] = sd[f"h.{i}.{hf}.weight"][None]  # (1, in, out)
-            arrays[f"model/h{i}/{conv}/b"] = sd[f"h.{i}.{hf}.bias"]
-    return arrays
-
-
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, prepared, hf_gpt2):
+def checkpoints(tmp_path_factory, prepared, hf_gpt2, openai_writer):
     """[(transformers model, folder of OpenAI-format files written by TensorFlow)] for each of CONFIGS."""
-    if _tensorflow_version() is None:
-        pytest.skip(f"TensorFlow is not importable by {TF_PYTHON}: install the `tf` extra "
-                    "(pip install -e '.[tf]') or set LLMSCRATCH_TF_PYTHON to a python that has it")
     from llmscratch.tokenizer import load_tokenizer
 
     vocab = load_tokenizer(prepared).vocab_size
-    made, args = [], []
+    made = []
     for n, kw in enumerate(CONFIGS):
-        kw = {"vocab_size": vocab, **kw}
         root = tmp_path_factory.mktemp(f"openai{n}")
-        model = hf_gpt2(root, seed=n, **kw)
-        np.savez(root / "arrays.npz", **openai_arrays(model))
-        folder = root / "openai"
-        folder.mkdir()
-        (folder / "hparams.json").write_text(json.dumps({"n_vocab": kw["vocab_size"], "n_ctx": kw["n_positions"],
-                                                         "n_embd": kw["n_embd"], "n_head": kw["n_head"],
-                                                         "n_layer": kw["n_layer"]}))
-        made.append((model, folder))
-        args += [str(root / "arrays.npz"), str(folder)]
-    subprocess.run([TF_PYTHON, str(WRITER), *args], check=True, capture_output=True, timeout=600)
+        made.append((hf_gpt2(root, seed=n, **{"vocab_size": vocab, **kw}), root / "openai"))
+    openai_writer(made)
     return made
 
 
