@@ -117,13 +117,13 @@ def to_hf(checkpoint: str | Path, out: str | Path) -> str:
     out = check_new_folder(out)
     folder = find_model_folder(checkpoint)
     model = load_model(folder)
-    tok, note = None, "no tokenizer in the checkpoint; none written"
+    tok, note = None, "weights only (the checkpoint has no tokenizer)"
     if (folder / TOKENIZER_FILE).is_file():
         tok = load_tokenizer(folder)
         try:
             gpt2_vocab_and_merges(tok)  # checked before anything is written
-            note = "with its tokenizer (vocab.json + merges.txt)"
+            note = "weights and tokenizer (vocab.json + merges.txt)"
         except UserError as exc:
-            tok, note = None, f"weights only: {exc}"
+            tok, note = None, f"weights only — {exc}"
     write_folder(out, lambda tmp: export_hf_gpt2(model, tmp, tokenizer=tok))
     return note
