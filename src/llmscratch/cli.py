@@ -114,18 +114,6 @@ def build_parser():
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16: dtype of the saved weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = verb("download", "Download OpenAI's GPT-2 (from the Hugging Face hub, or OpenAI's own release) into the "
-             "cache (resumable, size/sha256-checked) and convert it into a checkpoint folder. Environment: "
-             "HF_ENDPOINT (a hub mirror), HF_TOKEN (sent as a bearer token), HF_HUB_OFFLINE=1 (cache only).")
-    p.add_argument("model", help="gpt2-124m | gpt2-355m | gpt2-774m | gpt2-1558m")
-    p.add_argument("--out", required=True, help="checkpoint folder to create (must be new or empty)")
-    p.add_argument("--source", default="hf",
-                   help="hf: the hub's model.safetensors (default) | openai: OpenAI's TensorFlow checkpoint")
-    p.add_argument("--endpoint", default=None,
-                   help="server to download from instead (a mirror; default: $HF_ENDPOINT, else the official one)")
-    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16: dtype of the saved weights")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
     conv = P(prog="llmscratch convert", description="Convert weights between formats.")
     verbs.add_subcommand("convert", conv, help="convert GPT-2 weights (Hugging Face, OpenAI) to our checkpoints "
                          "and back")
@@ -341,14 +329,6 @@ def cmd_convert_to_hf(a) -> None:
 
     note = to_hf(a.checkpoint, a.out)
     print(f"wrote {a.out}: {note}; transformers.GPT2LMHeadModel.from_pretrained loads it")
-
-
-def cmd_download(a) -> None:
-    from llmscratch.weights.hub import download_pretrained
-
-    model = download_pretrained(a.model, a.out, a.source, a.endpoint, a.dtype, progress=not a.no_progress)
-    print(f"downloaded {a.model} ({model.num_params() / 1e6:.1f}M parameters) to {a.out}; try "
-          f"`llmscratch generate {a.out} --prompt \"Hello, I'm a language model,\"`")
 
 
 def cmd_download(a) -> None:
