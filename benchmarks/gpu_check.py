@@ -3,7 +3,8 @@
     PYTHONPATH=src python benchmarks/gpu_check.py
 
 Checks: fp32 loss on CUDA == CPU on the same batch; bf16-autocast loss within bf16 tolerance of fp32;
-KV-cached greedy decoding == uncached on CUDA (fp32); a short trainer run on CUDA (bf16 autocast, fused
+KV-cached greedy decoding == uncached on CUDA (fp32), and the compiled static-cache decoding (CUDA graphs) ==
+both; a short trainer run on CUDA (bf16 autocast, fused
 AdamW) lowers the loss and writes a checkpoint that reloads with equal logits.
 """
 
@@ -87,6 +88,12 @@ def main() -> int:
     uncached = torch.stack(list(generate_ids(model, prompt, 140, use_cache=False)), 1)
     check("KV cache == no cache (greedy, crosses context)", torch.equal(cached, uncached),
           f"{(cached != uncached).sum().item()} differing tokens of {cached.numel()}")
+    t0 = time.perf_counter()
+    compiled = torch.stack(list(generate_ids(model, prompt, 140, compile=True)), 1)
+    again = torch.stack(list(generate_ids(model, prompt, 140, compile=True)), 1)
+    check("compiled decoding (static cache, CUDA graphs) == eager", torch.equal(compiled, cached)
+          and torch.equal(again, cached), f"{(compiled != cached).sum().item()} + {(again != cached).sum().item()} "
+          f"differing tokens of {cached.numel()}; {time.perf_counter() - t0:.0f}s incl. compilation")
 
     with tempfile.TemporaryDirectory() as out:
         torch.manual_seed(0)

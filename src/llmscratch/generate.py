@@ -84,15 +84,16 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
         model.setup_kv_cache(seq.size(0), ctx if compile else min(ctx, seq.size(1) + max_new_tokens))
     step = compiled_decode_step(model) if compile else None
     pos_t = torch.zeros((), dtype=torch.long, device=device)  # the step's position, kept on the device
+    nxt = seq[:, -1]
     try:
         pos = 0  # number of tokens of `seq` already in the cache
         for _ in range(max_new_tokens):
             if not use_cache:
                 last = model(seq[:, -ctx:])[:, -1]
             elif seq.size(1) <= ctx and pos > 0:
-                if step is not None:  # exactly one new token: the compiled static-shape step
+                if step is not None:  # exactly one new token, the one just sampled: the compiled step
                     pos_t.fill_(pos)  # a device-side write, no host sync
-                    last = step(seq[:, pos:].contiguous(), pos_t)
+                    last = step(nxt[:, None], pos_t)  # a fresh (B, 1) tensor: same strides every call
                 else:
                     last = model(seq[:, pos:], input_pos=pos)[:, -1]
             else:
