@@ -137,6 +137,9 @@ def test_cli_convert_reads_hf_gpt2_tokenizer_files(hf_gpt2, tmp_path, capsys, sh
 
     tok = load_tokenizer(tmp_path / "ours")
     assert tok.encode("Hello, world! Is this-- a test?") == [15496, 11, 995, 0, 1148, 428, 438, 257, 1332, 30]
+    code, out, err = _cli(["generate", tmp_path / "ours", "--prompt", "Hello, world!", "--max-new-tokens", 4,
+                           "--temperature", 0, "--dtype", "fp32"], capsys)  # GPT-2's BPE through the CLI
+    assert code == 0 and out.startswith("Hello, world!"), err
 
 
 def test_pytorch_model_bin_is_read_with_weights_only(hf_gpt2, tmp_path):
