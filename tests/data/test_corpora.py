@@ -491,3 +491,16 @@ def test_bad_sources(tmp_path, make, expected):
     with pytest.raises(UserError, match=expected) as info:
         load_corpus(src)
     assert "\n" not in str(info.value)
+
+
+def test_download_refuses_a_part_file_another_process_is_writing(range_server, tmp_path):
+    fcntl = pytest.importorskip("fcntl", reason="advisory file locks are POSIX-only")
+    range_server.files["/f.bin"] = b"data"
+    part = tmp_path / "f.bin.part"
+    with open(part, "ab") as other:  # a second open file description, as another process would hold
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(UserError, match="another process is downloading"):
+            download(f"{range_server.base}/f.bin", tmp_path / "f.bin", None, progress=False)
+    assert range_server.requests == [] and part.exists()
+    download(f"{range_server.base}/f.bin", tmp_path / "f.bin", None, progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == b"data"
