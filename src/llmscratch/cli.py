@@ -83,7 +83,11 @@ def build_parser():
 
     p = verb("generate", "Generate text from a checkpoint folder.")
     p.add_argument("checkpoint", help="checkpoint folder (or a training run folder)")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", required=True,
+                   help="text to continue; for an instruction-tuned checkpoint, the request (wrapped in its prompt "
+                        "style, and only the answer is printed)")
+    p.add_argument("--raw", action="store_true",
+                   help="never wrap --prompt in the checkpoint's saved prompt style: continue the text as is")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
@@ -144,6 +148,11 @@ def build_parser():
     verbs.add_subcommand("finetune", ft, help="fine-tune a checkpoint (classification, instructions)")
     ft_verbs = ft.add_subcommands(dest="action", required=True)
 
+    p = verb("instruct", "Instruction-tune a checkpoint (the book's chapter 7): answers learned after a prompt "
+             "style, prompt tokens masked; then writes the test split's answers to --out/test_responses.json.",
+             ft_verbs, prog="llmscratch finetune instruct")
+    _instruct_arguments(p)
+
     p = verb("classify", "Fine-tune a checkpoint into a text classifier (the book's chapter 6): a class head read "
              "at each text's last real token. Writes the classifier, labels.json, metrics.json (accuracy and loss "
              "per split, confusion matrix), loss.png, accuracy.png and confusion.png to --out.", ft_verbs,
@@ -154,6 +163,54 @@ def build_parser():
     p.add_argument("checkpoint", help="classifier folder written by `llmscratch finetune classify`")
     p.add_argument("texts", nargs="+", help="one or more texts to classify (quote each)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+    data = P(prog="llmscratch data", description="Make data sets.")
+    verbs.add_subcommand("data", data, help="make data sets (synthetic instruction tasks)")
+    data_verbs = data.add_subcommands(dest="action", required=True)
+    p = verb("synth-instruct", "Write a procedural instruction data set with verifiable answers (families: "
+             "arithmetic, unit_conversion, word_reversal, spelling, sorting, capitalization, counting) as "
+             "--out/train.jsonl and --out/test.jsonl; test items use held-out words and operands.", data_verbs,
+             prog="llmscratch data synth-instruct")
+    p.add_argument("--out", required=True, help="folder for train.jsonl and test.jsonl (or .json with --format json)")
+    p.add_argument("--n-train", type=int, default=2000, help="training records per family")
+    p.add_argument("--n-test", type=int, default=100, help="test records per family (all distinct)")
+    p.add_argument("--families", default=None, help="comma-separated subset of the families (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw and of the held-out word list")
+    p.add_argument("--format", default="jsonl", help="jsonl | json (Alpaca JSON list)")
+
+    ev = P(prog="llmscratch eval", description="Evaluate fine-tuned models.")
+    verbs.add_subcommand("eval", ev, help="evaluate answers: exact-match tasks, LLM-as-judge")
+    ev_verbs = ev.add_subcommands(dest="action", required=True)
+    p = verb("tasks", "Exact-match accuracy per task family on records with known answers (e.g. from `data "
+             "synth-instruct`), answering greedily in the checkpoint's prompt style.", ev_verbs,
+             prog="llmscratch eval tasks")
+    p.add_argument("checkpoint", help="checkpoint folder (instruction-tuned, or a base model with --prompt-style)")
+    p.add_argument("data", help="Alpaca JSON/JSONL records with `output` (and `family`) fields")
+    p.add_argument("--prompt-style", default=None,
+                   help="alpaca | phi3 (default: the style saved with the checkpoint, else alpaca)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer generated")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts of equal token length decoded together")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N records")
+    p.add_argument("--json", default=None, help="also write per-family scores and every answer to this JSON file")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="fp32",
+                   help="fp32 (default: scores that do not depend on the CPU's bf16 support) | bf16 | auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = verb("judge", "Score each answer 0-100 with a judge model behind an OpenAI-compatible chat endpoint "
+             "(Ollama, vLLM, llama.cpp, OpenAI); prints the mean and writes per-record scores to "
+             "RESPONSES.scores.json.", ev_verbs, prog="llmscratch eval judge")
+    p.add_argument("responses", help="JSON list of records with instruction, input, output and the answer "
+                   "(e.g. test_responses.json from `finetune instruct`)")
+    p.add_argument("--url", default="http://localhost:11434",
+                   help="server base URL (…/v1/chat/completions is appended unless given); Ollama's by default")
+    p.add_argument("--model", required=True, help="judge model name as the server knows it, e.g. llama3")
+    p.add_argument("--response-key", default="model_response", help="record key holding the answer to score")
+    p.add_argument("--out", default=None, help="scores file (default: RESPONSES.scores.json beside the input)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
+    p.add_argument("--retries", type=int, default=3, help="extra tries after a failed request (backoff 1, 2, 4 s...)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding a bearer token, sent when set (Ollama needs none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = verb("quickstart", "Offline end to end on the embedded pydocs corpus: tokenizer, data, a small GPT "
              "pretrained for a few minutes, samples before/after, loss vs the unigram baseline.")
@@ -201,6 +258,38 @@ def _classify_arguments(p) -> None:
     p.set_defaults({f"train.{k}": v for k, v in defaults.items() if k not in skip})
 
 
+def _instruct_arguments(p) -> None:
+    from llmscratch.prompts import STYLES
+    from llmscratch.train.trainer import TrainConfig
+
+    p.add_argument("checkpoint", help="pretrained (or already tuned) checkpoint folder, e.g. runs/quickstart")
+    p.add_argument("--data", required=True,
+                   help="Alpaca JSON list / JSONL (instruction, input, output), OpenAI messages JSONL (one record "
+                        "per assistant turn, earlier turns as context), or book-instructions (the book's "
+                        "1,100 records, downloaded once)")
+    p.add_argument("--out", required=True, help="folder for the tuned model, prompt_style.json, metrics, "
+                   "checkpoints/ and test_responses.json")
+    p.add_argument("--prompt-style", default="alpaca", help=f"{' | '.join(STYLES)}; saved with the model")
+    p.add_argument("--epochs", type=float, default=2.0,
+                   help="passes over the training split; sets --train.max_steps (0: use --train.max_steps)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per example after padding (default: the model's context length); longer "
+                        "examples lose the end of their answer, and the count is logged")
+    p.add_argument("--train-on-prompt", action="store_true",
+                   help="learn the prompt tokens too (default: only answer tokens count in the loss)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of records held out for validation")
+    p.add_argument("--test-fraction", type=float, default=0.10,
+                   help="share of records held out and answered after training (0: none)")
+    p.add_argument("--split-seed", type=int, default=123, help="seed of the train/val/test shuffle")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest test-set answer generated")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_class_arguments(TrainConfig, "train", skip={"progress"})
+    # Fine-tuning moves a pretrained model a little: a lower peak LR, short warmup, frequent evaluations.
+    p.set_defaults({"train.lr": 1e-4, "train.warmup_steps": 10, "train.batch_size": 8, "train.eval_every": 50,
+                    "train.eval_batches": 5, "train.save_every": 200, "train.keep_last": 1})
+
+
 def _version() -> str:
     from llmscratch import __version__
 
@@ -245,26 +334,46 @@ def cmd_pretrain(a) -> None:
 
 
 def cmd_generate(a) -> None:
-    from llmscratch.checkpoint import load
+    from llmscratch.checkpoint import find_model_folder, load
     from llmscratch.generate import stream
     from llmscratch.model.packed import pack_for_cpu_inference
+    from llmscratch.prompts import load_style
     from llmscratch.runtime import inference_dtype, resolve_device
 
     device = resolve_device(a.device)
     model, tok = load(a.checkpoint, device=device, dtype=inference_dtype(a.dtype, device))
     if not a.no_pack:
         pack_for_cpu_inference(model)  # CPU only; a no-op elsewhere
-    pieces = stream(model, tok, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                    top_k=a.top_k or None, top_p=a.top_p, seed=a.seed, stop=a.stop or (),
+    # An instruction-tuned checkpoint: wrap the request in its prompt style, stop at its end of turn, and
+    # print only the answer.
+    style = None if a.raw else load_style(find_model_folder(a.checkpoint))
+    prompt, shown, stop = a.prompt, a.prompt, list(a.stop or ())
+    if style is not None:
+        prompt, shown, stop = style.wrap(a.prompt), "", stop + list(style.stop)
+    pieces = stream(model, tok, prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                    top_k=a.top_k or None, top_p=a.top_p, seed=a.seed, stop=stop,
                     use_cache=not a.no_kv_cache)
+    if style is not None:
+        pieces = _strip_leading_space(pieces)
     if a.stream:
-        sys.stdout.write(a.prompt)
+        sys.stdout.write(shown)
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        print(a.prompt + "".join(pieces))
+        print(shown + "".join(pieces))
+
+
+def _strip_leading_space(pieces):
+    """The pieces of an answer without the whitespace a model may put before its first word."""
+    started = False
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        if piece:
+            yield piece
 
 
 def cmd_info(a) -> None:
@@ -360,6 +469,65 @@ def cmd_classify(a) -> None:
         print(f"{label}\t{prob:.3f}\t{text}")
 
 
+def cmd_finetune_instruct(a) -> None:
+    from llmscratch.finetune.instruct import run_instruct
+    from llmscratch.train.trainer import TrainConfig
+
+    cfg = TrainConfig(**{k: v for k, v in vars(a.train).items() if not k.startswith("__")},
+                      progress=not a.no_progress)
+    r = run_instruct(a.checkpoint, a.data, a.out, prompt_style=a.prompt_style, train_cfg=cfg,
+                     epochs=a.epochs or None, max_length=a.max_length, train_on_prompt=a.train_on_prompt,
+                     val_fraction=a.val_fraction, test_fraction=a.test_fraction, split_seed=a.split_seed,
+                     max_new_tokens=a.max_new_tokens, resume=a.resume, progress=not a.no_progress)
+    val = f", val loss {r.train.val_loss:.3f}" if r.train.val_loss is not None else ""
+    note = {"time": " (time budget reached)", "interrupt": " (interrupted; resume with --resume)"}.get(
+        r.train.stopped_early, "")
+    print(f"stopped at step {r.train.step}{note}{val}. Model in {a.out} (prompt style {a.prompt_style}); try:\n"
+          f'  llmscratch generate {a.out} --prompt "Name three fruits." --temperature 0')
+
+
+def cmd_data_synth_instruct(a) -> None:
+    from collections import Counter
+
+    from llmscratch.data.synth import synth_instructions, write_records
+    from llmscratch.train.pretrain import check_out_dir
+
+    if a.format not in ("jsonl", "json"):
+        raise UserError(f"--format {a.format}: use jsonl or json")
+    families = [f.strip() for f in a.families.split(",") if f.strip()] if a.families else None
+    train, test = synth_instructions(a.n_train, a.n_test, families, a.seed)
+    out = Path(a.out)
+    check_out_dir(out)
+    for name, records in (("train", train), ("test", test)):
+        write_records(records, out / f"{name}.{a.format}")
+    counts = Counter(r["family"] for r in test)
+    print(f"wrote {len(train):,} train and {len(test):,} test records ({len(counts)} families: "
+          f"{', '.join(counts)}) to {out}/train.{a.format} and {out}/test.{a.format}")
+
+
+def cmd_eval_tasks(a) -> None:
+    from llmscratch.eval.tasks import run_tasks
+
+    run_tasks(a.checkpoint, a.data, prompt_style=a.prompt_style, max_new_tokens=a.max_new_tokens,
+              batch_size=a.batch_size, limit=a.limit, json_out=a.json, device=a.device, dtype=a.dtype,
+              progress=not a.no_progress)
+
+
+def cmd_eval_judge(a) -> None:
+    import os
+
+    from llmscratch.eval.judge import ChatClient, judge_file
+
+    if a.retries < 0 or a.timeout <= 0:
+        raise UserError("--retries must be >= 0 and --timeout positive")
+    client = ChatClient(a.url, a.model, timeout=a.timeout, retries=a.retries,
+                        api_key=os.environ.get(a.api_key_env) or None)
+    r = judge_file(a.responses, client, response_key=a.response_key, out=a.out, progress=not a.no_progress)
+    mean = f"{r.mean:.2f}" if r.mean is not None else "n/a"
+    unscored = f" ({r.unscored} replies without a usable score)" if r.unscored else ""
+    print(f"mean score {mean} over {r.scored} responses{unscored}; per-record scores in {r.out}")
+
+
 def cmd_quickstart(a) -> None:
     from llmscratch.train.pretrain import quickstart
 
@@ -383,7 +551,15 @@ COMMANDS = {
     },
     "classify": cmd_classify,
     "finetune": {
+        "instruct": cmd_finetune_instruct,
         "classify": cmd_finetune_classify,
+    },
+    "data": {
+        "synth-instruct": cmd_data_synth_instruct,
+    },
+    "eval": {
+        "tasks": cmd_eval_tasks,
+        "judge": cmd_eval_judge,
     },
 }
 

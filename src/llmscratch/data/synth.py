@@ -1,0 +1,186 @@
+"""Procedural instruction data with verifiable answers: a judge-free test of instruction tuning.
+
+Each family poses one kind of task whose answer is computed, so `llmscratch eval tasks` can score exact
+match. Answers are short and built from pieces a small BPE knows (digits, common lowercase words, single
+letters), so a few-million-parameter model can learn the *procedure* in minutes.
+
+The test split is held out for real, not just re-drawn:
+  * word families (reversal, spelling, capitalization, counting) draw test items only from a held-out quarter
+    of the word list: the model never saw those words in any training example;
+  * number families (arithmetic, unit conversion, sorting) hold out operands: no test sum (nor its swapped
+    twin), no test conversion of that number between those units, no test set of numbers appears in training.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmscratch.errors import UserError
+
+# Common lowercase English words (3-7 letters), hand-picked so a BPE trained on English prose splits each into
+# a few known pieces.
+WORDS = """
+able acid actor add age air alarm album alert alive alley amber angle angry ankle apple april arena arm army
+arrow art aside atom attic aunt autumn award baby back bacon badge bag baker ball band bank barn base basic
+basket bath beach bean bear beard bed bee beef bell belt bench berry bike bird black blade blank blue board
+boat body bone bonus book boot border bottle bowl box brain brave bread brick bridge brief bright broad brown
+brush bucket build bulb bus butter button cabin cable cake calm camel camera camp candle candy canvas cap
+car card cargo carpet carrot cart case castle cat cave cell chain chair chalk charm cheap check cheese cherry
+chest chief child chip circle city claim class clay clean clerk cliff clock cloud coach coast coat coffee coin
+cold color comet cook copper coral corn cotton couch count cousin cover cow crab craft crane cream crew
+crowd crown cup curve cycle daily dance dark date dawn deer delta desk diary dish doctor dog doll door dough
+dragon drama dream dress drink drum duck dust eagle early earth east echo edge egg elbow empty engine entry
+equal error event exit fabric face fact farm fast father feast fence ferry field film final finger fire fish
+flag flame flash flat flock floor flour flower fluid flute focus fog folder food foot forest fork fox frame
+fresh frog front frost fruit fuel game garden gate gem ghost giant gift glass globe glove goat gold golf
+grain grape grass green guard guest guide guitar habit hair hammer hand happy harbor hat hawk heart heavy
+hedge hill honey hook horse host hotel house human ice idea image index ink iron island ivory jacket jam
+jar jeans jelly jewel joke judge juice jump kettle key kid king kite kitten knee knife label lace ladder
+lake lamp laser lawn layer leaf lemon lesson letter level lever light lily limit lion liquid list lizard
+loaf lock logic lunch magic magnet mail main map maple marble market mask meadow meal medal melon menu
+metal milk mint mirror model money monkey month moon motor mouse mouth movie mud music nail name napkin
+needle nest net night noble noise north nose note novel nurse oak ocean olive onion orange orbit oven owl
+pack page paint palace palm pan panel paper parade park party pasta path peach peak pear pen pencil pepper
+piano picnic piece pig pillow pilot pine pipe pizza plain planet plant plate plum pocket poem pond pool
+port potato powder prince prize pump puppy queen quiet rabbit radio rain ranch raven razor record red
+reef ribbon rice ring river road robot rock rocket roof room root rope rose round ruby rug ruler sail salad
+salt sand scarf school scout sea seed shadow shape sheep shelf shell ship shirt shoe shore silk silver
+sister sky sleep slope smile smoke snake snow soap sock sofa soil song soup space spark spice spider
+spoon spring square stage stair star steam steel stone storm story stove straw stream street sugar suit
+summer sun swan sweet table tail tea teacher tent theory ticket tiger timber toast token tomato tool tooth
+torch tower town toy track train tray tree truck trumpet tulip tunnel turkey turtle uncle union valley
+van vase velvet village violin voice wagon wall walnut water wave wheat wheel whale window wing winter wire
+wolf wood wool world yard yellow yogurt zebra zone
+""".split()
+
+WORD_TEST_FRACTION = 0.25
+
+# (from, to, factor): converting `from` → `to` multiplies by factor; the reverse divides.
+UNITS = [("kilometers", "meters", 1000), ("meters", "centimeters", 100), ("centimeters", "millimeters", 10),
+         ("kilograms", "grams", 1000), ("liters", "milliliters", 1000)]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A task kind: `make(rng, pool)` draws (key, record); `key` identifies the instance for held-out checks."""
+
+    name: str
+    make: Callable[[random.Random, str], tuple[tuple, dict]]
+
+
+def _record(instruction: str, input_text: str, output: str) -> dict:
+    return {"instruction": instruction, "input": input_text, "output": output}
+
+
+class _Pools:
+    """Which operands a split may use: words split once (train/test word lists), numbers shared."""
+
+    def __init__(self, seed: int):
+        words = sorted(set(WORDS))
+        random.Random(seed).shuffle(words)
+        n_test = round(len(words) * WORD_TEST_FRACTION)
+        self.words = {"test": sorted(words[:n_test]), "train": sorted(words[n_test:])}
+
+
+def _families(pools: _Pools) -> dict[str, Family]:
+    def words(rng, pool, k):
+        return rng.sample(pools.words[pool], k)
+
+    def arithmetic(rng, pool):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        if rng.random() < 0.5:
+            # A test sum is held out together with its swapped twin: a + b and b + a are one fact.
+            return ("+", min(a, b), max(a, b)), _record(f"What is {a} + {b}?", "", str(a + b))
+        a, b = max(a, b), min(a, b)
+        return ("-", a, b), _record(f"What is {a} - {b}?", "", str(a - b))
+
+    def unit_conversion(rng, pool):
+        big, small, factor = rng.choice(UNITS)
+        n = rng.randint(1, 99)
+        if rng.random() < 0.5:
+            return (big, small, n), _record(f"Convert {n} {big} to {small}.", "", str(n * factor))
+        return (small, big, n), _record(f"Convert {n * factor} {small} to {big}.", "", str(n))
+
+    def word_reversal(rng, pool):
+        w = words(rng, pool, rng.randint(3, 5))
+        return tuple(w), _record("Reverse the order of the words.", " ".join(w), " ".join(reversed(w)))
+
+    def spelling(rng, pool):
+        (w,) = words(rng, pool, 1)
+        return (w,), _record("Spell the word with a space between the letters.", w, " ".join(w))
+
+    def sorting(rng, pool):
+        nums = rng.sample(range(100), rng.randint(3, 5))
+        return tuple(sorted(nums)), _record("Sort the numbers from smallest to largest.",
+                                            ", ".join(map(str, nums)), ", ".join(map(str, sorted(nums))))
+
+    def capitalization(rng, pool):
+        w = words(rng, pool, rng.randint(2, 4))
+        return tuple(w), _record("Capitalize the first letter of each word.", " ".join(w),
+                                 " ".join(x[0].upper() + x[1:] for x in w))
+
+    def counting(rng, pool):
+        w = words(rng, pool, rng.randint(2, 7))
+        return tuple(w), _record("How many words are in the list?", " ".join(w), str(len(w)))
+
+    fams = [arithmetic, unit_conversion, word_reversal, spelling, sorting, capitalization, counting]
+    return {f.__name__: Family(f.__name__, f) for f in fams}
+
+
+FAMILIES: tuple[str, ...] = ("arithmetic", "unit_conversion", "word_reversal", "spelling", "sorting",
+                             "capitalization", "counting")
+
+
+def synth_instructions(n_train: int = 2000, n_test: int = 100, families: list[str] | None = None,
+                       seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, test) records, each with a `family` field. Test items are distinct; no test instance (see the
+    module docstring for what counts as one) occurs in training. Train items may repeat (small families)."""
+    names = list(families or FAMILIES)
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        raise UserError(f"unknown task famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                        f"choose from {', '.join(FAMILIES)}")
+    if n_train < 1 or n_test < 1:
+        raise UserError(f"--n-train and --n-test must be positive, got {n_train} and {n_test}")
+    pools = _Pools(seed)
+    fams = _families(pools)
+    train, test = [], []
+    for f_index, name in enumerate(names):
+        make = fams[name].make
+        rng = random.Random(seed * 1_000_003 + f_index)
+        test_keys: set = set()
+        tries = 0
+        while len(test_keys) < n_test:
+            key, record = make(rng, "test")
+            tries += 1
+            if tries > 200 * n_test:
+                raise UserError(f"family {name}: cannot draw {n_test} distinct test items; lower --n-test")
+            if key not in test_keys:
+                test_keys.add(key)
+                test.append({**record, "family": name})
+        count = 0
+        while count < n_train:
+            key, record = make(rng, "train")
+            if key in test_keys:
+                continue
+            train.append({**record, "family": name})
+            count += 1
+    random.Random(seed).shuffle(train)
+    return train, test
+
+
+def write_records(records: list[dict], path: str | Path) -> None:
+    """Records as JSONL (`.jsonl`) or a JSON list (`.json`), atomically."""
+    import json
+
+    from llmscratch.fileio import atomic_write_text
+
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    else:
+        text = json.dumps(records, indent=1, ensure_ascii=False) + "\n"
+    atomic_write_text(path, text)
