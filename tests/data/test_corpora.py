@@ -504,3 +504,14 @@ def test_download_refuses_a_part_file_another_process_is_writing(range_server, t
     assert range_server.requests == [] and part.exists()
     download(f"{range_server.base}/f.bin", tmp_path / "f.bin", None, progress=False)
     assert (tmp_path / "f.bin").read_bytes() == b"data"
+
+
+def test_download_full_length_part_of_other_bytes_fails_the_stated_hash_and_is_fetched_again(range_server,
+                                                                                               tmp_path):
+    data = b"the right bytes!" * 100
+    range_server.files["/cdn/blob"] = data
+    range_server.redirects["/resolve/f"] = (f"{range_server.base}/cdn/blob", {"X-Linked-Etag": _sha(data)})
+    (tmp_path / "f.part").write_bytes(b"x" * len(data))  # whole length, wrong content: the server answers 416
+    download(f"{range_server.base}/resolve/f", tmp_path / "f", None, server_hash=True, progress=False)
+    assert (tmp_path / "f").read_bytes() == data
+    assert [h.get("Range") for p, h in range_server.requests if p == "/cdn/blob"] == [f"bytes={len(data)}-", None]

@@ -257,14 +257,14 @@ class _RecordingRedirects(urllib.request.HTTPRedirectHandler):
         return new
 
 
-def _open(url: str, headers: dict[str, str], token: str | None, timeout: float, connect_timeout: float):
-    """(response, [headers of each redirect on the way]) for a GET of `url`."""
-    redirects = _RecordingRedirects()
+def _open(url: str, headers: dict[str, str], token: str | None, timeout: float, connect_timeout: float,
+          redirects: _RecordingRedirects):
+    """The response to a GET of `url`; `redirects.headers` collects the headers of each redirect on the way."""
     opener = urllib.request.build_opener(_HTTPHandler(connect_timeout), _HTTPSHandler(connect_timeout), redirects)
     request = urllib.request.Request(url, headers={"User-Agent": "llmscratch", **headers})
     if token:
         request.add_unredirected_header("Authorization", f"Bearer {token}")
-    return opener.open(request, timeout=timeout), redirects.headers
+    return opener.open(request, timeout=timeout)
 
 
 def _stated_sha256(chain: list) -> str | None:
@@ -310,9 +310,10 @@ def _fetch(part, url: str, name: str, token: str | None, timeout: float, connect
     """Bring the open `.part` file up to the full content of `url`, continuing from its current length with an
     HTTP Range request; a server that ignores Range (200 instead of 206) makes it start over."""
     have = part.seek(0, os.SEEK_END)
-    chain: list = []
+    redirects = _RecordingRedirects()
     try:
-        response, chain = _open(url, {"Range": f"bytes={have}-"} if have else {}, token, timeout, connect_timeout)
+        response = _open(url, {"Range": f"bytes={have}-"} if have else {}, token, timeout, connect_timeout,
+                         redirects)
     except urllib.error.HTTPError as exc:
         if exc.code != 416 or not have:
             raise
@@ -324,7 +325,8 @@ def _fetch(part, url: str, name: str, token: str | None, timeout: float, connect
             part.seek(0)
             part.truncate()
             return _fetch(part, url, name, token, timeout, connect_timeout, progress)
-        return _Fetched(_sha256_of_file(part, have), have, None, total, True)
+        chain = [*redirects.headers, exc.headers]
+        return _Fetched(_sha256_of_file(part, have), have, _stated_sha256(chain), _stated_size(chain) or total, True)
     with response:
         status = getattr(response, "status", None)  # None for file:// URLs
         start, total = _content_range(response.headers.get("Content-Range"))
@@ -354,7 +356,7 @@ def _fetch(part, url: str, name: str, token: str | None, timeout: float, connect
         size = part.tell()
     if total is not None and size < total:  # urllib returns a short body without raising: keep it, resume later
         raise ConnectionError(f"connection closed after {size:,} of {total:,} bytes")
-    chain = [*chain, response.headers]
+    chain = [*redirects.headers, response.headers]
     return _Fetched(digest.hexdigest(), size, _stated_sha256(chain), _stated_size(chain) or total, have > 0)
 
 
