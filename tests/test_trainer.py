@@ -234,3 +234,35 @@ def test_interrupt_flag_saves_and_stops(prepared, tmp_path):
     result = train(model, batches, cfg, tmp_path / "run", on_step=ctrl_c)
     assert result.stopped_early == "interrupt" and result.step == 5
     assert (tmp_path / "run" / "checkpoints" / "step-0000005" / "train_state.pt").is_file()
+
+
+def test_largest_fitting_batch_doubles_until_out_of_memory():
+    from llmscratch.train.trainer import largest_fitting_batch
+
+    tried = []
+
+    def fits_up_to_24(b):
+        tried.append(b)
+        if b > 24:
+            raise torch.cuda.OutOfMemoryError("fake: out of memory")
+
+    assert largest_fitting_batch(fits_up_to_24) == 16
+    assert tried == [1, 2, 4, 8, 16, 32]
+    assert largest_fitting_batch(lambda b: None, limit=8) == 8
+
+
+def test_largest_fitting_batch_when_nothing_fits_is_a_user_error():
+    from llmscratch.train.trainer import largest_fitting_batch
+
+    def never(b):
+        raise torch.cuda.OutOfMemoryError("fake")
+
+    with pytest.raises(UserError, match="not even one sequence"):
+        largest_fitting_batch(never)
+
+
+def test_auto_micro_batch_on_cpu_is_eight():
+    from llmscratch.train.trainer import find_micro_batch
+
+    m = GPT(ModelConfig.from_preset("gpt-micro"))
+    assert find_micro_batch(m, 64, TrainConfig(batch_size=0), torch.device("cpu")) == 8

@@ -219,3 +219,21 @@ def test_initial_loss_is_near_log_vocab(cfg):
     targets = torch.randint(0, cfg.vocab_size, (4, 32))
     loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
     assert loss.item() == pytest.approx(math.log(cfg.vocab_size), rel=0.05)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    cfg = ModelConfig(vocab_size=120, context_length=16, d_model=32, n_layers=3, n_heads=4, dropout=0.1)
+    torch.manual_seed(0)
+    a, b = GPT(cfg), GPT(cfg)
+    b.load_state_dict(a.state_dict())
+    b.activation_checkpointing = True
+    x, y = torch.randint(0, 120, (2, 16)), torch.randint(0, 120, (2, 16))
+    torch.manual_seed(1)
+    la = a(x, targets=y)
+    la.backward()
+    torch.manual_seed(1)
+    lb = b(x, targets=y)  # dropout masks are replayed identically in the recomputation
+    lb.backward()
+    torch.testing.assert_close(lb, la)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)

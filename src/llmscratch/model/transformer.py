@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from llmscratch.config import ModelConfig
@@ -49,6 +50,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.n_classes or cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # Training option: recompute each block's activations during backward instead of storing them.
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -77,8 +80,12 @@ class GPT(nn.Module):
                                  f"{self.config.context_length}")
             pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, input_pos)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, input_pos, use_reentrant=False)
+            else:
+                x = block(x, input_pos)
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, input_pos: int | torch.Tensor | None = None,

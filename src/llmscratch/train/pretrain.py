@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -13,7 +14,7 @@ import torch
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
 from llmscratch.runtime import autocast_dtype, resolve_device
-from llmscratch.train.trainer import TrainConfig, TrainResult, latest_checkpoint, train
+from llmscratch.train.trainer import TrainConfig, TrainResult, find_micro_batch, latest_checkpoint, train
 
 
 class LMBatches:
@@ -106,6 +107,8 @@ def run_pretrain(model: str = "gpt-mini", data: str = "pydocs", out: str | Path 
     out = Path(out)
     cfg = train_cfg or TrainConfig()
     ModelConfig.from_preset(model)  # unknown preset → error before anything is written
+    if cfg.batch_size < 0:
+        raise UserError(f"--train.batch_size {cfg.batch_size}: use a positive size, or 0 for the largest that fits")
     if resume:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
@@ -130,15 +133,20 @@ def run_pretrain(model: str = "gpt-mini", data: str = "pydocs", out: str | Path 
             if dropout is not None:
                 overrides["dropout"] = dropout
             model_cfg = ModelConfig.from_preset(model, **overrides)
-            LMBatches(data_dir, cfg.batch_size, model_cfg.context_length)  # corpus too small → error now
+            LMBatches(data_dir, max(cfg.batch_size, 1), model_cfg.context_length)  # too little text → error now
         except BaseException:
             if created:  # leave nothing half-written behind
                 shutil.rmtree(out, ignore_errors=True)
             raise
     device = resolve_device(cfg.device)
-    batches = LMBatches(data_dir, cfg.batch_size, model_cfg.context_length, cfg.seed, device)
     torch.manual_seed(cfg.seed)
     net = GPT(model_cfg)
+    if cfg.batch_size == 0:  # auto: the largest micro-batch that fits
+        cfg = dataclasses.replace(cfg, batch_size=find_micro_batch(net, model_cfg.context_length, cfg, device))
+        print(f"micro-batch size: {cfg.batch_size} sequences of {model_cfg.context_length} tokens")
+        torch.manual_seed(cfg.seed)
+        net = GPT(model_cfg)  # a fresh initialisation, untouched by the trial steps
+    batches = LMBatches(data_dir, cfg.batch_size, model_cfg.context_length, cfg.seed, device)
     hparams = {"model": model, "data": str(data), "data_dir": str(data_dir)}
     return train(net, batches, cfg, out, tokenizer=tok, resume=resume, hparams=hparams,
                  sample_fn=sample_fn(tok, sample_prompt, seed=cfg.seed))

@@ -44,7 +44,7 @@ class TrainConfig:
     max_minutes: float | None = None
     """stop (and save) once this much wall time has passed"""
     batch_size: int = 8
-    """sequences per micro-batch"""
+    """sequences per micro-batch; 0 = the largest power of two that fits in GPU memory (CUDA; 8 on a CPU)"""
     grad_accum: int = 1
     """micro-batches per optimizer update"""
     lr: float = 6e-4
@@ -79,8 +79,10 @@ class TrainConfig:
     """auto | cpu | cuda | cuda:N"""
     precision: str = "auto"
     """auto (bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32) | fp32 | bf16"""
-    compile: bool = False
-    """torch.compile the model (slow to start; pays off on long GPU runs)"""
+    compile: bool | None = None
+    """torch.compile the model; default: on CUDA (≈1.4x the eager speed after ~30 s), off on a CPU (no gain)"""
+    activation_checkpointing: bool = False
+    """recompute each block's activations in backward instead of keeping them: less memory, ~1/3 more compute"""
     peak_tflops: float | None = None
     """accelerator peak for MFU; None = known GPUs only"""
     progress: bool = True
@@ -132,6 +134,54 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):  # fused kernels missing for this device/dtype
         return torch.optim.AdamW(groups, **kwargs)
+
+
+def largest_fitting_batch(try_batch: Callable[[int], None], limit: int = 256) -> int:
+    """The largest power of two b ≤ `limit` for which `try_batch(b)` runs without running out of GPU memory
+    (it doubles from 1 until `torch.cuda.OutOfMemoryError`). Raises UserError when not even 1 fits."""
+    best, b = 0, 1
+    while b <= limit:
+        try:
+            try_batch(b)
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        best, b = b, b * 2
+    if best == 0:
+        raise UserError("not even one sequence per micro-batch fits in GPU memory; use a smaller model, a shorter "
+                        "--context-length, or --train.activation_checkpointing true")
+    return best
+
+
+def find_micro_batch(model, context_length: int, cfg: TrainConfig, device: torch.device, limit: int = 256) -> int:
+    """The micro-batch size for `cfg.batch_size == 0`: on CUDA the largest power of two whose forward and
+    backward fit beside the weights, gradients and AdamW's two fp32 moments (allocated as stand-ins while
+    trying); the size found is halved once as headroom for compilation and fragmentation. 8 on a CPU."""
+    if device.type != "cuda":
+        return 8
+    amp = autocast_dtype(cfg.precision, device)
+    model.to(device).train()
+    model.activation_checkpointing = cfg.activation_checkpointing
+    vocab = model.config.vocab_size
+    moments = [torch.empty(2 * p.numel(), dtype=torch.float32, device=device) for p in model.parameters()]
+
+    def try_batch(b: int) -> None:
+        x = torch.randint(0, vocab, (b, context_length), device=device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = model(x, targets=x)
+        loss.backward()
+        model.zero_grad(set_to_none=False)  # keep the gradient buffers: they exist during training too
+        torch.cuda.synchronize(device)
+
+    try:
+        found = largest_fitting_batch(try_batch, limit)
+    finally:
+        del moments
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+    return max(1, found // 2)
 
 
 def _rng_state() -> dict:
@@ -266,7 +316,10 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
         _set_rng_state(ts["rng"])
         step, tokens = int(ts["step"]), int(ts["tokens"])
     metrics = MetricsLog(out_dir, resume_from_step=step if resume else None)
-    fwd_model = torch.compile(model) if cfg.compile else model
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if hasattr(model, "activation_checkpointing"):
+        model.activation_checkpointing = cfg.activation_checkpointing
+    fwd_model = torch.compile(model) if use_compile else model
     flops_tok = flops_per_token(model.config) if hasattr(model, "config") else None
     peak = peak_flops(device, cfg.peak_tflops)
 
