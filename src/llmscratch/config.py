@@ -28,6 +28,14 @@ class ModelConfig:
     tie_embeddings: bool = True  # LM head shares the token-embedding matrix (GPT-2 does)
     norm_eps: float = 1e-5  # epsilon inside LayerNorm
     init_std: float = 0.02  # std of the normal init (GPT-2); PyTorch's N(0, 1) embedding init learns badly
+    head_dim: int | None = None  # width of one attention head; None = d_model // n_heads (Qwen3 sets it wider)
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama, Qwen)
+    mlp: str = "gelu"  # "gelu": GPT-2's two-layer MLP; "swiglu": the gated three-matrix one of Llama and Qwen
+    position: str = "learned"  # "learned" absolute position embeddings (GPT-2) or "rope" rotary (Llama, Qwen)
+    rope_theta: float = 10000.0  # RoPE base: frequencies theta^(-2i/head_dim)
+    rope_scaling: dict | None = None  # Llama 3 frequency scaling: factor, low_freq_factor, high_freq_factor,
+    #                                   original_context_length (model/rope.py)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     n_classes: int | None = None  # set: the head maps to class logits (a classifier), not to the vocabulary
     extra: dict = field(default_factory=dict)  # free-form notes carried into config.json
 
@@ -46,13 +54,25 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
-        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
-            if getattr(self, name) <= 0:
+        if self.head_dim is None and self.n_heads > 0:
+            if self.d_model % self.n_heads:
+                raise UserError(f"invalid model config: d_model={self.d_model} is not divisible by "
+                                f"n_heads={self.n_heads}; set head_dim")
+            self.head_dim = self.d_model // self.n_heads
+        choices = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"), "position": ("learned", "rope")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.rope_scaling is not None:
+            need = {"factor", "low_freq_factor", "high_freq_factor", "original_context_length"}
+            if not isinstance(self.rope_scaling, dict) or set(self.rope_scaling) != need:
+                problems.append(f"rope_scaling must be a dict with keys {sorted(need)}, got {self.rope_scaling!r}")
+        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                     "head_dim"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if problems:
             raise UserError("invalid model config: " + "; ".join(problems))
-        if self.d_model % self.n_heads:
-            problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.n_classes is not None and (self.n_classes < 2 or self.tie_embeddings):
@@ -62,11 +82,10 @@ class ModelConfig:
         if problems:
             raise UserError("invalid model config: " + "; ".join(problems))
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
     def replace(self, **changes) -> ModelConfig:
+        derived = self.head_dim == self.d_model // self.n_heads  # head_dim was (or equals) the default
+        if derived and "head_dim" not in changes and ({"d_model", "n_heads"} & set(changes)):
+            changes["head_dim"] = None  # re-derive it from the new shape
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -109,6 +128,16 @@ class ModelConfig:
 # GPT-2 shapes from OpenAI's released hparams.json files (n_embd, n_layer, n_head; n_ctx 1024, vocab 50257).
 _GPT2 = dict(vocab_size=50257, context_length=1024, qkv_bias=True, bias=True, tie_embeddings=True)
 
+# Llama 3.2 and Qwen3 shapes from their released config.json files (meta-llama/Llama-3.2-1B, -3B; Qwen/Qwen3-0.6B,
+# -1.7B). Llama 3.2: theta 500,000 with llama3 scaling (factor 32, low 1, high 4, original context 8192).
+_LLAMA32 = dict(vocab_size=128256, context_length=131072, n_kv_heads=8, d_ff=8192, qkv_bias=False, bias=False,
+                tie_embeddings=True, norm="rmsnorm", mlp="swiglu", position="rope", norm_eps=1e-5,
+                rope_theta=500000.0, rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_context_length": 8192})
+_QWEN3 = dict(vocab_size=151936, context_length=40960, n_kv_heads=8, head_dim=128, qkv_bias=False, bias=False,
+              tie_embeddings=True, norm="rmsnorm", mlp="swiglu", position="rope", norm_eps=1e-6, rope_theta=1e6,
+              qk_norm=True)
+
 PRESETS: dict[str, dict] = {
     "gpt2-124m": dict(_GPT2, d_model=768, n_layers=12, n_heads=12),
     "gpt2-355m": dict(_GPT2, d_model=1024, n_layers=24, n_heads=16),
@@ -121,4 +150,13 @@ PRESETS: dict[str, dict] = {
     "gpt-tiny": dict(vocab_size=4096, context_length=256, d_model=256, n_layers=4, n_heads=4),
     # gpt-micro: ~0.13M parameters, for tests and smoke runs.
     "gpt-micro": dict(vocab_size=512, context_length=64, d_model=64, n_layers=2, n_heads=4),
+    "llama3.2-1b": dict(_LLAMA32, d_model=2048, n_layers=16, n_heads=32),
+    "llama3.2-3b": dict(_LLAMA32, d_model=3072, n_layers=28, n_heads=24),
+    "qwen3-0.6b": dict(_QWEN3, d_model=1024, n_layers=28, n_heads=16, d_ff=3072),
+    "qwen3-1.7b": dict(_QWEN3, d_model=2048, n_layers=28, n_heads=16, d_ff=6144),
+    # Tiny members of the two families, for tests and CPU experiments (same components, small shapes).
+    "llama-micro": dict(_LLAMA32, vocab_size=512, context_length=64, d_model=64, n_layers=2, n_heads=4,
+                        n_kv_heads=2, d_ff=128, rope_scaling=None, rope_theta=10000.0),
+    "qwen3-micro": dict(_QWEN3, vocab_size=512, context_length=64, d_model=64, n_layers=2, n_heads=4,
+                        n_kv_heads=2, head_dim=32, d_ff=128),
 }

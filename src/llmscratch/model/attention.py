@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmscratch.model.layers import RMSNorm
+from llmscratch.model.rope import apply_rope
+
 
 def attention_reference(q, k, v, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
     """softmax(Q Kᵀ / √d) V written out, the book's chapter 3.
@@ -71,26 +74,36 @@ class CausalSelfAttention(nn.Module):
     """Multi-head / grouped-query causal self-attention calling `F.scaled_dot_product_attention`."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, qkv_bias: bool = True,
-                 bias: bool = True, dropout: float = 0.0):
+                 bias: bool = True, dropout: float = 0.0, head_dim: int | None = None, qk_norm: bool = False,
+                 norm_eps: float = 1e-6):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = head_dim or d_model // n_heads
         # One matmul for q, k and v together (GPT-2's c_attn); with GQA k and v are narrower.
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
+        # Qwen3's QK-norm: an RMSNorm over each head's query and key vectors, before the rotation.
+        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, T, d) → (B, T, d). `input_pos`: absolute position of x[:, 0] when decoding with the KV cache —
-        an int, or a 0-dim tensor for the static-shape (compilable) path."""
+        an int, or a 0-dim tensor for the static-shape (compilable) path. `rope`: (cos, sin) of the T positions
+        for rotary embeddings (model/rope.py), None for a model with learned position embeddings."""
         B, T, _ = x.shape
         hs, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
         q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
         mask, is_causal = None, True
         if isinstance(input_pos, torch.Tensor):

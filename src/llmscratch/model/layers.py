@@ -25,6 +25,14 @@ def layer_norm_reference(x: torch.Tensor, weight, bias, eps: float = 1e-5) -> to
     return y + bias if bias is not None else y
 
 
+def rms_norm_reference(x: torch.Tensor, weight, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm (Zhang & Sennrich 2019): divide by the root mean square, no centring, no bias; computed in fp32
+    and scaled after casting back, as Llama and Qwen do."""
+    x32 = x.float()
+    y = x32 / torch.sqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
 def gelu_reference(x: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation used by GPT-2 (Hendrycks & Gimpel 2016, eq. in section 2)."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
@@ -43,6 +51,25 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm of Llama and Qwen: x / rms(x) · weight, the statistics in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
+    """The normalisation a config names: "layernorm" (GPT-2) or "rmsnorm" (Llama, Qwen)."""
+    return RMSNorm(dim, eps) if kind == "rmsnorm" else LayerNorm(dim, eps, bias)
+
+
 class GELUMLP(nn.Module):
     """GPT-2's feed-forward net: expand to d_ff, GELU (tanh form), project back to d_model."""
 
@@ -54,3 +81,18 @@ class GELUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class SwiGLUMLP(nn.Module):
+    """The gated feed-forward net of Llama and Qwen (Shazeer 2020): proj(silu(gate(x)) · up(x))."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=bias)
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))
+

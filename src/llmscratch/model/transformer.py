@@ -10,8 +10,9 @@ from torch import nn
 
 from llmscratch.config import ModelConfig
 from llmscratch.model.attention import CausalSelfAttention, KVCache
-from llmscratch.model.layers import GELUMLP, LayerNorm
+from llmscratch.model.layers import GELUMLP, SwiGLUMLP, make_norm
 from llmscratch.model.loss import lm_head_cross_entropy
+from llmscratch.model.rope import inverse_frequencies, rope_cos_sin
 
 
 class Block(nn.Module):
@@ -19,20 +20,25 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm1 = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.qkv_bias, cfg.bias,
-                                        cfg.dropout)
-        self.norm2 = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.mlp = GELUMLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
+                                        cfg.dropout, cfg.head_dim, cfg.qk_norm, cfg.norm_eps)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        mlp = SwiGLUMLP if cfg.mlp == "swiglu" else GELUMLP
+        self.mlp = mlp(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
 
-    def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), input_pos)
+    def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), input_pos, rope)
         x = x + self.mlp(self.norm2(x))
         return x
 
 
 class GPT(nn.Module):
-    """Token + position embeddings → n_layers blocks → final norm → LM head.
+    """Token (+ learned position) embeddings → n_layers blocks → final norm → LM head.
+
+    GPT-2, Llama 3.2 and Qwen3 are configurations of this one class: the config chooses LayerNorm or RMSNorm,
+    the GELU or SwiGLU feed-forward net, learned position embeddings or RoPE, and QK-norm (config.py).
 
     `model(idx)` maps token ids (B, T) to next-token logits (B, T, vocab_size). For cached decoding call
     `setup_kv_cache(batch_size, max_len)` once, then pass `input_pos` (the absolute position of idx[:, 0]).
@@ -42,10 +48,13 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model)
+        # Learned absolute positions (GPT-2); with RoPE, positions enter inside attention instead.
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # RoPE frequencies per device (not a buffer:
+        #                                                       they must stay fp32 when the model is cast)
         # The LM head; a classifier (cfg.n_classes) has a class head here instead, read at one position.
         self.lm_head = nn.Linear(cfg.d_model, cfg.n_classes or cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -79,13 +88,19 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {start + T} positions exceeds context_length "
                                  f"{self.config.context_length}")
             pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        x = self.tok_emb(idx)  # (B, T, C)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        else:
+            rope = rope_cos_sin(pos, self.inverse_frequencies(idx.device), x.dtype)
+        x = self.drop(x)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(block, x, input_pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, input_pos, rope, use_reentrant=False)
             else:
-                x = block(x, input_pos)
+                x = block(x, input_pos, rope)
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, input_pos: int | torch.Tensor | None = None,
@@ -96,6 +111,14 @@ class GPT(nn.Module):
         if targets is not None:
             return lm_head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         return self.lm_head(x)  # (B, T, vocab)
+
+    def inverse_frequencies(self, device: torch.device) -> torch.Tensor:
+        """RoPE's per-pair frequencies (head_dim/2,), fp32, computed once per device."""
+        inv = self._inv_freq.get(device)
+        if inv is None:
+            c = self.config
+            inv = self._inv_freq[device] = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, device)
+        return inv
 
     # --- KV cache ---------------------------------------------------------------------------------------
     def setup_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> None:
@@ -124,7 +147,7 @@ class GPT(nn.Module):
         """Distinct parameters (a tied head counts once); optionally without the embedding tables."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
         return n
 
 
@@ -135,8 +158,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool
     counted since it is a real matmul."""
     T = seq_len or cfg.context_length
     d, L = cfg.d_model, cfg.n_layers
-    kv_dim = cfg.n_kv_heads * cfg.head_dim
-    per_layer = d * (d + 2 * kv_dim) + d * d + 2 * d * cfg.d_ff  # qkv, out proj, mlp
-    matmul_params = L * per_layer + d * cfg.vocab_size
-    forward = 2 * matmul_params + 2 * 2 * L * T * d
+    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    mlp_mats = 3 if cfg.mlp == "swiglu" else 2
+    per_layer = d * (q_dim + 2 * kv_dim) + q_dim * d + mlp_mats * d * cfg.d_ff  # qkv, out proj, mlp
+    matmul_params = L * per_layer + d * (cfg.n_classes or cfg.vocab_size)
+    forward = 2 * matmul_params + 2 * 2 * L * T * q_dim
     return forward * (3 if training else 1)

@@ -80,15 +80,32 @@ def _dtype(name: str) -> torch.dtype:
     return inference_dtype(name, torch.device("cpu"))
 
 
+def _hf_model_type(hf_dir: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((hf_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # the loader reports the missing or broken config.json
+
+
 def from_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None, dtype: str = "fp32",
             name: str | None = None):
-    """A Hugging Face GPT-2 folder → our checkpoint folder `out` (the model config named `name` if given);
-    returns the model."""
+    """A Hugging Face GPT-2, Llama or Qwen3 folder → our checkpoint folder `out` (the model config named `name`
+    if given); returns the model."""
     from llmscratch.weights.hf_gpt2 import load_hf_gpt2
+    from llmscratch.weights.hf_llama import FAMILIES, load_hf_llama
 
     hf_dir, out = Path(hf_dir), check_new_folder(out)
-    tok = _tokenizer(hf_dir, tokenizer, "vocab.json + merges.txt")
-    model, _ = load_hf_gpt2(hf_dir, dtype=_dtype(dtype))
+    if _hf_model_type(hf_dir) in FAMILIES:
+        if not tokenizer:  # Llama 3's tokenizer.model / Qwen's tokenizer.json are not read yet
+            raise UserError(f"{hf_dir}: reading Llama/Qwen tokenizer files is not supported yet; pass --tokenizer "
+                            "(a tokenizer folder) to convert the weights")
+        tok = _tokenizer(hf_dir, tokenizer, "tokenizer")
+        model, _ = load_hf_llama(hf_dir, dtype=_dtype(dtype))
+    else:
+        tok = _tokenizer(hf_dir, tokenizer, "vocab.json + merges.txt")
+        model, _ = load_hf_gpt2(hf_dir, dtype=_dtype(dtype))
     _save_converted(out, model, tok, hf_dir, name)
     return model
 
@@ -112,11 +129,15 @@ def to_hf(checkpoint: str | Path, out: str | Path) -> str:
     from llmscratch.tokenizer import load_tokenizer
     from llmscratch.tokenizer.storage import TOKENIZER_FILE
     from llmscratch.weights.hf_gpt2 import export_hf_gpt2
+    from llmscratch.weights.hf_llama import export_hf_llama
     from llmscratch.weights.hf_tokenizer import gpt2_vocab_and_merges
 
     out = check_new_folder(out)
     folder = find_model_folder(checkpoint)
     model = load_model(folder)
+    if model.config.position == "rope":  # a Llama/Qwen3 configuration
+        write_folder(out, lambda tmp: export_hf_llama(model, tmp))
+        return "weights only (writing Llama/Qwen tokenizer files is not supported yet)"
     tok, note = None, "weights only (the checkpoint has no tokenizer)"
     if (folder / TOKENIZER_FILE).is_file():
         tok = load_tokenizer(folder)

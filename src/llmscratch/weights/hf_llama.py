@@ -1,0 +1,181 @@
+"""Hugging Face `LlamaForCausalLM` / `Qwen3ForCausalLM` folders ↔ our GPT configured as Llama or Qwen3.
+
+Both families share one layout: RMSNorm, rotary embeddings, grouped-query attention with separate q/k/v
+projections, and a SwiGLU MLP; Qwen3 adds QK-norm. `_BLOCK` maps our names to theirs; our attention keeps q,
+k and v in one matrix (`attn.qkv`, one matmul), so loading concatenates their three projections along the
+output dimension and exporting splits it again — that is the only reshaping. Everything else is 1:1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llmscratch.config import ModelConfig
+from llmscratch.errors import UserError
+from llmscratch.fileio import atomic_write, atomic_write_text
+from llmscratch.weights.hf_gpt2 import _read_hf_tensors
+
+FAMILIES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+_GLOBAL = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+_BLOCK = {  # ours → theirs under model.layers.{i}.
+    "norm1.weight": "input_layernorm.weight",
+    "attn.proj.weight": "self_attn.o_proj.weight",
+    "attn.q_norm.weight": "self_attn.q_norm.weight",
+    "attn.k_norm.weight": "self_attn.k_norm.weight",
+    "norm2.weight": "post_attention_layernorm.weight",
+    "mlp.gate.weight": "mlp.gate_proj.weight",
+    "mlp.up.weight": "mlp.up_proj.weight",
+    "mlp.proj.weight": "mlp.down_proj.weight",
+}
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # fused into our attn.qkv, in this order
+
+
+def _rope_settings(hf: dict) -> tuple[float, dict | None]:
+    """(theta, llama3 scaling) from either layout: transformers 5's `rope_parameters`, or the `rope_theta` +
+    `rope_scaling` keys of the released Llama 3.2 / Qwen3 config.json files."""
+    params = dict(hf.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or params
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if kind == "default":
+        return float(theta), None
+    if kind != "llama3":
+        raise UserError(f"rope scaling type {kind!r} is not supported (default and llama3 are)")
+    return float(theta), {"factor": float(scaling["factor"]), "low_freq_factor": float(scaling["low_freq_factor"]),
+                          "high_freq_factor": float(scaling["high_freq_factor"]),
+                          "original_context_length": int(scaling["original_max_position_embeddings"])}
+
+
+def config_from_hf(hf: dict, source: str) -> ModelConfig:
+    """Our ModelConfig from a Llama or Qwen3 `config.json`."""
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise UserError(f"{source}: model_type {family!r} is not one this converter reads ({', '.join(FAMILIES)})")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{source}: hidden_act {hf['hidden_act']!r} is not SwiGLU's silu; cannot convert")
+    if hf.get("mlp_bias") or hf.get("attention_bias"):
+        raise UserError(f"{source}: biases (mlp_bias/attention_bias) are not supported; Llama 3.2 and Qwen3 "
+                        "have none")
+    try:
+        theta, scaling = _rope_settings(hf)
+        d, nh = hf["hidden_size"], hf["num_attention_heads"]
+        return ModelConfig(
+            name=hf.get("_name_or_path") or f"{family}-hf", vocab_size=hf["vocab_size"],
+            context_length=hf["max_position_embeddings"], d_model=d, n_layers=hf["num_hidden_layers"],
+            n_heads=nh, n_kv_heads=hf.get("num_key_value_heads") or nh, d_ff=hf["intermediate_size"],
+            head_dim=hf.get("head_dim") or d // nh, qkv_bias=False, bias=False,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            norm="rmsnorm", mlp="swiglu", position="rope", rope_theta=theta, rope_scaling=scaling,
+            qk_norm=family == "qwen3", extra={"hf_model_type": family})
+    except KeyError as exc:
+        raise UserError(f"{source}: missing field {exc.args[0]!r} of a {family} config") from None
+
+
+def _family(cfg: ModelConfig) -> str:
+    if (cfg.norm, cfg.mlp, cfg.position) != ("rmsnorm", "swiglu", "rope") or cfg.bias or cfg.qkv_bias:
+        raise UserError("only Llama/Qwen3-style models (RMSNorm, SwiGLU, RoPE, no biases) export to "
+                        "LlamaForCausalLM / Qwen3ForCausalLM")
+    return "qwen3" if cfg.qk_norm else "llama"
+
+
+def load_hf_llama(folder: str | Path, dtype: torch.dtype | None = None):
+    """(model, config) from a Hugging Face Llama or Qwen3 folder, built on the meta device and filled in place.
+    Missing/unexpected tensors and shape mismatches are collected and reported in one UserError."""
+    from llmscratch.model import GPT
+
+    folder = Path(folder)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{folder}: no config.json; point at a Hugging Face model folder")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{cfg_file}: not valid JSON ({exc})") from None
+    cfg = config_from_hf(hf, str(cfg_file))
+    tensors = _read_hf_tensors(folder)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state, missing, mismatched, used = {}, [], [], set()
+
+    def take(ours: str, theirs: list[str]) -> None:
+        if any(t not in tensors for t in theirs):
+            missing.extend(t for t in theirs if t not in tensors)
+            return
+        used.update(theirs)
+        t = torch.cat([tensors[n] for n in theirs]) if len(theirs) > 1 else tensors[theirs[0]]
+        if t.shape != expected[ours]:
+            mismatched.append(f"{' + '.join(theirs)} is {tuple(t.shape)}, expected {tuple(expected[ours])}")
+            return
+        state[ours] = t.to(dtype).contiguous() if dtype is not None else t.contiguous()
+
+    for ours, theirs in _GLOBAL.items():
+        take(ours, [theirs])
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        for ours, theirs in _BLOCK.items():
+            if f"blocks.{i}.{ours}" in expected:
+                take(f"blocks.{i}.{ours}", [p + theirs])
+        take(f"blocks.{i}.attn.qkv.weight", [f"{p}{n}.weight" for n in _QKV])
+    if not cfg.tie_embeddings:
+        take("lm_head.weight", ["lm_head.weight"])
+    unexpected = sorted(set(tensors) - used - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es), first: " + "; ".join(mismatched[:3]))
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s), first: {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s), first: {', '.join(unexpected[:3])}")
+    if problems:
+        raise UserError(f"{folder}: weights do not fit config.json — " + "; ".join(problems))
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    return model.eval(), cfg
+
+
+def export_hf_llama(model, out: str | Path) -> Path:
+    """Write `model` (a Llama- or Qwen3-configured GPT) as a folder `transformers` loads with equal logits."""
+    from safetensors.torch import save_file
+
+    cfg: ModelConfig = model.config
+    if cfg.n_classes is not None:
+        raise UserError(f"this is a classifier (n_classes={cfg.n_classes}); export the base model instead")
+    family = _family(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tensors = {theirs: ours[k] for k, theirs in _GLOBAL.items()}
+    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        for k, theirs in _BLOCK.items():
+            if f"blocks.{i}.{k}" in ours:
+                tensors[p + theirs] = ours[f"blocks.{i}.{k}"]
+        pieces = ours[f"blocks.{i}.attn.qkv.weight"].split([q_dim, kv_dim, kv_dim])
+        tensors.update({f"{p}{n}.weight": t for n, t in zip(_QKV, pieces)})
+    if not cfg.tie_embeddings:
+        tensors["lm_head.weight"] = ours["lm_head.weight"]
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    rope = {"rope_theta": cfg.rope_theta, "rope_scaling": None}
+    if cfg.rope_scaling:
+        s = cfg.rope_scaling
+        rope["rope_scaling"] = {"rope_type": "llama3", "factor": s["factor"], "low_freq_factor": s["low_freq_factor"],
+                                "high_freq_factor": s["high_freq_factor"],
+                                "original_max_position_embeddings": s["original_context_length"]}
+    hf_config = {
+        "architectures": [FAMILIES[family]], "model_type": family, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings, **rope,
+        "torch_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+    }
+    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write_text(out / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    return out

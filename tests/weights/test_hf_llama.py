@@ -1,0 +1,126 @@
+"""Parity with `transformers`: tiny random Llama (GQA 4:1 and 2:1, llama3 rope scaling, tied and untied) and
+Qwen3 models saved by transformers → our converter → equal logits (fp32, 1e-5), equal greedy tokens, cached ==
+uncached; and our export → transformers reload → equal logits again."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from llmscratch.errors import UserError  # noqa: E402
+from llmscratch.generate import generate_ids  # noqa: E402
+from llmscratch.weights.hf_llama import export_hf_llama, load_hf_llama  # noqa: E402
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+CASES = {
+    "llama-gqa4-llama3rope-tied": ("llama", dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+                                                 rope_scaling=LLAMA3_SCALING, rope_theta=500000.0)),
+    "llama-gqa2-untied": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama-mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "qwen3-wide-heads-tied": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                            tie_word_embeddings=True, rope_theta=1000000.0)),
+    "qwen3-untied": ("qwen3", dict(num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)),
+}
+
+
+def hf_model(family, kw, seed=0):
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
+    cfg = cls[0](vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                 max_position_embeddings=128, **kw)
+    torch.manual_seed(seed)
+    model = cls[1](cfg).eval()
+    with torch.no_grad():  # random norms too, so a mis-mapped norm weight cannot hide behind its init of ones
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_greedy_and_round_trip_equal_transformers(tmp_path, case):
+    family, kw = CASES[case]
+    hf = hf_model(family, kw)
+    hf.save_pretrained(tmp_path / "hf")
+    ours, cfg = load_hf_llama(tmp_path / "hf")
+    assert cfg.n_kv_heads == kw["num_key_value_heads"] and cfg.qk_norm == (family == "qwen3")
+    ids = torch.randint(0, 211, (2, 100), generator=torch.Generator().manual_seed(1))  # past the 32 of llama3
+    with torch.no_grad():
+        want = hf(ids).logits
+        torch.testing.assert_close(ours(ids), want, atol=1e-5, rtol=1e-5)
+    prompt = ids[:, :7]
+    hf_tokens = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[:, 7:]
+    cached = torch.stack(list(generate_ids(ours, prompt, 20)), 1)
+    uncached = torch.stack(list(generate_ids(ours, prompt, 20, use_cache=False)), 1)
+    assert torch.equal(cached, hf_tokens) and torch.equal(uncached, hf_tokens)
+
+    export_hf_llama(ours, tmp_path / "back")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert type(again) is type(hf)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_folder_and_bad_shapes(tmp_path):
+    hf = hf_model("llama", CASES["llama-gqa2-untied"][1])
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    ours, _ = load_hf_llama(tmp_path / "sharded")
+    ids = torch.randint(0, 211, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+    import json
+    bad = tmp_path / "sharded" / "config.json"
+    cfg = json.loads(bad.read_text())
+    cfg["intermediate_size"] = 80
+    bad.write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"shape mismatch.*mlp\.(down|gate|up)_proj\.weight is \(\d+, \d+\), expected"):
+        load_hf_llama(tmp_path / "sharded")
+
+
+def test_unknown_family_and_biases_are_user_errors(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "mistral"}')
+    with pytest.raises(UserError, match="model_type 'mistral'"):
+        load_hf_llama(tmp_path)
+    hf_model("llama", dict(num_attention_heads=4, attention_bias=True)).save_pretrained(tmp_path / "b")
+    with pytest.raises(UserError, match="biases"):
+        load_hf_llama(tmp_path / "b")
+
+
+def _cli(args, capsys):
+    from llmscratch.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_cli_convert_generate_and_back(tmp_path, prepared, capsys, family):
+    from llmscratch.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(prepared).vocab_size
+    kw = dict(CASES["llama-gqa4-llama3rope-tied" if family == "llama" else "qwen3-untied"][1])
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
+    torch.manual_seed(0)
+    theirs = cls[1](cls[0](vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           max_position_embeddings=64, **kw)).eval()
+    theirs.save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    code, _, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "no-tok"], capsys)
+    assert code == 2 and "--tokenizer" in err and not (tmp_path / "no-tok").exists()
+    code, out, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "ours", "--tokenizer", prepared], capsys)
+    assert code == 0, err
+    code, out, err = _cli(["generate", tmp_path / "ours", "--prompt", "The", "--max-new-tokens", 5,
+                           "--temperature", 0, "--dtype", "fp32"], capsys)
+    assert code == 0 and out.startswith("The"), err
+    code, out, err = _cli(["convert", "to-hf", tmp_path / "ours", tmp_path / "back"], capsys)
+    assert code == 0, err
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    idx = torch.randint(0, vocab, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx).logits, theirs(idx).logits, atol=1e-5, rtol=1e-5)
