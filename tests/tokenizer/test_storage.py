@@ -58,7 +58,8 @@ def test_folder_without_tokenizer_files(tmp_path):
     "content, message",
     [
         ('{"format": "llmscratch-bpe", "version": 1, "ranks": [', "not valid JSON"),
-        ('{"model": {"type": "BPE"}}', "format is None, expected 'llmscratch-bpe'"),
+        ('{"model": {"type": "BPE"}}', "tokenizer.json: cannot read it"),  # a broken Hugging Face one
+        ('{"format": "other", "ranks": []}', "format is 'other', expected 'llmscratch-bpe'"),
         ('{"format": "llmscratch-bpe", "version": 9}', "version 9 is not supported"),
         ('{"format": "llmscratch-bpe", "version": 1, "pattern": "(", "ranks": []}', "not a valid regex"),
         ('{"format": "llmscratch-bpe", "version": 1, "pattern": "x", "ranks": [["@@", 0]]}', r"ranks\[0\]"),

@@ -112,7 +112,7 @@ def test_cli_convert_generate_and_back(tmp_path, prepared, capsys, family):
     theirs.save_pretrained(tmp_path / "hf")
     capsys.readouterr()
     code, _, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "no-tok"], capsys)
-    assert code == 2 and "--tokenizer" in err and not (tmp_path / "no-tok").exists()
+    assert code == 2 and "no tokenizer.json" in err and not (tmp_path / "no-tok").exists()
     code, out, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "ours", "--tokenizer", prepared], capsys)
     assert code == 0, err
     code, out, err = _cli(["generate", tmp_path / "ours", "--prompt", "The", "--max-new-tokens", 5,
@@ -124,3 +124,34 @@ def test_cli_convert_generate_and_back(tmp_path, prepared, capsys, family):
     idx = torch.randint(0, vocab, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(again(idx).logits, theirs(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_convert_takes_the_folders_own_tokenizer_and_chat_template(tmp_path, tiny_corpus, capsys):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([tiny_corpus.read_text()], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf = hf_model("qwen3", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    hf.resize_token_embeddings(tok.get_vocab_size())
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(
+        '{"eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": %s}'
+        % __import__("json").dumps(template))
+    capsys.readouterr()
+    code, _, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "ours"], capsys)
+    assert code == 0, err
+    code, out, err = _cli(["generate", tmp_path / "ours", "--prompt", "The", "--max-new-tokens", 4,
+                           "--temperature", 0, "--dtype", "fp32"], capsys)
+    assert code == 0 and out.startswith("The"), err
+    code, out, err = _cli(["convert", "to-hf", tmp_path / "ours", tmp_path / "back"], capsys)
+    assert code == 0 and "tokenizer" in out, err
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    msgs = [{"role": "user", "content": "hi"}]
+    assert again.apply_chat_template(msgs, tokenize=False) == "<|im_start|>user\nhi<|im_end|>\n"
+    assert again.encode("The module", add_special_tokens=False) == tok.encode("The module").ids

@@ -14,11 +14,13 @@ from llmscratch.tokenizer.base import Tokenizer
 from llmscratch.tokenizer.bpe import BPETokenizer
 from llmscratch.tokenizer.fast import TiktokenTokenizer
 from llmscratch.tokenizer.gpt2 import GPT2_PATTERN, gpt2_files_in, gpt2_tokenizer
+from llmscratch.tokenizer.hf import HFTokenizer, is_hf_tokenizer_json
 from llmscratch.tokenizer.storage import TOKENIZER_FILE, read_tokenizer_json
 
 __all__ = [
     "GPT2_PATTERN",
     "BPETokenizer",
+    "HFTokenizer",
     "TiktokenTokenizer",
     "Tokenizer",
     "gpt2_tokenizer",
@@ -29,7 +31,8 @@ __all__ = [
 def load_tokenizer(path_or_name: str | Path, fast: bool = True) -> Tokenizer:
     """A tokenizer from a folder or a name, as ``TiktokenTokenizer`` (`fast`) or ``BPETokenizer`` (pure Python).
 
-    Accepts: a folder (or its ``tokenizer.json``) written by ``Tokenizer.save``; a folder holding GPT-2's
+    Accepts: a folder (or its ``tokenizer.json``) written by ``Tokenizer.save``; a Hugging Face model's folder
+    with its ``tokenizer.json`` (Llama 3, Qwen3: an ``HFTokenizer``); a folder holding GPT-2's
     ``encoder.json`` + ``vocab.bpe``; or the name ``"gpt2"`` (resolved by :func:`gpt2_tokenizer`). An existing
     path wins over the name.
     """
@@ -58,6 +61,8 @@ def load_tokenizer(path_or_name: str | Path, fast: bool = True) -> Tokenizer:
                 f"{path} holds neither {TOKENIZER_FILE} nor GPT-2's encoder.json + vocab.bpe; "
                 "pass the folder a tokenizer was saved to"
             )
+    if is_hf_tokenizer_json(path):  # a Hugging Face model's tokenizer (Llama 3, Qwen3), same file name as ours
+        return HFTokenizer(path.parent)
     ranks, special_tokens, pattern = read_tokenizer_json(path)
     cls = TiktokenTokenizer if fast else BPETokenizer
     return cls(ranks, special_tokens, pattern)

@@ -93,15 +93,18 @@ def from_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None, d
             name: str | None = None):
     """A Hugging Face GPT-2, Llama or Qwen3 folder → our checkpoint folder `out` (the model config named `name`
     if given); returns the model."""
+    from llmscratch.tokenizer import HFTokenizer, load_tokenizer
     from llmscratch.weights.hf_gpt2 import load_hf_gpt2
     from llmscratch.weights.hf_llama import FAMILIES, load_hf_llama
 
     hf_dir, out = Path(hf_dir), check_new_folder(out)
     if _hf_model_type(hf_dir) in FAMILIES:
-        if not tokenizer:  # Llama 3's tokenizer.model / Qwen's tokenizer.json are not read yet
-            raise UserError(f"{hf_dir}: reading Llama/Qwen tokenizer files is not supported yet; pass --tokenizer "
-                            "(a tokenizer folder) to convert the weights")
-        tok = _tokenizer(hf_dir, tokenizer, "tokenizer")
+        if tokenizer:
+            tok = load_tokenizer(tokenizer)
+        elif (hf_dir / "tokenizer.json").is_file():  # the model's own tokenizer and chat template
+            tok = HFTokenizer(hf_dir)
+        else:
+            raise UserError(f"{hf_dir}: no tokenizer.json; pass --tokenizer (a tokenizer folder)")
         model, _ = load_hf_llama(hf_dir, dtype=_dtype(dtype))
     else:
         tok = _tokenizer(hf_dir, tokenizer, "vocab.json + merges.txt")
@@ -126,7 +129,7 @@ def to_hf(checkpoint: str | Path, out: str | Path) -> str:
     """Our checkpoint folder → a Hugging Face GPT-2 folder (weights, config, and the tokenizer when GPT-2's
     files can express it). Returns a note on the tokenizer for the user."""
     from llmscratch.checkpoint import find_model_folder, load_model
-    from llmscratch.tokenizer import load_tokenizer
+    from llmscratch.tokenizer import HFTokenizer, load_tokenizer
     from llmscratch.tokenizer.storage import TOKENIZER_FILE
     from llmscratch.weights.hf_gpt2 import export_hf_gpt2
     from llmscratch.weights.hf_llama import export_hf_llama
@@ -136,8 +139,17 @@ def to_hf(checkpoint: str | Path, out: str | Path) -> str:
     folder = find_model_folder(checkpoint)
     model = load_model(folder)
     if model.config.position == "rope":  # a Llama/Qwen3 configuration
-        write_folder(out, lambda tmp: export_hf_llama(model, tmp))
-        return "weights only (writing Llama/Qwen tokenizer files is not supported yet)"
+        tok = load_tokenizer(folder) if (folder / TOKENIZER_FILE).is_file() else None
+        hf_tok = isinstance(tok, HFTokenizer)
+
+        def write(tmp: Path) -> None:
+            export_hf_llama(model, tmp)
+            if hf_tok:
+                tok.save(tmp)
+
+        write_folder(out, write)
+        return ("weights and the model's own tokenizer files" if hf_tok else
+                "weights only (a Llama/Qwen export carries a Hugging Face tokenizer.json only)")
     tok, note = None, "weights only (the checkpoint has no tokenizer)"
     if (folder / TOKENIZER_FILE).is_file():
         tok = load_tokenizer(folder)
