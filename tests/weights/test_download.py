@@ -255,3 +255,53 @@ def test_openai_source_downloads_the_tensorflow_files(hf_folder, openai_writer, 
     assert sorted(server.paths()) == sorted(f"/124M/{f}" for f in hub.OPENAI_FILES)  # not the .meta graph
     _assert_same_logits(theirs, tmp_path / "m")
     assert load_tokenizer(tmp_path / "m").encode("The module") == load_tokenizer(folder).encode("The module")
+
+
+def test_sharded_qwen3_download_fetches_the_index_then_its_shards(tmp_path, tiny_corpus, capsys):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([tiny_corpus.read_text()], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)
+    theirs = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)).eval()
+    folder = tmp_path / "qwen"
+    theirs.save_pretrained(folder, max_shard_size="100KB")
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
+    (folder / "generation_config.json").write_text('{"eos_token_id": [1, 0]}')
+    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    server = FakeHub()
+    try:
+        server.serve_folder("/Qwen/Qwen3-1.7B/resolve/main", folder, lfs=tuple(shards))
+        code, out, err = _cli(["download", "qwen3-1.7b", "--out", tmp_path / "ours", "--endpoint", server.base,
+                               "--no-progress"], capsys)
+    finally:
+        server.close()
+    assert code == 0, err
+    _assert_same_logits(theirs, tmp_path / "ours")
+    from llmscratch.checkpoint import load
+
+    _, ours_tok = load(tmp_path / "ours")
+    assert ours_tok.encode("The module") == tok.encode("The module").ids and ours_tok.stop_ids == [1, 0]
+    assert sorted(p.name for p in hub.cache_folder("qwen3-1.7b").iterdir()) == sorted(
+        [*hub.HF_CHAT_FILES, hub.INDEX, *shards])
+
+
+def test_gated_and_openai_only_messages(tmp_path, capsys):
+    code, _, err = _cli(["download", "llama3.2-1b", "--out", tmp_path / "m", "--source", "openai"], capsys)
+    assert code == 2 and "GPT-2 only" in err
+    server = FakeHub()  # serves nothing: every file answers 404, as a gated repo does without a token
+    try:
+        code, _, err = _cli(["download", "llama3.2-1b", "--out", tmp_path / "m", "--endpoint", server.base,
+                             "--no-progress"], capsys)
+    finally:
+        server.close()
+    assert code == 2 and "gated" in err and "HF_TOKEN" in err and err.count("\n") == 1
+    assert not (tmp_path / "m").exists()

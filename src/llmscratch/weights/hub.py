@@ -1,5 +1,6 @@
-"""`llmscratch download`: OpenAI's GPT-2 in four sizes, fetched from the Hugging Face hub (or OpenAI's own
-release) into the cache, then converted into our checkpoint folder.
+"""`llmscratch download`: OpenAI's GPT-2 in four sizes, Llama 3.2 (1B, 3B; base and instruct) and Qwen3 (0.6B,
+1.7B), fetched from the Hugging Face hub (GPT-2 also from OpenAI's own release) into the cache, then converted
+into our checkpoint folder.
 
 Files go to `cache_dir()/hf/<repo>/` (or `cache_dir()/openai/gpt-2/<size>/`) through the one downloader,
 `llmscratch.data.corpora.download`: resumable `.part` files, a progress bar, and size/sha256 checks against
@@ -18,23 +19,34 @@ from llmscratch.errors import UserError
 
 
 @dataclass(frozen=True)
-class PretrainedGPT2:
+class Pretrained:
     name: str  # what users type
     hf_repo: str  # Hugging Face hub repository
-    openai_size: str  # folder name in OpenAI's release
+    family: str = "gpt2"  # gpt2 | llama | qwen3: which files to fetch and which converter reads them
+    openai_size: str | None = None  # folder name in OpenAI's release (GPT-2 only)
+    sharded: bool = False  # weights in shards listed by model.safetensors.index.json
+    gated: bool = False  # the hub wants an accepted license and $HF_TOKEN (Meta's Llama)
 
 
-MODELS: dict[str, PretrainedGPT2] = {m.name: m for m in (
-    PretrainedGPT2("gpt2-124m", "openai-community/gpt2", "124M"),
-    PretrainedGPT2("gpt2-355m", "openai-community/gpt2-medium", "355M"),
-    PretrainedGPT2("gpt2-774m", "openai-community/gpt2-large", "774M"),
-    PretrainedGPT2("gpt2-1558m", "openai-community/gpt2-xl", "1558M"),
+MODELS: dict[str, Pretrained] = {m.name: m for m in (
+    Pretrained("gpt2-124m", "openai-community/gpt2", openai_size="124M"),
+    Pretrained("gpt2-355m", "openai-community/gpt2-medium", openai_size="355M"),
+    Pretrained("gpt2-774m", "openai-community/gpt2-large", openai_size="774M"),
+    Pretrained("gpt2-1558m", "openai-community/gpt2-xl", openai_size="1558M"),
+    Pretrained("llama3.2-1b", "meta-llama/Llama-3.2-1B", "llama", gated=True),
+    Pretrained("llama3.2-1b-instruct", "meta-llama/Llama-3.2-1B-Instruct", "llama", gated=True),
+    Pretrained("llama3.2-3b", "meta-llama/Llama-3.2-3B", "llama", sharded=True, gated=True),
+    Pretrained("llama3.2-3b-instruct", "meta-llama/Llama-3.2-3B-Instruct", "llama", sharded=True, gated=True),
+    Pretrained("qwen3-0.6b", "Qwen/Qwen3-0.6B", "qwen3"),
+    Pretrained("qwen3-1.7b", "Qwen/Qwen3-1.7B", "qwen3", sharded=True),
 )}
 SOURCES = ("hf", "openai")
 HF_ENDPOINT = "https://huggingface.co"
 OPENAI_ENDPOINT = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 # Small files first: without network the first request fails before anything large is attempted.
 HF_FILES = ("config.json", "vocab.json", "merges.txt", "model.safetensors")
+HF_CHAT_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json")  # Llama, Qwen
+INDEX = "model.safetensors.index.json"
 OPENAI_FILES = ("hparams.json", "encoder.json", "vocab.bpe", "checkpoint", "model.ckpt.index",
                 "model.ckpt.data-00000-of-00001")  # model.ckpt.meta (the TF graph) is not needed
 CONNECT_TIMEOUT = 5.0  # seconds: a machine without network should hear so at once
@@ -44,7 +56,7 @@ LOCAL_HINT = ("to use files you already have, run `llmscratch convert from-hf DI
               "or `llmscratch convert from-openai DIR OUT` (OpenAI's TensorFlow files)")
 
 
-def model_info(name: str) -> PretrainedGPT2:
+def model_info(name: str) -> Pretrained:
     try:
         return MODELS[name]
     except KeyError:
@@ -63,6 +75,26 @@ def cache_folder(name: str, source: str = "hf") -> Path:
     return cache_dir() / "hf" / m.hf_repo if source == "hf" else cache_dir() / "openai" / "gpt-2" / m.openai_size
 
 
+def _shards(index: Path) -> list[str]:
+    import json
+
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise UserError(f"{index}: not a safetensors index ({exc}); delete it and download again") from None
+
+
+def _files(m: Pretrained, folder: Path, source: str) -> list[str]:
+    """The files of `m` to fetch, in order (the shards once the index is in the cache)."""
+    if source == "openai":
+        return list(OPENAI_FILES)
+    if m.family == "gpt2":
+        return list(HF_FILES)
+    if not m.sharded:
+        return [*HF_CHAT_FILES, "model.safetensors"]
+    return [*HF_CHAT_FILES, INDEX, *(_shards(folder / INDEX) if (folder / INDEX).is_file() else [])]
+
+
 def fetch(name: str, source: str = "hf", endpoint: str | None = None, progress: bool = True) -> Path:
     """The cache folder holding all of `name`'s files from `source`, downloading what is missing.
 
@@ -74,9 +106,10 @@ def fetch(name: str, source: str = "hf", endpoint: str | None = None, progress: 
     m = model_info(name)
     if source not in SOURCES:
         raise UserError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+    if source == "openai" and m.openai_size is None:
+        raise UserError(f"--source openai has GPT-2 only; {name} comes from the Hugging Face hub (--source hf)")
     folder = cache_folder(name, source)
-    files = HF_FILES if source == "hf" else OPENAI_FILES
-    missing = [f for f in files if not (folder / f).is_file()]
+    missing = [f for f in _files(m, folder, source) if not (folder / f).is_file()]
     if not missing:
         return folder
     if offline():
@@ -90,10 +123,15 @@ def fetch(name: str, source: str = "hf", endpoint: str | None = None, progress: 
         base = (endpoint or OPENAI_ENDPOINT).rstrip("/")
         urls = {f: f"{base}/{m.openai_size}/{f}" for f in missing}
         token = None
+    hint = LOCAL_HINT
+    if m.gated:
+        hint = (f"{m.hf_repo} is gated: accept its license on the hub, set HF_TOKEN to an access token, and retry; "
+                + LOCAL_HINT)
     for file, url in urls.items():
         download(url, folder / file, None, name=f"{name} {file}", timeout=READ_TIMEOUT,
-                 connect_timeout=CONNECT_TIMEOUT, progress=progress, token=token, server_hash=True,
-                 hint=LOCAL_HINT)
+                 connect_timeout=CONNECT_TIMEOUT, progress=progress, token=token, server_hash=True, hint=hint)
+    if m.sharded and source == "hf" and any(not (folder / f).is_file() for f in _files(m, folder, source)):
+        return fetch(name, source, endpoint, progress)  # the index arrived: now its shards
     return folder
 
 
