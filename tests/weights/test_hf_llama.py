@@ -112,7 +112,7 @@ def test_cli_convert_generate_and_back(tmp_path, prepared, capsys, family):
     theirs.save_pretrained(tmp_path / "hf")
     capsys.readouterr()
     code, _, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "no-tok"], capsys)
-    assert code == 2 and "no tokenizer.json" in err and not (tmp_path / "no-tok").exists()
+    assert code == 2 and "no tokenizer.json or tokenizer.model" in err and not (tmp_path / "no-tok").exists()
     code, out, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "ours", "--tokenizer", prepared], capsys)
     assert code == 0, err
     code, out, err = _cli(["generate", tmp_path / "ours", "--prompt", "The", "--max-new-tokens", 5,

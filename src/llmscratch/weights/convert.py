@@ -103,8 +103,12 @@ def from_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None, d
             tok = load_tokenizer(tokenizer)
         elif (hf_dir / "tokenizer.json").is_file():  # the model's own tokenizer and chat template
             tok = HFTokenizer(hf_dir)
+        elif any((hf_dir / f).is_file() for f in ("tokenizer.model", "original/tokenizer.model")):
+            from llmscratch.tokenizer.llama3 import llama3_tokenizer
+
+            tok = llama3_tokenizer(hf_dir)  # Meta's tiktoken-format file (no chat template in it)
         else:
-            raise UserError(f"{hf_dir}: no tokenizer.json; pass --tokenizer (a tokenizer folder)")
+            raise UserError(f"{hf_dir}: no tokenizer.json or tokenizer.model; pass --tokenizer (a tokenizer folder)")
         model, _ = load_hf_llama(hf_dir, dtype=_dtype(dtype))
     else:
         tok = _tokenizer(hf_dir, tokenizer, "vocab.json + merges.txt")
