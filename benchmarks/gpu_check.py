@@ -95,6 +95,23 @@ def main() -> int:
           and torch.equal(again, cached), f"{(compiled != cached).sum().item()} + {(again != cached).sum().item()} "
           f"differing tokens of {cached.numel()}; {time.perf_counter() - t0:.0f}s incl. compilation")
 
+    # Llama- and Qwen3-shaped configurations (RMSNorm, SwiGLU, RoPE, GQA, QK-norm) through the same paths.
+    for preset in ("llama-micro", "qwen3-micro"):
+        torch.manual_seed(0)
+        mcfg = ModelConfig.from_preset(preset, vocab_size=1000, context_length=128)
+        m = GPT(mcfg).eval()
+        with torch.no_grad():
+            want = lm_loss(m, (x, y))[0].item()
+            m.to(dev)
+            got = lm_loss(m, (x.to(dev), y.to(dev)))[0].item()
+        check(f"{preset}: fp32 loss CUDA == CPU", abs(want - got) < 1e-4, f"cpu {want:.6f} cuda {got:.6f}")
+        eager = torch.stack(list(generate_ids(m, prompt, 140, use_cache=True)), 1)
+        plain = torch.stack(list(generate_ids(m, prompt, 140, use_cache=False)), 1)
+        comp = torch.stack(list(generate_ids(m, prompt, 140, compile=True)), 1)
+        check(f"{preset}: cached == uncached == compiled decoding", torch.equal(eager, plain)
+              and torch.equal(comp, eager), f"{(eager != plain).sum().item()} / {(comp != eager).sum().item()} "
+              f"differing tokens of {eager.numel()}")
+
     with tempfile.TemporaryDirectory() as out:
         torch.manual_seed(0)
         net = GPT(cfg)
