@@ -266,3 +266,56 @@ def test_auto_micro_batch_on_cpu_is_eight():
 
     m = GPT(ModelConfig.from_preset("gpt-micro"))
     assert find_micro_batch(m, 64, TrainConfig(batch_size=0), torch.device("cpu")) == 8
+
+
+# --- extra scalars from loss_fn ---------------------------------------------------------------------------
+def test_loss_fn_extras_are_averaged_and_logged_as_columns(prepared, tmp_path):
+    """A loss_fn may return (loss, n, {name: scalar}): each extra is averaged over the logging window and over
+    the evaluation batches like the loss, and lands in metrics.csv as train_<name> / val_<name> columns, also
+    across a resume (whose metrics.csv already has the wider header)."""
+    from llmscratch.train.trainer import lm_loss
+
+    calls = {"n": 0}
+
+    def loss_with_extras(model, batch):
+        loss, n = lm_loss(model, batch)
+        calls["n"] += 1
+        # One extra that tracks the loss, one constant, one that alternates 0/1 (mean 0.5 over pairs of calls).
+        return loss, n, {"loss_copy": loss.detach(), "const": 2.5, "flip": float(calls["n"] % 2)}
+
+    cfg = small_cfg(max_steps=4, log_every=2, eval_every=2, eval_batches=2, save_every=2)
+    model, batches = fresh(prepared, cfg)
+    result = train(model, batches, cfg, tmp_path, loss_fn=loss_with_extras)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    eval_rows = [r for r in rows if r["kind"] == "eval"]
+    assert len(train_rows) == 2 and len(eval_rows) == 2
+    for r in train_rows:
+        assert float(r["train_loss_copy"]) == pytest.approx(float(r["train_loss"]), rel=1e-5)
+        assert float(r["train_const"]) == pytest.approx(2.5)
+        assert float(r["train_flip"]) == pytest.approx(0.5)
+    for r in eval_rows:
+        assert float(r["train_loss_copy"]) == pytest.approx(float(r["train_loss"]), rel=1e-5)
+        assert float(r["val_loss_copy"]) == pytest.approx(float(r["val_loss"]), rel=1e-5)
+        assert float(r["val_const"]) == pytest.approx(2.5)
+    assert result.history[-1]["val_const"] == pytest.approx(2.5)
+
+    # Resume to step 6: the earlier rows and their extra columns are kept, the new rows fill them too.
+    cfg6 = small_cfg(max_steps=6, log_every=2, eval_every=2, eval_batches=2, save_every=2)
+    model, batches = fresh(prepared, cfg6)
+    train(model, batches, cfg6, tmp_path, loss_fn=loss_with_extras, resume=True)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r["kind"] == "eval"] == [2, 4, 6]
+    assert all(float(r["val_const"]) == pytest.approx(2.5) for r in rows if r["kind"] == "eval")
+
+
+def test_loss_fn_returning_two_items_logs_no_extra_columns(prepared, tmp_path):
+    from llmscratch.train.metrics import FIELDS
+
+    cfg = small_cfg(max_steps=2, log_every=1, eval_every=2, eval_batches=1, save_every=2)
+    model, batches = fresh(prepared, cfg)
+    train(model, batches, cfg, tmp_path)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert next(csv.reader(f)) == FIELDS

@@ -61,6 +61,9 @@ def find_model_folder(path: str | Path) -> Path:
         raise UserError(f"{path}: expected a checkpoint folder (with {WEIGHTS} and {CONFIG}), got a file")
     if (path / WEIGHTS).exists() or (path / CONFIG).exists():
         return path
+    if (path / "adapter_config.json").is_file():  # llmscratch.lora: the adapter alone, no full model
+        raise UserError(f"{path}: a LoRA adapter, not a full checkpoint; `llmscratch generate` loads it as is, "
+                        f"elsewhere merge it first: llmscratch lora merge {path} MERGED_DIR")
     steps = sorted((path / "checkpoints").glob("step-*")) if (path / "checkpoints").is_dir() else []
     if steps:
         return steps[-1]

@@ -82,7 +82,8 @@ def build_parser():
     p.add_class_arguments(TrainConfig, "train", skip={"progress"})
 
     p = verb("generate", "Generate text from a checkpoint folder.")
-    p.add_argument("checkpoint", help="checkpoint folder (or a training run folder)")
+    p.add_argument("checkpoint", help="checkpoint folder, training run folder, or LoRA adapter folder (its base "
+                   "and adapter are merged in memory)")
     p.add_argument("--prompt", required=True,
                    help="text to continue; for an instruction-tuned checkpoint, the request (wrapped in its prompt "
                         "style, and only the answer is printed)")
@@ -145,19 +146,53 @@ def build_parser():
 
     # finetune classify | instruct (| dpo): each fine-tuning verb registers itself in this group.
     ft = P(prog="llmscratch finetune", description="Fine-tune a checkpoint with the one trainer.")
-    verbs.add_subcommand("finetune", ft, help="fine-tune a checkpoint (classification, instructions)")
+    verbs.add_subcommand("finetune", ft, help="fine-tune a checkpoint (classification, instructions, DPO; "
+                         "optionally LoRA adapters only)")
     ft_verbs = ft.add_subcommands(dest="action", required=True)
 
     p = verb("instruct", "Instruction-tune a checkpoint (the book's chapter 7): answers learned after a prompt "
              "style, prompt tokens masked; then writes the test split's answers to --out/test_responses.json.",
              ft_verbs, prog="llmscratch finetune instruct")
     _instruct_arguments(p)
+    _lora_arguments(p)
 
     p = verb("classify", "Fine-tune a checkpoint into a text classifier (the book's chapter 6): a class head read "
              "at each text's last real token. Writes the classifier, labels.json, metrics.json (accuracy and loss "
              "per split, confusion matrix), loss.png, accuracy.png and confusion.png to --out.", ft_verbs,
              prog="llmscratch finetune classify")
     _classify_arguments(p)
+    _lora_arguments(p, "the class head is trained in full beside them, and saved with the adapter; --trainable "
+                       "is ignored")
+
+    p = verb("dpo", "Preference-tune an instruction model with DPO (Direct Preference Optimization; the book's "
+             "chapter-7 bonus): the chosen answer of each pair is made likelier than the rejected one, relative to "
+             "a frozen reference (the starting model). Writes the model (or adapter), metrics.csv with rewards, "
+             "loss.png, dpo.png, dpo_metrics.json (validation metrics and sample answers before/after) and "
+             "test_responses.json to --out.", ft_verbs, prog="llmscratch finetune dpo")
+    _dpo_arguments(p)
+    _lora_arguments(p, "the reference is then the same model with its adapters off (no second model)")
+
+    lo = P(prog="llmscratch lora", description="LoRA adapters written by `finetune ... --lora-rank R`.")
+    verbs.add_subcommand("lora", lo, help="merge a LoRA adapter into a full checkpoint, or export it for Hugging "
+                         "Face PEFT")
+    lo_verbs = lo.add_subcommands(dest="action", required=True)
+    p = verb("merge", "Base checkpoint + adapter → a full checkpoint folder (weights merged: W + alpha/r·BA), with "
+             "the adapter's prompt style and labels; generate, classify, eval and convert use it like any other.",
+             lo_verbs, prog="llmscratch lora merge")
+    p.add_argument("adapter", help="adapter folder (adapter.safetensors + adapter_config.json)")
+    p.add_argument("out", help="checkpoint folder to write (must be new or empty)")
+    p.add_argument("--base", default=None,
+                   help="base checkpoint folder (default: the path recorded in adapter_config.json); its weights "
+                        "must be the ones the adapter was trained on (sha256 checked)")
+    p = verb("export-peft", "An adapter → Hugging Face PEFT's adapter_config.json + adapter_model.safetensors, for "
+             "the base exported by `llmscratch convert to-hf` (GPT-2, Llama, Qwen3): "
+             "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF), OUT).",
+             lo_verbs, prog="llmscratch lora export-peft")
+    p.add_argument("adapter", help="adapter folder (adapter.safetensors + adapter_config.json)")
+    p.add_argument("out", help="folder to write (must be new or empty)")
+    p.add_argument("--base-hf", default=None,
+                   help="the Hugging Face export of the base, recorded as base_model_name_or_path (default: the "
+                        "base checkpoint's path)")
 
     p = verb("classify", "Classify texts with a fine-tuned classifier: prints label, probability and text per line.")
     p.add_argument("checkpoint", help="classifier folder written by `llmscratch finetune classify`")
@@ -290,6 +325,70 @@ def _instruct_arguments(p) -> None:
                     "train.eval_batches": 5, "train.save_every": 200, "train.keep_last": 1})
 
 
+def _lora_arguments(p, note: str = "") -> None:
+    from llmscratch.lora import TARGETS_HELP
+
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="train LoRA adapters of this rank instead of the weights (base frozen); --out then holds "
+                        "the adapter alone, which `llmscratch generate` loads and `llmscratch lora merge` merges"
+                        + (f"; {note}" if note else ""))
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator: updates are alpha/rank·BA")
+    p.add_argument("--lora-targets", default="all", help=f"layers that get adapters: {TARGETS_HELP}")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+
+
+def _lora_settings(a):
+    """LoRASettings from the --lora-* flags, or None without --lora-rank."""
+    if a.lora_rank is None:
+        return None
+    from llmscratch.lora import LoRASettings
+
+    settings = LoRASettings(a.lora_rank, a.lora_alpha, a.lora_targets, a.lora_dropout)
+    settings.check()
+    return settings
+
+
+def _dpo_arguments(p) -> None:
+    import dataclasses
+
+    from llmscratch.finetune.dpo import default_train_config
+    from llmscratch.prompts import STYLES
+    from llmscratch.train.trainer import TrainConfig
+
+    p.add_argument("checkpoint", help="instruction-tuned checkpoint folder (e.g. from `finetune instruct`)")
+    p.add_argument("--data", required=True,
+                   help="JSON list or JSONL of preference records: the book's {instruction, input, chosen, "
+                        "rejected} or {prompt, chosen, rejected}")
+    p.add_argument("--out", required=True, help="folder for the tuned model (or adapter), metrics and plots")
+    p.add_argument("--beta", type=float, default=0.1,
+                   help="strength of the pull toward the reference: rewards are beta·(log π − log π_ref)")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="assumed share of wrong preference labels, in [0, 0.5) (conservative DPO)")
+    p.add_argument("--precompute-reference", action="store_true",
+                   help="score every pair with the starting model once before training and keep only those "
+                        "numbers, instead of a frozen second model in memory")
+    p.add_argument("--average-logprobs", action="store_true",
+                   help="compare mean instead of summed answer-token log-probs (the book's variant; the paper sums)")
+    p.add_argument("--prompt-style", default=None,
+                   help=f"{' | '.join(STYLES)} (default: the style saved with the checkpoint, else alpaca)")
+    p.add_argument("--epochs", type=float, default=1.0,
+                   help="passes over the training pairs; sets --train.max_steps (0: use --train.max_steps)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per prompt + answer (default: the model's context length); longer answers are cut")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of records held out for validation")
+    p.add_argument("--test-fraction", type=float, default=0.10,
+                   help="share of records held out and answered after training (0: none)")
+    p.add_argument("--split-seed", type=int, default=123, help="seed of the train/val/test shuffle")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer generated")
+    p.add_argument("--samples", type=int, default=3,
+                   help="test prompts answered before and after training, printed and kept in dpo_metrics.json")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_class_arguments(TrainConfig, "train", skip={"progress", "sample_every"})
+    defaults = dataclasses.asdict(default_train_config())
+    p.set_defaults({f"train.{k}": v for k, v in defaults.items() if k not in ("progress", "sample_every")})
+
+
 def _version() -> str:
     from llmscratch import __version__
 
@@ -336,17 +435,20 @@ def cmd_pretrain(a) -> None:
 def cmd_generate(a) -> None:
     from llmscratch.checkpoint import find_model_folder, load
     from llmscratch.generate import stream
+    from llmscratch.lora import is_adapter_folder, load_merged
     from llmscratch.model.packed import pack_for_cpu_inference
     from llmscratch.prompts import load_style
     from llmscratch.runtime import inference_dtype, resolve_device
 
     device = resolve_device(a.device)
-    model, tok = load(a.checkpoint, device=device, dtype=inference_dtype(a.dtype, device))
+    adapter = is_adapter_folder(a.checkpoint) and not (Path(a.checkpoint) / "model.safetensors").exists()
+    load_fn = load_merged if adapter else load  # an adapter: base + adapter, merged in memory
+    model, tok = load_fn(a.checkpoint, device=device, dtype=inference_dtype(a.dtype, device))
     if not a.no_pack:
         pack_for_cpu_inference(model)  # CPU only; a no-op elsewhere
     # An instruction-tuned checkpoint: wrap the request in its prompt style, stop at its end of turn, and
     # print only the answer.
-    style = None if a.raw else load_style(find_model_folder(a.checkpoint))
+    style = None if a.raw else load_style(Path(a.checkpoint) if adapter else find_model_folder(a.checkpoint))
     prompt, shown, stop = a.prompt, a.prompt, list(a.stop or ())
     if style is not None:
         prompt, shown, stop = style.wrap(a.prompt), "", stop + list(style.stop)
@@ -457,7 +559,7 @@ def cmd_finetune_classify(a) -> None:
     finetune_classify(a.checkpoint, a.data, a.out, text_column=a.text_column, label_column=a.label_column,
                       balance=not a.no_balance, max_length=a.max_length, trainable=a.trainable, epochs=a.epochs,
                       max_steps=a.max_steps, data_seed=a.data_seed, train_cfg=cfg, resume=a.resume,
-                      overwrite=a.overwrite, progress=not a.no_progress)
+                      overwrite=a.overwrite, progress=not a.no_progress, lora=_lora_settings(a))
 
 
 def cmd_classify(a) -> None:
@@ -478,12 +580,54 @@ def cmd_finetune_instruct(a) -> None:
     r = run_instruct(a.checkpoint, a.data, a.out, prompt_style=a.prompt_style, train_cfg=cfg,
                      epochs=a.epochs or None, max_length=a.max_length, train_on_prompt=a.train_on_prompt,
                      val_fraction=a.val_fraction, test_fraction=a.test_fraction, split_seed=a.split_seed,
-                     max_new_tokens=a.max_new_tokens, resume=a.resume, progress=not a.no_progress)
+                     max_new_tokens=a.max_new_tokens, resume=a.resume, progress=not a.no_progress,
+                     lora=_lora_settings(a))
     val = f", val loss {r.train.val_loss:.3f}" if r.train.val_loss is not None else ""
     note = {"time": " (time budget reached)", "interrupt": " (interrupted; resume with --resume)"}.get(
         r.train.stopped_early, "")
     print(f"stopped at step {r.train.step}{note}{val}. Model in {a.out} (prompt style {a.prompt_style}); try:\n"
           f'  llmscratch generate {a.out} --prompt "Name three fruits." --temperature 0')
+
+
+def cmd_finetune_dpo(a) -> None:
+    from llmscratch.finetune.dpo import run_dpo
+    from llmscratch.train.trainer import TrainConfig
+
+    cfg = TrainConfig(**{k: v for k, v in vars(a.train).items() if not k.startswith("__")},
+                      progress=not a.no_progress)
+    r = run_dpo(a.checkpoint, a.data, a.out, prompt_style=a.prompt_style, beta=a.beta,
+                label_smoothing=a.label_smoothing, precompute=a.precompute_reference,
+                average_logprobs=a.average_logprobs, train_cfg=cfg, epochs=a.epochs or None, max_length=a.max_length,
+                val_fraction=a.val_fraction, test_fraction=a.test_fraction, split_seed=a.split_seed,
+                max_new_tokens=a.max_new_tokens, n_samples=a.samples, lora=_lora_settings(a), resume=a.resume,
+                progress=not a.no_progress)
+    for s in r.samples:
+        print(f"\n### {s['instruction']}" + (f"\n{s['input']}" if s["input"] else ""))
+        if s["before"] is not None:
+            print(f"before: {s['before']}")
+        print(f"after:  {s['after']}")
+    note = {"time": " (time budget reached)", "interrupt": " (interrupted; resume with --resume)"}.get(
+        r.train.stopped_early, "")
+    print(f"\nstopped at step {r.train.step}{note}: validation reward margin {r.before['reward_margin']:.3f} → "
+          f"{r.after['reward_margin']:.3f}, reward accuracy {r.before['reward_accuracy']:.1%} → "
+          f"{r.after['reward_accuracy']:.1%}. Output in {a.out}; try:\n"
+          f'  llmscratch generate {a.out} --prompt "Rewrite the sentence: The cat sat." --temperature 0')
+
+
+def cmd_lora_merge(a) -> None:
+    from llmscratch.lora import merge_adapter_folder
+
+    merge_adapter_folder(a.adapter, a.out, base=a.base)
+    print(f"merged {a.adapter} into its base; full checkpoint in {a.out}")
+
+
+def cmd_lora_export_peft(a) -> None:
+    from llmscratch.lora import export_peft
+
+    export_peft(a.adapter, a.out, base_hf=a.base_hf)
+    print(f"wrote {a.out}/adapter_config.json and adapter_model.safetensors; load with "
+          "peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF), "
+          f"{str(a.out)!r}) where BASE_HF is `llmscratch convert to-hf` of the base")
 
 
 def cmd_data_synth_instruct(a) -> None:
@@ -553,6 +697,11 @@ COMMANDS = {
     "finetune": {
         "instruct": cmd_finetune_instruct,
         "classify": cmd_finetune_classify,
+        "dpo": cmd_finetune_dpo,
+    },
+    "lora": {
+        "merge": cmd_lora_merge,
+        "export-peft": cmd_lora_export_peft,
     },
     "data": {
         "synth-instruct": cmd_data_synth_instruct,

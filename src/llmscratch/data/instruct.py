@@ -58,6 +58,22 @@ def load_records(src: str | Path, progress: bool = True) -> list[dict]:
     """Instruction records from `src` (see the module docstring), checked; bad input → UserError naming
     the file and the line (JSONL) or record number (JSON list)."""
     path = resolve_instruction_source(src, progress)
+    records: list[dict] = []
+    for where, obj in read_json_objects(path):
+        if not isinstance(obj, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if "messages" in obj:
+            records.extend(records_from_messages(obj, where))
+        else:
+            records.append(alpaca_record(obj, where))
+    if not records:
+        raise UserError(f"{path}: no records; it needs at least one instruction with an output")
+    return records
+
+
+def read_json_objects(path: Path) -> list[tuple[str, object]]:
+    """(where, parsed item) for each item of a JSON list or JSONL file (by extension, else by a leading '['),
+    `where` naming the file and line ("file:3") or record ("file: record 3") for error messages."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -89,17 +105,7 @@ def load_records(src: str | Path, progress: bool = True) -> list[dict]:
             raise UserError(f"{path}: expected a JSON list of records, got {type(data).__name__}; "
                             "use a list of {instruction, input, output} objects, or JSONL")
         items = [(f"{path}: record {i}", obj) for i, obj in enumerate(data, 1)]
-    records: list[dict] = []
-    for where, obj in items:
-        if not isinstance(obj, dict):
-            raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        if "messages" in obj:
-            records.extend(records_from_messages(obj, where))
-        else:
-            records.append(alpaca_record(obj, where))
-    if not records:
-        raise UserError(f"{path}: no records; it needs at least one instruction with an output")
-    return records
+    return items
 
 
 def _text(obj: dict, key: str, where: str, required: bool = True) -> str:

@@ -271,9 +271,12 @@ def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, tex
                       label_column: str = "label", balance: bool = True, max_length: int | None = None,
                       trainable: str = "last-block", epochs: float = 5, max_steps: int | None = None,
                       data_seed: int = 123, train_cfg=None, resume: bool = False, overwrite: bool = False,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, lora=None) -> dict:
     """Fine-tune the model in `checkpoint` to classify the texts of `data` (see `load_labelled`); writes the
-    classifier, labels.json, metrics.json, loss.png, accuracy.png and confusion.png into `out`."""
+    classifier, labels.json, metrics.json, loss.png, accuracy.png and confusion.png into `out`.
+
+    `lora` (a `llmscratch.lora.LoRASettings`): train LoRA adapters and the class head only (instead of
+    `trainable`); `out` then holds the adapter with the head, to merge with `llmscratch lora merge`."""
     from llmscratch.checkpoint import load
     from llmscratch.data import labelled
     from llmscratch.runtime import autocast_dtype, resolve_device
@@ -288,6 +291,8 @@ def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, tex
         raise UserError(f"--trainable {trainable}: choose one of {', '.join(TRAINABLE)}")
     if epochs <= 0 and not max_steps:
         raise UserError(f"--epochs must be positive, got {epochs}")
+    if lora is not None:
+        lora.check()
     if resume and latest_checkpoint(out) is None:
         raise UserError(f"--resume: no checkpoint under {out / 'checkpoints'}; start without --resume")
     replace = not resume and (out / "checkpoints").exists()
@@ -335,7 +340,14 @@ def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, tex
 
     model = build_classifier(base, len(labels), seed=cfg.seed)
     del base
-    n_trainable = set_trainable(model, trainable)
+    if lora is None:
+        n_trainable = set_trainable(model, trainable)
+    else:  # adapters + the new class head; the base weights stay frozen
+        from llmscratch.lora import apply_lora, lora_report
+
+        apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, trainable=("lm_head",), seed=cfg.seed)
+        trainable, n_trainable = "lora+head", lora_report(model).trainable
+        print(lora_report(model), flush=True)
     print(f"classifier: {model.num_params() / 1e6:.2f}M parameters, {n_trainable:,} trainable ({trainable}); "
           f"labels {labels}", flush=True)
 
@@ -397,6 +409,12 @@ def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, tex
     plot_confusion(metrics["splits"]["test"]["confusion"], labels, out / "confusion.png",
                    f"test split: accuracy {metrics['splits']['test']['accuracy']:.1%}")
     plot_accuracy(history, out / "accuracy.png")
+    if lora is not None:
+        from llmscratch.lora import finish_adapter_run
+
+        finish_adapter_run(out, model, checkpoint, tok)
+        print(f"saved the adapter and class head alone to {out}; merge before classifying: "
+              f"llmscratch lora merge {out} MERGED_DIR")
     print(format_report(metrics))
     print(f"files in {out}/: model.safetensors, config.json, {LABELS_FILE}, {METRICS_FILE}, loss.png, "
           "accuracy.png, confusion.png")

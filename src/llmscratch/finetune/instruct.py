@@ -44,11 +44,12 @@ def run_instruct(checkpoint: str | Path, data: str | Path, out: str | Path, prom
                  train_cfg: TrainConfig | None = None, epochs: float | None = 2.0, max_length: int | None = None,
                  train_on_prompt: bool = False, val_fraction: float = 0.05, test_fraction: float = 0.10,
                  split_seed: int = 123, max_new_tokens: int = 256, resume: bool = False,
-                 progress: bool = True, log=print) -> InstructResult:
+                 progress: bool = True, log=print, lora=None) -> InstructResult:
     """Fine-tune `checkpoint` on instruction records `data` into `out`; see `llmscratch finetune instruct -h`.
 
     `epochs` sets the number of optimizer steps (None: keep `train_cfg.max_steps`). After training, each test
     record is answered greedily and written with its `model_response` to `out/test_responses.json`.
+    `lora` (a `llmscratch.lora.LoRASettings`) trains adapters only and leaves an adapter folder in `out`.
     """
     from llmscratch.checkpoint import load
     from llmscratch.data.instruct import InstructCollate, encode_records, load_records, split_records
@@ -68,10 +69,17 @@ def run_instruct(checkpoint: str | Path, data: str | Path, out: str | Path, prom
     if not resume and latest_checkpoint(out) is not None:
         raise UserError(f"--out {out}: already holds a training run; pass --resume to continue it or choose "
                         "another folder")
+    if lora is not None:
+        lora.check()
     records = load_records(data, progress=progress)
     model, tok = load(checkpoint)
     if model.config.n_classes is not None:
         raise UserError(f"{checkpoint}: a classifier checkpoint; instruction tuning needs a language model")
+    if lora is not None:
+        from llmscratch.lora import apply_lora, lora_report
+
+        apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, seed=cfg.seed)
+        log(str(lora_report(model)))
     context = model.config.context_length
     max_length = max_length or context
     if max_length > context:
@@ -90,6 +98,8 @@ def run_instruct(checkpoint: str | Path, data: str | Path, out: str | Path, prom
         raise UserError(f"{len(train_ex)} training examples are fewer than one batch of {cfg.batch_size}; "
                         "lower --train.batch_size or add data")
 
+    if getattr(cfg, "compile", None) is None:
+        cfg.compile = False  # dynamic padding gives each batch its own length: a compiled graph would recompile
     device = resolve_device(cfg.device)
     collate = InstructCollate(pad_id=tok.eos_id, mask_prompt=mask_prompt, device=device)
     batches = ExampleBatches(train_ex, val_ex, collate, cfg.batch_size, seed=cfg.seed)
@@ -103,6 +113,8 @@ def run_instruct(checkpoint: str | Path, data: str | Path, out: str | Path, prom
     hparams = {"stage": "instruct", "base": str(checkpoint), "data": str(data), "prompt_style": style.name,
                "epochs": epochs, "max_length": max_length, "train_on_prompt": train_on_prompt,
                "split": {"seed": split_seed, "val_fraction": val_fraction, "test_fraction": test_fraction}}
+    if lora is not None:
+        hparams["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets, "dropout": lora.dropout}
     sample_record = (val_recs or train_recs)[0]
 
     def sample(m) -> str:
@@ -123,6 +135,11 @@ def run_instruct(checkpoint: str | Path, data: str | Path, out: str | Path, prom
         responses = out / RESPONSES_FILE
         write_responses(model, tok, style, test_recs, responses, max_new_tokens, progress=progress)
         log(f"wrote {len(test_recs)} test-set responses to {responses}")
+    if lora is not None:
+        from llmscratch.lora import finish_adapter_run
+
+        finish_adapter_run(out, model, checkpoint, tok)
+        log(f"saved the adapter alone to {out} (merge with `llmscratch lora merge {out} MERGED_DIR`)")
     return InstructResult(result, len(train_recs), len(val_recs), len(test_recs), responses)
 
 

@@ -10,20 +10,20 @@ FIELDS = ["kind", "step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss",
 
 
 class MetricsLog:
-    """Appends rows to `metrics.csv` (one row per log or eval event) and mirrors them to TensorBoard."""
+    """Appends rows to `metrics.csv` (one row per log or eval event) and mirrors them to TensorBoard.
+
+    The columns are `FIELDS` plus any other value a stage logs (e.g. DPO's `val_reward_margin`): a new name
+    adds a column, and the file is rewritten once with the wider header."""
 
     def __init__(self, out_dir: str | Path, resume_from_step: int | None = None, tensorboard: bool = True):
         self.path = Path(out_dir) / "metrics.csv"
         rows = read_metrics(self.path) if resume_from_step is not None and self.path.exists() else []
         # A run killed after its last checkpoint logged steps that the resumed run will redo: drop them.
         rows = [r for r in rows if resume_from_step is not None and int(r["step"]) <= resume_from_step]
+        self.fields = list(FIELDS) + [k for r in rows[:1] for k in r if k not in FIELDS]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=FIELDS)
-        self._writer.writeheader()
-        for r in rows:
-            self._writer.writerow(r)
-        self._file.flush()
+        self._file = None
+        self._rewrite(rows)
         self._tb = None
         if tensorboard:
             try:
@@ -32,9 +32,25 @@ class MetricsLog:
             except ImportError:  # tensorboard is optional
                 self._tb = None
 
+    def _rewrite(self, rows: list[dict]) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file = open(self.path, "w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.fields)
+        self._writer.writeheader()
+        for r in rows:
+            self._writer.writerow(r)
+        self._file.flush()
+
     def log(self, kind: str, step: int, **values) -> None:
         row = {"kind": kind, "step": step}
         row.update({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in values.items() if v is not None})
+        new = [k for k in row if k not in self.fields]
+        if new:  # a new metric: widen the header, keeping the rows written so far
+            self._file.flush()
+            rows = read_metrics(self.path)
+            self.fields += new
+            self._rewrite(rows)
         self._writer.writerow(row)
         self._file.flush()
         if self._tb is not None:

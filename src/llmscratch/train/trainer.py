@@ -4,7 +4,10 @@ A stage supplies:
   * `batches`: a `BatchSource` — `next("train")` gives the next training batch; `next("eval_train")` and
     `next("eval_val")` give evaluation batches, which must repeat after `reset_eval()` so evaluations are
     comparable; `state_dict()` captures the data position so `--resume` continues with the very next batch;
-  * `loss_fn(model, batch) -> (loss, n_tokens)`: the mean loss and how many tokens it covered.
+  * `loss_fn(model, batch) -> (loss, n_tokens)`: the mean loss and how many tokens it covered. It may also
+    return a third item, a dict of extra scalars (e.g. DPO's rewards): the trainer averages each over the
+    batches of a logging window and of an evaluation, like the loss, and logs them as `train_<name>` and
+    `val_<name>` columns of metrics.csv.
 """
 
 from __future__ import annotations
@@ -184,6 +187,14 @@ def find_micro_batch(model, context_length: int, cfg: TrainConfig, device: torch
     return max(1, found // 2)
 
 
+def unpack_loss(out) -> tuple[torch.Tensor, int, dict]:
+    """`loss_fn`'s result as (loss, n, extras): it returns (loss, n) or (loss, n, {name: scalar})."""
+    if len(out) == 3:
+        return out[0], out[1], out[2] or {}
+    loss, n = out
+    return loss, n, {}
+
+
 def _rng_state() -> dict:
     _, keys, pos, _, _ = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -264,18 +275,22 @@ class _StopFlag:
 
 @torch.no_grad()
 def evaluate(model, batches: BatchSource, loss_fn, n_batches: int, amp_dtype, device) -> dict[str, float]:
-    """Mean loss over the same `n_batches` of each split every time (the source resets its eval stream)."""
+    """Mean loss over the same `n_batches` of each split every time (the source resets its eval stream):
+    {"train": loss, "val": loss}, plus "train_<name>" and "val_<name>" for each extra scalar of `loss_fn`."""
     was_training = model.training
     model.eval()
     batches.reset_eval()
     out = {}
     for split in ("train", "val"):
-        total = 0.0
+        total, extra_totals = 0.0, {}
         for _ in range(n_batches):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, _ = loss_fn(model, batches.next(f"eval_{split}"))
+                loss, _, extras = unpack_loss(loss_fn(model, batches.next(f"eval_{split}")))
             total += float(loss)
+            for k, v in extras.items():
+                extra_totals[k] = extra_totals.get(k, 0.0) + float(v)
         out[split] = total / max(1, n_batches)
+        out.update({f"{split}_{k}": v / max(1, n_batches) for k, v in extra_totals.items()})
     model.train(was_training)
     return out
 
@@ -327,6 +342,7 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
     start = time.perf_counter()
     window_t, window_tokens = start, 0
     running = torch.zeros((), device=device)
+    running_extras: dict[str, torch.Tensor] = {}  # loss_fn's extra scalars, summed like `running`
     running_n = 0
     last_saved = step
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, desc="train", unit="step",
@@ -345,9 +361,12 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
                 for _ in range(cfg.grad_accum):
                     batch = batches.next("train")
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss, n = loss_fn(fwd_model, batch)
+                        loss, n, extras = unpack_loss(loss_fn(fwd_model, batch))
                     (loss / cfg.grad_accum).backward()
                     running += loss.detach() / cfg.grad_accum
+                    for k, v in extras.items():
+                        v = torch.as_tensor(v, device=device).detach().float() / cfg.grad_accum
+                        running_extras[k] = running_extras[k] + v if k in running_extras else v
                     tokens += n
                     window_tokens += n
                 if cfg.grad_clip > 0:
@@ -366,7 +385,9 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
                 # non-finite loss never reaches a checkpoint.
                 if step % cfg.log_every == 0 or saving:
                     train_loss = float(running) / running_n  # the only host sync in the loop
+                    extra_means = {f"train_{k}": float(v) / running_n for k, v in running_extras.items()}
                     running.zero_()
+                    running_extras.clear()
                     running_n = 0
                     if not math.isfinite(train_loss):
                         good = latest_checkpoint(out_dir)
@@ -378,7 +399,7 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
                     window_t, window_tokens = now, 0
                     mfu = tok_s * flops_tok / peak if (peak and flops_tok) else None
                     metrics.log("train", step, tokens=tokens, elapsed_s=round(now - start, 2), lr=lr,
-                                train_loss=train_loss, tokens_per_s=round(tok_s, 1), mfu=mfu)
+                                train_loss=train_loss, tokens_per_s=round(tok_s, 1), mfu=mfu, **extra_means)
                     result.train_loss = train_loss
                     postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.1e}", "tok/s": f"{tok_s:,.0f}"}
                     if mfu is not None:
@@ -391,13 +412,15 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
 
                 if step % cfg.eval_every == 0 or stopping:
                     ev = evaluate(model, batches, loss_fn, cfg.eval_batches, amp_dtype, device)
+                    ev_extras = {k: v for k, v in ev.items() if k not in ("train", "val")}
                     metrics.log("eval", step, tokens=tokens, elapsed_s=round(time.perf_counter() - start, 2),
                                 lr=lr, train_loss=ev["train"], val_loss=ev["val"],
-                                val_ppl=math.exp(min(ev["val"], 50.0)))
+                                val_ppl=math.exp(min(ev["val"], 50.0)), **ev_extras)
                     result.val_loss = ev["val"]
-                    result.history.append({"step": step, "train": ev["train"], "val": ev["val"]})
+                    result.history.append({"step": step, "train": ev["train"], "val": ev["val"], **ev_extras})
+                    shown = "".join(f", {k} {v:.3f}" for k, v in ev_extras.items() if k.startswith("val_"))
                     bar.write(f"step {step}: train loss {ev['train']:.3f}, val loss {ev['val']:.3f} "
-                              f"(perplexity {math.exp(min(ev['val'], 50.0)):.1f})")
+                              f"(perplexity {math.exp(min(ev['val'], 50.0)):.1f}){shown}")
                     if not math.isfinite(ev["val"]):
                         raise TrainingDiverged(f"validation loss became {ev['val']} at step {step}; stopping. "
                                                "Lower --lr and retry")
