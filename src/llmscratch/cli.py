@@ -202,14 +202,16 @@ def build_parser():
     data = P(prog="llmscratch data", description="Make data sets.")
     verbs.add_subcommand("data", data, help="make data sets (synthetic instruction tasks)")
     data_verbs = data.add_subcommands(dest="action", required=True)
-    p = verb("synth-instruct", "Write a procedural instruction data set with verifiable answers (families: "
-             "arithmetic, unit_conversion, word_reversal, spelling, sorting, capitalization, counting) as "
-             "--out/train.jsonl and --out/test.jsonl; test items use held-out words and operands.", data_verbs,
-             prog="llmscratch data synth-instruct")
+    p = verb("synth-instruct", "Write a procedural instruction data set with verifiable answers as "
+             "--out/train.jsonl and --out/test.jsonl (each record has a `family`); test items use held-out words "
+             "and operands.", data_verbs, prog="llmscratch data synth-instruct")
     p.add_argument("--out", required=True, help="folder for train.jsonl and test.jsonl (or .json with --format json)")
     p.add_argument("--n-train", type=int, default=2000, help="training records per family")
     p.add_argument("--n-test", type=int, default=100, help="test records per family (all distinct)")
-    p.add_argument("--families", default=None, help="comma-separated subset of the families (default: all)")
+    p.add_argument("--families", default=None,
+                   help="comma-separated families; default: arithmetic, unit_conversion, comparison, counting, "
+                        "first_letter. Copying families for larger models: long_arithmetic, word_reversal, "
+                        "spelling, sorting, capitalization, last_word, repeat_word")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw and of the held-out word list")
     p.add_argument("--format", default="jsonl", help="jsonl | json (Alpaca JSON list)")
 

@@ -134,3 +134,22 @@ def test_collate_loss_ignores_masked_targets():
     keep = y != IGNORE_INDEX
     expected = torch.nn.functional.cross_entropy(logits[keep], y[keep])
     torch.testing.assert_close(model(x, targets=y), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_named_book_data_set_downloads_once_with_its_checksum(tmp_path, monkeypatch):
+    import llmscratch.data.corpora as corpora
+
+    calls = []
+
+    def fake_download(url, dest, sha256, **kw):
+        calls.append((url, sha256))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(json.dumps(ALPACA))
+        return dest
+
+    monkeypatch.setattr(corpora, "download", fake_download)
+    assert load_records("book-instructions", progress=False) == load_records(write(tmp_path / "d.json",
+                                                                                   json.dumps(ALPACA)))
+    (url, sha256), = calls
+    assert url.endswith("ch07/01_main-chapter-code/instruction-data.json")
+    assert sha256 == "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from llmscratch.data.synth import FAMILIES, synth_instructions
+from llmscratch.data.synth import ALL_FAMILIES, FAMILIES, synth_instructions
 from llmscratch.errors import UserError
 
 FACTORS = {("kilometers", "meters"): 1000, ("meters", "centimeters"): 100, ("centimeters", "millimeters"): 10,
@@ -16,9 +16,12 @@ FACTORS = {("kilometers", "meters"): 1000, ("meters", "centimeters"): 100, ("cen
 def solve(r: dict) -> str:
     """An independent solver that reads only the instruction and input text."""
     fam, text, inp = r["family"], r["instruction"], r["input"]
-    if fam == "arithmetic":
+    if fam in ("arithmetic", "long_arithmetic"):
         a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", text).groups()
         return str(int(a) + int(b) if op == "+" else int(a) - int(b))
+    if fam == "comparison":
+        kind, a, b = re.fullmatch(r"Which number is (larger|smaller), (\d+) or (\d+)\?", text).groups()
+        return str((max if kind == "larger" else min)(int(a), int(b)))
     if fam == "unit_conversion":
         n, src, dst = re.fullmatch(r"Convert (\d+) (\w+) to (\w+)\.", text).groups()
         if (src, dst) in FACTORS:
@@ -37,12 +40,18 @@ def solve(r: dict) -> str:
         return " ".join(w.capitalize() for w in words)
     if fam == "counting":
         return str(len(words))
+    if fam == "first_letter":
+        return inp[:1]
+    if fam == "last_word":
+        return words[-1]
+    if fam == "repeat_word":
+        return " ".join([inp] * 3)
     raise AssertionError(fam)
 
 
 @pytest.fixture(scope="module")
 def data():
-    return synth_instructions(n_train=300, n_test=40, seed=7)
+    return synth_instructions(n_train=300, n_test=40, families=list(ALL_FAMILIES), seed=7)
 
 
 def test_every_answer_is_correct(data):
@@ -53,15 +62,15 @@ def test_every_answer_is_correct(data):
 
 def test_sizes_families_and_distinct_test_items(data):
     train, test = data
-    assert Counter(r["family"] for r in train) == {f: 300 for f in FAMILIES}
-    assert Counter(r["family"] for r in test) == {f: 40 for f in FAMILIES}
+    assert Counter(r["family"] for r in train) == {f: 300 for f in ALL_FAMILIES}
+    assert Counter(r["family"] for r in test) == {f: 40 for f in ALL_FAMILIES}
     keys = [(r["instruction"], r["input"]) for r in test]
     assert len(set(keys)) == len(keys)
 
 
 def test_test_split_is_held_out(data):
     train, test = data
-    word_fams = {"word_reversal", "spelling", "capitalization", "counting"}
+    word_fams = {"word_reversal", "spelling", "capitalization", "counting", "first_letter", "last_word", "repeat_word"}
     train_words = {w for r in train if r["family"] in word_fams for w in r["input"].split()}
     test_words = {w for r in test if r["family"] in word_fams for w in r["input"].split()}
     assert test_words and not test_words & train_words  # the model never saw a test word in training
@@ -70,6 +79,10 @@ def test_test_split_is_held_out(data):
         a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", r["instruction"]).groups()
         return (op, *sorted((int(a), int(b)))) if op == "+" else (op, int(a), int(b))
 
+    def pair(r):
+        kind, a, b = re.fullmatch(r"Which number is (larger|smaller), (\d+) or (\d+)\?", r["instruction"]).groups()
+        return kind, *sorted((int(a), int(b)))
+
     def conversion(r):
         n, src, dst = re.fullmatch(r"Convert (\d+) (\w+) to (\w+)\.", r["instruction"]).groups()
         return src, dst, int(n)
@@ -77,15 +90,18 @@ def test_test_split_is_held_out(data):
     def number_set(r):
         return tuple(sorted(int(x) for x in r["input"].split(", ")))
 
-    for fam, key in (("arithmetic", arithmetic_fact), ("unit_conversion", conversion), ("sorting", number_set)):
+    for fam, key in (("arithmetic", arithmetic_fact), ("long_arithmetic", arithmetic_fact), ("comparison", pair),
+                     ("unit_conversion", conversion), ("sorting", number_set)):
         train_keys = {key(r) for r in train if r["family"] == fam}
         test_keys = {key(r) for r in test if r["family"] == fam}
         assert len(test_keys) == 40 and not test_keys & train_keys, fam
 
 
-def test_seeded(data):
-    assert synth_instructions(n_train=300, n_test=40, seed=7) == data
-    assert synth_instructions(n_train=300, n_test=40, seed=8)[1] != data[1]
+def test_seeded_and_default_families(data):
+    assert synth_instructions(n_train=300, n_test=40, families=list(ALL_FAMILIES), seed=7) == data
+    assert synth_instructions(n_train=300, n_test=40, families=list(ALL_FAMILIES), seed=8)[1] != data[1]
+    train, test = synth_instructions(n_train=3, n_test=2)
+    assert {r["family"] for r in test} == set(FAMILIES) and len(train) == 3 * len(FAMILIES)
 
 
 def test_family_subset_and_bad_arguments():
