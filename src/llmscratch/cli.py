@@ -265,7 +265,7 @@ def build_parser():
 def _classify_arguments(p) -> None:
     import dataclasses
 
-    from llmscratch.finetune.classify import TRAINABLE, default_train_config
+    from llmscratch.finetune.classify import DEFAULT_EPOCHS, DEFAULT_TRAINABLE, TRAINABLE, default_train_config
     from llmscratch.train.trainer import TrainConfig
 
     p.add_argument("checkpoint", help="pretrained checkpoint folder (e.g. runs/quickstart)")
@@ -279,10 +279,11 @@ def _classify_arguments(p) -> None:
                    help="keep every example instead of undersampling each class to the smallest one's size")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per text; longer texts are cut (default: the longest text, capped at the context)")
-    p.add_argument("--trainable", default="last-block",
+    p.add_argument("--trainable", default=DEFAULT_TRAINABLE,
                    help=f"{' | '.join(TRAINABLE)}: what is trained; last-block = last transformer block + final "
-                        "norm + class head (the book's choice), all = every weight")
-    p.add_argument("--epochs", type=float, default=5, help="passes over the training split")
+                        "norm + class head (the book's choice, with 5 epochs and --train.lr 5e-5 for GPT-2), "
+                        "all = every weight (best for small models pretrained briefly)")
+    p.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help="passes over the training split")
     p.add_argument("--max-steps", type=int, default=None,
                    help="optimizer updates (default: epochs x batches per epoch)")
     p.add_argument("--data-seed", type=int, default=123, help="seed of the balancing draw and the 70/10/20 split")
@@ -292,6 +293,9 @@ def _classify_arguments(p) -> None:
     skip = {"progress", "max_steps", "sample_every"}  # no samples: a classifier does not generate
     p.add_class_arguments(TrainConfig, "train", skip=skip)
     defaults = dataclasses.asdict(default_train_config())
+    p.add_argument("--random-init", action="store_true",
+                   help="use only the checkpoint's shape and tokenizer, with fresh random weights (the baseline "
+                        "that shows what pretraining adds)")
     p.set_defaults({f"train.{k}": v for k, v in defaults.items() if k not in skip})
 
 
@@ -560,8 +564,8 @@ def cmd_finetune_classify(a) -> None:
                       progress=not a.no_progress)
     finetune_classify(a.checkpoint, a.data, a.out, text_column=a.text_column, label_column=a.label_column,
                       balance=not a.no_balance, max_length=a.max_length, trainable=a.trainable, epochs=a.epochs,
-                      max_steps=a.max_steps, data_seed=a.data_seed, train_cfg=cfg, resume=a.resume,
-                      overwrite=a.overwrite, progress=not a.no_progress, lora=_lora_settings(a))
+                      max_steps=a.max_steps, data_seed=a.data_seed, random_init=a.random_init, train_cfg=cfg,
+                      resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress, lora=_lora_settings(a))
 
 
 def cmd_classify(a) -> None:

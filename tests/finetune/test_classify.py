@@ -400,3 +400,16 @@ def test_cli_bad_input_exits_2_with_one_line(base_ckpt, spam_tsv, tmp_path, caps
     code, _, err = run(["classify", base_ckpt, "some text"], capsys)
     assert_user_error(code, err, "not a classifier", "n_classes")
     assert not (tmp_path / "o").exists()
+
+
+def test_random_init_keeps_shape_and_tokenizer_but_not_weights(base_ckpt, spam_tsv, tmp_path, capsys):
+    from llmscratch.checkpoint import load_model
+
+    out = tmp_path / "scratch"
+    code, _, err = run(["finetune", "classify", base_ckpt, "--data", spam_tsv, "--out", out, *FAST,
+                        "--max-steps", 1, "--trainable", "head", "--random-init"], capsys)
+    assert code == 0, err
+    base, clf = load_model(base_ckpt), load_model(out)
+    assert clf.config.replace(n_classes=None, tie_embeddings=True) == base.config
+    assert not torch.equal(clf.tok_emb.weight, base.tok_emb.weight)  # frozen, so still the fresh init
+    assert json.loads((out / "metrics.json").read_text())["random_init"] is True
