@@ -310,6 +310,19 @@ def test_training_lowers_the_loss_and_changes_only_the_chosen_parts(tok, tmp_pat
         assert changed == (name in expected), name
 
 
+def test_classification_loss_is_cross_entropy_at_the_last_real_token_with_accuracy(tok):
+    model = micro_classifier(tok).eval()
+    data = [Encoded(tok.encode(t), lab) for t, lab in [("win cash now", 1), ("ok", 0), ("see you", 0)]]
+    batch = collate_labelled(data, pad_token_id(tok))
+    with torch.no_grad():
+        loss, n, extras = classification_loss(model, batch)
+        logits = torch.cat([model.lm_head(model.features(torch.tensor([e.ids]))[:, -1]) for e in data])
+    labels = torch.tensor([1, 0, 0])
+    assert n == 3
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels))
+    assert extras["accuracy"].item() == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+
+
 def test_evaluate_classifier_confusion_matrix_counts(tok):
     model = micro_classifier(tok)
     data = [Encoded(tok.encode(t), lab) for t, lab in [("win", 1), ("ok", 0), ("see you", 0), ("cash", 1)]]
@@ -340,6 +353,11 @@ def test_finetune_classify_then_classify_end_to_end(base_ckpt, spam_tsv, tmp_pat
     assert {s: metrics["splits"][s]["n"] for s in ("train", "val", "test")} == {"train": 42, "val": 6, "test": 12}
     assert sum(map(sum, metrics["splits"]["test"]["confusion"])) == 12
     assert len(metrics["history"]) == 4  # accuracy after each epoch
+    import csv
+
+    with open(out / "metrics.csv", newline="") as f:
+        evals = [r for r in csv.DictReader(f) if r["kind"] == "eval"]
+    assert evals and all(0.0 <= float(r["val_accuracy"]) <= 1.0 for r in evals)  # the loss's extra scalar
     assert "test confusion matrix" in stdout and "0 text(s) truncated" in stdout
     assert ModelConfig.load(out / "config.json").n_classes == 2
 

@@ -55,11 +55,14 @@ def class_logits(model, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
     return model.lm_head(last_token_features(hidden, lengths))  # head on B vectors only, not B·T
 
 
-def classification_loss(model, batch) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy of a (idx, lengths, labels) batch; the trainer's `loss_fn` (the book's
-    calc_loss_batch for chapter 6)."""
+def classification_loss(model, batch) -> tuple[torch.Tensor, int, dict]:
+    """Mean cross-entropy of a (idx, lengths, labels) batch, the number of texts, and the batch accuracy as an
+    extra scalar (logged as train_accuracy / val_accuracy in metrics.csv): the trainer's `loss_fn` (the book's
+    calc_loss_batch and calc_accuracy_loader for chapter 6)."""
     idx, lengths, labels = batch
-    return F.cross_entropy(class_logits(model, idx, lengths).float(), labels), labels.numel()
+    logits = class_logits(model, idx, lengths).float()
+    accuracy = (logits.detach().argmax(-1) == labels).float().mean()
+    return F.cross_entropy(logits, labels), labels.numel(), {"accuracy": accuracy}
 
 
 def build_classifier(base, n_classes: int, seed: int = 0):
