@@ -85,7 +85,7 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _columns_from_header(path: Path, header: list[str], text_column: str, label_column: str, fmt: str):
+def _columns_from_header(path: Path, header: list[str], text_column: str, label_column: str):
     """(text index, label index) from a header row, or None when the row is data (headerless file)."""
     names = [h.strip() for h in header]
     if text_column not in names and label_column not in names:
@@ -104,7 +104,7 @@ def _rows_to_examples(path: Path, rows, text_column: str, label_column: str, fmt
     columns = None
     for i, (line, fields) in enumerate(rows):
         if i == 0:
-            columns = _columns_from_header(path, fields, text_column, label_column, fmt)
+            columns = _columns_from_header(path, fields, text_column, label_column)
             if columns is not None:
                 continue
             if len(fields) != 2:

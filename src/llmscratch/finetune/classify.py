@@ -409,6 +409,7 @@ def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, tex
 
     print(f"training {steps} steps ({steps * cfg.grad_accum / per_epoch:.3g} epochs of {per_epoch} batches of "
           f"{cfg.batch_size}) on {device.type}", flush=True)
+    t_train = time.perf_counter()
     try:
         result = train(model, batches, cfg, out, loss_fn=classification_loss, tokenizer=tok, resume=resume,
                        hparams=hparams, on_step=on_step)
@@ -416,13 +417,13 @@ def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, tex
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    train_s = time.perf_counter() - t0
+    train_s = time.perf_counter() - t_train
 
     metrics = {"labels": labels, "data": str(data), "base": str(checkpoint), "random_init": random_init,
-               "trainable": trainable,
-               "trainable_params": n_trainable, "steps": result.step, "epochs": result.step * cfg.grad_accum
-               / per_epoch, "max_length": max_length, "truncated": n_truncated, "balanced": balance,
-               "class_counts": counts, "stopped_early": result.stopped_early, "history": history, "splits": {}}
+               "trainable": trainable, "trainable_params": n_trainable, "steps": result.step,
+               "epochs": result.step * cfg.grad_accum / per_epoch, "max_length": max_length,
+               "truncated": n_truncated, "balanced": balance, "class_counts": counts,
+               "stopped_early": result.stopped_early, "history": history, "splits": {}}
     for name, part in splits.items():
         metrics["splits"][name] = evaluate_classifier(model, part, pad, len(labels), 32, device, amp)
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
