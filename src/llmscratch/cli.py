@@ -287,15 +287,15 @@ def _classify_arguments(p) -> None:
     p.add_argument("--max-steps", type=int, default=None,
                    help="optimizer updates (default: epochs x batches per epoch)")
     p.add_argument("--data-seed", type=int, default=123, help="seed of the balancing draw and the 70/10/20 split")
+    p.add_argument("--random-init", action="store_true",
+                   help="use only the checkpoint's shape and tokenizer, with fresh random weights (the baseline "
+                        "that shows what pretraining adds)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a training run already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     skip = {"progress", "max_steps", "sample_every"}  # no samples: a classifier does not generate
     p.add_class_arguments(TrainConfig, "train", skip=skip)
     defaults = dataclasses.asdict(default_train_config())
-    p.add_argument("--random-init", action="store_true",
-                   help="use only the checkpoint's shape and tokenizer, with fresh random weights (the baseline "
-                        "that shows what pretraining adds)")
     p.set_defaults({f"train.{k}": v for k, v in defaults.items() if k not in skip})
 
 
