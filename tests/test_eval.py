@@ -155,7 +155,7 @@ def test_cli_judge_end_to_end_and_server_down(tmp_path, capsys):
 
 def test_responses_file_checked(tmp_path):
     path = write_responses(tmp_path, [{"instruction": "a", "output": "b"}])
-    with pytest.raises(UserError, match="record 1 has no string 'model_response'; pass --response-key"):
+    with pytest.raises(UserError, match="record 1: no string .model_response.; pass --response-key"):
         judge_file(path, ChatClient("http://127.0.0.1:9", "m"), progress=False)
 
 

@@ -124,25 +124,24 @@ class JudgeResult:
 
 
 def read_responses(path: str | Path, response_key: str) -> list[dict]:
+    """Records to judge: a JSON list (or JSONL) of objects with `instruction`, `output` and the answer."""
+    from llmscratch.data.instruct import read_json_objects
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: responses file not found (e.g. the test_responses.json of finetune instruct)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    if not isinstance(data, list) or not data:
-        raise UserError(f"{path}: expected a non-empty JSON list of records")
-    for i, r in enumerate(data, 1):
+    records = []
+    for where, r in read_json_objects(path):
         if not isinstance(r, dict):
-            raise UserError(f"{path}: record {i} is not a JSON object")
+            raise UserError(f"{where}: not a JSON object")
         for key in ("instruction", "output", response_key):
             if not isinstance(r.get(key), str):
-                raise UserError(f"{path}: record {i} has no string {key!r}"
-                                + ("; pass --response-key" if key == response_key else ""))
-    return data
+                hint = "; pass --response-key" if key == response_key else ""
+                raise UserError(f"{where}: no string {key!r}{hint}")
+        records.append(r)
+    if not records:
+        raise UserError(f"{path}: no records to judge")
+    return records
 
 
 def scores_path(responses: str | Path) -> Path:
