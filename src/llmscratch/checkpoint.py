@@ -91,15 +91,31 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in expected if k in state and state[k].shape != expected[k].shape]
+    raise_if_unfit(f"{source}: weights do not fit config.json", mismatched, missing, unexpected)
+
+
+def raise_if_unfit(context: str, mismatched: list[str], missing: list[str], unexpected: list[str]) -> None:
+    """One UserError, `context` then the first few shape mismatches (described by the caller, with both
+    shapes), missing and unexpected tensors; nothing when all three lists are empty. Every weight loader
+    reports through this, so the messages read alike."""
     problems = []
     if mismatched:
-        problems.append(f"shape mismatch in {len(mismatched)} tensor(s), first: " + "; ".join(mismatched[:3]))
+        problems.append(f"{len(mismatched)} shape mismatch(es), first: " + "; ".join(mismatched[:3]))
     if missing:
         problems.append(f"{len(missing)} missing tensor(s), first: {', '.join(missing[:3])}")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s), first: {', '.join(unexpected[:3])}")
     if problems:
-        raise UserError(f"{source}: weights do not fit config.json — " + "; ".join(problems))
+        raise UserError(f"{context} — " + "; ".join(problems))
+
+
+def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Fill a model built on the meta device with `state`'s tensors in place (no copies; memory-mapped
+    tensors stay mapped), then re-tie a tied LM head to the token embedding."""
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    return model
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -112,9 +128,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     with torch.device("meta"):
         model = GPT(cfg)
     check_state_dict(model, state, str(folder / WEIGHTS))
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
+    assign_weights(model, state)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval()
 

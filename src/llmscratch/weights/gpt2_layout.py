@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
+from llmscratch.checkpoint import assign_weights, raise_if_unfit
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
 
@@ -106,16 +107,6 @@ def fill_gpt(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], names: Mappi
         state[ours] = t.to(dtype).contiguous() if dtype is not None else t.contiguous()
     used = set(wanted.values())
     unexpected = sorted(k for k in tensors if k not in used and not k.endswith(ignore))
-    problems = []
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es), first: " + "; ".join(mismatched[:3]))
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s), first: {', '.join(missing[:3])}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s), first: {', '.join(unexpected[:3])}")
-    if problems:
-        raise UserError(f"{source}: weights do not fit the config — " + "; ".join(problems))
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
+    raise_if_unfit(f"{source}: weights do not fit the config", mismatched, missing, unexpected)
+    assign_weights(model, state)
     return model.eval()

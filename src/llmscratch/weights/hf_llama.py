@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from llmscratch.checkpoint import assign_weights, raise_if_unfit
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
 from llmscratch.fileio import atomic_write, atomic_write_text
@@ -124,18 +125,8 @@ def load_hf_llama(folder: str | Path, dtype: torch.dtype | None = None):
     if not cfg.tie_embeddings:
         take("lm_head.weight", ["lm_head.weight"])
     unexpected = sorted(set(tensors) - used - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
-    problems = []
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es), first: " + "; ".join(mismatched[:3]))
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s), first: {', '.join(missing[:3])}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s), first: {', '.join(unexpected[:3])}")
-    if problems:
-        raise UserError(f"{folder}: weights do not fit config.json — " + "; ".join(problems))
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
+    raise_if_unfit(f"{folder}: weights do not fit config.json", mismatched, missing, unexpected)
+    assign_weights(model, state)
     return model.eval(), cfg
 
 
