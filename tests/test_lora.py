@@ -318,7 +318,7 @@ def test_changed_base_or_foreign_folder_is_a_user_error(adapted, tmp_path, tok):
 
 
 # --- Hugging Face PEFT ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("preset", ["gpt-micro", "llama-micro"])
+@pytest.mark.parametrize("preset", ["gpt-micro", "llama-micro", "qwen3-micro"])
 def test_peft_loads_our_export_onto_the_transformers_model_with_equal_logits(tmp_path, tok, preset):
     pytest.importorskip("peft", reason="peft is in the test extra")
     transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")

@@ -238,6 +238,8 @@ def test_finetune_dpo_with_lora_resumes_and_generates(base, data, tmp_path, caps
     code, stdout, err = run(["generate", out, "--prompt", "Answer question 1.", "--max-new-tokens", 4,
                              "--temperature", 0], capsys)
     assert code == 0, err
+    code, _, err = run(["finetune", "dpo", out, "--data", data, "--out", tmp_path / "again", *FAST], capsys)
+    assert_user_error(code, err, "a LoRA adapter", "lora merge")  # a stage starts from a full checkpoint
 
 
 @pytest.mark.parametrize("args, content, needle", [
