@@ -467,3 +467,16 @@ def test_bad_input_exits_2_with_one_line(cli_base, tmp_path, capsys, argv, needl
     argv = [str(a).format(base=cli_base, tmp=tmp_path) for a in argv]
     code, _, err = run(argv, capsys)
     assert_user_error(code, err, needle)
+
+
+def test_adapter_file_that_does_not_fit_its_config_is_a_user_error(adapted):
+    from safetensors.torch import save_file
+
+    _, folder, _ = adapted
+    tensors = load_file(str(folder / "adapter.safetensors"))
+    tensors.pop("blocks.0.attn.qkv.lora_A")
+    tensors["blocks.1.mlp.fc.lora_B"] = torch.zeros(3, 3)
+    save_file(tensors, str(folder / "adapter.safetensors"))
+    with pytest.raises(UserError, match=r"does not fit adapter_config.json — 1 shape mismatch.*blocks.1.mlp.fc.lora_B"
+                                        r".*1 missing tensor\(s\), first: blocks.0.attn.qkv.lora_A"):
+        load_adapter(folder)

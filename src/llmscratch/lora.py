@@ -416,7 +416,14 @@ def load_adapter(folder: str | Path, base: str | Path | None = None, device: str
 
     The base checkpoint is the one recorded in adapter_config.json, or `base` when given (a moved copy). When
     its weights' sha256 differs from the recorded one, a UserError says so (`check_base=False` skips that)."""
-    from llmscratch.checkpoint import WEIGHTS, find_model_folder, load_model, load_state_dict, model_state
+    from llmscratch.checkpoint import (
+        WEIGHTS,
+        find_model_folder,
+        load_model,
+        load_state_dict,
+        model_state,
+        raise_if_unfit,
+    )
     from llmscratch.config import ModelConfig
     from llmscratch.model import GPT
     from llmscratch.tokenizer import load_tokenizer
@@ -453,15 +460,10 @@ def load_adapter(folder: str | Path, base: str | Path | None = None, device: str
     tensors = load_state_dict(folder / ADAPTER_WEIGHTS)
     expected = {k: v.shape for k, v in model.state_dict().items()
                 if is_lora_key(k) or k.startswith(tuple(f"{m}." for m in trainable))}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
     mismatched = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k])}"
                   for k in expected if k in tensors and tensors[k].shape != expected[k]]
-    if missing or unexpected or mismatched:
-        parts = [f"{len(x)} {what}, first: {', '.join(map(str, x[:3]))}"
-                 for x, what in ((missing, "missing"), (unexpected, "unexpected"), (mismatched, "mismatched"))
-                 if x]
-        raise UserError(f"{folder / ADAPTER_WEIGHTS}: does not fit {ADAPTER_CONFIG} — " + "; ".join(parts))
+    raise_if_unfit(f"{folder / ADAPTER_WEIGHTS}: does not fit {ADAPTER_CONFIG}", mismatched,
+                   sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected)))
     model.load_state_dict(tensors, strict=False, assign=any(t.is_meta for t in model.parameters()))
     if tuned_cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
