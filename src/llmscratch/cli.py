@@ -89,6 +89,10 @@ def build_parser():
                         "style, and only the answer is printed)")
     p.add_argument("--raw", action="store_true",
                    help="never wrap --prompt in the checkpoint's saved prompt style: continue the text as is")
+    p.add_argument("--chat", action="store_true",
+                   help="send --prompt as a user turn through the model's own chat template (Llama/Qwen tokenizer "
+                        "folders) and stop at its end-of-turn tokens")
+    p.add_argument("--system", default=None, help="with --chat: a system message before the user turn")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
@@ -97,6 +101,9 @@ def build_parser():
     p.add_argument("--stop", type=str, action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole window every step")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through a torch.compile'd static-shape step (CUDA graphs on a GPU: several times "
+                        "faster per token after ~15 s of compilation; pays off for long outputs)")
     p.add_argument("--no-pack", action="store_true",
                    help="on CPU, keep plain nn.Linear weights instead of oneDNN-packed ones (slower decoding)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -107,24 +114,29 @@ def build_parser():
     p.add_argument("target", help=f"checkpoint folder or preset ({', '.join(PRESETS)})")
     p.add_argument("--batch-size", type=int, default=8, help="batch size for the activation estimate")
 
-    p = verb("download", "Download OpenAI's GPT-2 (from the Hugging Face hub, or OpenAI's own release) into the "
-             "cache (resumable, size/sha256-checked) and convert it into a checkpoint folder. Environment: "
-             "HF_ENDPOINT (a hub mirror), HF_TOKEN (sent as a bearer token), HF_HUB_OFFLINE=1 (cache only).")
-    p.add_argument("model", help="gpt2-124m | gpt2-355m | gpt2-774m | gpt2-1558m")
+    from llmscratch.weights.hub import MODELS
+
+    p = verb("download", "Download a pretrained model — OpenAI's GPT-2 (from the Hugging Face hub, or OpenAI's own "
+             "release), Llama 3.2, Qwen3 — into the cache (resumable, size/sha256-checked) and convert it into a "
+             "checkpoint folder. Environment: HF_ENDPOINT (a hub mirror), HF_TOKEN (sent as a bearer token; Llama "
+             "is gated), HF_HUB_OFFLINE=1 (cache only).")
+    p.add_argument("model", help=" | ".join(MODELS))
     p.add_argument("--out", required=True, help="checkpoint folder to create (must be new or empty)")
     p.add_argument("--source", default="hf",
                    help="hf: the hub's model.safetensors (default) | openai: OpenAI's TensorFlow checkpoint")
     p.add_argument("--endpoint", default=None,
                    help="server to download from instead (a mirror; default: $HF_ENDPOINT, else the official one)")
-    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16: dtype of the saved weights")
+    p.add_argument("--dtype", default="fp32",
+                   help="fp32 | bf16 | fp16: dtype of the saved weights (Llama/Qwen are released in bf16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     conv = P(prog="llmscratch convert", description="Convert weights between formats.")
-    verbs.add_subcommand("convert", conv, help="convert GPT-2 weights (Hugging Face, OpenAI) to our checkpoints "
-                         "and back")
+    verbs.add_subcommand("convert", conv, help="convert GPT-2 (Hugging Face, OpenAI), Llama and Qwen3 weights to "
+                         "our checkpoints and back")
     conv_verbs = conv.add_subcommands(dest="action", required=True)
-    p = verb("from-hf", "A Hugging Face GPT-2 folder (model.safetensors, a sharded index, or pytorch_model.bin "
-             "read with weights_only) → our checkpoint folder.", conv_verbs, prog="llmscratch convert from-hf")
+    p = verb("from-hf", "A Hugging Face GPT-2, Llama or Qwen3 folder (model.safetensors, a sharded index, or "
+             "pytorch_model.bin read with weights_only) → our checkpoint folder.", conv_verbs,
+             prog="llmscratch convert from-hf")
     p.add_argument("hf_dir", help="Hugging Face model folder with config.json")
     p.add_argument("out", help="checkpoint folder to write")
     p.add_argument("--tokenizer", default=None,
@@ -138,8 +150,9 @@ def build_parser():
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer folder or `gpt2` (default: the folder's encoder.json + vocab.bpe)")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16: dtype of the saved weights")
-    p = verb("to-hf", "Our checkpoint folder → a folder transformers.GPT2LMHeadModel.from_pretrained loads, with "
-             "vocab.json + merges.txt for AutoTokenizer when the tokenizer is a byte-level BPE with GPT-2's regex.",
+    p = verb("to-hf", "Our checkpoint folder → a folder transformers loads (GPT2LMHeadModel, or LlamaForCausalLM / "
+             "Qwen3ForCausalLM for those configurations), with vocab.json + merges.txt for AutoTokenizer when the "
+             "tokenizer is a byte-level BPE with GPT-2's regex.",
              conv_verbs, prog="llmscratch convert to-hf")
     p.add_argument("checkpoint", help="our checkpoint folder")
     p.add_argument("out", help="Hugging Face folder to write (must be new or empty)")
@@ -450,18 +463,27 @@ def cmd_generate(a) -> None:
     adapter = is_adapter_folder(a.checkpoint) and not (Path(a.checkpoint) / "model.safetensors").exists()
     load_fn = load_merged if adapter else load  # an adapter: base + adapter, merged in memory
     model, tok = load_fn(a.checkpoint, device=device, dtype=inference_dtype(a.dtype, device))
-    if not a.no_pack:
+    if not a.no_pack and not a.compile:  # (the compiled step traces plain nn.Linear layers)
         pack_for_cpu_inference(model)  # CPU only; a no-op elsewhere
     # An instruction-tuned checkpoint: wrap the request in its prompt style, stop at its end of turn, and
     # print only the answer.
-    style = None if a.raw else load_style(Path(a.checkpoint) if adapter else find_model_folder(a.checkpoint))
+    style = None if a.raw or a.chat else load_style(Path(a.checkpoint) if adapter
+                                                     else find_model_folder(a.checkpoint))
     prompt, shown, stop = a.prompt, a.prompt, list(a.stop or ())
-    if style is not None:
+    if a.chat:  # the model's own chat template (a Hugging Face tokenizer folder: Llama 3, Qwen3)
+        if not callable(getattr(tok, "apply_chat_template", None)) or not tok.chat_template:
+            raise UserError(f"{a.checkpoint}: --chat needs a tokenizer with a chat template (a Llama/Qwen model "
+                            "converted from its Hugging Face folder); use --prompt alone")
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
+            {"role": "user", "content": a.prompt}]
+        prompt, shown = tok.apply_chat_template(messages, add_generation_prompt=True), ""
+        stop += [tok.decode([i]) for i in tok.stop_ids]  # <|eot_id|>, <|im_end|>, ...
+    elif style is not None:
         prompt, shown, stop = style.wrap(a.prompt), "", stop + list(style.stop)
     pieces = stream(model, tok, prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                     top_k=a.top_k or None, top_p=a.top_p, seed=a.seed, stop=stop,
-                    use_cache=not a.no_kv_cache)
-    if style is not None:
+                    use_cache=not a.no_kv_cache, compile=a.compile)
+    if style is not None or a.chat:
         pieces = _strip_leading_space(pieces)
     if a.stream:
         sys.stdout.write(shown)
@@ -505,9 +527,10 @@ def cmd_info(a) -> None:
     n, n_body = m.num_params(), m.num_params(exclude_embeddings=True)
     T, B = cfg.context_length, a.batch_size
     kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
-    # Activations saved for backward, per token per layer, roughly 34·d + 5·h·T bytes in 16-bit
-    # (Korthikanti et al. 2022, eq. 1, no recomputation); reported for bf16 autocast.
-    act = B * T * cfg.n_layers * (34 * cfg.d_model + 5 * cfg.n_heads * T)
+    # Activations saved for backward, per token per layer, roughly 34·d bytes in 16-bit (Korthikanti et al.
+    # 2022, eq. 1, no recomputation, without its 5·h·T term for the attention-score matrices: SDPA's fused
+    # kernels never store them); reported for bf16 autocast.
+    act = B * T * cfg.n_layers * 34 * cfg.d_model
     gib = 1024 ** 3
     rows = [
         ("config", f"{cfg.name} ({source})"),

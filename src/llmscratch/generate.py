@@ -116,11 +116,13 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
 
 def stream(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-           stop: Sequence[str] = (), stop_at_eos: bool = True, use_cache: bool = True) -> Iterator[str]:
+           stop: Sequence[str] = (), stop_at_eos: bool = True, use_cache: bool = True,
+           compile: bool = False) -> Iterator[str]:
     """Yield the generated text piece by piece for one prompt.
 
     Text is held back while it ends in an incomplete UTF-8 character (decoded as U+FFFD) or could still be
-    the start of a stop string, so the pieces joined equal the final text exactly.
+    the start of a stop string, so the pieces joined equal the final text exactly. `compile`: see
+    `generate_ids`.
     """
     ids = tokenizer.encode(prompt)
     eos = tokenizer.eos_id if stop_at_eos else None
@@ -128,7 +130,7 @@ def stream(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100, 
     emitted = 0
     text = ""
     for nxt in generate_ids(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, eos,
-                            seed, use_cache):
+                            seed, use_cache, compile=compile):
         token = int(nxt[0])
         if eos is not None and token == eos:
             break

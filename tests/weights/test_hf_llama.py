@@ -155,3 +155,29 @@ def test_cli_convert_takes_the_folders_own_tokenizer_and_chat_template(tmp_path,
     msgs = [{"role": "user", "content": "hi"}]
     assert again.apply_chat_template(msgs, tokenize=False) == "<|im_start|>user\nhi<|im_end|>\n"
     assert again.encode("The module", add_special_tokens=False) == tok.encode("The module").ids
+
+    # Chat through the model's own template; then the downstream stages run on this Qwen3-shaped model too.
+    code, out, err = _cli(["generate", tmp_path / "ours", "--chat", "--system", "Be brief.", "--prompt", "hi",
+                           "--max-new-tokens", 4, "--temperature", 0, "--dtype", "fp32"], capsys)
+    assert code == 0 and "<|im_end|>" not in out, err
+    records = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("yes", "no", "maybe", "ok") * 5]
+    (tmp_path / "data.json").write_text(__import__("json").dumps(records))
+    code, out, err = _cli(["finetune", "instruct", tmp_path / "ours", "--data", tmp_path / "data.json", "--out",
+                           tmp_path / "tuned", "--train.max_steps", 2, "--train.batch_size", 2,
+                           "--max-new-tokens", 3, "--no-progress", "--lora-rank", 2], capsys)
+    assert code == 0, err
+    code, out, err = _cli(["generate", tmp_path / "tuned", "--prompt", "Say yes.", "--max-new-tokens", 3,
+                           "--temperature", 0, "--dtype", "fp32"], capsys)
+    assert code == 0, err
+
+
+def test_chat_without_a_template_is_a_user_error(tmp_path, prepared, capsys):
+    from llmscratch.checkpoint import save_model
+    from llmscratch.config import ModelConfig
+    from llmscratch.model import GPT
+    from llmscratch.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(prepared)
+    save_model(tmp_path / "m", GPT(ModelConfig.from_preset("llama-micro", vocab_size=tok.vocab_size)), tok)
+    code, _, err = _cli(["generate", tmp_path / "m", "--chat", "--prompt", "hi"], capsys)
+    assert code == 2 and "chat template" in err
