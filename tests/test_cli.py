@@ -5,31 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from llmscratch.cli import main
+from clitools import assert_user_error, run
 
 FAST = ["--model", "gpt-micro", "--train.max_steps", "6", "--train.batch_size", "2", "--train.eval_every", "3",
         "--train.eval_batches", "1", "--train.save_every", "3", "--train.warmup_steps", "2",
         "--context-length", "32", "--no-progress"]
-
-
-def run(argv, capsys):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argument errors exit from the parser
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code, err, *needles):
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_pipeline_end_to_end(tiny_corpus, tmp_path, capsys):

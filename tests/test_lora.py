@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from clitools import assert_user_error, run
 from safetensors.torch import load_file
 
 from llmscratch.checkpoint import load_model, save_model
-from llmscratch.cli import main
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
 from llmscratch.lora import (
@@ -52,23 +52,6 @@ def tok():
     from llmscratch.tokenizer import BPETokenizer
 
     return BPETokenizer.train(["bytes"], 257, progress=False)  # 256 bytes + <|endoftext|>
-
-
-def run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code, err, *needles):
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 # --- the layer ---------------------------------------------------------------------------------------------

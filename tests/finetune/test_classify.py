@@ -8,9 +8,9 @@ import zipfile
 
 import pytest
 import torch
+from clitools import assert_user_error, run
 
 from llmscratch.checkpoint import save_model
-from llmscratch.cli import main
 from llmscratch.config import ModelConfig
 from llmscratch.data.labelled import (
     SMS_SPAM_TSV_SHA256,
@@ -85,23 +85,6 @@ def spam_tsv(tmp_path_factory):
 def micro_classifier(tok, n_classes=2, seed=0):
     torch.manual_seed(seed)
     return build_classifier(GPT(ModelConfig.from_preset("gpt-micro", vocab_size=tok.vocab_size)), n_classes)
-
-
-def run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code, err, *needles):
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 # --- pooling ----------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
+from clitools import assert_user_error, run
 
-from llmscratch.cli import main
 from llmscratch.config import ModelConfig
 from llmscratch.data.instruct import IGNORE_INDEX
 from llmscratch.data.preference import PreferenceCollate, encode_preferences
@@ -167,23 +167,6 @@ def test_a_few_dpo_steps_raise_the_train_reward_margin(tok, pairs, tmp_path, pre
 FAST = ["--epochs", 0, "--train.max_steps", 4, "--train.batch_size", 2, "--train.eval_every", 2,
         "--train.eval_batches", 1, "--train.warmup_steps", 1, "--train.lr", 1e-3, "--train.save_every", 2,
         "--max-new-tokens", 4, "--samples", 1, "--no-progress"]
-
-
-def run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code, err, *needles):
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-
-from llmscratch.cli import main
+from clitools import run
 
 RECORDS = [
     {"instruction": "Name a colour.", "input": "", "output": "blue", "family": "words"},
@@ -18,15 +17,6 @@ RECORDS = [
 STEPS = 60  # enough for gpt-micro to learn four short answers (about 1 s of CPU)
 FAST = ["--epochs", "0", "--train.max_steps", "4", "--train.batch_size", "2", "--train.eval_every", "2",
         "--train.eval_batches", "1", "--train.warmup_steps", "1", "--max-new-tokens", "6", "--no-progress"]
-
-
-def run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

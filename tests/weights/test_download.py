@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from clitools import run as _cli
 
-from llmscratch.cli import main
 from llmscratch.weights import hub
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency for parity")
@@ -114,12 +114,6 @@ def _online_with_an_empty_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-
-
-def _cli(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _weights_part(name: str = "gpt2-124m") -> Path:

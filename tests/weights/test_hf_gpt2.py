@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from clitools import run as _cli
 
 from llmscratch.errors import UserError
 from llmscratch.generate import generate_ids
@@ -84,17 +85,6 @@ def test_bad_folders(hf_gpt2, tmp_path):
 
 
 # --- CLI --------------------------------------------------------------------------------------------------
-def _cli(argv, capsys):
-    from llmscratch.cli import main
-
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_convert_from_hf_generate_and_back(hf_gpt2, tmp_path, prepared, capsys):
     from llmscratch.tokenizer import load_tokenizer
 

@@ -4,6 +4,7 @@ uncached; and our export → transformers reload → equal logits again."""
 
 import pytest
 import torch
+from clitools import run as _cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,14 +89,6 @@ def test_unknown_family_and_biases_are_user_errors(tmp_path):
     hf_model("llama", dict(num_attention_heads=4, attention_bias=True)).save_pretrained(tmp_path / "b")
     with pytest.raises(UserError, match="biases"):
         load_hf_llama(tmp_path / "b")
-
-
-def _cli(args, capsys):
-    from llmscratch.cli import main
-
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
