@@ -240,3 +240,17 @@ def test_bad_input_exits_2_with_one_line(base, data, tmp_path, capsys, args, con
     code, _, err = run(["finetune", "dpo", base, "--data", data, "--out", tmp_path / "o", *FAST, *args], capsys)
     assert_user_error(code, err, needle)
     assert not (tmp_path / "o").exists()
+
+
+def test_finetune_dpo_on_a_qwen3_shaped_model(tok, data, tmp_path, capsys):
+    """The modern configurations (RMSNorm, SwiGLU, RoPE, GQA, QK-norm) go through DPO like GPT-2's."""
+    from llmscratch.checkpoint import save_model
+    from llmscratch.prompts import save_style
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("qwen3-micro", vocab_size=tok.vocab_size, context_length=256))
+    base = save_model(tmp_path / "qwen", model, tok)
+    save_style(base, "phi3")
+    code, stdout, err = run(["finetune", "dpo", base, "--data", data, "--out", tmp_path / "dpo", *FAST], capsys)
+    assert code == 0, err
+    assert "stopped at step 4" in stdout and (tmp_path / "dpo" / "dpo_metrics.json").is_file()
