@@ -19,6 +19,7 @@ A fine-tuned checkpoint folder keeps its style in `prompt_style.json` (`save_sty
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,19 +33,19 @@ ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
 
 
 @dataclass(frozen=True)
-class PromptStyle:
+class PromptStyle(ABC):
     """How a record becomes text. `stop`: strings that end a generated answer (besides end-of-text)."""
 
     name: str
     stop: tuple[str, ...]
 
+    @abstractmethod
     def prompt(self, record: dict) -> str:
         """The text the model sees before its answer."""
-        raise NotImplementedError
 
+    @abstractmethod
     def response(self, record: dict) -> str:
         """The text the model learns to produce (the record's `output`, closed as the style closes a turn)."""
-        raise NotImplementedError
 
     def format(self, record: dict) -> tuple[str, str]:
         return self.prompt(record), self.response(record)
