@@ -319,3 +319,32 @@ def test_loss_fn_returning_two_items_logs_no_extra_columns(prepared, tmp_path):
     train(model, batches, cfg, tmp_path)
     with open(tmp_path / "metrics.csv", newline="") as f:
         assert next(csv.reader(f)) == FIELDS
+
+
+def test_perplexity_and_loss_label_can_be_turned_off(tmp_path, capsys):
+    # A classification or DPO loss is not a next-token loss: no perplexity in the log or metrics.csv.
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("gpt-micro", vocab_size=64, context_length=16))
+    data = torch.randint(0, 64, (8, 17))
+
+    class Fixed:
+        def next(self, split):
+            return data[:4, :-1], data[:4, 1:]
+
+        def reset_eval(self):
+            pass
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    cfg = TrainConfig(max_steps=2, eval_every=1, eval_batches=1, log_every=1, save_every=2, progress=False,
+                      device="cpu", precision="fp32", warmup_steps=1)
+    train(model, Fixed(), cfg, tmp_path, perplexity=False, loss_label="DPO loss")
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [r["val_ppl"] for r in rows if r["kind"] == "eval"] == ["", ""]
+    out = capsys.readouterr().out
+    assert "val loss" in out and "perplexity" not in out
+    assert (tmp_path / "loss.png").is_file()

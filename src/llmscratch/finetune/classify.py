@@ -412,7 +412,7 @@ def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, tex
     t_train = time.perf_counter()
     try:
         result = train(model, batches, cfg, out, loss_fn=classification_loss, tokenizer=tok, resume=resume,
-                       hparams=hparams, on_step=on_step)
+                       hparams=hparams, on_step=on_step, perplexity=False)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)

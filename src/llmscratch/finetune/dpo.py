@@ -340,7 +340,8 @@ def run_dpo(checkpoint: str | Path, data: str | Path, out: str | Path, *, prompt
     if lora is not None:
         hparams["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets, "dropout": lora.dropout}
     try:
-        result = train(model, batches, cfg, out, loss_fn=loss_fn, tokenizer=tok, resume=resume, hparams=hparams)
+        result = train(model, batches, cfg, out, loss_fn=loss_fn, tokenizer=tok, resume=resume, hparams=hparams,
+                       perplexity=False, loss_label="DPO loss")
     except BaseException:
         if created and latest_checkpoint(out) is None:
             import shutil

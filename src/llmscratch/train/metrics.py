@@ -69,7 +69,8 @@ def read_metrics(path: str | Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path | None:
+def plot_losses(metrics_csv: str | Path, out_png: str | Path,
+                ylabel: str = "cross-entropy loss (nats)") -> Path | None:
     """Train/val loss against steps, with tokens seen on a second x-axis (the book's figure 5.12).
 
     Returns None when matplotlib is missing or there is nothing to plot."""
@@ -92,7 +93,7 @@ def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path | None:
         ax.plot(steps, [float(r["train_loss"]) for r in rows], "o-", label="train loss (eval)")
         ax.plot(steps, [float(r["val_loss"]) for r in rows], "s--", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats)")
+    ax.set_ylabel(ylabel)
     ax.legend()
     all_rows = rows + train_rows
     max_step = max(int(r["step"]) for r in all_rows)

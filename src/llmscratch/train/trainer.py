@@ -298,8 +298,12 @@ def evaluate(model, batches: BatchSource, loss_fn, n_batches: int, amp_dtype, de
 def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, loss_fn=lm_loss, tokenizer=None,
           resume: bool = False, hparams: dict | None = None,
           sample_fn: Callable[[torch.nn.Module], str] | None = None,
-          on_step: Callable[[int, float | None], None] | None = None) -> TrainResult:
-    """Train `model` on `batches` and write checkpoints, metrics and plots under `out_dir`."""
+          on_step: Callable[[int, float | None], None] | None = None, perplexity: bool = True,
+          loss_label: str = "cross-entropy loss (nats)") -> TrainResult:
+    """Train `model` on `batches` and write checkpoints, metrics and plots under `out_dir`.
+
+    `perplexity`: report exp(val loss) — meaningful for next-token losses only (classification and DPO turn it
+    off); `loss_label` names the loss on loss.png's y-axis."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -415,12 +419,12 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
                     ev_extras = {k: v for k, v in ev.items() if k not in ("train", "val")}
                     metrics.log("eval", step, tokens=tokens, elapsed_s=round(time.perf_counter() - start, 2),
                                 lr=lr, train_loss=ev["train"], val_loss=ev["val"],
-                                val_ppl=math.exp(min(ev["val"], 50.0)), **ev_extras)
+                                val_ppl=math.exp(min(ev["val"], 50.0)) if perplexity else None, **ev_extras)
                     result.val_loss = ev["val"]
                     result.history.append({"step": step, "train": ev["train"], "val": ev["val"], **ev_extras})
                     shown = "".join(f", {k} {v:.3f}" for k, v in ev_extras.items() if k.startswith("val_"))
-                    bar.write(f"step {step}: train loss {ev['train']:.3f}, val loss {ev['val']:.3f} "
-                              f"(perplexity {math.exp(min(ev['val'], 50.0)):.1f}){shown}")
+                    ppl = f" (perplexity {math.exp(min(ev['val'], 50.0)):.1f})" if perplexity else ""
+                    bar.write(f"step {step}: train loss {ev['train']:.3f}, val loss {ev['val']:.3f}{ppl}{shown}")
                     if not math.isfinite(ev["val"]):
                         raise TrainingDiverged(f"validation loss became {ev['val']} at step {step}; stopping. "
                                                "Lower --lr and retry")
@@ -438,5 +442,5 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
     result.step, result.tokens = step, tokens
     if last_saved == step:
         save_model(out_dir, model, tokenizer, hparams)
-        plot_losses(out_dir / "metrics.csv", out_dir / "loss.png")
+        plot_losses(out_dir / "metrics.csv", out_dir / "loss.png", ylabel=loss_label)
     return result
