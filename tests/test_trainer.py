@@ -14,6 +14,7 @@ import torch
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
 from llmscratch.model import GPT
+from llmscratch.train.batches import ExampleBatches
 from llmscratch.train.pretrain import LMBatches
 from llmscratch.train.schedule import lr_at
 from llmscratch.train.trainer import TrainConfig, TrainingDiverged, build_optimizer, train
@@ -325,24 +326,16 @@ def test_perplexity_and_loss_label_can_be_turned_off(tmp_path, capsys):
     # A classification or DPO loss is not a next-token loss: no perplexity in the log or metrics.csv.
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_preset("gpt-micro", vocab_size=64, context_length=16))
-    data = torch.randint(0, 64, (8, 17))
+    rows = list(torch.randint(0, 64, (8, 17)))
 
-    class Fixed:
-        def next(self, split):
-            return data[:4, :-1], data[:4, 1:]
+    def collate(batch):
+        t = torch.stack(batch)
+        return t[:, :-1], t[:, 1:]
 
-        def reset_eval(self):
-            pass
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
-
+    batches = ExampleBatches(rows, rows, collate, batch_size=4)
     cfg = TrainConfig(max_steps=2, eval_every=1, eval_batches=1, log_every=1, save_every=2, progress=False,
                       device="cpu", precision="fp32", warmup_steps=1)
-    train(model, Fixed(), cfg, tmp_path, perplexity=False, loss_label="DPO loss")
+    train(model, batches, cfg, tmp_path, perplexity=False, loss_label="DPO loss")
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [r["val_ppl"] for r in rows if r["kind"] == "eval"] == ["", ""]
     out = capsys.readouterr().out
