@@ -11,15 +11,18 @@ else a step does (layer norms, attention over the cache, sampling, Python) only 
 ways: with F.linear (what nn.Linear runs) and with the weights pre-packed for oneDNN (the layout inductor's
 CPU freezing uses), which streams them about twice as fast here; the bound is the faster of the two.
 
-Ours runs twice per dtype: as built (plain nn.Linear) and with its linear weights packed for oneDNN by
+Ours runs three ways per dtype: as built (plain nn.Linear); with its linear weights packed for oneDNN by
 llmscratch.model.packed, which is what `llmscratch generate` does on a CPU (with --dtype auto: bf16 on CPUs
-with AVX512-BF16/AMX); "ours at its default" is the latter.
+with AVX512-BF16/AMX), "ours at its default"; and compiled, as `llmscratch generate --compile` runs
+(llmscratch.generate.CompiledDecodeStep: the weights frozen into the step, packed, with GELU and the residual
+additions fused into the matrix products, kernels called from generated C++). Its first call compiles; the
+time that takes is printed apart.
 
 Every contender is warmed up once, then the contenders run in turn --repeats times (interleaved, so a burst
 of load from other processes hits all of them) and the median is reported.
 
     .venv/bin/python benchmarks/decode.py [--new-tokens 100] [--repeats 3] [--threads N]
-        [--ours-default fp32|bf16] [--dtypes fp32,bf16] [--no-uncached] [--profile]
+        [--ours-default fp32|bf16] [--dtypes fp32,bf16] [--no-uncached] [--no-compile] [--profile]
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ TARGET_VS_BOUND = 0.85  # ours / weight-streaming bound, same dtype
 BOUND_LINEAR = "matvec bound, F.linear"
 BOUND_PACKED = "matvec bound, oneDNN packed"
 PACKED = "ours, packed linears (CLI default)"
+COMPILED = "ours compiled (generate --compile)"
+OURS = ("ours (KV cache)", PACKED, COMPILED)
 
 
 def build_ours(dtype: torch.dtype):
@@ -61,10 +66,11 @@ def build_hf(dtype: torch.dtype):
     return GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
-def ours_decode(model, prompt: torch.Tensor, new_tokens: int, use_cache: bool) -> list[int]:
+def ours_decode(model, prompt: torch.Tensor, new_tokens: int, use_cache: bool, compile: bool = False) -> list[int]:
     from llmscratch.generate import generate_ids
 
-    out = [int(t[0]) for t in generate_ids(model, prompt, new_tokens, temperature=0.0, use_cache=use_cache)]
+    out = [int(t[0]) for t in generate_ids(model, prompt, new_tokens, temperature=0.0, use_cache=use_cache,
+                                           compile=compile)]
     assert len(out) == new_tokens, f"ours produced {len(out)} of {new_tokens} tokens"
     return out
 
@@ -151,6 +157,8 @@ def main() -> int:
                         help="the weights dtype our generation uses by default (default: what "
                              "llmscratch.runtime.inference_dtype('auto') picks on this CPU)")
     parser.add_argument("--no-uncached", action="store_true", help="skip ours without the KV cache (slow)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip ours compiled (its first call compiles for ~20-40 s per dtype)")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of ours")
     args = parser.parse_args()
     if args.new_tokens < 1 or args.repeats < 1:
@@ -188,6 +196,9 @@ def main() -> int:
         if packing:
             packed_model = pack_linears(build_ours(DTYPES[d]))
             record((PACKED, d), lambda m=packed_model: ours_decode(m, prompt, n, use_cache=True))
+        if not args.no_compile:
+            compiled_model = build_ours(DTYPES[d])
+            record((COMPILED, d), lambda m=compiled_model: ours_decode(m, prompt, n, use_cache=True, compile=True))
         if not args.no_uncached:
             record(("ours (no cache)", d), lambda m=ours: ours_decode(m, prompt, n, use_cache=False))
         record(("transformers generate", d), lambda m=hf: hf_decode(m, prompt, n))
@@ -196,8 +207,9 @@ def main() -> int:
             packed = [(onednn_pack(w), w.size(1)) for w in weights]
             contenders[(BOUND_PACKED, d)] = lambda w=packed, x=inputs: packed_bound_decode(w, x, n)
 
-    for fn in contenders.values():  # warm-up: kernels chosen, caches allocated, lazy imports done
-        fn()
+    warm_up_s = {}
+    for key, fn in contenders.items():  # warm-up: kernels chosen, caches allocated, lazy imports done, compiled
+        warm_up_s[key] = C.timed(fn, device)
     times: dict[tuple[str, str], list[float]] = {k: [] for k in contenders}
     for _ in range(args.repeats):
         for key, fn in contenders.items():
@@ -227,13 +239,13 @@ def main() -> int:
         print(f"ours at its default ('{default_key[0]}', {args.ours_default} = llmscratch.runtime 'auto') "
               f"÷ transformers at its default (fp32): {r:.2f} ({C.verdict(r, TARGET_VS_HF)})")
     if hf_default in rate:
-        for key in [(name, d) for name in ("ours (KV cache)", PACKED) for d in DTYPES]:
+        for key in [(name, d) for name in OURS for d in DTYPES]:
             if key in rate and key != default_key:
                 r = rate[key] / rate[hf_default]
                 print(f"{key[0]} {key[1]} ÷ transformers at its default (fp32), were it our default: {r:.2f} "
                       f"({C.verdict(r, TARGET_VS_HF)})")
     for d in dtypes:
-        for name in ("ours (KV cache)", PACKED):
+        for name in OURS:
             if (name, d) not in rate:
                 continue
             r = rate[(name, d)] / rate[("transformers generate", d)]
@@ -245,10 +257,14 @@ def main() -> int:
         same = outputs[("ours (KV cache)", "fp32")] == outputs[("ours (no cache)", "fp32")]
         print(f"check: fp32 greedy tokens with and without the cache {'agree' if same else 'DIFFER'}")
     for d in dtypes:
-        for name in (PACKED,):
+        for name in (PACKED, COMPILED):
             if (name, d) in outputs:
                 same = outputs[(name, d)] == outputs[("ours (KV cache)", d)]
                 print(f"check: {d} greedy tokens of '{name}' and plain ours {'agree' if same else 'DIFFER'}")
+    for d in dtypes:
+        if (COMPILED, d) in warm_up_s:
+            print(f"{d}: first call of '{COMPILED}' (compiles the step) {warm_up_s[(COMPILED, d)]:.1f} s; "
+                  f"timed calls {C.median(times[(COMPILED, d)]):.2f} s")
     note = C.contention_note(threads)
     print(f"load avg (1/5/15 min) at end: {C.load_average()}" + (f"\n{note}" if note else ""))
 

@@ -193,6 +193,11 @@ def test_sample_next_greedy_at_zero_temperature():
     assert torch.equal(sample_next(logits, temperature=0.0, top_k=3, top_p=0.5), logits.argmax(-1))
 
 
+def test_greedy_picks_the_first_of_tied_largest_logits_as_argmax_does():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0], [2.0, 2.0, 2.0, 2.0]], dtype=torch.bfloat16)
+    assert sample_next(logits).tolist() == [1, 0]
+
+
 def test_sample_next_tiny_top_p_equals_greedy():
     logits = torch.randn(64, 50)
     gen = torch.Generator().manual_seed(0)

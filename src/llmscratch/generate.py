@@ -20,7 +20,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one next token per row of `logits` (B, V). temperature 0 means greedy (argmax)."""
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        # The first index of the largest logit, as argmax; `max` finds it ~4× faster on a CPU (bf16 logits of
+        # GPT-2's 50,257-token vocabulary: 50 vs 190 µs, a step's 1%).
+        return logits.max(dim=-1).indices
     logits = logits.float() / temperature
     if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest logit
@@ -38,19 +40,81 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def compiled_decode_step(model):
+# Inductor settings for a decoding step compiled on a CPU (benchmarks/decode.py measures them). "freezing" folds
+# the weights into the step as constants: packed once into oneDNN's blocked layout (as model/packed.py does
+# for eager decoding), with GELU and the residual additions fused into the matrix products. "cpp_wrapper"
+# calls the step's kernels from generated C++ instead of generated Python.
+CPU_COMPILE_OPTIONS = {"freezing": True, "cpp_wrapper": True}
+
+
+def _weights_signature(model) -> tuple:
+    """Identity and in-place version of every parameter: it changes when training or loading touches them."""
+    return tuple((id(p), p._version) for p in model.parameters())
+
+
+class CompiledDecodeStep:
     """`step(idx (B, 1), pos 0-dim tensor) -> logits (B, V)`: one cached decoding step with static shapes,
-    compiled once per model — with CUDA graphs on a GPU (`mode="reduce-overhead"`), which replay the step's
-    hundreds of kernel launches as one. The KV cache must span the full context so every call has one shape."""
-    step = getattr(model, "_compiled_decode_step", None)
-    if step is None:
+    compiled with `torch.compile` — with CUDA graphs on a GPU (`mode="reduce-overhead"`), which replay the
+    step's hundreds of kernel launches as one; with `CPU_COMPILE_OPTIONS` on a CPU. Every call with the same
+    batch size and KV-cache length has one shape; a new shape compiles once more.
+
+    On a CPU the compiled step holds a frozen copy of the weights, so `compiled_decode_step` builds a new one
+    when the model's parameters have changed since (`stale`).
+    """
+
+    builds = 0  # steps built so far, in this process
+
+    def __init__(self, model):
+        self.on_gpu = next(model.parameters()).is_cuda
+        self.signature = _weights_signature(model)
+        CompiledDecodeStep.builds += 1
+        build = CompiledDecodeStep.builds
+
         def decode(idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            # Dynamo keeps its compiled graphs per code object, shared by every `decode` built here, and reuses
+            # one whose guards pass. Reading `build` makes its value a guard, so a rebuilt step never picks up
+            # a graph that froze older weights.
+            if build < 0:
+                raise AssertionError("unreachable")
             return model(idx, input_pos=pos)[:, -1]
 
-        on_gpu = next(model.parameters()).is_cuda
-        step = torch.compile(decode, mode="reduce-overhead" if on_gpu else None, fullgraph=True, dynamic=False)
-        model._compiled_decode_step = step
+        self._step = torch.compile(decode, mode="reduce-overhead" if self.on_gpu else None, fullgraph=True,
+                                   dynamic=False)
+
+    def stale(self, model) -> bool:
+        return not self.on_gpu and _weights_signature(model) != self.signature
+
+    def __call__(self, idx: torch.Tensor, pos: torch.Tensor, same_shapes: bool = False) -> torch.Tensor:
+        """`same_shapes`: the caller promises the shapes, dtypes and devices of the previous call (the steps of
+        one generation). Dynamo then skips its guards — hundreds of checks on every input and parameter,
+        ~0.35 ms a call on the 2-core CPU of benchmarks/RESULTS.md — and runs the compiled step directly."""
+        if same_shapes:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self._step(idx, pos)
+        with torch._inductor.config.patch({} if self.on_gpu else CPU_COMPILE_OPTIONS):  # may compile
+            return self._step(idx, pos)
+
+
+def compiled_decode_step(model) -> CompiledDecodeStep:
+    """The model's compiled decoding step, built on first use and kept on the model (rebuilt if stale)."""
+    step = getattr(model, "_compiled_decode_step", None)
+    if step is None or step.stale(model):
+        step = model._compiled_decode_step = CompiledDecodeStep(model)
     return step
+
+
+def static_cache_len(needed: int, context_length: int, on_gpu: bool) -> int:
+    """KV-cache length of a compiled generation that needs `needed` positions.
+
+    The static-shape step attends over the whole cache, masking its unfilled tail. On a GPU that costs little,
+    so the cache spans the full context and one compiled step (one CUDA graph) serves every call. On a CPU,
+    reading the cache competes with the weights for memory bandwidth — a 1,024-slot cache made a GPT-2 124M
+    step ~50% slower than a 128-slot one — so the length is the next power of two (at least 64): a few
+    compilations at most, and never more than twice the positions needed.
+    """
+    if on_gpu:
+        return context_length
+    return min(context_length, max(64, 1 << (needed - 1).bit_length()))
 
 
 @torch.inference_mode()
@@ -61,8 +125,9 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
 
     Rows that produced `eos_id` keep yielding `eos_id`; the iterator ends when every row has, or after
     `max_new_tokens`. Past the context length the window is cropped to the last `context_length` tokens.
-    `compile=True` runs the per-token steps through `compiled_decode_step` (static KV cache, CUDA graphs on a
-    GPU); the prompt itself is processed eagerly. The tokens are the same as without it.
+    `compile=True` runs the per-token steps through `compiled_decode_step` (static KV cache; CUDA graphs on a
+    GPU, frozen packed weights and a C++ wrapper on a CPU); the prompt itself is processed eagerly. The tokens
+    are the same as without it.
     """
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids.unsqueeze(0)
@@ -79,11 +144,13 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
     model.eval()
     done = torch.zeros(seq.size(0), dtype=torch.bool, device=device)
     compile = compile and use_cache
-    if use_cache:
-        # A compiled step has one shape for every call: the cache then spans the whole context.
-        model.setup_kv_cache(seq.size(0), ctx if compile else min(ctx, seq.size(1) + max_new_tokens))
+    needed = min(ctx, seq.size(1) + max_new_tokens)
     step = compiled_decode_step(model) if compile else None
+    if use_cache:
+        # A compiled step has one shape for every call of a generation: its cache length is fixed up front.
+        model.setup_kv_cache(seq.size(0), static_cache_len(needed, ctx, step.on_gpu) if step else needed)
     pos_t = torch.zeros((), dtype=torch.long, device=device)  # the step's position, kept on the device
+    stepped = False  # whether the compiled step has run in this generation (then its shapes are known)
     nxt = seq[:, -1]
     try:
         pos = 0  # number of tokens of `seq` already in the cache
@@ -93,7 +160,8 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
             elif seq.size(1) <= ctx and pos > 0:
                 if step is not None:  # exactly one new token, the one just sampled: the compiled step
                     pos_t.fill_(pos)  # a device-side write, no host sync
-                    last = step(nxt[:, None], pos_t)  # a fresh (B, 1) tensor: same strides every call
+                    last = step(nxt[:, None], pos_t, same_shapes=stepped)  # (B, 1): same strides each call
+                    stepped = True
                 else:
                     last = model(seq[:, pos:], input_pos=pos)[:, -1]
             else:

@@ -61,3 +61,36 @@ def test_compiled_loss_and_gradients_equal_eager():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_static_cache_len_is_a_power_of_two_bucket_on_cpu_and_the_context_on_gpu():
+    from llmscratch.generate import static_cache_len
+
+    assert static_cache_len(110, 1024, on_gpu=False) == 128
+    assert static_cache_len(128, 1024, on_gpu=False) == 128
+    assert static_cache_len(129, 1024, on_gpu=False) == 256
+    assert static_cache_len(5, 1024, on_gpu=False) == 64
+    assert static_cache_len(600, 1000, on_gpu=False) == 1000  # never past the context
+    assert static_cache_len(5, 1024, on_gpu=True) == 1024
+
+
+@pytest.mark.slow
+def test_compiled_decoding_follows_weights_changed_in_place():
+    """On a CPU the compiled step freezes the weights; after an optimizer step it must not decode with the old
+    ones (the step is rebuilt), nor may a model whose weights did not change pay for a new compilation."""
+    torch.manual_seed(0)
+    m = GPT(CFG).eval()
+    prompt = torch.randint(0, 300, (1, 4))
+    before = torch.stack(list(generate_ids(m, prompt, 8, compile=True)), 1)
+    first_step = m._compiled_decode_step
+    torch.stack(list(generate_ids(m, prompt, 8, compile=True)), 1)
+    assert m._compiled_decode_step is first_step  # unchanged weights: the same compiled step
+    opt = torch.optim.AdamW(m.parameters(), lr=0.05)
+    m.train()
+    m(torch.randint(0, 300, (2, 20)), targets=torch.randint(0, 300, (2, 20))).backward()
+    opt.step()
+    m.eval()
+    after = torch.stack(list(generate_ids(m, prompt, 8, compile=True)), 1)  # reuses the cache: no new guard fails
+    eager = torch.stack(list(generate_ids(m, prompt, 8)), 1)
+    assert not torch.equal(eager, before)  # the update changed what the model says...
+    assert torch.equal(after, eager)  # ...and the compiled step says it too

@@ -125,7 +125,13 @@ class CausalSelfAttention(nn.Module):
             # Each key/value head serves nh // nkv consecutive query heads.
             k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, Tk, hs)
             v = v.repeat_interleave(nh // nkv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if mask is not None and T == 1 and not x.is_cuda:
+            # One query per sequence over the static cache (the compiled CPU decoding step): written out, the
+            # compiler fuses scores, mask, softmax and the weighted sum into one loop (~25 µs a layer for GPT-2
+            # 124M), where SDPA's CPU kernel costs ~140 µs a call. fp32 inside, as SDPA computes it.
+            y = attention_reference(q.float(), k.float(), v.float(), mask).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
