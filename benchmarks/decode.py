@@ -16,7 +16,8 @@ llmscratch.model.packed, which is what `llmscratch generate` does on a CPU (with
 with AVX512-BF16/AMX), "ours at its default"; and compiled, as `llmscratch generate --compile` runs
 (llmscratch.generate.CompiledDecodeStep: the weights frozen into the step, packed, with GELU and the residual
 additions fused into the matrix products, kernels called from generated C++). Its first call compiles; the
-time that takes is printed apart.
+time that takes is printed apart. "ours compiled, the step alone" times just the compiled step's calls, without
+the prompt's prefill, sampling and the generation loop: the per-token cost to hold against the bound's step.
 
 Every contender is warmed up once, then the contenders run in turn --repeats times (interleaved, so a burst
 of load from other processes hits all of them) and the median is reported.
@@ -47,6 +48,7 @@ BOUND_LINEAR = "matvec bound, F.linear"
 BOUND_PACKED = "matvec bound, oneDNN packed"
 PACKED = "ours, packed linears (CLI default)"
 COMPILED = "ours compiled (generate --compile)"
+COMPILED_STEP = "ours compiled, the step alone"
 OURS = ("ours (KV cache)", PACKED, COMPILED)
 
 
@@ -73,6 +75,22 @@ def ours_decode(model, prompt: torch.Tensor, new_tokens: int, use_cache: bool, c
                                            compile=compile)]
     assert len(out) == new_tokens, f"ours produced {len(out)} of {new_tokens} tokens"
     return out
+
+
+@torch.inference_mode()
+def compiled_steps(model, new_tokens: int) -> None:
+    """`new_tokens` calls of the model's compiled decoding step alone — no prefill, no sampling, no Python loop
+    of `generate_ids` — on the KV cache its last `generate_ids(..., compile=True)` call left in place: what a
+    token costs once generation is under way, comparable with the matvec bound's one step."""
+    from llmscratch.generate import compiled_decode_step
+
+    step = compiled_decode_step(model)
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    pos = torch.tensor(PROMPT_LEN)
+    step(idx, pos)  # the first call of a generation checks Dynamo's guards, as generate_ids' does
+    for i in range(1, new_tokens):
+        pos.fill_(PROMPT_LEN + i)
+        step(idx, pos, same_shapes=True)
 
 
 @torch.inference_mode()
@@ -199,6 +217,7 @@ def main() -> int:
         if not args.no_compile:
             compiled_model = build_ours(DTYPES[d])
             record((COMPILED, d), lambda m=compiled_model: ours_decode(m, prompt, n, use_cache=True, compile=True))
+            contenders[(COMPILED_STEP, d)] = lambda m=compiled_model: compiled_steps(m, n)  # (after COMPILED)
         if not args.no_uncached:
             record(("ours (no cache)", d), lambda m=ours: ours_decode(m, prompt, n, use_cache=False))
         record(("transformers generate", d), lambda m=hf: hf_decode(m, prompt, n))
@@ -224,7 +243,7 @@ def main() -> int:
         hf_r = rate.get(("transformers generate", d))
         runs = " ".join(f"{n / t:.1f}" for t in times[(name, d)])
         rows.append([name, d, f"{r:.1f}", f"{1e3 / r:.1f}", runs,
-                     f"{r / hf_r:.2f}" if name not in bounds else "", f"{r / bound[d]:.0%}"])
+                     f"{r / hf_r:.2f}" if name not in bounds + (COMPILED_STEP,) else "", f"{r / bound[d]:.0%}"])
     print()
     print(C.markdown_table(["contender", "dtype", "tok/s", "ms/token", "runs (tok/s)",
                             "÷ transformers (same dtype)", "÷ bound (same dtype)"], rows, "llrrrrr"))
@@ -251,6 +270,10 @@ def main() -> int:
             r = rate[(name, d)] / rate[("transformers generate", d)]
             b = rate[(name, d)] / bound[d]
             print(f"{d}: {name} ÷ transformers {r:.2f}; ÷ bound {b:.0%} ({C.verdict(b, TARGET_VS_BOUND)})")
+        if (COMPILED_STEP, d) in rate:  # no transformers ratio: that one includes prefill and sampling
+            b = rate[(COMPILED_STEP, d)] / bound[d]
+            print(f"{d}: {COMPILED_STEP} (no prefill, no sampling) ÷ bound {b:.0%} "
+                  f"({C.verdict(b, TARGET_VS_BOUND)})")
         print(f"{d}: bound {bound[d]:.1f} tok/s = {1e3 / bound[d]:.1f} ms/step ("
               + ", ".join(f"{b.split(', ')[1]} {rate[(b, d)]:.1f}" for b in bounds if (b, d) in rate) + ")")
     if "fp32" in dtypes and not args.no_uncached:

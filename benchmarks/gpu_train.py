@@ -40,11 +40,13 @@ TARGET_MFU, TARGET_VS_HF = 0.55, 1.9
 GPT2 = dict(vocab_size=50257, context_length=1024, d_model=768, n_layers=12, n_heads=12)
 SIZES = {"124m": dict(d_model=768, n_layers=12, n_heads=12), "355m": dict(d_model=1024, n_layers=24, n_heads=16),
          "774m": dict(d_model=1280, n_layers=36, n_heads=20)}
+VARIANTS = ("eager", "compiled", "regional", "one-chunk", "autotune")
 TINY = dict(vocab_size=1000, context_length=64, d_model=64, n_layers=2, n_heads=4)
 
 
 def ours_variant(kind: str, shape: dict, device):
-    """(model, optimizer, step_loss(x, y)) for one of our variants: eager | compiled | regional | one-chunk."""
+    """(model, optimizer, step_loss(x, y)) for one of our variants: eager | compiled | regional | one-chunk |
+    autotune (the whole model compiled with `max-autotune-no-cudagraphs`; not in the default list)."""
     from llmscratch.model.loss import lm_head_cross_entropy
 
     model, opt, _ = build_ours(shape, device, fused=True)
@@ -59,7 +61,10 @@ def ours_variant(kind: str, shape: dict, device):
             h = model.features(x).flatten(0, 1)
             return lm_head_cross_entropy(h, model.lm_head.weight, y.flatten(), chunk_size=h.size(0))
         return model, opt, torch.compile(loss)
-    compiled = torch.compile(model)
+    if kind == "autotune":  # inductor benchmarks Triton templates against cuBLAS per matmul (minutes)
+        compiled = torch.compile(model, mode="max-autotune-no-cudagraphs")
+    else:
+        compiled = torch.compile(model)
     return model, opt, lambda x, y: compiled(x, targets=y)
 
 
@@ -176,8 +181,11 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of the script's logic")
     ap.add_argument("--skip-scaling", action="store_true", help="leave out the scaling table")
     ap.add_argument("--variants", default="eager,compiled,regional,one-chunk",
-                    help="our variants to time (comma-separated)")
+                    help="our variants to time (comma-separated): eager, compiled, regional, one-chunk, autotune")
     args = ap.parse_args()
+    unknown = set(args.variants.split(",")) - {"", *VARIANTS}
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
