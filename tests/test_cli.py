@@ -135,6 +135,31 @@ def test_generate_missing_checkpoint_and_truncated_weights(prepared, tmp_path, c
     assert_user_error(code, err, "model.safetensors")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_generate_compile_prints_what_the_default_path_does(prepared, tmp_path, capsys, dtype):
+    """`generate --compile` (on a CPU: frozen weights, C++ wrapper, fused attention) against the default packed
+    eager path, greedy, on random weights drawn wide (std 0.3) so that every token depends on the context:
+    a wrong mask or position in the compiled step changes the text."""
+    import torch
+
+    from llmscratch import GPT, ModelConfig
+    from llmscratch.checkpoint import save_model
+    from llmscratch.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(prepared.parent / "tok")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("gpt-micro", vocab_size=tok.vocab_size, init_std=0.3))
+    folder = save_model(tmp_path / "random", model, tok)
+    ask = ["generate", folder, "--prompt", "The module", "--max-new-tokens", 24, "--temperature", 0,
+           "--dtype", dtype]
+    code, eager, err = run(ask, capsys)
+    assert code == 0, err
+    code, compiled, err = run([*ask, "--compile"], capsys)
+    assert code == 0, err
+    assert compiled == eager and len(eager.strip()) > len("The module")
+
+
 def test_quickstart_rejects_bad_minutes(tmp_path, capsys):
     code, _, err = run(["quickstart", "--minutes", "0", "--out", tmp_path / "q"], capsys)
     assert_user_error(code, err, "--minutes")
