@@ -38,9 +38,13 @@ def test_setup_kv_cache_reuses_a_matching_cache():
 
 
 @pytest.mark.slow
-def test_compiled_decoding_gives_the_same_tokens():
+@pytest.mark.parametrize("preset", [None, "qwen3-micro"])
+def test_compiled_decoding_gives_the_same_tokens(preset):
+    """GPT-2-shaped with GQA, and Qwen3-shaped (RoPE, RMSNorm, SwiGLU, QK-norm): compiled == eager tokens."""
     torch.manual_seed(0)
-    m = GPT(CFG).eval()
+    cfg = CFG if preset is None else ModelConfig.from_preset(preset, vocab_size=300, context_length=40,
+                                                             init_std=0.3)
+    m = GPT(cfg).eval()
     prompt = torch.randint(0, 300, (2, 5))
     eager = torch.stack(list(generate_ids(m, prompt, 45)), 1)  # crosses the context: re-prefill included
     for _ in range(2):  # the second call reuses the compiled step and its cache
