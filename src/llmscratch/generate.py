@@ -148,7 +148,10 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
     step = compiled_decode_step(model) if compile else None
     if use_cache:
         # A compiled step has one shape for every call of a generation: its cache length is fixed up front.
-        model.setup_kv_cache(seq.size(0), static_cache_len(needed, ctx, step.on_gpu) if step else needed)
+        if step is not None:
+            model.setup_kv_cache(seq.size(0), static_cache_len(needed, ctx, step.on_gpu))
+        else:
+            model.setup_kv_cache(seq.size(0), needed, at_least=True)
     pos_t = torch.zeros((), dtype=torch.long, device=device)  # the step's position, kept on the device
     stepped = False  # whether the compiled step has run in this generation (then its shapes are known)
     nxt = seq[:, -1]
@@ -177,8 +180,8 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
             if eos_id is not None and bool(done.all()):
                 break
     finally:
-        if use_cache and not compile:  # a compiled step keeps its cache for the next call
-            model.clear_kv_cache()
+        if use_cache and getattr(model, "_compiled_decode_step", None) is None:
+            model.clear_kv_cache()  # (a model with a compiled step keeps its cache: the step's graph uses it)
         model.train(was_training)
 
 

@@ -35,6 +35,11 @@ def test_setup_kv_cache_reuses_a_matching_cache():
     assert m.blocks[0].attn.kv_cache is first
     m.setup_kv_cache(2, 40)
     assert m.blocks[0].attn.kv_cache is not first
+    second = m.blocks[0].attn.kv_cache
+    m.setup_kv_cache(2, 30, at_least=True)  # the eager path: a longer cache serves
+    assert m.blocks[0].attn.kv_cache is second
+    m.setup_kv_cache(2, 30)  # the static path: exactly this length
+    assert m.blocks[0].attn.kv_cache.max_len == 30
 
 
 @pytest.mark.slow
@@ -98,3 +103,20 @@ def test_compiled_decoding_follows_weights_changed_in_place():
     eager = torch.stack(list(generate_ids(m, prompt, 8)), 1)
     assert not torch.equal(eager, before)  # the update changed what the model says...
     assert torch.equal(after, eager)  # ...and the compiled step says it too
+
+
+@pytest.mark.slow
+def test_eager_generation_between_compiled_ones_keeps_the_compiled_cache():
+    """An eager generation in between must not replace the cache buffers a compiled step's graph is tied to
+    (that would recompile it: ~20 s for GPT-2 124M on a CPU)."""
+    torch.manual_seed(0)
+    m = GPT(CFG).eval()
+    prompt = torch.randint(0, 300, (1, 5))
+    compiled = torch.stack(list(generate_ids(m, prompt, 10, compile=True)), 1)
+    cache = m.blocks[0].attn.kv_cache
+    assert cache is not None  # kept for the next compiled generation
+    eager = torch.stack(list(generate_ids(m, prompt, 10)), 1)
+    assert m.blocks[0].attn.kv_cache is cache
+    assert torch.equal(eager, compiled)
+    again = torch.stack(list(generate_ids(m, prompt, 10, compile=True)), 1)
+    assert m.blocks[0].attn.kv_cache is cache and torch.equal(again, compiled)

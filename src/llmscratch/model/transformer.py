@@ -121,17 +121,24 @@ class GPT(nn.Module):
         return inv
 
     # --- KV cache ---------------------------------------------------------------------------------------
-    def setup_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> None:
-        """Give every attention layer a preallocated cache for `batch_size` sequences of up to `max_len`."""
+    def setup_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None,
+                       at_least: bool = False) -> None:
+        """Give every attention layer a preallocated cache for `batch_size` sequences of up to `max_len`.
+
+        A cache already there is kept when it has that shape — or, with `at_least` (the eager decoding path,
+        which reads only the filled prefix), any longer one: a compiled decoding step, whose graph is tied to
+        those very buffers, then stays valid across eager generations in between.
+        """
         max_len = min(max_len or self.config.context_length, self.config.context_length)
         ref = self.tok_emb.weight
         dtype, device = dtype or ref.dtype, torch.device(device or ref.device)
         for block in self.blocks:
             a = block.attn
             old = a.kv_cache
-            if (old is not None and tuple(old.k.shape) == (batch_size, a.n_kv_heads, max_len, a.head_dim)
+            if (old is not None and tuple(old.k.shape[:2]) == (batch_size, a.n_kv_heads)
+                    and (old.max_len == max_len or (at_least and old.max_len > max_len))
                     and old.k.dtype == dtype and old.k.device == device):
-                continue  # reuse: a compiled decoding step stays valid for the same buffers
+                continue
             a.kv_cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, dtype, device)
 
     def clear_kv_cache(self) -> None:
