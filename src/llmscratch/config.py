@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmscratch.errors import UserError
+from llmscratch.errors import UserError, read_json
 
 
 @dataclass
@@ -110,10 +110,7 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: config file not found")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: not valid JSON ({exc})") from None
+        data = read_json(path)
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a JSON object of model config fields")
         return cls.from_dict(data, source=str(path))

@@ -5,6 +5,21 @@ says what to do. The CLI prints it as a single line on stderr and exits with cod
 bugs, not for a missing file.
 """
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad path, unknown preset, malformed file...)."""
+
+
+def read_json(path: str | Path, hint: str = "") -> object:
+    """The parsed contents of the JSON file at `path`; a `UserError` naming the file when it is not valid JSON
+    (or not UTF-8), with `hint` (what to do) after the parser's message. Callers check the file exists and
+    the structure they expect themselves: those messages differ by file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}){hint}") from None

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmscratch.errors import UserError
+from llmscratch.errors import UserError, read_json
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -397,10 +397,7 @@ def read_adapter_config(folder: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{folder}: no {ADAPTER_CONFIG}; point at a LoRA adapter folder written by a "
                         "`llmscratch finetune ... --lora-rank R` run")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    cfg = read_json(path)
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise UserError(f"{path}: not an llmscratch LoRA adapter config (format {FORMAT!r}); a PEFT adapter is "
                         "loaded by peft, not by llmscratch")

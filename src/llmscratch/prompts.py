@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmscratch.errors import UserError
+from llmscratch.errors import UserError, read_json
 from llmscratch.fileio import atomic_write_text
 
 STYLE_FILE = "prompt_style.json"
@@ -130,11 +130,7 @@ def load_style(folder: str | Path) -> PromptStyle | None:
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc}); delete it or rewrite it as "
-                        '{"prompt_style": "alpaca"}') from None
+    data = read_json(path, hint='; delete it or rewrite it as {"prompt_style": "alpaca"}')
     name = data.get("prompt_style") if isinstance(data, dict) else None
     if name not in STYLES:
         raise UserError(f"{path}: prompt_style must be one of {', '.join(STYLES)}, got {name!r}")

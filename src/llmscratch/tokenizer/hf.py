@@ -15,7 +15,7 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
-from llmscratch.errors import UserError
+from llmscratch.errors import UserError, read_json
 from llmscratch.tokenizer.base import Tokenizer
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
@@ -61,10 +61,7 @@ class HFTokenizer(Tokenizer):
         path = self.folder / name
         if not path.is_file():
             return {}
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: not valid JSON ({exc})") from None
+        data = read_json(path)
         return data if isinstance(data, dict) else {}
 
     @property

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from llmscratch.config import ModelConfig
-from llmscratch.errors import UserError
+from llmscratch.errors import UserError, read_json
 from llmscratch.fileio import atomic_write, atomic_write_text
 from llmscratch.weights.gpt2_layout import fill_gpt, name_map, to_conv1d
 from llmscratch.weights.hf_tokenizer import EOT, write_hf_tokenizer
@@ -64,10 +64,7 @@ def load_hf_gpt2(folder: str | Path, dtype: torch.dtype | None = None):
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder}: no config.json; point at a Hugging Face GPT-2 model folder")
-    try:
-        hf_cfg = json.loads((folder / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{folder / 'config.json'}: not valid JSON ({exc})") from None
+    hf_cfg = read_json(folder / "config.json")
     cfg = config_from_hf(hf_cfg, str(folder / "config.json"))
     # Keys may carry a "transformer." prefix or not (OpenAI's upload on the hub has none; save_pretrained
     # writes it). Older checkpoints also hold the causal-mask buffers attn.bias / attn.masked_bias.

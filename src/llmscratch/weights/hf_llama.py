@@ -15,7 +15,7 @@ import torch
 
 from llmscratch.checkpoint import assign_weights, raise_if_unfit
 from llmscratch.config import ModelConfig
-from llmscratch.errors import UserError
+from llmscratch.errors import UserError, read_json
 from llmscratch.fileio import atomic_write, atomic_write_text
 from llmscratch.weights.hf_gpt2 import _read_hf_tensors
 
@@ -92,10 +92,7 @@ def load_hf_llama(folder: str | Path, dtype: torch.dtype | None = None):
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise UserError(f"{folder}: no config.json; point at a Hugging Face model folder")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{cfg_file}: not valid JSON ({exc})") from None
+    hf = read_json(cfg_file)
     cfg = config_from_hf(hf, str(cfg_file))
     tensors = _read_hf_tensors(folder)
     with torch.device("meta"):

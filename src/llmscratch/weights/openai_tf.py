@@ -17,7 +17,6 @@ TensorFlow's `tensor_bundle.proto`, `tensor_shape.proto`, `types.proto` and `lib
 
 from __future__ import annotations
 
-import json
 import re
 import struct
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from llmscratch.config import ModelConfig
-from llmscratch.errors import UserError
+from llmscratch.errors import UserError, read_json
 from llmscratch.weights.gpt2_layout import fill_gpt, name_map
 
 HPARAMS = "hparams.json"
@@ -239,10 +238,7 @@ def config_from_hparams(folder: Path) -> ModelConfig:
     fields = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
     if not path.is_file():
         raise UserError(f"{path}: missing; OpenAI's GPT-2 folder has hparams.json beside model.ckpt.index")
-    try:
-        h = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    h = read_json(path)
     if not isinstance(h, dict):
         raise UserError(f"{path}: expected a JSON object with {', '.join(fields)}")
     missing = [k for k in fields if k not in h]
