@@ -1,6 +1,8 @@
 """The fast paths compute what the plain ones do: static-shape KV-cache decoding, torch.compile'd loss and
 decoding (CPU here, fp32; benchmarks/gpu_check.py repeats the compiled checks on a GPU in bf16)."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -99,10 +101,30 @@ def test_compiled_decoding_follows_weights_changed_in_place():
     m(torch.randint(0, 300, (2, 20)), targets=torch.randint(0, 300, (2, 20))).backward()
     opt.step()
     m.eval()
-    after = torch.stack(list(generate_ids(m, prompt, 8, compile=True)), 1)  # reuses the cache: no new guard fails
+    with pytest.warns(UserWarning, match="weights changed"):
+        after = torch.stack(list(generate_ids(m, prompt, 8, compile=True)), 1)  # reuses the cache
     eager = torch.stack(list(generate_ids(m, prompt, 8)), 1)
     assert not torch.equal(eager, before)  # the update changed what the model says...
     assert torch.equal(after, eager)  # ...and the compiled step says it too
+
+
+@pytest.mark.slow
+def test_rebuilt_steps_do_not_count_toward_dynamos_recompile_limit():
+    """Each rebuild compiles a step of its own: with one graph allowed per code object, repeated rebuilds must
+    still compile (past Dynamo's limit a step would fall back to slow eager code, here an error)."""
+    import torch._dynamo.config as dynamo_config
+
+    torch.manual_seed(0)
+    m = GPT(CFG).eval()
+    prompt = torch.randint(0, 300, (1, 4))
+    with dynamo_config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the rebuild warning
+        for _ in range(3):
+            compiled = torch.stack(list(generate_ids(m, prompt, 6, compile=True)), 1)
+            assert torch.equal(compiled, torch.stack(list(generate_ids(m, prompt, 6)), 1))
+            with torch.no_grad():
+                m.tok_emb.weight.mul_(1.5)  # in place: the step is stale
 
 
 @pytest.mark.slow
