@@ -76,9 +76,9 @@ class CompiledDecodeStep:
             return model(idx, input_pos=pos)[:, -1]
 
         # Dynamo keeps its compiled graphs on the function's code object, which every `decode` made here would
-        # share. Each step gets its own copy of that code instead, so a rebuilt step never reuses a graph that
-        # froze older weights, and a replaced step's graphs (with their copy of the weights) are freed with it
-        # rather than piling up on one code object until Dynamo's recompile limit.
+        # share. Each step gets its own copy of that code instead: a rebuilt step never reuses a graph that froze
+        # older weights, and rebuilds do not pile graphs onto one code object up to Dynamo's recompile limit
+        # (past it the step would run as slow eager code).
         decode.__code__ = decode.__code__.replace(co_name=f"decode_step_{CompiledDecodeStep.builds}")
         self._step = torch.compile(decode, mode="reduce-overhead" if self.on_gpu else None, fullgraph=True,
                                    dynamic=False)
