@@ -24,3 +24,25 @@ def assert_user_error(code, err, *needles) -> None:
     assert "Traceback" not in err
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def assert_hf_cli_round_trip(theirs, tmp_path, tokenizer, capsys, n_tokens: int = 12) -> None:
+    """`convert from-hf` a saved transformers model (tmp_path/hf) with `tokenizer`, `generate` from the result,
+    `convert to-hf` it back, and check transformers' reload gives `theirs`' logits."""
+    import torch
+    import transformers
+
+    code, out, err = run(["convert", "from-hf", tmp_path / "hf", tmp_path / "ours", "--tokenizer", tokenizer],
+                         capsys)
+    assert code == 0, err
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "ours").iterdir()}
+    code, out, err = run(["generate", tmp_path / "ours", "--prompt", "The", "--max-new-tokens", 5,
+                          "--temperature", 0, "--dtype", "fp32"], capsys)
+    assert code == 0 and out.startswith("The"), err
+    code, out, err = run(["convert", "to-hf", tmp_path / "ours", tmp_path / "back"], capsys)
+    assert code == 0, err
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert type(again) is type(theirs)
+    idx = torch.randint(0, theirs.config.vocab_size, (1, n_tokens))
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx).logits, theirs(idx).logits, atol=1e-5, rtol=1e-5)

@@ -341,3 +341,34 @@ def test_perplexity_and_loss_label_can_be_turned_off(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "val loss" in out and "perplexity" not in out
     assert (tmp_path / "loss.png").is_file()
+
+
+def test_removed_on_failure_removes_only_a_new_folder_without_a_checkpoint(tmp_path):
+    from llmscratch.train.pretrain import check_out_dir, removed_on_failure
+    from llmscratch.train.trainer import TRAIN_STATE
+
+    new = tmp_path / "new"
+    with pytest.raises(KeyboardInterrupt), removed_on_failure(new, check_out_dir(new)):
+        (new / "partial.bin").write_bytes(b"x")
+        raise KeyboardInterrupt
+    assert not new.exists()  # created by this run, nothing resumable: gone
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError), removed_on_failure(old, check_out_dir(old)):
+        raise ValueError
+    assert (old / "keep.txt").read_text() == "mine"  # the user's folder stays
+
+    resumable = tmp_path / "resumable"
+    with pytest.raises(RuntimeError), removed_on_failure(resumable, check_out_dir(resumable)):
+        step = resumable / "checkpoints" / "step-0000010"
+        step.mkdir(parents=True)
+        (step / TRAIN_STATE).write_bytes(b"")
+        raise RuntimeError
+    assert (resumable / "checkpoints" / "step-0000010").is_dir()  # --resume can continue from it
+
+    ok = tmp_path / "ok"
+    with removed_on_failure(ok, check_out_dir(ok)):
+        pass
+    assert ok.is_dir()

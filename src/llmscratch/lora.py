@@ -26,7 +26,6 @@ model exported by `llmscratch convert to-hf` (GPT-2, Llama and Qwen3 layouts).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmscratch.errors import UserError, read_json
+from llmscratch.fileio import sha256_of
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -332,14 +332,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # adapter folders
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
@@ -365,7 +357,7 @@ def save_adapter(directory: str | Path, model: nn.Module, base: str | Path, toke
         "format": FORMAT, "version": 1,
         "rank": info["rank"], "alpha": info["alpha"], "dropout": info["dropout"],
         "targets": info["targets"], "modules": info["modules"], "trainable_modules": info["trainable"],
-        "base": {"path": str(base_folder), "sha256": _sha256(base_folder / WEIGHTS),
+        "base": {"path": str(base_folder), "sha256": sha256_of(base_folder / WEIGHTS),
                  "config": json.loads((base_folder / CONFIG).read_text())},
         "model": model.config.to_dict(),  # the tuned model's config (a classifier's differs from its base's)
     }
@@ -432,7 +424,7 @@ def load_adapter(folder: str | Path, base: str | Path | None = None, device: str
         raise UserError(f"{folder / ADAPTER_CONFIG}: base checkpoint {base_path} not found; pass the base "
                         "folder's new location with --base")
     base_folder = find_model_folder(base_path)
-    if check_base and cfg["base"].get("sha256") and _sha256(base_folder / WEIGHTS) != cfg["base"]["sha256"]:
+    if check_base and cfg["base"].get("sha256") and sha256_of(base_folder / WEIGHTS) != cfg["base"]["sha256"]:
         raise UserError(f"{base_folder / WEIGHTS}: not the weights this adapter was trained on (sha256 differs "
                         f"from {folder / ADAPTER_CONFIG}); point --base at the original base checkpoint")
     base_model = load_model(base_folder)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from clitools import assert_hf_cli_round_trip
 from clitools import run as _cli
 
 from llmscratch.errors import UserError
@@ -90,19 +91,7 @@ def test_cli_convert_from_hf_generate_and_back(hf_gpt2, tmp_path, prepared, caps
 
     vocab = load_tokenizer(prepared).vocab_size
     theirs = hf_gpt2(tmp_path, n_layer=2, n_head=2, n_embd=32, vocab_size=vocab, n_positions=32)
-    code, out, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "ours", "--tokenizer", prepared],
-                          capsys)
-    assert code == 0, err
-    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "ours").iterdir()}
-    code, out, err = _cli(["generate", tmp_path / "ours", "--prompt", "The", "--max-new-tokens", 5,
-                           "--temperature", 0, "--dtype", "fp32"], capsys)
-    assert code == 0 and out.startswith("The"), err
-    code, out, err = _cli(["convert", "to-hf", tmp_path / "ours", tmp_path / "back"], capsys)
-    assert code == 0, err
-    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
-    idx = torch.randint(0, vocab, (1, 12))
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(idx).logits, theirs(idx).logits, atol=1e-5, rtol=1e-5)
+    assert_hf_cli_round_trip(theirs, tmp_path, prepared, capsys)
 
 
 def test_cli_convert_without_tokenizer_is_a_user_error(hf_gpt2, tmp_path, capsys):

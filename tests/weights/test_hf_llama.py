@@ -4,6 +4,7 @@ uncached; and our export → transformers reload → equal logits again."""
 
 import pytest
 import torch
+from clitools import assert_hf_cli_round_trip
 from clitools import run as _cli
 
 transformers = pytest.importorskip("transformers")
@@ -106,17 +107,7 @@ def test_cli_convert_generate_and_back(tmp_path, prepared, capsys, family):
     capsys.readouterr()
     code, _, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "no-tok"], capsys)
     assert code == 2 and "no tokenizer.json or tokenizer.model" in err and not (tmp_path / "no-tok").exists()
-    code, out, err = _cli(["convert", "from-hf", tmp_path / "hf", tmp_path / "ours", "--tokenizer", prepared], capsys)
-    assert code == 0, err
-    code, out, err = _cli(["generate", tmp_path / "ours", "--prompt", "The", "--max-new-tokens", 5,
-                           "--temperature", 0, "--dtype", "fp32"], capsys)
-    assert code == 0 and out.startswith("The"), err
-    code, out, err = _cli(["convert", "to-hf", tmp_path / "ours", tmp_path / "back"], capsys)
-    assert code == 0, err
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
-    idx = torch.randint(0, vocab, (1, 20))
-    with torch.no_grad():
-        torch.testing.assert_close(again(idx).logits, theirs(idx).logits, atol=1e-5, rtol=1e-5)
+    assert_hf_cli_round_trip(theirs, tmp_path, prepared, capsys, n_tokens=20)
 
 
 def test_cli_convert_takes_the_folders_own_tokenizer_and_chat_template(tmp_path, tiny_corpus, capsys):

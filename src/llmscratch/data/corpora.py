@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llmscratch.errors import UserError
-from llmscratch.fileio import atomic_write_bytes
+from llmscratch.fileio import atomic_write_bytes, sha256_of
 
 __all__ = [
     "CORPORA",
@@ -191,14 +191,6 @@ NAMED_DOWNLOADS: dict[str, NamedCorpus] = {
 
 #: Every name `load_corpus` accepts besides a path, for CLI help.
 CORPORA: tuple[str, ...] = ("pydocs", *NAMED_DOWNLOADS)
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 
@@ -422,7 +414,7 @@ def download(
 
     def cached() -> bool:
         return (dest.is_file() and (size is None or dest.stat().st_size == size)
-                and (sha256 is None or _sha256_of(dest) == sha256))
+                and (sha256 is None or sha256_of(dest) == sha256))
 
     if cached():
         return dest

@@ -297,7 +297,7 @@ def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, tex
     from llmscratch.data import labelled
     from llmscratch.runtime import autocast_dtype, resolve_device
     from llmscratch.train.batches import ExampleBatches
-    from llmscratch.train.pretrain import check_out_dir
+    from llmscratch.train.pretrain import check_out_dir, removed_on_failure
     from llmscratch.train.trainer import latest_checkpoint, train
 
     t0 = time.perf_counter()
@@ -410,13 +410,9 @@ def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, tex
     print(f"training {steps} steps ({steps * cfg.grad_accum / per_epoch:.3g} epochs of {per_epoch} batches of "
           f"{cfg.batch_size}) on {device.type}", flush=True)
     t_train = time.perf_counter()
-    try:
+    with removed_on_failure(out, created):
         result = train(model, batches, cfg, out, loss_fn=classification_loss, tokenizer=tok, resume=resume,
                        hparams=hparams, on_step=on_step, perplexity=False)
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
     train_s = time.perf_counter() - t_train
 
     metrics = {"labels": labels, "data": str(data), "base": str(checkpoint), "random_init": random_init,

@@ -244,12 +244,12 @@ def run_dpo(checkpoint: str | Path, data: str | Path, out: str | Path, *, prompt
     from llmscratch.data.instruct import split_records
     from llmscratch.data.preference import PreferenceCollate, encode_preferences, load_preferences
     from llmscratch.fileio import atomic_write_text
-    from llmscratch.finetune.instruct import RESPONSES_FILE, steps_for_epochs, write_responses
+    from llmscratch.finetune.instruct import finish_tuning_run, steps_for_epochs
     from llmscratch.generate import generate_batch
     from llmscratch.prompts import get_style, load_style, save_style
     from llmscratch.runtime import autocast_dtype, resolve_device
     from llmscratch.train.batches import ExampleBatches
-    from llmscratch.train.pretrain import check_out_dir
+    from llmscratch.train.pretrain import check_out_dir, removed_on_failure
 
     out = Path(out)
     cfg = train_cfg or default_train_config()
@@ -339,30 +339,17 @@ def run_dpo(checkpoint: str | Path, data: str | Path, out: str | Path, *, prompt
                "split": {"seed": split_seed, "val_fraction": val_fraction, "test_fraction": test_fraction}}
     if lora is not None:
         hparams["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets, "dropout": lora.dropout}
-    try:
+    with removed_on_failure(out, created):
         result = train(model, batches, cfg, out, loss_fn=loss_fn, tokenizer=tok, resume=resume, hparams=hparams,
                        perplexity=False, loss_label="DPO loss")
-    except BaseException:
-        if created and latest_checkpoint(out) is None:
-            import shutil
-
-            shutil.rmtree(out, ignore_errors=True)
-        raise
     after = evaluate_pairs(model, eval_pairs, loss_fn, collate, 2 * cfg.batch_size, amp, device)
     log("after:  " + _describe(after))
     after_answers = answers(model)
     samples = [{"instruction": r["instruction"], "input": r.get("input", ""), "chosen": r["chosen"],
                 "rejected": r["rejected"], "before": b, "after": a}
                for r, b, a in zip(sample_recs, before_answers or [None] * len(sample_recs), after_answers)]
-    responses = None
-    if result.stopped_early != "interrupt" and test_recs:
-        responses = out / RESPONSES_FILE
-        write_responses(model, tok, style, test_recs, responses, max_new_tokens, progress=progress)
-        log(f"wrote {len(test_recs)} test-set responses to {responses}")
-    if lora is not None:
-        from llmscratch.lora import finish_adapter_run
-
-        finish_adapter_run(out, model, folder, tok)
+    responses = finish_tuning_run(result, model, tok, style, test_recs, out, max_new_tokens, folder, lora, progress,
+                                  log)
     summary = {"split": "val" if val_pairs else "train", "n_pairs": len(eval_pairs), "before": before,
                "after": after, "steps": result.step, "stopped_early": result.stopped_early,
                "samples": samples, **hparams["dpo"]}

@@ -57,7 +57,7 @@ def run_instruct(checkpoint: str | Path, data: str | Path, out: str | Path, prom
     from llmscratch.prompts import get_style, save_style
     from llmscratch.runtime import resolve_device
     from llmscratch.train.batches import ExampleBatches
-    from llmscratch.train.pretrain import check_out_dir
+    from llmscratch.train.pretrain import check_out_dir, removed_on_failure
 
     out = Path(out)
     cfg = train_cfg or TrainConfig()
@@ -121,26 +121,30 @@ def run_instruct(checkpoint: str | Path, data: str | Path, out: str | Path, prom
         return generate_batch(m, tok, [style.prompt(sample_record)], max_new_tokens=min(64, max_new_tokens),
                               stop=style.stop)[0]
 
-    try:
+    with removed_on_failure(out, created):
         result = train(model, batches, cfg, out, loss_fn=instruct_loss, tokenizer=tok, resume=resume,
                        hparams=hparams, sample_fn=sample)
-    except BaseException:
-        if created and latest_checkpoint(out) is None:
-            import shutil
+    responses = finish_tuning_run(result, model, tok, style, test_recs, out, max_new_tokens, checkpoint, lora,
+                                  progress, log)
+    return InstructResult(result, len(train_recs), len(val_recs), len(test_recs), responses)
 
-            shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping yet
-        raise
+
+def finish_tuning_run(result, model, tokenizer, style, test_records: list[dict], out: Path, max_new_tokens: int,
+                      base, lora, progress: bool, log) -> Path | None:
+    """After an instruction (or preference) tuning run: answer the test records into `out/test_responses.json`
+    unless training was interrupted, and with `lora` leave the adapter alone in `out`. Returns the responses'
+    path, or None when none were written."""
     responses = None
-    if result.stopped_early != "interrupt" and test_recs:
+    if result.stopped_early != "interrupt" and test_records:
         responses = out / RESPONSES_FILE
-        write_responses(model, tok, style, test_recs, responses, max_new_tokens, progress=progress)
-        log(f"wrote {len(test_recs)} test-set responses to {responses}")
+        write_responses(model, tokenizer, style, test_records, responses, max_new_tokens, progress=progress)
+        log(f"wrote {len(test_records)} test-set responses to {responses}")
     if lora is not None:
         from llmscratch.lora import finish_adapter_run
 
-        finish_adapter_run(out, model, checkpoint, tok)
+        finish_adapter_run(out, model, base, tokenizer)
         log(f"saved the adapter alone to {out} (merge with `llmscratch lora merge {out} MERGED_DIR`)")
-    return InstructResult(result, len(train_recs), len(val_recs), len(test_recs), responses)
+    return responses
 
 
 def write_responses(model, tokenizer, style, records: list[dict], path: Path, max_new_tokens: int,

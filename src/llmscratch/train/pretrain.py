@@ -6,6 +6,8 @@ import dataclasses
 import math
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +88,18 @@ def check_out_dir(out: Path) -> bool:
     return created
 
 
+@contextmanager
+def removed_on_failure(out: Path, created: bool) -> Iterator[None]:
+    """Run the body; if it fails or is interrupted, remove `out` again when this run created it and it holds no
+    resumable checkpoint yet, so a failed start leaves nothing half-written behind (`--resume` needs one)."""
+    try:
+        yield
+    except BaseException:
+        if created and latest_checkpoint(out) is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def sample_fn(tokenizer, prompt: str, max_new_tokens: int = 40, seed: int = 0):
     from llmscratch.generate import generate
 
@@ -116,10 +130,8 @@ def run_pretrain(model: str = "gpt-mini", data: str = "pydocs", out: str | Path 
         model_cfg = ModelConfig.load(ckpt / CONFIG)
         tok = load_tokenizer(ckpt)
         data_dir = Path(data) if is_prepared(data) else out / "data"
-        created = False
     else:
-        created = check_out_dir(out)
-        try:
+        with removed_on_failure(out, check_out_dir(out)):
             if is_prepared(data):
                 data_dir = Path(data)
                 tok = load_tokenizer(tokenizer or data_dir)
@@ -134,10 +146,6 @@ def run_pretrain(model: str = "gpt-mini", data: str = "pydocs", out: str | Path 
                 overrides["dropout"] = dropout
             model_cfg = ModelConfig.from_preset(model, **overrides)
             LMBatches(data_dir, max(cfg.batch_size, 1), model_cfg.context_length)  # too little text → error now
-        except BaseException:
-            if created:  # leave nothing half-written behind
-                shutil.rmtree(out, ignore_errors=True)
-            raise
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     net = GPT(model_cfg)
@@ -210,9 +218,8 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_
             raise UserError(f"--out {out}: already holds a training run; pass --overwrite to replace it or "
                             "choose another folder")
         shutil.rmtree(out)
-    created = check_out_dir(out)
     t0 = time.perf_counter()
-    try:
+    with removed_on_failure(out, check_out_dir(out)):
         print("[1/4] loading the embedded corpus (Python standard library docs)...", flush=True)
         documents = load_corpus("pydocs", progress=progress)
         size_mb = sum(len(d) for d in documents) / 1e6
@@ -227,10 +234,6 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_
         unigram = unigram_cross_entropy(data_dir)
         print(f"      {meta.train_tokens:,} train / {meta.val_tokens:,} val tokens; unigram cross-entropy "
               f"{unigram:.3f} nats (the loss of a model that ignores context)", flush=True)
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
 
     dev = resolve_device(device)
     on_cpu = dev.type == "cpu"
