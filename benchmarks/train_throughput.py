@@ -15,12 +15,20 @@ transformers. Each contender runs alone (built, warmed up, timed, freed); --sche
 all alive and lets them take turns step by step, so load from other processes hits them alike (at the cost of
 a busier heap: absolute rates come out lower, most for the contenders that allocate the most).
 
+CPU memory allocator (--heap): our trainer makes glibc keep freed memory for reuse on a CPU
+(llmscratch.runtime.keep_cpu_memory_for_reuse), which spares each step page faults for its large temporaries.
+It is a setting of the whole process and cannot be undone, so by default ("as-shipped") the peers run first
+under glibc's defaults, as they would run on their own, and ours runs after the setting is applied, as
+`llmscratch pretrain` runs. "default" runs everyone under glibc's defaults, "reuse" everyone with the setting
+(the same-allocator comparison of the models themselves).
+
 CUDA (--device cuda): GPT-2 124M at context 1024, bf16 autocast, batch --batch-size (16), TF32 matmuls
 allowed, fused AdamW; each contender runs its steps as one block between torch.cuda.synchronize() calls.
 MFU = tokens/s × training FLOPs per token (llmscratch.model.flops_per_token) / 989 TFLOP/s, the dense bf16
 peak of an H100/H200 SXM (override with --peak-tflops). --compile adds torch.compile'd variants.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 5] [--warmup 2] [--threads N]
+        [--heap as-shipped|default|reuse]
     python benchmarks/train_throughput.py --device cuda [--batch-size 16] [--compile]
 """
 
@@ -150,6 +158,10 @@ def main() -> int:
     parser.add_argument("--schedule", choices=("sequential", "interleaved"), default="sequential",
                         help="sequential: each contender alone, one after another (default); interleaved (CPU "
                              "only): all alive, taking turns step by step, fairer under load from other processes")
+    parser.add_argument("--heap", choices=("as-shipped", "default", "reuse"), default="as-shipped",
+                        help="CPU memory allocator setting (see above): as-shipped (peers under glibc's defaults, "
+                             "then ours with our trainer's setting; default), default (everyone under glibc's "
+                             "defaults) or reuse (everyone with our setting)")
     parser.add_argument("--ours-default", choices=("fp32", "bf16"), default=None,
                         help="our trainer's default precision (default: what llmscratch.runtime picks for "
                              "--precision auto on this device)")
@@ -160,6 +172,8 @@ def main() -> int:
         sys.exit("error: --device cuda given but CUDA is not available on this machine")
     if args.schedule == "interleaved" and device.type == "cuda":
         parser.error("--schedule interleaved is for the CPU")
+    if args.schedule == "interleaved" and args.heap == "as-shipped" and device.type == "cpu":
+        parser.error("--schedule interleaved runs every contender at once: pick --heap default or reuse")
     if device.type not in SHAPES:
         sys.exit(f"error: --device {args.device}: only cpu and cuda are supported")
     on_cuda = device.type == "cuda"
@@ -188,11 +202,16 @@ def main() -> int:
 
     from llmscratch import ModelConfig
     from llmscratch.model import flops_per_token
+    from llmscratch.runtime import keep_cpu_memory_for_reuse
 
     flops_tok = flops_per_token(ModelConfig(name="bench", **shape), T, training=True)
     versions = []
     if "transformers" not in skip:
         versions.append(f"transformers {transformers.__version__}")
+    heap = "n/a (CUDA)" if on_cuda else {
+        "as-shipped": "peers under glibc's defaults, ours with the trainer's keep_cpu_memory_for_reuse",
+        "default": "glibc's defaults for everyone", "reuse": "keep_cpu_memory_for_reuse for everyone"}[args.heap]
+    versions.append(f"CPU heap: {heap}")
     print(C.header("training throughput benchmark", device, ", ".join(versions)))
     print(f"model: {shape['n_layers']} layers, {shape['d_model']} dims, {shape['n_heads']} heads, context {T}, "
           f"vocab {shape['vocab_size']}, dropout 0 | batch {batch} ({batch * T} tokens/step) | "
@@ -211,6 +230,11 @@ def main() -> int:
                     continue  # the book's model is compared at fp32 only on the CPU
                 contenders.append(Contender(kind, p, compiled))
 
+    if not on_cuda and args.heap == "as-shipped":
+        contenders.sort(key=lambda c: c.kind == "ours")  # the peers first, before the setting (stable sort)
+    elif not on_cuda and args.heap == "reuse":
+        keep_cpu_memory_for_reuse()
+
     torch.manual_seed(1234)
     data = torch.randint(0, shape["vocab_size"], (batch, T + 1), device=device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
@@ -218,6 +242,8 @@ def main() -> int:
     if args.schedule == "sequential":
         # One contender at a time, alone in memory: build, warm up, time, free.
         for c in contenders:
+            if c.kind == "ours" and not on_cuda and args.heap == "as-shipped":
+                keep_cpu_memory_for_reuse()  # as our trainer does on a CPU
             setup(c, shape, device, fused)
             for _ in range(warmup):
                 train_step(c, x, y, device, phases=False)

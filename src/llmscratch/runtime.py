@@ -2,11 +2,15 @@
 
 The `auto` choices are measured, not assumed (benchmarks/RESULTS.md): bf16 on CUDA, and on CPUs with bf16
 matrix instructions (AVX512-BF16 / AMX), where bf16 matrix products run several times faster than fp32.
+`keep_cpu_memory_for_reuse` is a CPU training setting of the process's memory allocator, measured there too.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import platform
 from pathlib import Path
 
 import torch
@@ -75,3 +79,28 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
         if key in name:
             return tflops * 1e12
     return None
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+@functools.lru_cache(maxsize=1)
+def keep_cpu_memory_for_reuse() -> bool:
+    """Let a CPU training process reuse the memory its large tensors free instead of faulting in new pages.
+
+    PyTorch allocates CPU tensors with malloc. glibc serves every block above its mmap threshold (at most
+    32 MiB) straight from the operating system and returns it on free, so each training step maps, zero-fills
+    and unmaps its large temporaries again: the chunked LM-head loss's (1,024 × 50,257) buffers, the embedding
+    gradient… On the 2-core VM of benchmarks/RESULTS.md that cost ~1/4 of a GPT-2-vocabulary training step.
+    With mmap off (M_MMAP_MAX = 0) and trimming off, freed blocks stay in the heap for the next step; the
+    process keeps its peak memory until it exits. Linux with glibc only (elsewhere a no-op); returns whether
+    the setting was applied. Applied once per process by `train` on a CPU.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False

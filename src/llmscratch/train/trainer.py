@@ -31,7 +31,7 @@ import torch
 from llmscratch.checkpoint import save_model
 from llmscratch.errors import UserError
 from llmscratch.model.transformer import flops_per_token
-from llmscratch.runtime import autocast_dtype, peak_flops, resolve_device
+from llmscratch.runtime import autocast_dtype, keep_cpu_memory_for_reuse, peak_flops, resolve_device
 from llmscratch.train.metrics import MetricsLog, plot_losses
 from llmscratch.train.schedule import lr_at
 
@@ -314,6 +314,8 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    elif device.type == "cpu":
+        keep_cpu_memory_for_reuse()  # ~1.3x faster steps with GPT-2's vocabulary (runtime.py)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg, device)
