@@ -62,7 +62,7 @@ class ScriptedModel(nn.Module):
     def clear_kv_cache(self):
         self.cache_clears += 1
 
-    def forward(self, idx, input_pos=None):
+    def forward(self, idx, input_pos=None, last_only=False):
         self.calls += 1
         self.modes_seen.append(self.training)
         B, T = idx.shape
@@ -72,7 +72,7 @@ class ScriptedModel(nn.Module):
             script = self.scripts[b]
             token = script[step] if step < len(script) else self.filler
             logits[b, -1, token] = 10.0
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 def scripted_text_model(text: str, prompt: str = "> ", then_eos: bool = False, **kwargs) -> ScriptedModel:

@@ -172,10 +172,10 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
                     last = step(nxt[:, None], pos_t, same_shapes=stepped)  # (B, 1): same strides each call
                     stepped = True
                 else:
-                    last = model(seq[:, pos:], input_pos=pos)[:, -1]
+                    last = model(seq[:, pos:], input_pos=pos, last_only=True)[:, -1]
             else:
                 # First step, or the window slid past the context: positions shift, so refill the cache.
-                last = model(seq[:, -ctx:], input_pos=0)[:, -1]
+                last = model(seq[:, -ctx:], input_pos=0, last_only=True)[:, -1]
             pos = min(seq.size(1), ctx)
             nxt = sample_next(last, temperature, top_k, top_p, generator)
             if eos_id is not None:

@@ -14,6 +14,17 @@ def test_logits_shape(cfg):
     assert model(torch.randint(0, cfg.vocab_size, (3, 11))).shape == (3, 11, cfg.vocab_size)
 
 
+def test_last_only_logits_are_the_last_positions_logits(cfg, gqa_cfg):
+    for c in (cfg, gqa_cfg):
+        torch.manual_seed(0)
+        model = GPT(c).eval()
+        idx = torch.randint(0, c.vocab_size, (2, 9))
+        with torch.no_grad():
+            full, last = model(idx), model(idx, last_only=True)
+        assert last.shape == (2, 1, c.vocab_size)
+        torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-5)
+
+
 def test_tied_head_shares_storage(cfg):
     model = GPT(cfg)
     assert model.lm_head.weight is model.tok_emb.weight

@@ -104,12 +104,18 @@ class GPT(nn.Module):
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, input_pos: int | torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) — or, given `targets` (B, T), the mean next-token cross-entropy, computed by
-        the chunked fused LM-head loss so the full logits are never materialised (model/loss.py)."""
+        the chunked fused LM-head loss so the full logits are never materialised (model/loss.py).
+
+        `last_only`: the logits of the last position alone (B, 1, vocab), all that choosing the next token
+        needs; the LM head then skips a prompt's other positions (for GPT-2 124M a third of a long prompt's
+        prefill FLOPs)."""
         x = self.features(idx, input_pos)
         if targets is not None:
             return lm_head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(x)  # (B, T, vocab)
 
     def inverse_frequencies(self, device: torch.device) -> torch.Tensor:
