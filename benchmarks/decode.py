@@ -22,7 +22,7 @@ the prompt's prefill, sampling and the generation loop: the per-token cost to ho
 Every contender is warmed up once, then the contenders run in turn --repeats times (interleaved, so a burst
 of load from other processes hits all of them) and the median is reported.
 
-    .venv/bin/python benchmarks/decode.py [--new-tokens 100] [--repeats 3] [--threads N]
+    .venv/bin/python benchmarks/decode.py [--new-tokens 100] [--prompt-tokens 10] [--repeats 3] [--threads N]
         [--ours-default fp32|bf16] [--dtypes fp32,bf16] [--no-uncached] [--no-compile] [--profile]
 """
 
@@ -40,7 +40,7 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-PROMPT_LEN = 10
+PROMPT_LEN = 10  # the default --prompt-tokens
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGET_VS_HF = 1.5  # ours (its default) / transformers (its default)
 TARGET_VS_BOUND = 0.85  # ours / weight-streaming bound, same dtype
@@ -78,7 +78,7 @@ def ours_decode(model, prompt: torch.Tensor, new_tokens: int, use_cache: bool, c
 
 
 @torch.inference_mode()
-def compiled_steps(model, new_tokens: int) -> None:
+def compiled_steps(model, new_tokens: int, prompt_len: int) -> None:
     """`new_tokens` calls of the model's compiled decoding step alone — no prefill, no sampling, no Python loop
     of `generate_ids` — on the KV cache its last `generate_ids(..., compile=True)` call left in place: what a
     token costs once generation is under way, comparable with the matvec bound's one step."""
@@ -86,10 +86,10 @@ def compiled_steps(model, new_tokens: int) -> None:
 
     step = compiled_decode_step(model)
     idx = torch.zeros(1, 1, dtype=torch.long)
-    pos = torch.tensor(PROMPT_LEN)
+    pos = torch.tensor(prompt_len)
     step(idx, pos)  # the first call of a generation checks Dynamo's guards, as generate_ids' does
     for i in range(1, new_tokens):
-        pos.fill_(PROMPT_LEN + i)
+        pos.fill_(prompt_len + i)
         step(idx, pos, same_shapes=True)
 
 
@@ -168,6 +168,8 @@ def profile_ours(model, prompt: torch.Tensor, new_tokens: int, label: str) -> No
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=100)
+    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_LEN,
+                        help="prompt length; long prompts weigh the prefill (tokens/s still counts new tokens)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender; the median is shown")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
@@ -179,8 +181,10 @@ def main() -> int:
                         help="skip ours compiled (its first call compiles for ~20-40 s per dtype)")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of ours")
     args = parser.parse_args()
-    if args.new_tokens < 1 or args.repeats < 1:
-        parser.error("--new-tokens and --repeats must be positive")
+    if args.new_tokens < 1 or args.repeats < 1 or args.prompt_tokens < 1:
+        parser.error("--new-tokens, --prompt-tokens and --repeats must be positive")
+    if args.prompt_tokens + args.new_tokens > 1024:
+        parser.error("--prompt-tokens + --new-tokens must fit GPT-2's context of 1024")
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or any(d not in DTYPES for d in dtypes):
         parser.error(f"--dtypes takes a comma-separated subset of {','.join(DTYPES)}")
@@ -190,11 +194,11 @@ def main() -> int:
     device = torch.device("cpu")
     args.ours_default = args.ours_default or C.ours_default_precision(device, "generate")
     print(C.header("decode benchmark", device, f"transformers {transformers.__version__}"))
-    print(f"GPT-2 124M shape, random weights, batch 1, prompt {PROMPT_LEN} tokens, {args.new_tokens} new tokens "
-          f"greedy, median of {args.repeats} interleaved runs after one warm-up each")
+    print(f"GPT-2 124M shape, random weights, batch 1, prompt {args.prompt_tokens} tokens, {args.new_tokens} new "
+          f"tokens greedy, median of {args.repeats} interleaved runs after one warm-up each")
 
     torch.manual_seed(1234)
-    prompt = torch.randint(0, 50257, (1, PROMPT_LEN))
+    prompt = torch.randint(0, 50257, (1, args.prompt_tokens))
     n = args.new_tokens
 
     # (contender, dtype) -> a call that runs it once (and records its tokens)
@@ -217,7 +221,8 @@ def main() -> int:
         if not args.no_compile:
             compiled_model = build_ours(DTYPES[d])
             record((COMPILED, d), lambda m=compiled_model: ours_decode(m, prompt, n, use_cache=True, compile=True))
-            contenders[(COMPILED_STEP, d)] = lambda m=compiled_model: compiled_steps(m, n)  # (after COMPILED)
+            # (after COMPILED, whose KV cache it decodes on)
+            contenders[(COMPILED_STEP, d)] = lambda m=compiled_model: compiled_steps(m, n, args.prompt_tokens)
         if not args.no_uncached:
             record(("ours (no cache)", d), lambda m=ours: ours_decode(m, prompt, n, use_cache=False))
         record(("transformers generate", d), lambda m=hf: hf_decode(m, prompt, n))
