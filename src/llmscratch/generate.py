@@ -99,6 +99,9 @@ class CompiledDecodeStep:
 
 def compiled_decode_step(model) -> CompiledDecodeStep:
     """The model's compiled decoding step, built on first use and kept on the model (rebuilt if stale)."""
+    if getattr(model, "packed_for_inference", False):
+        raise UserError("compiled decoding traces plain nn.Linear layers, and this model's were packed for CPU "
+                        "inference (llmscratch.model.packed); compile an unpacked model (the step packs its own copy)")
     step = getattr(model, "_compiled_decode_step", None)
     if step is not None and step.stale(model):
         warnings.warn("the weights changed since compiled decoding froze them: compiling it again; PyTorch keeps "
@@ -146,12 +149,11 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
+    step = compiled_decode_step(model) if compile and use_cache else None
     was_training = model.training
     model.eval()
     done = torch.zeros(seq.size(0), dtype=torch.bool, device=device)
-    compile = compile and use_cache
     needed = min(ctx, seq.size(1) + max_new_tokens)
-    step = compiled_decode_step(model) if compile else None
     if use_cache:
         # A compiled step has one shape for every call of a generation: its cache length is fixed up front.
         if step is not None:

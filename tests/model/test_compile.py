@@ -142,3 +142,15 @@ def test_eager_generation_between_compiled_ones_keeps_the_compiled_cache():
     assert torch.equal(eager, compiled)
     again = torch.stack(list(generate_ids(m, prompt, 10, compile=True)), 1)
     assert m.blocks[0].attn.kv_cache is cache and torch.equal(again, compiled)
+
+
+def test_compiling_a_packed_model_is_a_clear_error():
+    from llmscratch.errors import UserError
+    from llmscratch.model.packed import can_pack, pack_for_cpu_inference
+
+    m = GPT(CFG).eval()
+    if not can_pack(m):
+        pytest.skip("this PyTorch build has no oneDNN linear packing")
+    pack_for_cpu_inference(m)
+    with pytest.raises(UserError, match="packed"):
+        list(generate_ids(m, torch.randint(0, 300, (1, 4)), 3, compile=True))
