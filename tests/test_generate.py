@@ -144,8 +144,10 @@ def test_golden_greedy_ids(model):
     # n_heads=4, init_std=0.5)) and greedy generate_ids on the prompt [1, 2, 3, 4, 5] for 30 tokens (which
     # crosses the context). They pin init order, the forward pass and the sampler across refactors; if a
     # deliberate change (e.g. a new init) alters them, regenerate and say so in the commit.
-    golden = [49, 30, 46, 29, 3, 42, 46, 15, 15, 46, 15, 15, 42, 42, 46, 29, 4, 83, 46, 46, 15, 15, 15, 15,
-              46, 82, 81, 42, 46, 47]
+    # Regenerated 2026-11-26 when the embeddings stopped drawing their own (discarded) initial values, which
+    # shifted the random stream reset_parameters draws from.
+    golden = [31, 84, 69, 31, 57, 34, 77, 33, 2, 16, 92, 92, 16, 31, 77, 46, 31, 95, 88, 51, 27, 18, 27, 84, 27,
+              51, 88, 89, 55, 29]
     prompt = torch.tensor([[1, 2, 3, 4, 5]])
     assert ids(generate_ids(model, prompt, 30))[0] == golden
     assert ids(generate_ids(model, prompt, 30, use_cache=False))[0] == golden

@@ -14,7 +14,7 @@ RECORDS = [
     {"instruction": "Add the numbers.", "input": "4 + 4", "output": "8", "family": "sums"},
     {"instruction": "Say hi.", "input": "", "output": "hi", "family": "words"},
 ]
-STEPS = 60  # enough for gpt-micro to learn four short answers (about 1 s of CPU)
+STEPS = 100  # gpt-micro learns all four answers by then for each of seeds 0-4 (at 60 steps, 2 of 5 seeds did)
 FAST = ["--epochs", "0", "--train.max_steps", "4", "--train.batch_size", "2", "--train.eval_every", "2",
         "--train.eval_batches", "1", "--train.warmup_steps", "1", "--max-new-tokens", "6", "--no-progress"]
 

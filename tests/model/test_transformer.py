@@ -216,6 +216,22 @@ def test_init_gpt2_style():
             "blocks.3.mlp.fc.weight", "blocks.3.mlp.proj.weight", "blocks.0.attn.proj.weight"} <= seen
 
 
+def test_building_on_the_meta_device_draws_nothing():
+    """Checkpoints are loaded into a model built on the meta device. PyTorch's normal_ there imports
+    torch._dynamo first (~1.5 s of every CLI command that loads a model), so building must not call it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from llmscratch import GPT, ModelConfig\n"
+            "with torch.device('meta'):\n"
+            "    m = GPT(ModelConfig.from_preset('gpt2-124m'))\n"
+            "assert m.tok_emb.weight.is_meta and m.pos_emb.weight.is_meta\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]
+
+
 def test_init_std_follows_config():
     cfg = ModelConfig(vocab_size=512, context_length=64, d_model=128, n_layers=1, n_heads=4, init_std=0.05)
     model = GPT(cfg)

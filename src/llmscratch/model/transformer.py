@@ -47,9 +47,14 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # The embeddings get uninitialised tensors rather than drawing their own N(0, 1) values, which
+        # reset_parameters would replace anyway. It matters on the meta device, where checkpoints are loaded:
+        # there PyTorch's normal_ first imports torch._dynamo, ~1.5 s of every CLI command that loads a model.
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
         # Learned absolute positions (GPT-2); with RoPE, positions enter inside attention instead.
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model) if cfg.position == "learned" else None
+        self.pos_emb = (nn.Embedding(cfg.context_length, cfg.d_model,
+                                     _weight=torch.empty(cfg.context_length, cfg.d_model))
+                        if cfg.position == "learned" else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
@@ -66,6 +71,8 @@ class GPT(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02) everywhere, zero biases, and the projections that write into the
         residual stream scaled by 1/√(2·n_layers) so its variance does not grow with depth (GPT-2 paper, §2.3)."""
+        if self.tok_emb.weight.is_meta:  # shapes only, for a checkpoint's tensors to be assigned: nothing to draw
+            return
         std = self.config.init_std
         for name, p in self.named_parameters():
             if name.endswith("bias"):
