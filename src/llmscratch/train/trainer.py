@@ -422,13 +422,13 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
                 if step % cfg.eval_every == 0 or stopping:
                     ev = evaluate(model, batches, loss_fn, cfg.eval_batches, amp_dtype, device)
                     ev_extras = {k: v for k, v in ev.items() if k not in ("train", "val")}
+                    val_ppl = math.exp(min(ev["val"], 50.0)) if perplexity else None
                     metrics.log("eval", step, tokens=tokens, elapsed_s=round(time.perf_counter() - start, 2),
-                                lr=lr, train_loss=ev["train"], val_loss=ev["val"],
-                                val_ppl=math.exp(min(ev["val"], 50.0)) if perplexity else None, **ev_extras)
+                                lr=lr, train_loss=ev["train"], val_loss=ev["val"], val_ppl=val_ppl, **ev_extras)
                     result.val_loss = ev["val"]
                     result.history.append({"step": step, "train": ev["train"], "val": ev["val"], **ev_extras})
                     shown = "".join(f", {k} {v:.3f}" for k, v in ev_extras.items() if k.startswith("val_"))
-                    ppl = f" (perplexity {math.exp(min(ev['val'], 50.0)):.1f})" if perplexity else ""
+                    ppl = f" (perplexity {val_ppl:.1f})" if perplexity else ""
                     bar.write(f"step {step}: train loss {ev['train']:.3f}, val loss {ev['val']:.3f}{ppl}{shown}")
                     if not math.isfinite(ev["val"]):
                         raise TrainingDiverged(f"validation loss became {ev['val']} at step {step}; stopping. "
