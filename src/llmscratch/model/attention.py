@@ -121,16 +121,22 @@ class CausalSelfAttention(nn.Module):
                 is_causal = False
                 if T > 1:
                     mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=input_pos)
-        if nkv != nh:
-            # Each key/value head serves nh // nkv consecutive query heads.
-            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, Tk, hs)
-            v = v.repeat_interleave(nh // nkv, dim=1)
-        if mask is not None and T == 1 and not x.is_cuda:
-            # One query per sequence over the static cache (the compiled CPU decoding step): written out, the
-            # compiler fuses scores, mask, softmax and the weighted sum into one loop (~25 µs a layer for GPT-2
-            # 124M), where SDPA's CPU kernel costs ~140 µs a call. fp32 inside, as SDPA computes it.
-            y = attention_reference(q.float(), k.float(), v.float(), mask).to(q.dtype)
+        if T == 1 and not x.is_cuda and not self.training:
+            # One query per sequence, the newest position, over the cache (CPU decoding): written out as two
+            # matrix products and a softmax, fp32 inside as SDPA computes it. SDPA's CPU kernel is slow for a
+            # single query: for GPT-2 124M (12 heads of 64) at batch 1 it took 102 µs against 58 µs over 110
+            # cached keys, 440 against 134 µs over 512 (benchmarks/RESULTS.md). Compiled, the steps fuse into
+            # one loop (~25 µs a layer). No causal mask is needed: the newest query may see every key, and the
+            # static cache's unfilled tail is masked by `mask`. With GQA the query heads that share a key/value
+            # head become rows of one product, so the cache is read as it is, not copied per query head.
+            q_rows = q.reshape(B, nkv, nh // nkv, hs)  # (B, nkv, group, hs)
+            y = attention_reference(q_rows.float(), k.float(), v.float(), mask).to(q.dtype)
+            y = y.reshape(B, nh, 1, hs)
         else:
+            if nkv != nh:
+                # Each key/value head serves nh // nkv consecutive query heads.
+                k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, Tk, hs)
+                v = v.repeat_interleave(nh // nkv, dim=1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
