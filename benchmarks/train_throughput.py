@@ -16,10 +16,10 @@ all alive and lets them take turns step by step, so load from other processes hi
 a busier heap: absolute rates come out lower, most for the contenders that allocate the most).
 
 CPU memory allocator (--heap): our trainer makes glibc keep freed memory for reuse on a CPU
-(llmscratch.runtime.keep_cpu_memory_for_reuse), which spares each step page faults for its large temporaries.
-It is a setting of the whole process and cannot be undone, so by default ("as-shipped") the peers run first
-under glibc's defaults, as they would run on their own, and ours runs after the setting is applied, as
-`llmscratch pretrain` runs. "default" runs everyone under glibc's defaults, "reuse" everyone with the setting
+(llmscratch.runtime.cpu_memory_kept_for_reuse), which spares each step page faults for its large temporaries.
+It holds for the whole process while a training run lasts, so by default ("as-shipped") the peers run under
+glibc's defaults, as they would run on their own, and ours after them with the setting, entered for its run
+as `llmscratch pretrain` does. "default" runs everyone under glibc's defaults, "reuse" everyone with the setting
 (the same-allocator comparison of the models themselves).
 
 CUDA (--device cuda): GPT-2 124M at context 1024, bf16 autocast, batch --batch-size (16), TF32 matmuls
@@ -35,6 +35,7 @@ peak of an H100/H200 SXM (override with --peak-tflops). --compile adds torch.com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -142,6 +143,47 @@ def train_step(c: Contender, x, y, device, phases: bool) -> torch.Tensor:
     return loss.detach()
 
 
+def run_alone(c: Contender, shape: dict, device: torch.device, fused: bool, x, y, warmup: int, steps: int) -> None:
+    """One contender alone in memory: build, warm up, time, free."""
+    on_cuda = device.type == "cuda"
+    setup(c, shape, device, fused)
+    for _ in range(warmup):
+        train_step(c, x, y, device, phases=False)
+    if on_cuda:  # the timed steps as one block, no host sync inside it
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = train_step(c, x, y, device, phases=False)
+        torch.cuda.synchronize(device)
+        c.step_times = [(time.perf_counter() - start) / steps] * steps
+        c.losses.append(float(loss))
+        c.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        for _ in range(steps):
+            start = time.perf_counter()
+            loss = train_step(c, x, y, device, phases=True)
+            c.step_times.append(time.perf_counter() - start)
+            c.losses.append(float(loss))
+    c.state = None
+    gc.collect()
+
+
+def run_interleaved(contenders: list[Contender], shape: dict, device: torch.device, fused: bool, x, y,
+                    warmup: int, steps: int) -> None:
+    """Every contender alive at once; they take turns one step at a time (CPU only)."""
+    for c in contenders:
+        setup(c, shape, device, fused)
+        for _ in range(warmup):
+            train_step(c, x, y, device, phases=False)
+    for _ in range(steps):
+        for c in contenders:
+            start = time.perf_counter()
+            loss = train_step(c, x, y, device, phases=True)
+            c.step_times.append(time.perf_counter() - start)
+            c.losses.append(float(loss))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -202,15 +244,15 @@ def main() -> int:
 
     from llmscratch import ModelConfig
     from llmscratch.model import flops_per_token
-    from llmscratch.runtime import keep_cpu_memory_for_reuse
+    from llmscratch.runtime import cpu_memory_kept_for_reuse
 
     flops_tok = flops_per_token(ModelConfig(name="bench", **shape), T, training=True)
     versions = []
     if "transformers" not in skip:
         versions.append(f"transformers {transformers.__version__}")
     heap = "n/a (CUDA)" if on_cuda else {
-        "as-shipped": "peers under glibc's defaults, ours with the trainer's keep_cpu_memory_for_reuse",
-        "default": "glibc's defaults for everyone", "reuse": "keep_cpu_memory_for_reuse for everyone"}[args.heap]
+        "as-shipped": "peers under glibc's defaults, ours with the trainer's cpu_memory_kept_for_reuse",
+        "default": "glibc's defaults for everyone", "reuse": "cpu_memory_kept_for_reuse for everyone"}[args.heap]
     versions.append(f"CPU heap: {heap}")
     print(C.header("training throughput benchmark", device, ", ".join(versions)))
     print(f"model: {shape['n_layers']} layers, {shape['d_model']} dims, {shape['n_heads']} heads, context {T}, "
@@ -231,56 +273,26 @@ def main() -> int:
                 contenders.append(Contender(kind, p, compiled))
 
     if not on_cuda and args.heap == "as-shipped":
-        contenders.sort(key=lambda c: c.kind == "ours")  # the peers first, before the setting (stable sort)
-    elif not on_cuda and args.heap == "reuse":
-        keep_cpu_memory_for_reuse()
-
+        # The peers first: leaving the setting restores glibc's limits but not its adaptive mmap threshold
+        # (any mallopt call freezes it), so a peer run after ours would not see glibc's true defaults.
+        contenders.sort(key=lambda c: c.kind == "ours")  # (a stable sort)
     torch.manual_seed(1234)
     data = torch.randint(0, shape["vocab_size"], (batch, T + 1), device=device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-
-    if args.schedule == "sequential":
-        # One contender at a time, alone in memory: build, warm up, time, free.
-        for c in contenders:
-            if c.kind == "ours" and not on_cuda and args.heap == "as-shipped":
-                keep_cpu_memory_for_reuse()  # as our trainer does on a CPU
-            setup(c, shape, device, fused)
-            for _ in range(warmup):
-                train_step(c, x, y, device, phases=False)
-            if on_cuda:  # the timed steps as one block, no host sync inside it
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                start = time.perf_counter()
-                for _ in range(steps):
-                    loss = train_step(c, x, y, device, phases=False)
-                torch.cuda.synchronize(device)
-                c.step_times = [(time.perf_counter() - start) / steps] * steps
-                c.losses.append(float(loss))
-                c.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
-            else:
-                for _ in range(steps):
-                    start = time.perf_counter()
-                    loss = train_step(c, x, y, device, phases=True)
-                    c.step_times.append(time.perf_counter() - start)
-                    c.losses.append(float(loss))
-            c.state = None
-            gc.collect()
-            if on_cuda:
-                torch.cuda.empty_cache()
-            print(f"  done: {c.label}, {c.precision_label}: {batch * T / C.median(c.step_times):,.0f} tok/s",
-                  flush=True)
-    else:
-        # Every contender alive at once; they take turns one step at a time (CPU only).
-        for c in contenders:
-            setup(c, shape, device, fused)
-            for _ in range(warmup):
-                train_step(c, x, y, device, phases=False)
-        for _ in range(steps):
+    everyone_reuses = not on_cuda and args.heap == "reuse"
+    with cpu_memory_kept_for_reuse() if everyone_reuses else contextlib.nullcontext():
+        if args.schedule == "sequential":
             for c in contenders:
-                start = time.perf_counter()
-                loss = train_step(c, x, y, device, phases=True)
-                c.step_times.append(time.perf_counter() - start)
-                c.losses.append(float(loss))
+                # As our trainer does on a CPU: the setting for ours' whole run, left once its tensors are freed.
+                shipped = c.kind == "ours" and not on_cuda and args.heap == "as-shipped"
+                with cpu_memory_kept_for_reuse() if shipped else contextlib.nullcontext():
+                    run_alone(c, shape, device, fused, x, y, warmup, steps)
+                if on_cuda:
+                    torch.cuda.empty_cache()
+                print(f"  done: {c.label}, {c.precision_label}: {batch * T / C.median(c.step_times):,.0f} tok/s",
+                      flush=True)
+        else:
+            run_interleaved(contenders, shape, device, fused, x, y, warmup, steps)
 
     tok = {}
     rows = []

@@ -11,39 +11,94 @@ import pytest
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="mallopt is glibc's (Linux); elsewhere the setting is a no-op")
 
-# Allocate and touch a 64 MiB tensor, then free it; print glibc's mallinfo2 counts of bytes in mmapped blocks
-# while it lives and of free bytes the heap kept after it was freed.
+# In a fresh process, under one of three allocator settings, allocate and touch a 64 MiB tensor, then free it.
+# Print glibc's mallinfo2 count of bytes in mmapped blocks while it lives, of free bytes the heap kept after it
+# was freed, and of the bytes the process's resident memory shrank by on leaving the setting (0 if not left).
+#   default: glibc's defaults; reuse: inside cpu_memory_kept_for_reuse;
+#   left: after a 64 MiB tensor was allocated and freed inside the setting, which was then left.
 _PROBE = textwrap.dedent("""
-    import ctypes, sys, torch
-    if sys.argv[1] == "reuse":
-        from llmscratch.runtime import keep_cpu_memory_for_reuse
-        assert keep_cpu_memory_for_reuse()
+    import contextlib, ctypes, os, sys, torch
+    from llmscratch.runtime import cpu_memory_kept_for_reuse
     class MallInfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in
                     ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
                      "fordblks", "keepcost")]
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
-    t = torch.empty(16 * 2**20)  # 64 MiB of fp32
-    t.fill_(1.0)
-    mmapped = libc.mallinfo2().hblkhd
-    del t
-    print(mmapped, libc.mallinfo2().fordblks)
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def touch_64mib():
+        t = torch.empty(16 * 2**20)  # 64 MiB of fp32
+        t.fill_(1.0)
+        return t
+    mode = sys.argv[1]
+    with contextlib.ExitStack() as stack:
+        if mode == "reuse":
+            assert stack.enter_context(cpu_memory_kept_for_reuse())
+        released = 0
+        if mode == "left":
+            with cpu_memory_kept_for_reuse() as active:
+                assert active
+                del_me = touch_64mib()
+                del del_me
+                before = rss()
+            released = before - rss()
+        t = touch_64mib()
+        mmapped = libc.mallinfo2().hblkhd
+        del t
+        print(mmapped, libc.mallinfo2().fordblks, released)
 """)
 MIB64 = 64 * 2**20
 
 
-def _probe(mode: str) -> tuple[int, int]:
+def _probe(mode: str) -> tuple[int, int, int]:
     out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True)
-    mmapped, kept = out.stdout.split()
-    return int(mmapped), int(kept)
+    mmapped, kept, released = out.stdout.split()
+    return int(mmapped), int(kept), int(released)
+
+
+@pytest.fixture
+def mallinfo2():
+    if not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("glibc before 2.33 has no mallinfo2")
 
 
 @glibc_only
-def test_keep_cpu_memory_for_reuse_keeps_a_freed_large_tensor_in_the_heap():
-    if not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
-        pytest.skip("glibc before 2.33 has no mallinfo2")
-    mmapped, kept = _probe("default")
+def test_cpu_memory_kept_for_reuse_keeps_a_freed_large_tensor_in_the_heap(mallinfo2):
+    mmapped, kept, _ = _probe("default")
     assert mmapped >= MIB64 and kept < MIB64  # glibc's default: mapped for the tensor, unmapped on free
-    mmapped, kept = _probe("reuse")
+    mmapped, kept, _ = _probe("reuse")
     assert mmapped < MIB64 and kept >= MIB64  # from the heap, and still there for the next step
+
+
+@glibc_only
+def test_leaving_cpu_memory_kept_for_reuse_returns_the_memory_and_restores_the_defaults(mallinfo2):
+    mmapped, kept, released = _probe("left")
+    assert released >= MIB64 * 3 // 4  # the freed tensor's pages went back to the operating system
+    assert mmapped >= MIB64 and kept < MIB64  # and large tensors are mapped and unmapped again
+
+
+def test_nested_use_keeps_the_setting_until_the_outermost_exit(monkeypatch):
+    """Only the outermost `with` restores glibc's limits (checked on a recording stand-in for the C library)."""
+    from llmscratch import runtime
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(runtime, "_glibc", lambda: FakeLibc())
+    with runtime.cpu_memory_kept_for_reuse() as outer:
+        with runtime.cpu_memory_kept_for_reuse() as inner:
+            assert outer and inner
+        assert calls == [("mallopt", runtime._M_MMAP_MAX, 0), ("mallopt", runtime._M_TRIM_THRESHOLD, 2**31 - 1)]
+    assert calls[2:] == [("mallopt", runtime._M_MMAP_MAX, runtime._DEFAULT_MMAP_MAX),
+                         ("mallopt", runtime._M_TRIM_THRESHOLD, runtime._DEFAULT_TRIM_THRESHOLD), ("trim", 0)]
+    assert runtime._heap_reuse_depth == 0

@@ -187,6 +187,27 @@ def test_time_budget_stops_early_and_saves(prepared, tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("reuse", [True, False])
+def test_cpu_heap_setting_lasts_exactly_as_long_as_training(prepared, tmp_path, monkeypatch, reuse):
+    from llmscratch import runtime
+
+    class AcceptingLibc:  # a stand-in C library: mallopt and malloc_trim succeed and change nothing
+        def mallopt(self, param, value):
+            return 1
+
+        def malloc_trim(self, pad):
+            return 1
+
+    monkeypatch.setattr(runtime, "_glibc", lambda: AcceptingLibc())
+    depth_at_steps = []
+    cfg = small_cfg(max_steps=2, cpu_heap_reuse=reuse)
+    model, batches = fresh(prepared, cfg)
+    train(model, batches, cfg, tmp_path / "run",
+          on_step=lambda step, loss: depth_at_steps.append(runtime._heap_reuse_depth))
+    assert depth_at_steps == ([1, 1] if reuse else [0, 0])
+    assert runtime._heap_reuse_depth == 0  # left when training ended
+
+
 def test_grad_accumulation_equals_bigger_batch(prepared, tmp_path):
     """Two micro-batches of 2 give the same update as one batch of 4 holding the same rows."""
     torch.manual_seed(0)

@@ -2,15 +2,17 @@
 
 The `auto` choices are measured, not assumed (benchmarks/RESULTS.md): bf16 on CUDA, and on CPUs with bf16
 matrix instructions (AVX512-BF16 / AMX), where bf16 matrix products run several times faster than fp32.
-`keep_cpu_memory_for_reuse` is a CPU training setting of the process's memory allocator, measured there too.
+`cpu_memory_kept_for_reuse` is a CPU training setting of the process's memory allocator, measured there too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -81,26 +83,54 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
     return None
 
 
-# glibc's mallopt parameters (malloc.h).
+# glibc's mallopt parameters (malloc.h) and the defaults this restores (malloc.c: DEFAULT_MMAP_MAX,
+# DEFAULT_TRIM_THRESHOLD).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD = 65536, 128 * 1024
+_heap_reuse_depth = 0  # nesting depth of cpu_memory_kept_for_reuse in this process
 
 
 @functools.lru_cache(maxsize=1)
-def keep_cpu_memory_for_reuse() -> bool:
-    """Let a CPU training process reuse the memory its large tensors free instead of faulting in new pages.
+def _glibc():
+    """The C library when it is glibc on Linux (with mallopt and malloc_trim), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (both must exist)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+@contextlib.contextmanager
+def cpu_memory_kept_for_reuse() -> Iterator[bool]:
+    """While inside, let a CPU training loop reuse the memory its large tensors free instead of faulting in
+    new pages; on leaving, give the freed memory back to the operating system.
 
     PyTorch allocates CPU tensors with malloc. glibc serves every block above its mmap threshold (at most
     32 MiB) straight from the operating system and returns it on free, so each training step maps, zero-fills
     and unmaps its large temporaries again: the chunked LM-head loss's (1,024 × 50,257) buffers, the embedding
     gradient… On the 2-core VM of benchmarks/RESULTS.md that cost ~1/4 of a GPT-2-vocabulary training step.
-    With mmap off (M_MMAP_MAX = 0) and trimming off, freed blocks stay in the heap for the next step; the
-    process keeps its peak memory until it exits. Linux with glibc only (elsewhere a no-op); returns whether
-    the setting was applied. Applied once per process by `train` on a CPU.
+    Inside, mmap is off (M_MMAP_MAX = 0) and so is trimming: freed blocks stay in the heap for the next step,
+    and the process holds its peak memory. On leaving the outermost `with`, glibc's default limits come back
+    and `malloc_trim` returns the heap's free pages. (glibc's own adaptive mmap threshold stays at the value it
+    had reached: any mallopt call freezes it.) Yields whether the setting is active: Linux with glibc only,
+    elsewhere nothing changes. Process-wide: other threads allocating meanwhile share it. `train` enters it on
+    a CPU.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+    global _heap_reuse_depth
+    libc = _glibc()
+    if libc is None or (_heap_reuse_depth == 0 and not (libc.mallopt(_M_MMAP_MAX, 0)
+                                                         and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))):
+        yield False
+        return
+    _heap_reuse_depth += 1
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
+        yield True
+    finally:
+        _heap_reuse_depth -= 1
+        if _heap_reuse_depth == 0:
+            libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+            libc.malloc_trim(0)

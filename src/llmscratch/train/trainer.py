@@ -12,6 +12,7 @@ A stage supplies:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -31,7 +32,7 @@ import torch
 from llmscratch.checkpoint import save_model
 from llmscratch.errors import UserError
 from llmscratch.model.transformer import flops_per_token
-from llmscratch.runtime import autocast_dtype, keep_cpu_memory_for_reuse, peak_flops, resolve_device
+from llmscratch.runtime import autocast_dtype, cpu_memory_kept_for_reuse, peak_flops, resolve_device
 from llmscratch.train.metrics import MetricsLog, plot_losses
 from llmscratch.train.schedule import lr_at
 
@@ -88,7 +89,7 @@ class TrainConfig:
     """recompute each block's activations in backward instead of keeping them: less memory, ~1/3 more compute"""
     cpu_heap_reuse: bool = True
     """on a CPU (Linux, glibc), keep freed memory for the next step instead of page-faulting it in again: ~1.3x
-    faster steps with GPT-2's vocabulary, but the process holds its peak memory until it exits"""
+    faster steps with GPT-2's vocabulary; the process holds its peak memory until training ends"""
     peak_tflops: float | None = None
     """accelerator peak for MFU; None = known GPUs only"""
     progress: bool = True
@@ -307,18 +308,25 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
 
     `perplexity`: report exp(val loss) — meaningful for next-token losses only (classification and DPO turn it
     off); `loss_label` names the loss on loss.png's y-axis."""
-    from tqdm.auto import tqdm
-
-    out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
-    amp_dtype = autocast_dtype(cfg.precision, device)
     if cfg.max_steps <= 0:
         raise UserError(f"max_steps must be positive, got {cfg.max_steps}")
+    # On a CPU the run keeps freed memory for its next steps (runtime.cpu_memory_kept_for_reuse); the training
+    # loop's own tensors — optimizer state, gradients — are freed inside, so the trim on leaving returns them.
+    heap = cpu_memory_kept_for_reuse() if device.type == "cpu" and cfg.cpu_heap_reuse else contextlib.nullcontext()
+    with heap:
+        return _train(model, batches, cfg, Path(out_dir), device, loss_fn, tokenizer, resume, hparams, sample_fn,
+                      on_step, perplexity, loss_label)
+
+
+def _train(model, batches: BatchSource, cfg: TrainConfig, out_dir: Path, device: torch.device, loss_fn, tokenizer,
+           resume: bool, hparams: dict | None, sample_fn, on_step, perplexity: bool, loss_label: str) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    amp_dtype = autocast_dtype(cfg.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    elif device.type == "cpu" and cfg.cpu_heap_reuse:
-        keep_cpu_memory_for_reuse()
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg, device)
