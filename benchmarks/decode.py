@@ -1,15 +1,18 @@
 """Decoding speed on the CPU: our GPT (with and without its KV cache) against Hugging Face `transformers`.
 
-Batch 1, a GPT-2-124M-shaped model with random weights, a 10-token prompt, greedy decoding of --new-tokens
-tokens (100). Each contender runs at fp32 (everyone's default) and at bf16 (weights and activations cast,
-the same for all). Tokens/s counts the new tokens over the whole call, prefill included.
+Batch 1 (--batch-size), a GPT-2-124M-shaped model with random weights, a 10-token prompt, greedy decoding
+of --new-tokens tokens (100). Each contender runs at fp32 (everyone's default) and at bf16 (weights and
+activations cast, the same for all). Tokens/s counts the new tokens of every sequence over the whole call,
+prefill included.
 
 The weight-streaming bound: one decode step has to read every weight matrix once, so a chain of
 matrix-vector products with the same shapes (per layer qkv, attention out-projection, MLP fc and proj; then
-the LM head) timed on this machine is the fastest a step can be; tokens/s bound = 1 / that time. Everything
-else a step does (layer norms, attention over the cache, sampling, Python) only adds. The chain is timed two
-ways: with F.linear (what nn.Linear runs) and with the weights pre-packed for oneDNN (the layout inductor's
-CPU freezing uses), which streams them about twice as fast here; the bound is the faster of the two.
+the LM head) timed on this machine is the fastest a step can be; tokens/s bound = 1 / that time. With
+--batch-size B the chain multiplies B rows at once (still one read of each weight) and tokens/s counts B per
+step. Everything else a step does (layer norms, attention over the cache, sampling, Python) only adds. The
+chain is timed two ways: with F.linear (what nn.Linear runs) and with the weights pre-packed for oneDNN (the
+layout inductor's CPU freezing uses), which streams them about twice as fast here; the bound is the faster
+of the two.
 
 Ours runs three ways per dtype: as built (plain nn.Linear); with its linear weights packed for oneDNN by
 llmscratch.model.packed, which is what `llmscratch generate` does on a CPU (with --dtype auto: bf16 on CPUs
@@ -22,8 +25,8 @@ the prompt's prefill, sampling and the generation loop: the per-token cost to ho
 Every contender is warmed up once, then the contenders run in turn --repeats times (interleaved, so a burst
 of load from other processes hits all of them) and the median is reported.
 
-    .venv/bin/python benchmarks/decode.py [--new-tokens 100] [--prompt-tokens 10] [--repeats 3] [--threads N]
-        [--ours-default fp32|bf16] [--dtypes fp32,bf16] [--no-uncached] [--no-compile] [--profile]
+    .venv/bin/python benchmarks/decode.py [--new-tokens 100] [--prompt-tokens 10] [--batch-size 1] [--repeats 3]
+        [--threads N] [--ours-default fp32|bf16] [--dtypes fp32,bf16] [--no-uncached] [--no-compile] [--profile]
 """
 
 from __future__ import annotations
@@ -68,24 +71,25 @@ def build_hf(dtype: torch.dtype):
     return GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
-def ours_decode(model, prompt: torch.Tensor, new_tokens: int, use_cache: bool, compile: bool = False) -> list[int]:
+def ours_decode(model, prompt: torch.Tensor, new_tokens: int, use_cache: bool,
+                compile: bool = False) -> list[list[int]]:
     from llmscratch.generate import generate_ids
 
-    out = [int(t[0]) for t in generate_ids(model, prompt, new_tokens, temperature=0.0, use_cache=use_cache,
+    out = [t.tolist() for t in generate_ids(model, prompt, new_tokens, temperature=0.0, use_cache=use_cache,
                                            compile=compile)]
     assert len(out) == new_tokens, f"ours produced {len(out)} of {new_tokens} tokens"
     return out
 
 
 @torch.inference_mode()
-def compiled_steps(model, new_tokens: int, prompt_len: int) -> None:
+def compiled_steps(model, new_tokens: int, prompt_len: int, batch_size: int) -> None:
     """`new_tokens` calls of the model's compiled decoding step alone — no prefill, no sampling, no Python loop
     of `generate_ids` — on the KV cache its last `generate_ids(..., compile=True)` call left in place: what a
     token costs once generation is under way, comparable with the matvec bound's one step."""
     from llmscratch.generate import compiled_decode_step
 
     step = compiled_decode_step(model)
-    idx = torch.zeros(1, 1, dtype=torch.long)
+    idx = torch.zeros(batch_size, 1, dtype=torch.long)
     pos = torch.tensor(prompt_len)
     step(idx, pos)  # the first call of a generation checks Dynamo's guards, as generate_ids' does
     for i in range(1, new_tokens):
@@ -170,6 +174,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--prompt-tokens", type=int, default=PROMPT_LEN,
                         help="prompt length; long prompts weigh the prefill (tokens/s still counts new tokens)")
+    parser.add_argument("--batch-size", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender; the median is shown")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
@@ -181,8 +186,8 @@ def main() -> int:
                         help="skip ours compiled (its first call compiles for ~20-40 s per dtype)")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of ours")
     args = parser.parse_args()
-    if args.new_tokens < 1 or args.repeats < 1 or args.prompt_tokens < 1:
-        parser.error("--new-tokens, --prompt-tokens and --repeats must be positive")
+    if min(args.new_tokens, args.repeats, args.prompt_tokens, args.batch_size) < 1:
+        parser.error("--new-tokens, --prompt-tokens, --batch-size and --repeats must be positive")
     if args.prompt_tokens + args.new_tokens > 1024:
         parser.error("--prompt-tokens + --new-tokens must fit GPT-2's context of 1024")
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -194,11 +199,13 @@ def main() -> int:
     device = torch.device("cpu")
     args.ours_default = args.ours_default or C.ours_default_precision(device, "generate")
     print(C.header("decode benchmark", device, f"transformers {transformers.__version__}"))
-    print(f"GPT-2 124M shape, random weights, batch 1, prompt {args.prompt_tokens} tokens, {args.new_tokens} new "
+    print(f"GPT-2 124M shape, random weights, batch {args.batch_size}, prompt {args.prompt_tokens} tokens, "
+          f"{args.new_tokens} new "
           f"tokens greedy, median of {args.repeats} interleaved runs after one warm-up each")
 
     torch.manual_seed(1234)
-    prompt = torch.randint(0, 50257, (1, args.prompt_tokens))
+    B = args.batch_size
+    prompt = torch.randint(0, 50257, (B, args.prompt_tokens))
     n = args.new_tokens
 
     # (contender, dtype) -> a call that runs it once (and records its tokens)
@@ -209,7 +216,7 @@ def main() -> int:
         ours = build_ours(DTYPES[d])
         hf = build_hf(DTYPES[d])
         weights = [w.detach() for w in step_weights(ours)]
-        inputs = {k: torch.randn(1, k, dtype=DTYPES[d]) for k in {w.size(1) for w in weights}}
+        inputs = {k: torch.randn(B, k, dtype=DTYPES[d]) for k in {w.size(1) for w in weights}}
 
         def record(key, fn):
             contenders[key] = lambda: outputs.__setitem__(key, fn())
@@ -222,7 +229,7 @@ def main() -> int:
             compiled_model = build_ours(DTYPES[d])
             record((COMPILED, d), lambda m=compiled_model: ours_decode(m, prompt, n, use_cache=True, compile=True))
             # (after COMPILED, whose KV cache it decodes on)
-            contenders[(COMPILED_STEP, d)] = lambda m=compiled_model: compiled_steps(m, n, args.prompt_tokens)
+            contenders[(COMPILED_STEP, d)] = lambda m=compiled_model: compiled_steps(m, n, args.prompt_tokens, B)
         if not args.no_uncached:
             record(("ours (no cache)", d), lambda m=ours: ours_decode(m, prompt, n, use_cache=False))
         record(("transformers generate", d), lambda m=hf: hf_decode(m, prompt, n))
@@ -239,18 +246,18 @@ def main() -> int:
         for key, fn in contenders.items():
             times[key].append(C.timed(fn, device))
 
-    rate = {k: n / C.median(v) for k, v in times.items()}
+    rate = {k: B * n / C.median(v) for k, v in times.items()}
     bounds = (BOUND_LINEAR, BOUND_PACKED)
     # The machine's bound at a dtype: the faster of the two ways of streaming the same weights.
     bound = {d: max(rate[(b, d)] for b in bounds if (b, d) in rate) for d in dtypes}
     rows = []
     for (name, d), r in rate.items():
         hf_r = rate.get(("transformers generate", d))
-        runs = " ".join(f"{n / t:.1f}" for t in times[(name, d)])
-        rows.append([name, d, f"{r:.1f}", f"{1e3 / r:.1f}", runs,
+        runs = " ".join(f"{B * n / t:.1f}" for t in times[(name, d)])
+        rows.append([name, d, f"{r:.1f}", f"{1e3 * B / r:.1f}", runs,
                      f"{r / hf_r:.2f}" if name not in bounds + (COMPILED_STEP,) else "", f"{r / bound[d]:.0%}"])
     print()
-    print(C.markdown_table(["contender", "dtype", "tok/s", "ms/token", "runs (tok/s)",
+    print(C.markdown_table(["contender", "dtype", "tok/s", "ms/step", "runs (tok/s)",
                             "÷ transformers (same dtype)", "÷ bound (same dtype)"], rows, "llrrrrr"))
     print("bound = the faster matvec chain of the two at that dtype (every weight matrix of one step read once)")
 
