@@ -101,11 +101,22 @@ def test_compiled_decoding_follows_weights_changed_in_place():
     m(torch.randint(0, 300, (2, 20)), targets=torch.randint(0, 300, (2, 20))).backward()
     opt.step()
     m.eval()
-    with pytest.warns(UserWarning, match="weights changed"):
+    old_modules = list(first_step._generated)
+    assert old_modules and _frozen_bytes(old_modules) > 0  # the weights frozen into the first step
+    with pytest.warns(UserWarning, match="weights changed") as caught:
         after = torch.stack(list(generate_ids(m, prompt, 8, compile=True)), 1)  # reuses the cache
     eager = torch.stack(list(generate_ids(m, prompt, 8)), 1)
     assert not torch.equal(eager, before)  # the update changed what the model says...
     assert torch.equal(after, eager)  # ...and the compiled step says it too
+    # The replaced step's frozen weights were dropped (PyTorch would keep them until the process exits).
+    assert _frozen_bytes(old_modules) == 0 and "keeps" not in str(caught[0].message)
+    assert _frozen_bytes(m._compiled_decode_step._generated) > 0
+
+
+def _frozen_bytes(modules) -> int:
+    """Bytes of the tensors held as attributes of inductor's generated modules."""
+    return sum(v.numel() * v.element_size() for mod in modules for v in vars(mod).values()
+               if isinstance(v, torch.Tensor))
 
 
 @pytest.mark.slow
