@@ -69,17 +69,18 @@ def mallinfo2():
 
 @glibc_only
 def test_cpu_memory_kept_for_reuse_keeps_a_freed_large_tensor_in_the_heap(mallinfo2):
+    # (`kept` counts the heap's free bytes gained, give or take the small free chunks the tensor used up)
     mmapped, kept, _ = _probe("default")
-    assert mmapped >= MIB64 and kept < MIB64  # glibc's default: mapped for the tensor, unmapped on free
+    assert mmapped >= MIB64 and kept < MIB64 // 2  # glibc's default: mapped for the tensor, unmapped on free
     mmapped, kept, _ = _probe("reuse")
-    assert mmapped < MIB64 and kept >= MIB64  # from the heap, and still there for the next step
+    assert mmapped < MIB64 and kept > MIB64 * 9 // 10  # from the heap, and still there for the next step
 
 
 @glibc_only
 def test_leaving_cpu_memory_kept_for_reuse_returns_the_memory_and_restores_the_defaults(mallinfo2):
     mmapped, kept, released = _probe("left")
     assert released >= MIB64 * 3 // 4  # the freed tensor's pages went back to the operating system
-    assert mmapped >= 2 * MIB64 and kept < MIB64  # and large tensors are mapped and unmapped again
+    assert mmapped >= 2 * MIB64 and kept < MIB64 // 2  # and large tensors are mapped and unmapped again
 
 
 def test_nested_use_keeps_the_setting_until_the_outermost_exit(monkeypatch):
