@@ -65,6 +65,26 @@ def test_console_script_help_and_error_exit_code(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not found" in proc.stderr
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--help"], ["generate", "ckpt", "--no-such-option"],
+                                  ["--version"]])
+def test_help_and_mistakes_answer_without_importing_torch(argv):
+    """Building the parser must not import PyTorch (~2 s): `--help` and a wrong option answer at once. (The
+    fine-tuning verbs are the exception: their defaults live in modules that need it.)"""
+    probe = ("import sys\nfrom llmscratch.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+             "    pass\nsys.stderr.write('torch imported: %s\\n' % ('torch' in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
+    assert "torch imported: False" in proc.stderr, proc.stderr
+
+
+def test_package_names_stay_functions_after_their_submodules_are_imported():
+    """`llmscratch.generate` (a function re-exported lazily) must not be replaced by the submodule it lives in."""
+    probe = ("import llmscratch\nfrom llmscratch.generate import generate_ids\nfrom llmscratch import generate\n"
+             "assert callable(llmscratch.generate) and llmscratch.generate is generate, llmscratch.generate\n"
+             "assert llmscratch.load.__module__ == 'llmscratch.checkpoint'\nprint('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr
+
+
 # --- user mistakes ----------------------------------------------------------------------------------------
 def test_missing_data_file(tmp_path, capsys):
     code, _, err = run(["tokenizer", "train", "--data", tmp_path / "missing.txt", "--out", tmp_path / "t"], capsys)

@@ -31,11 +31,14 @@ def _parser_class():
     return Parser
 
 
-def build_parser():
+def build_parser(argv: list[str] | None = None):
+    """The whole command line. Building it imports no PyTorch (~2 s on the development VM), so `--help` and
+    mistakes answer at once — except the fine-tuning verbs, whose defaults live in modules that need it: their
+    options are added only when `argv` names `finetune` (or is None, for the full parser)."""
     from jsonargparse import ActionConfigFile, set_parsing_settings
 
     from llmscratch.config import PRESETS
-    from llmscratch.train.trainer import TrainConfig
+    from llmscratch.train.config import TrainConfig
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # TrainConfig field docstrings → --help
     P = _parser_class()
@@ -164,27 +167,31 @@ def build_parser():
                          "optionally LoRA adapters only)")
     ft_verbs = ft.add_subcommands(dest="action", required=True)
 
+    finetuning = argv is None or "finetune" in argv
     p = verb("instruct", "Instruction-tune a checkpoint (the book's chapter 7): answers learned after a prompt "
              "style, prompt tokens masked; then writes the test split's answers to --out/test_responses.json.",
              ft_verbs, prog="llmscratch finetune instruct")
-    _instruct_arguments(p)
-    _lora_arguments(p)
+    if finetuning:
+        _instruct_arguments(p)
+        _lora_arguments(p)
 
     p = verb("classify", "Fine-tune a checkpoint into a text classifier (the book's chapter 6): a class head read "
              "at each text's last real token. Writes the classifier, labels.json, metrics.json (accuracy and loss "
              "per split, confusion matrix), loss.png, accuracy.png and confusion.png to --out.", ft_verbs,
              prog="llmscratch finetune classify")
-    _classify_arguments(p)
-    _lora_arguments(p, "the class head is trained in full beside them, and saved with the adapter; --trainable "
-                       "is ignored")
+    if finetuning:
+        _classify_arguments(p)
+        _lora_arguments(p, "the class head is trained in full beside them, and saved with the adapter; "
+                           "--trainable is ignored")
 
     p = verb("dpo", "Preference-tune an instruction model with DPO (Direct Preference Optimization; the book's "
              "chapter-7 bonus): the chosen answer of each pair is made likelier than the rejected one, relative to "
              "a frozen reference (the starting model). Writes the model (or adapter), metrics.csv with rewards, "
              "loss.png, dpo.png, dpo_metrics.json (validation metrics and sample answers before/after) and "
              "test_responses.json to --out.", ft_verbs, prog="llmscratch finetune dpo")
-    _dpo_arguments(p)
-    _lora_arguments(p, "the reference is then the same model with its adapters off (no second model)")
+    if finetuning:
+        _dpo_arguments(p)
+        _lora_arguments(p, "the reference is then the same model with its adapters off (no second model)")
 
     lo = P(prog="llmscratch lora", description="LoRA adapters written by `finetune ... --lora-rank R`.")
     verbs.add_subcommand("lora", lo, help="merge a LoRA adapter into a full checkpoint, or export it for Hugging "
@@ -280,7 +287,7 @@ def _classify_arguments(p) -> None:
     import dataclasses
 
     from llmscratch.finetune.classify import DEFAULT_EPOCHS, DEFAULT_TRAINABLE, TRAINABLE, default_train_config
-    from llmscratch.train.trainer import TrainConfig
+    from llmscratch.train.config import TrainConfig
 
     p.add_argument("checkpoint", help="pretrained checkpoint folder (e.g. runs/quickstart)")
     p.add_argument("--data", required=True,
@@ -315,7 +322,7 @@ def _classify_arguments(p) -> None:
 
 def _instruct_arguments(p) -> None:
     from llmscratch.prompts import STYLES
-    from llmscratch.train.trainer import TrainConfig
+    from llmscratch.train.config import TrainConfig
 
     p.add_argument("checkpoint", help="pretrained (or already tuned) checkpoint folder, e.g. runs/quickstart")
     p.add_argument("--data", required=True,
@@ -373,7 +380,7 @@ def _dpo_arguments(p) -> None:
 
     from llmscratch.finetune.dpo import default_train_config
     from llmscratch.prompts import STYLES
-    from llmscratch.train.trainer import TrainConfig
+    from llmscratch.train.config import TrainConfig
 
     p.add_argument("checkpoint", help="instruction-tuned checkpoint folder (e.g. from `finetune instruct`)")
     p.add_argument("--data", required=True,
@@ -439,8 +446,8 @@ def cmd_prepare(a) -> None:
 
 
 def cmd_pretrain(a) -> None:
+    from llmscratch.train.config import TrainConfig
     from llmscratch.train.pretrain import run_pretrain
-    from llmscratch.train.trainer import TrainConfig
 
     cfg = TrainConfig(**{k: v for k, v in vars(a.train).items() if not k.startswith("__")},
                       progress=not a.no_progress)
@@ -582,7 +589,7 @@ def cmd_download(a) -> None:
 
 def cmd_finetune_classify(a) -> None:
     from llmscratch.finetune.classify import finetune_classify
-    from llmscratch.train.trainer import TrainConfig
+    from llmscratch.train.config import TrainConfig
 
     cfg = TrainConfig(**{k: v for k, v in vars(a.train).items() if not k.startswith("__")},
                       progress=not a.no_progress)
@@ -603,7 +610,7 @@ def cmd_classify(a) -> None:
 
 def cmd_finetune_instruct(a) -> None:
     from llmscratch.finetune.instruct import run_instruct
-    from llmscratch.train.trainer import TrainConfig
+    from llmscratch.train.config import TrainConfig
 
     cfg = TrainConfig(**{k: v for k, v in vars(a.train).items() if not k.startswith("__")},
                       progress=not a.no_progress)
@@ -621,7 +628,7 @@ def cmd_finetune_instruct(a) -> None:
 
 def cmd_finetune_dpo(a) -> None:
     from llmscratch.finetune.dpo import run_dpo
-    from llmscratch.train.trainer import TrainConfig
+    from llmscratch.train.config import TrainConfig
 
     cfg = TrainConfig(**{k: v for k, v in vars(a.train).items() if not k.startswith("__")},
                       progress=not a.no_progress)
@@ -746,7 +753,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
         sub = getattr(args, args.verb)
         handler = COMMANDS[args.verb]
         if isinstance(handler, dict):

@@ -274,7 +274,7 @@ DEFAULT_EPOCHS = 2.0
 
 def default_train_config():
     """Settings that reach the SMS-spam target from the quickstart model on a 2-core CPU (benchmarks/RESULTS.md)."""
-    from llmscratch.train.trainer import TrainConfig
+    from llmscratch.train.config import TrainConfig
 
     return TrainConfig(batch_size=8, lr=3e-4, warmup_steps=20, weight_decay=0.1, eval_every=50, eval_batches=5,
                        log_every=10, save_every=100_000, keep_last=1, seed=1337)
