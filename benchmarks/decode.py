@@ -18,7 +18,7 @@ Ours runs three ways per dtype: as built (plain nn.Linear); with its linear weig
 llmscratch.model.packed, which is what `llmscratch generate` does on a CPU (with --dtype auto: bf16 on CPUs
 with AVX512-BF16/AMX), "ours at its default"; and compiled, as `llmscratch generate --compile` runs
 (llmscratch.generate.CompiledDecodeStep: the weights frozen into the step, packed, with GELU and the residual
-additions fused into the matrix products, kernels called from generated C++). Its first call compiles; the
+additions fused into the matrix products). Its first call compiles; the
 time that takes is printed apart. "ours compiled, the step alone" times just the compiled step's calls, without
 the prompt's prefill, sampling and the generation loop: the per-token cost to hold against the bound's step.
 

@@ -107,7 +107,7 @@ def build_parser(argv: list[str] | None = None):
     p.add_argument("--compile", action="store_true",
                    help="decode through a torch.compile'd static-shape step after ~15-30 s of compilation; pays "
                         "off for long outputs. GPU: CUDA graphs, several times faster per token. CPU: frozen "
-                        "packed weights and a C++ wrapper, about 1.2x the default speed in bf16, slower in fp32")
+                        "packed weights with fused kernels, about 1.2x the default speed in bf16, slower in fp32")
     p.add_argument("--no-pack", action="store_true",
                    help="on CPU, keep plain nn.Linear weights instead of oneDNN-packed ones (slower decoding)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -43,9 +43,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 
 # Inductor settings for a decoding step compiled on a CPU (benchmarks/decode.py measures them). "freezing" folds
 # the weights into the step as constants: packed once into oneDNN's blocked layout (as model/packed.py does
-# for eager decoding), with GELU and the residual additions fused into the matrix products. "cpp_wrapper"
-# calls the step's kernels from generated C++ instead of generated Python.
-CPU_COMPILE_OPTIONS = {"freezing": True, "cpp_wrapper": True}
+# for eager decoding), with GELU and the residual additions fused into the matrix products. (Inductor's
+# "cpp_wrapper", which calls the kernels from generated C++, was on until it measured no faster per step once
+# Dynamo's guards are skipped, while its C++ build added ~4-5 s to every compilation: benchmarks/RESULTS.md.)
+CPU_COMPILE_OPTIONS = {"freezing": True}
 
 
 def _weights_signature(model) -> tuple:
@@ -169,7 +170,7 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
     Rows that produced `eos_id` keep yielding `eos_id`; the iterator ends when every row has, or after
     `max_new_tokens`. Past the context length the window is cropped to the last `context_length` tokens.
     `compile=True` runs the per-token steps through `compiled_decode_step` (static KV cache; CUDA graphs on a
-    GPU, frozen packed weights and a C++ wrapper on a CPU); the prompt itself is processed eagerly. The tokens
+    GPU, frozen packed weights on a CPU); the prompt itself is processed eagerly. The tokens
     are the same as without it.
     """
     if prompt_ids.dim() == 1:
