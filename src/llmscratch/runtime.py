@@ -121,8 +121,11 @@ def cpu_memory_kept_for_reuse() -> Iterator[bool]:
     """
     global _heap_reuse_depth
     libc = _glibc()
-    if libc is None or (_heap_reuse_depth == 0 and not (libc.mallopt(_M_MMAP_MAX, 0)
-                                                         and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))):
+    if libc is None:
+        yield False
+        return
+    if _heap_reuse_depth == 0 and not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)  # (mallopt refused: leave glibc as it was)
         yield False
         return
     _heap_reuse_depth += 1
