@@ -32,7 +32,3 @@ if TYPE_CHECKING:
 
 
 make_lazy(__name__, _HOMES)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])

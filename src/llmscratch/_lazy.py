@@ -34,6 +34,9 @@ class _LazyPackage(types.ModuleType):
         super().__setattr__(name, value)  # found once; later lookups skip this method
         return value
 
+    def __dir__(self) -> list[str]:
+        return sorted({*self.__dict__, *self.__dict__.get("_lazy_homes", {})})
+
 
 def make_lazy(package: str, homes: dict[str, str]) -> None:
     """Let `package` import each name in `homes` from the module `homes[name]` on first access."""
