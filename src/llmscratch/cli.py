@@ -416,6 +416,14 @@ def _dpo_arguments(p) -> None:
     p.set_defaults({f"train.{k}": v for k, v in defaults.items() if k not in ("progress", "sample_every")})
 
 
+def _train_config(a):
+    """The TrainConfig of a training verb's parsed `--train.*` options (and `--no-progress`)."""
+    from llmscratch.train.config import TrainConfig
+
+    return TrainConfig(**{k: v for k, v in vars(a.train).items() if not k.startswith("__")},
+                       progress=not a.no_progress)
+
+
 def _version() -> str:
     from llmscratch import __version__
 
@@ -446,11 +454,9 @@ def cmd_prepare(a) -> None:
 
 
 def cmd_pretrain(a) -> None:
-    from llmscratch.train.config import TrainConfig
     from llmscratch.train.pretrain import run_pretrain
 
-    cfg = TrainConfig(**{k: v for k, v in vars(a.train).items() if not k.startswith("__")},
-                      progress=not a.no_progress)
+    cfg = _train_config(a)
     r = run_pretrain(a.model, a.data, a.out, a.tokenizer, a.resume, cfg, a.context_length, a.dropout,
                      a.sample_prompt, progress=not a.no_progress)
     val = f", val loss {r.val_loss:.3f}" if r.val_loss is not None else ""
@@ -589,10 +595,8 @@ def cmd_download(a) -> None:
 
 def cmd_finetune_classify(a) -> None:
     from llmscratch.finetune.classify import finetune_classify
-    from llmscratch.train.config import TrainConfig
 
-    cfg = TrainConfig(**{k: v for k, v in vars(a.train).items() if not k.startswith("__")},
-                      progress=not a.no_progress)
+    cfg = _train_config(a)
     finetune_classify(a.checkpoint, a.data, a.out, text_column=a.text_column, label_column=a.label_column,
                       balance=not a.no_balance, max_length=a.max_length, trainable=a.trainable, epochs=a.epochs,
                       max_steps=a.max_steps, data_seed=a.data_seed, random_init=a.random_init, train_cfg=cfg,
@@ -610,10 +614,8 @@ def cmd_classify(a) -> None:
 
 def cmd_finetune_instruct(a) -> None:
     from llmscratch.finetune.instruct import run_instruct
-    from llmscratch.train.config import TrainConfig
 
-    cfg = TrainConfig(**{k: v for k, v in vars(a.train).items() if not k.startswith("__")},
-                      progress=not a.no_progress)
+    cfg = _train_config(a)
     r = run_instruct(a.checkpoint, a.data, a.out, prompt_style=a.prompt_style, train_cfg=cfg,
                      epochs=a.epochs or None, max_length=a.max_length, train_on_prompt=a.train_on_prompt,
                      val_fraction=a.val_fraction, test_fraction=a.test_fraction, split_seed=a.split_seed,
@@ -628,10 +630,8 @@ def cmd_finetune_instruct(a) -> None:
 
 def cmd_finetune_dpo(a) -> None:
     from llmscratch.finetune.dpo import run_dpo
-    from llmscratch.train.config import TrainConfig
 
-    cfg = TrainConfig(**{k: v for k, v in vars(a.train).items() if not k.startswith("__")},
-                      progress=not a.no_progress)
+    cfg = _train_config(a)
     r = run_dpo(a.checkpoint, a.data, a.out, prompt_style=a.prompt_style, beta=a.beta,
                 label_smoothing=a.label_smoothing, precompute=a.precompute_reference,
                 average_logprobs=a.average_logprobs, train_cfg=cfg, epochs=a.epochs or None, max_length=a.max_length,
