@@ -158,7 +158,7 @@ def test_generate_missing_checkpoint_and_truncated_weights(prepared, tmp_path, c
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_generate_compile_prints_what_the_default_path_does(prepared, tmp_path, capsys, dtype):
-    """`generate --compile` (on a CPU: frozen weights, C++ wrapper, fused attention) against the default packed
+    """`generate --compile` (on a CPU: one compiled block graph around the packed linears) against the default packed
     eager path, greedy, on random weights drawn wide (std 0.3) so that every token depends on the context:
     a wrong mask or position in the compiled step changes the text."""
     import torch

@@ -105,9 +105,10 @@ def build_parser(argv: list[str] | None = None):
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole window every step")
     p.add_argument("--compile", action="store_true",
-                   help="decode through a torch.compile'd static-shape step after ~15-30 s of compilation; pays "
-                        "off for long outputs. GPU: CUDA graphs, several times faster per token. CPU: frozen "
-                        "packed weights with fused kernels, about 1.2x the default speed in bf16, slower in fp32")
+                   help="decode through a torch.compile'd static-shape step; pays off for long outputs. GPU: "
+                        "CUDA graphs, several times faster per token. CPU: one compiled graph for every layer "
+                        "around the packed weights, ~1.2x the default speed in bf16; compiling takes ~15 s the "
+                        "first time on a machine, ~4 s once PyTorch's compile cache holds it (GPT-2 124M)")
     p.add_argument("--no-pack", action="store_true",
                    help="on CPU, keep plain nn.Linear weights instead of oneDNN-packed ones (slower decoding)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -477,7 +478,7 @@ def cmd_generate(a) -> None:
     adapter = is_adapter_folder(a.checkpoint) and not (Path(a.checkpoint) / "model.safetensors").exists()
     load_fn = load_merged if adapter else load  # an adapter: base + adapter, merged in memory
     model, tok = load_fn(a.checkpoint, device=device, dtype=inference_dtype(a.dtype, device))
-    if not a.no_pack and not a.compile:  # (the compiled step traces plain nn.Linear layers)
+    if not a.no_pack:
         pack_for_cpu_inference(model)  # CPU only; a no-op elsewhere
     # An instruction-tuned checkpoint: wrap the request in its prompt style, stop at its end of turn, and
     # print only the answer.

@@ -7,7 +7,6 @@ is kept as the reference the cached path is tested against.
 
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
@@ -41,52 +40,58 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# Inductor settings for a decoding step compiled on a CPU (benchmarks/decode.py measures them). "freezing" folds
-# the weights into the step as constants: packed once into oneDNN's blocked layout (as model/packed.py does
-# for eager decoding), with GELU and the residual additions fused into the matrix products. (Inductor's
-# "cpp_wrapper", which calls the kernels from generated C++, was on until it measured no faster per step once
-# Dynamo's guards are skipped, while its C++ build added ~4-5 s to every compilation: benchmarks/RESULTS.md.)
-CPU_COMPILE_OPTIONS = {"freezing": True}
-
-
-def _weights_signature(model) -> tuple:
-    """Identity and in-place version of every parameter: it changes when training or loading touches them."""
-    return tuple((id(p), p._version) for p in model.parameters())
-
-
 class CompiledDecodeStep:
     """`step(idx (B, 1), pos 0-dim tensor) -> logits (B, V)`: one cached decoding step with static shapes,
-    compiled with `torch.compile` — with CUDA graphs on a GPU (`mode="reduce-overhead"`), which replay the
-    step's hundreds of kernel launches as one; with `CPU_COMPILE_OPTIONS` on a CPU. Every call with the same
-    batch size and KV-cache length has one shape; a new shape compiles once more.
+    compiled with `torch.compile`. Every call with the same batch size and KV-cache length has one shape; a new
+    shape compiles once more.
 
-    On a CPU the compiled step holds a frozen copy of the weights, so `compiled_decode_step` builds a new one
-    when the model's parameters have changed since (`stale`). Inductor keeps that copy as attributes of the
-    Python module it generated for the step, which PyTorch keeps until the process exits; `release` drops them
-    when the step is replaced (without it, each rebuild of GPT-2 124M in bf16 held on to another 240 MB).
+    On a GPU it runs as CUDA graphs (`mode="reduce-overhead"`), which replay the step's hundreds of kernel
+    launches as one. On a CPU one block is compiled and its graph serves every layer
+    (`GPT.forward(one_block_graph=True)`), with the weights as the graph's inputs: they are read where they
+    live, never copied, and a change to them (an optimizer step) is seen by the next call. Pack the linears
+    first (`llmscratch.model.packed`, as `llmscratch generate` does) for oneDNN's fast matrix-vector products;
+    plain `nn.Linear` layers compile too, to inductor's slower ones.
+
+    (Until this design the CPU step was compiled with inductor's "freezing", which folds every layer's weights
+    into the graph as constants: ~20 s of compilation for GPT-2 124M in every process, since frozen graphs
+    bypass inductor's on-disk cache, a second copy of the weights, and a rebuild whenever they changed. Now:
+    ~15 s the first time on a machine and ~4 s after that, at the same speed; benchmarks/RESULTS.md.)
     """
 
-    builds = 0  # steps built so far, in this process
+    builds = 0  # compiled functions made so far, in this process
 
     def __init__(self, model):
+        self.model = model
         self.on_gpu = next(model.parameters()).is_cuda
-        self.signature = _weights_signature(model)
-        self._generated: list = []  # the modules inductor generated for this step (CPU), see `release`
-        CompiledDecodeStep.builds += 1
+        self._by_layout: dict[tuple, object] = {}  # CPU: one compiled function per `_layout`
+        self._step = self._compile() if self.on_gpu else None
+
+    def _compile(self):
+        model, one_block_graph = self.model, not self.on_gpu
 
         def decode(idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            return model(idx, input_pos=pos)[:, -1]
+            return model(idx, input_pos=pos, one_block_graph=one_block_graph)[:, -1]
 
         # Dynamo keeps its compiled graphs on the function's code object, which every `decode` made here would
-        # share. Each step gets its own copy of that code instead: a rebuilt step never reuses a graph that froze
-        # older weights, and rebuilds do not pile graphs onto one code object up to Dynamo's recompile limit
-        # (past it the step would run as slow eager code).
+        # share: past Dynamo's recompile limit (8) the step would fall back to slow eager code. Each compiled
+        # function gets its own copy of the code instead.
+        CompiledDecodeStep.builds += 1
         decode.__code__ = decode.__code__.replace(co_name=f"decode_step_{CompiledDecodeStep.builds}")
-        self._step = torch.compile(decode, mode="reduce-overhead" if self.on_gpu else None, fullgraph=True,
-                                   dynamic=False)
+        options = None
+        if not self.on_gpu and hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):
+            # No guards on the model's modules and their tensors, which Dynamo checks even when told to skip
+            # guards (~0.25 ms of a ~12 ms GPT-2 124M step on the 2-core CPU of benchmarks/RESULTS.md): each
+            # compiled function serves one `_layout` of the model, which `__call__` checks per generation.
+            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        return torch.compile(decode, mode="reduce-overhead" if self.on_gpu else None, fullgraph=True,
+                             dynamic=False, options=options)
 
-    def stale(self, model) -> bool:
-        return not self.on_gpu and _weights_signature(model) != self.signature
+    def _layout(self, idx: torch.Tensor) -> tuple:
+        """What a CPU step's graph was compiled for: the input's shape, the modules' kinds and every parameter's
+        and buffer's (KV caches included) shape, dtype and device. ~0.1 ms for GPT-2 124M, once a generation."""
+        modules = tuple(type(m) for m in self.model.modules())
+        tensors = tuple((t.shape, t.dtype, t.device) for t in (*self.model.parameters(), *self.model.buffers()))
+        return tuple(idx.shape), idx.device, modules, tensors
 
     def __call__(self, idx: torch.Tensor, pos: torch.Tensor, same_shapes: bool = False) -> torch.Tensor:
         """`same_shapes`: the caller promises the shapes, dtypes and devices of the previous call (the steps of
@@ -95,53 +100,17 @@ class CompiledDecodeStep:
         if same_shapes:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 return self._step(idx, pos)
-        with torch._inductor.config.patch({} if self.on_gpu else CPU_COMPILE_OPTIONS):  # may compile
-            cache = None if self.on_gpu else _inductor_code_cache()
-            before = len(cache.modules) if cache else 0
-            out = self._step(idx, pos)
-            if cache:
-                self._generated += cache.modules[before:]
-            return out
-
-    def release(self) -> bool:
-        """Drop the frozen weights held by the modules inductor generated for this step, which must not be
-        called again. Returns False when there were none to find (this PyTorch keeps them out of reach)."""
-        cache = _inductor_code_cache()
-        # Modules loaded without constants may be shared with later compilations: those are left alone.
-        shared = {id(m) for m in getattr(cache, "modules_no_attr", {}).values()}
-        found = False
-        for module in self._generated:
-            if id(module) in shared:
-                continue
-            for name in [n for n, v in vars(module).items() if isinstance(v, torch.Tensor)]:
-                delattr(module, name)
-                found = True
-        self._generated.clear()
-        return found
-
-
-def _inductor_code_cache():
-    """Inductor's record of the Python modules it generated in this process (`.modules`, oldest first), or None
-    where this PyTorch has none."""
-    try:
-        from torch._inductor.codecache import PyCodeCache
-    except ImportError:
-        return None
-    return PyCodeCache if isinstance(getattr(PyCodeCache, "modules", None), list) else None
+        if not self.on_gpu:
+            layout = self._layout(idx)
+            if layout not in self._by_layout:
+                self._by_layout[layout] = self._compile()
+            self._step = self._by_layout[layout]
+        return self._step(idx, pos)  # may compile
 
 
 def compiled_decode_step(model) -> CompiledDecodeStep:
-    """The model's compiled decoding step, built on first use and kept on the model (rebuilt if stale)."""
-    if getattr(model, "packed_for_inference", False):
-        raise UserError("compiled decoding traces plain nn.Linear layers, and this model's were packed for CPU "
-                        "inference (llmscratch.model.packed); compile an unpacked model (the step packs its own copy)")
+    """The model's compiled decoding step, built on first use and kept on the model."""
     step = getattr(model, "_compiled_decode_step", None)
-    if step is not None and step.stale(model):
-        released = step.release()
-        warnings.warn("the weights changed since compiled decoding froze them: compiling it again"
-                      + ("" if released else "; PyTorch keeps the earlier frozen copy of the weights in memory until "
-                         "the process exits"), stacklevel=3)
-        step = None
     if step is None:
         step = model._compiled_decode_step = CompiledDecodeStep(model)
     return step
@@ -170,7 +139,7 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
     Rows that produced `eos_id` keep yielding `eos_id`; the iterator ends when every row has, or after
     `max_new_tokens`. Past the context length the window is cropped to the last `context_length` tokens.
     `compile=True` runs the per-token steps through `compiled_decode_step` (static KV cache; CUDA graphs on a
-    GPU, frozen packed weights on a CPU); the prompt itself is processed eagerly. The tokens
+    GPU, one compiled block graph for every layer on a CPU); the prompt itself is processed eagerly. The tokens
     are the same as without it.
     """
     if prompt_ids.dim() == 1:
