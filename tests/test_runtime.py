@@ -106,3 +106,35 @@ def test_nested_use_keeps_the_setting_until_the_outermost_exit(monkeypatch):
     assert calls[2:] == [("mallopt", runtime._M_MMAP_MAX, runtime._DEFAULT_MMAP_MAX),
                          ("mallopt", runtime._M_TRIM_THRESHOLD, runtime._DEFAULT_TRIM_THRESHOLD), ("trim", 0)]
     assert runtime._heap_reuse_depth == 0
+
+
+def test_packing_for_decoding_returns_the_replaced_weights_pages_but_not_inside_a_training_loop(monkeypatch):
+    """`pack_for_cpu_inference` trims the heap once the replaced weights are freed (~170 MB for GPT-2 124M in
+    bf16, benchmarks/RESULTS.md), while `cpu_memory_kept_for_reuse` keeps it on purpose (recording stand-in)."""
+    import torch
+
+    from llmscratch import runtime
+    from llmscratch.config import ModelConfig
+    from llmscratch.model import GPT
+    from llmscratch.model.packed import can_pack, pack_for_cpu_inference
+
+    trims = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            return 1
+
+        def malloc_trim(self, pad):
+            trims.append(pad)
+            return 1
+
+    monkeypatch.setattr(runtime, "_glibc", lambda: FakeLibc())
+    with runtime.cpu_memory_kept_for_reuse():
+        runtime.return_freed_cpu_memory()
+        assert trims == []
+    assert trims == [0]  # leaving the setting
+    model = GPT(ModelConfig(vocab_size=50, context_length=8, d_model=16, n_layers=1, n_heads=2))
+    if not can_pack(model):
+        pytest.skip("this PyTorch build has no oneDNN linear packing")
+    assert pack_for_cpu_inference(model) == 5 and trims == [0, 0]
+    assert model(torch.tensor([[1, 2]])).shape == (1, 2, 50)

@@ -103,6 +103,17 @@ def _glibc():
     return libc
 
 
+def return_freed_cpu_memory() -> None:
+    """Hand the C heap's free pages back to the operating system (glibc's `malloc_trim`; elsewhere nothing).
+
+    Tensors of a few MiB that glibc placed in its heap (its adaptive mmap threshold rises to 32 MiB once large
+    blocks have been freed) leave free pages behind when freed, which it keeps until trimmed: after packing
+    GPT-2 124M's linears for decoding, ~170 MB of the replaced weights (benchmarks/RESULTS.md)."""
+    libc = _glibc()
+    if libc is not None and _heap_reuse_depth == 0:  # (inside a training loop the heap is kept on purpose)
+        libc.malloc_trim(0)
+
+
 @contextlib.contextmanager
 def cpu_memory_kept_for_reuse() -> Iterator[bool]:
     """While inside, let a CPU training loop reuse the memory its large tensors free instead of faulting in
@@ -136,4 +147,4 @@ def cpu_memory_kept_for_reuse() -> Iterator[bool]:
         if _heap_reuse_depth == 0:
             libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
             libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-            libc.malloc_trim(0)
+            return_freed_cpu_memory()

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmscratch.runtime import return_freed_cpu_memory
+
 
 def can_pack(model: nn.Module) -> bool:
     """True when the model sits on the CPU in fp32/bf16 and this PyTorch build has oneDNN's linear ops."""
@@ -86,10 +88,11 @@ def pack_for_cpu_inference(model: nn.Module) -> int:
     if not can_pack(model):
         return 0
     model.eval().requires_grad_(False)
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-    for name, mod in targets:
+    names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(mod))
+        setattr(parent, child, PackedLinear(getattr(parent, child)))
     model.packed_for_inference = True
-    return len(targets)
+    return_freed_cpu_memory()  # the replaced weights' pages
+    return len(names)
