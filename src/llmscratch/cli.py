@@ -107,8 +107,8 @@ def build_parser(argv: list[str] | None = None):
     p.add_argument("--compile", action="store_true",
                    help="decode through a torch.compile'd static-shape step; pays off for long outputs. GPU: "
                         "CUDA graphs, several times faster per token. CPU: one compiled graph for every layer "
-                        "around the packed weights, ~1.2x the default speed in bf16; compiling takes ~15 s the "
-                        "first time on a machine, ~4 s once PyTorch's compile cache holds it (GPT-2 124M)")
+                        "around the packed weights, ~1.2x the default speed; compiling takes ~18 s the "
+                        "first time on a machine, ~5 s once PyTorch's compile cache holds it (GPT-2 124M)")
     p.add_argument("--no-pack", action="store_true",
                    help="on CPU, keep plain nn.Linear weights instead of oneDNN-packed ones (slower decoding)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

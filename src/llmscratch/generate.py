@@ -55,7 +55,9 @@ class CompiledDecodeStep:
     (Until this design the CPU step was compiled with inductor's "freezing", which folds every layer's weights
     into the graph as constants: ~20 s of compilation for GPT-2 124M in every process, since frozen graphs
     bypass inductor's on-disk cache, a second copy of the weights, and a rebuild whenever they changed. Now:
-    ~15 s the first time on a machine and ~4 s after that, at the same speed; benchmarks/RESULTS.md.)
+    ~18 s the first time on a machine and ~5 s after that, for a step ~5% slower in bf16 — inductor cannot
+    fuse GELU and the residual additions into an operator it does not know — and faster in fp32, where
+    freezing packed for MKL rather than oneDNN; benchmarks/RESULTS.md.)
     """
 
     builds = 0  # compiled functions made so far, in this process

@@ -98,7 +98,7 @@ class GPT(nn.Module):
         """The final-norm hidden states (B, T, d_model) that the LM head (or a classification head) reads.
 
         `one_block_graph`: under torch.compile, compile one block and run its graph for all of them (a CPU
-        decoding step compiles in ~4 s instead of ~20 s for GPT-2 124M: generate.py); outside it, no effect."""
+        decoding step compiles in ~5 s instead of ~20 s for GPT-2 124M: generate.py); outside it, no effect."""
         B, T = idx.shape
         if isinstance(input_pos, torch.Tensor):  # static-shape decoding: no host sync for a bounds check
             pos = input_pos + torch.arange(T, device=idx.device)
