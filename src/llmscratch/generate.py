@@ -89,9 +89,10 @@ class CompiledDecodeStep:
                              dynamic=False, options=options)
 
     def _layout(self, idx: torch.Tensor) -> tuple:
-        """What a CPU step's graph was compiled for: the input's shape, the modules' kinds and every parameter's
-        and buffer's (KV caches included) shape, dtype and device. ~0.1 ms for GPT-2 124M, once a generation."""
-        modules = tuple(type(m) for m in self.model.modules())
+        """What a CPU step's graph was compiled for: the input's shape, the modules' kinds and modes, and every
+        parameter's and buffer's (KV caches included) shape, dtype and device. ~0.4 ms for GPT-2 124M on the
+        2-core CPU of benchmarks/RESULTS.md, once a generation."""
+        modules = tuple((type(m), m.training) for m in self.model.modules())
         tensors = tuple((t.shape, t.dtype, t.device) for t in (*self.model.parameters(), *self.model.buffers()))
         return tuple(idx.shape), idx.device, modules, tensors
 
