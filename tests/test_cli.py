@@ -66,10 +66,11 @@ def test_console_script_help_and_error_exit_code(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--help"], ["generate", "ckpt", "--no-such-option"],
-                                  ["--version"]])
+                                  ["--version"], ["finetune", "classify", "--help"], ["finetune", "instruct", "--help"],
+                                  ["finetune", "dpo", "--help"], ["finetune", "classify", "ckpt", "--no-such-option"]])
 def test_help_and_mistakes_answer_without_importing_torch(argv):
-    """Building the parser must not import PyTorch (~2 s): `--help` and a wrong option answer at once. (The
-    fine-tuning verbs are the exception: their defaults live in modules that need it.)"""
+    """Building the parser must not import PyTorch (~2 s): `--help` and a wrong option answer at once. The
+    fine-tuning verbs' defaults live in torch-free modules for this (finetune/defaults.py, lora_settings.py)."""
     probe = ("import sys\nfrom llmscratch.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
              "    pass\nsys.stderr.write('torch imported: %s\\n' % ('torch' in sys.modules))\n")
     proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)

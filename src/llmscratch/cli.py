@@ -287,7 +287,12 @@ def build_parser(argv: list[str] | None = None):
 def _classify_arguments(p) -> None:
     import dataclasses
 
-    from llmscratch.finetune.classify import DEFAULT_EPOCHS, DEFAULT_TRAINABLE, TRAINABLE, default_train_config
+    from llmscratch.finetune.defaults import (
+        CLASSIFY_DEFAULT_EPOCHS,
+        CLASSIFY_DEFAULT_TRAINABLE,
+        CLASSIFY_TRAINABLE,
+        classify_train_config,
+    )
     from llmscratch.train.config import TrainConfig
 
     p.add_argument("checkpoint", help="pretrained checkpoint folder (e.g. runs/quickstart)")
@@ -301,11 +306,11 @@ def _classify_arguments(p) -> None:
                    help="keep every example instead of undersampling each class to the smallest one's size")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per text; longer texts are cut (default: the longest text, capped at the context)")
-    p.add_argument("--trainable", default=DEFAULT_TRAINABLE,
-                   help=f"{' | '.join(TRAINABLE)}: what is trained; last-block = last transformer block + final "
-                        "norm + class head (the book's choice, with 5 epochs and --train.lr 5e-5 for GPT-2), "
+    p.add_argument("--trainable", default=CLASSIFY_DEFAULT_TRAINABLE,
+                   help=f"{' | '.join(CLASSIFY_TRAINABLE)}: what is trained; last-block = last transformer block "
+                        "+ final norm + class head (the book's choice, with 5 epochs and --train.lr 5e-5 for GPT-2), "
                         "all = every weight (best for small models pretrained briefly)")
-    p.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help="passes over the training split")
+    p.add_argument("--epochs", type=float, default=CLASSIFY_DEFAULT_EPOCHS, help="passes over the training split")
     p.add_argument("--max-steps", type=int, default=None,
                    help="optimizer updates (default: epochs x batches per epoch)")
     p.add_argument("--data-seed", type=int, default=123, help="seed of the balancing draw and the 70/10/20 split")
@@ -317,7 +322,7 @@ def _classify_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     skip = {"progress", "max_steps", "sample_every"}  # no samples: a classifier does not generate
     p.add_class_arguments(TrainConfig, "train", skip=skip)
-    defaults = dataclasses.asdict(default_train_config())
+    defaults = dataclasses.asdict(classify_train_config())
     p.set_defaults({f"train.{k}": v for k, v in defaults.items() if k not in skip})
 
 
@@ -354,7 +359,7 @@ def _instruct_arguments(p) -> None:
 
 
 def _lora_arguments(p, note: str = "") -> None:
-    from llmscratch.lora import TARGETS_HELP
+    from llmscratch.lora_settings import TARGETS_HELP
 
     p.add_argument("--lora-rank", type=int, default=None,
                    help="train LoRA adapters of this rank instead of the weights (base frozen); --out then holds "
@@ -369,7 +374,7 @@ def _lora_settings(a):
     """LoRASettings from the --lora-* flags, or None without --lora-rank."""
     if a.lora_rank is None:
         return None
-    from llmscratch.lora import LoRASettings
+    from llmscratch.lora_settings import LoRASettings
 
     settings = LoRASettings(a.lora_rank, a.lora_alpha, a.lora_targets, a.lora_dropout)
     settings.check()
@@ -379,7 +384,7 @@ def _lora_settings(a):
 def _dpo_arguments(p) -> None:
     import dataclasses
 
-    from llmscratch.finetune.dpo import default_train_config
+    from llmscratch.finetune.defaults import dpo_train_config
     from llmscratch.prompts import STYLES
     from llmscratch.train.config import TrainConfig
 
@@ -413,7 +418,7 @@ def _dpo_arguments(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_class_arguments(TrainConfig, "train", skip={"progress", "sample_every"})
-    defaults = dataclasses.asdict(default_train_config())
+    defaults = dataclasses.asdict(dpo_train_config())
     p.set_defaults({f"train.{k}": v for k, v in defaults.items() if k not in ("progress", "sample_every")})
 
 

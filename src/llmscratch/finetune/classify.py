@@ -33,8 +33,13 @@ from llmscratch.data.labelled import (
     pad_token_id,
 )
 from llmscratch.errors import UserError
+from llmscratch.finetune.defaults import (
+    CLASSIFY_DEFAULT_EPOCHS,
+    CLASSIFY_DEFAULT_TRAINABLE,
+    CLASSIFY_TRAINABLE,
+    classify_train_config,
+)
 
-TRAINABLE = ("head", "last-block", "all")
 LABELS_FILE = "labels.json"
 METRICS_FILE = "metrics.json"
 
@@ -90,8 +95,8 @@ def set_trainable(model, which: str) -> int:
 
     head: the class head only; last-block: the last transformer block, the final norm and the head (the book's
     choice); all: every weight (a small model pretrained briefly often gains from adapting all of them)."""
-    if which not in TRAINABLE:
-        raise UserError(f"--trainable {which}: choose one of {', '.join(TRAINABLE)}")
+    if which not in CLASSIFY_TRAINABLE:
+        raise UserError(f"--trainable {which}: choose one of {', '.join(CLASSIFY_TRAINABLE)}")
     for p in model.parameters():
         p.requires_grad = which == "all"
     parts = [model.lm_head] + ([model.blocks[-1], model.norm] if which == "last-block" else [])
@@ -263,28 +268,11 @@ def read_labels(folder: Path) -> list[str]:
 # the fine-tuning stage
 
 
-# The default recipe: every weight trained for 2 epochs at peak lr 3e-4 (cosine to 3e-5). From the quickstart's
-# gpt-tiny it reaches 95.7-96.3% balanced SMS-spam test accuracy in ~1.5 CPU minutes, where the book's recipe
-# (last block + norm + head, 5 epochs) reaches 92.0% (benchmarks/RESULTS.md). A small, briefly pretrained model
-# needs its lower layers adapted too; for GPT-2 124M the book's `--trainable last-block` with a lower
-# `--train.lr 5e-5` is the cheaper choice.
-DEFAULT_TRAINABLE = "all"
-DEFAULT_EPOCHS = 2.0
-
-
-def default_train_config():
-    """Settings that reach the SMS-spam target from the quickstart model on a 2-core CPU (benchmarks/RESULTS.md)."""
-    from llmscratch.train.config import TrainConfig
-
-    return TrainConfig(batch_size=8, lr=3e-4, warmup_steps=20, weight_decay=0.1, eval_every=50, eval_batches=5,
-                       log_every=10, save_every=100_000, keep_last=1, seed=1337)
-
-
 def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, text_column: str = "text",
                       label_column: str = "label", balance: bool = True, max_length: int | None = None,
-                      trainable: str = DEFAULT_TRAINABLE, epochs: float = DEFAULT_EPOCHS, max_steps: int | None = None,
-                      data_seed: int = 123, random_init: bool = False, train_cfg=None, resume: bool = False,
-                      overwrite: bool = False, progress: bool = True, lora=None) -> dict:
+                      trainable: str = CLASSIFY_DEFAULT_TRAINABLE, epochs: float = CLASSIFY_DEFAULT_EPOCHS,
+                      max_steps: int | None = None, data_seed: int = 123, random_init: bool = False, train_cfg=None,
+                      resume: bool = False, overwrite: bool = False, progress: bool = True, lora=None) -> dict:
     """Fine-tune the model in `checkpoint` to classify the texts of `data` (see `load_labelled`); writes the
     classifier, labels.json, metrics.json, loss.png, accuracy.png and confusion.png into `out`.
 
@@ -301,10 +289,10 @@ def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, tex
     from llmscratch.train.trainer import latest_checkpoint, train
 
     t0 = time.perf_counter()
-    cfg = train_cfg or default_train_config()
+    cfg = train_cfg or classify_train_config()
     out = Path(out)
-    if trainable not in TRAINABLE:
-        raise UserError(f"--trainable {trainable}: choose one of {', '.join(TRAINABLE)}")
+    if trainable not in CLASSIFY_TRAINABLE:
+        raise UserError(f"--trainable {trainable}: choose one of {', '.join(CLASSIFY_TRAINABLE)}")
     if epochs <= 0 and not max_steps:
         raise UserError(f"--epochs must be positive, got {epochs}")
     if lora is not None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from llmscratch.data.instruct import IGNORE_INDEX
 from llmscratch.errors import UserError
+from llmscratch.finetune.defaults import dpo_train_config
 from llmscratch.train.trainer import TrainConfig, TrainResult, latest_checkpoint, train, unpack_loss
 
 METRICS_FILE = "dpo_metrics.json"
@@ -224,12 +225,6 @@ class DPOResult:
     responses: Path | None = None
 
 
-def default_train_config() -> TrainConfig:
-    """The book's DPO settings (AdamW, lr 5e-6, weight decay 0.01, batch 8) with a short warmup."""
-    return TrainConfig(lr=5e-6, warmup_steps=10, weight_decay=0.01, batch_size=8, eval_every=25, eval_batches=5,
-                       log_every=5, save_every=200, keep_last=1)
-
-
 def run_dpo(checkpoint: str | Path, data: str | Path, out: str | Path, *, prompt_style: str | None = None,
             beta: float = 0.1, label_smoothing: float = 0.0, precompute: bool = False, average_logprobs: bool = False,
             train_cfg: TrainConfig | None = None, epochs: float | None = 1.0, max_length: int | None = None,
@@ -252,7 +247,7 @@ def run_dpo(checkpoint: str | Path, data: str | Path, out: str | Path, *, prompt
     from llmscratch.train.pretrain import check_out_dir, removed_on_failure
 
     out = Path(out)
-    cfg = train_cfg or default_train_config()
+    cfg = train_cfg or dpo_train_config()
     if beta <= 0:
         raise UserError(f"--beta must be positive, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
