@@ -11,11 +11,12 @@ FLOPs per token (`llmscratch.model.flops_per_token`: 6N + attention, the PaLM ac
 (default 989, the dense bf16 datasheet peak of the H100/H200 SXM).
 
 Sections: (1) correctness on one batch in bf16 — our fused chunked loss vs the plain logits + cross-entropy,
-and compiled vs eager; (2) the throughput table: transformers eager/compiled, ours eager and compiled three
-ways (the whole model, each block separately — "regional" compilation, which compiles one block's code once
-for all layers — and the whole model with the loss in a single chunk); (3) the top CUDA kernels of our
-whole-model-compiled variant (torch.profiler); (4) scaling: ours with regional compilation at
-124M/355M/774M and at context 1024→4096.
+compiled vs eager, and the bf16 residual stream vs the fp32 one; (2) the throughput table: transformers
+eager/compiled, ours eager and compiled three ways (the whole model, each block separately — "regional"
+compilation, which compiles one block's code once for all layers — and the whole model with the loss in a
+single chunk), each optionally with modifiers (`--variants one-chunk+bf16res+autotune`); (3) the top CUDA
+kernels of one variant (`--profile`, torch.profiler) and its CUDA time per kernel group; (4) scaling: ours with
+regional compilation at 124M/355M/774M and at context 1024→4096.
 """
 
 from __future__ import annotations
@@ -40,31 +41,42 @@ TARGET_MFU, TARGET_VS_HF = 0.55, 1.9
 GPT2 = dict(vocab_size=50257, context_length=1024, d_model=768, n_layers=12, n_heads=12)
 SIZES = {"124m": dict(d_model=768, n_layers=12, n_heads=12), "355m": dict(d_model=1024, n_layers=24, n_heads=16),
          "774m": dict(d_model=1280, n_layers=36, n_heads=20)}
-VARIANTS = ("eager", "compiled", "regional", "one-chunk", "autotune")
+VARIANTS = ("eager", "compiled", "regional", "one-chunk")
+MODIFIERS = ("bf16res", "autotune")
 TINY = dict(vocab_size=1000, context_length=64, d_model=64, n_layers=2, n_heads=4)
 
 
-def ours_variant(kind: str, shape: dict, device):
-    """(model, optimizer, step_loss(x, y)) for one of our variants: eager | compiled | regional | one-chunk |
-    autotune (the whole model compiled with `max-autotune-no-cudagraphs`; not in the default list)."""
+def parse_variant(name: str) -> tuple[str, set[str]]:
+    """"one-chunk+bf16res+autotune" -> ("one-chunk", {"bf16res", "autotune"})."""
+    base, *mods = name.split("+")
+    if base not in VARIANTS or set(mods) - set(MODIFIERS):
+        raise ValueError(name)
+    return base, set(mods)
+
+
+def ours_variant(name: str, shape: dict, device):
+    """(model, optimizer, step_loss(x, y)) for one of our variants: a base — eager | compiled | regional |
+    one-chunk — with optional modifiers joined by "+": bf16res (the residual stream between blocks kept in bf16,
+    `GPT.low_precision_residual`), autotune (inductor's `max-autotune-no-cudagraphs`: it benchmarks Triton
+    templates against cuBLAS per matmul, minutes of compilation)."""
     from llmscratch.model.loss import lm_head_cross_entropy
 
+    kind, mods = parse_variant(name)
     model, opt, _ = build_ours(shape, device, fused=True)
+    model.low_precision_residual = "bf16res" in mods
+    mode = "max-autotune-no-cudagraphs" if "autotune" in mods else None
     if kind == "eager":
         return model, opt, lambda x, y: model(x, targets=y)
     if kind == "regional":
         for block in model.blocks:
-            block.compile()
+            block.compile(mode=mode)
         return model, opt, lambda x, y: model(x, targets=y)
     if kind == "one-chunk":
         def loss(x, y):
             h = model.features(x).flatten(0, 1)
             return lm_head_cross_entropy(h, model.lm_head.weight, y.flatten(), chunk_size=h.size(0))
-        return model, opt, torch.compile(loss)
-    if kind == "autotune":  # inductor benchmarks Triton templates against cuBLAS per matmul (minutes)
-        compiled = torch.compile(model, mode="max-autotune-no-cudagraphs")
-    else:
-        compiled = torch.compile(model)
+        return model, opt, torch.compile(loss, mode=mode)
+    compiled = torch.compile(model, mode=mode)
     return model, opt, lambda x, y: compiled(x, targets=y)
 
 
@@ -116,23 +128,54 @@ def measure(build, shape: dict, batch: int, steps: int, warmup: int, device, pro
     return out
 
 
-def top_kernels(step, device, n: int = 15) -> str:
+KERNEL_GROUPS = (  # (group, substrings of a CUDA kernel's name), first match wins
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "triton_tem")),
+    ("optimizer + clip", ("adam", "multi_tensor", "foreach", "norm_kernel", "tensor_apply")),
+    ("fused elementwise/norm (Triton)", ("triton",)),
+    ("embedding", ("embedding", "index", "scatter", "gather")),
+)
+
+
+def kernel_breakdown(prof, steps: int) -> str:
+    """Our step's CUDA time per kernel group, in ms per step, from the profiler's per-kernel totals."""
+    totals: dict[str, float] = {}
+    for ev in prof.key_averages():
+        if getattr(ev, "device_type", None) is not None and "CUDA" not in str(ev.device_type):
+            continue
+        us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
+        if not us:
+            continue
+        name = ev.key.lower()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
+        totals[group] = totals.get(group, 0.0) + us
+    whole = sum(totals.values()) or 1.0
+    rows = sorted(totals.items(), key=lambda kv: -kv[1])
+    lines = [f"  {g:34s} {us / 1e3 / steps:7.2f} ms/step  {us / whole:6.1%}" for g, us in rows]
+    return "\n".join(lines + [f"  {'all kernels':34s} {whole / 1e3 / steps:7.2f} ms/step"])
+
+
+def top_kernels(step, device, n: int = 25) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    steps = 3
     try:
         with profile(activities=acts) as prof:
-            for _ in range(3):
+            for _ in range(steps):
                 step()
             C.synchronize(device)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        return prof.key_averages().table(sort_by=key, row_limit=n, max_name_column_width=60)
+        table = prof.key_averages().table(sort_by=key, row_limit=n, max_name_column_width=70)
+        return table + ("\nCUDA time by kernel group:\n" + kernel_breakdown(prof, steps)
+                        if device.type == "cuda" else "")
     except Exception as exc:  # the profiler may be unavailable in a sandboxed runtime
         return f"(profiler unavailable: {exc})"
 
 
 def correctness(shape: dict, batch: int, device) -> list[tuple[str, bool, str]]:
-    """Same init, same batch, bf16 autocast: fused loss vs plain logits+CE; compiled vs eager; grads close."""
+    """Same init, same batch, bf16 autocast: fused loss vs plain logits+CE; compiled vs eager; bf16 vs fp32
+    residual stream; losses and the first layer's qkv gradient close."""
     from llmscratch import GPT, ModelConfig
 
     torch.manual_seed(0)
@@ -151,6 +194,9 @@ def correctness(shape: dict, batch: int, device) -> list[tuple[str, bool, str]]:
 
     fused, g_fused = loss_and_grad(lambda: ref(x, targets=y))
     plain, g_plain = loss_and_grad(lambda: F.cross_entropy(ref(x).flatten(0, 1).float(), y.flatten()))
+    ref.low_precision_residual = True
+    lowres, g_lowres = loss_and_grad(lambda: ref(x, targets=y))
+    ref.low_precision_residual = False
     torch._dynamo.reset()
     compiled_model = torch.compile(ref)
     comp, g_comp = loss_and_grad(lambda: compiled_model(x, targets=y))
@@ -163,6 +209,9 @@ def correctness(shape: dict, batch: int, device) -> list[tuple[str, bool, str]]:
                  f"{fused:.5f} vs {plain:.5f}; grad rel diff {rel(g_fused, g_plain):.1e}"))
     rows.append(("compiled ≈ eager (bf16)", abs(comp - fused) < 2e-2 and rel(g_comp, g_fused) < 2e-2,
                  f"{comp:.5f} vs {fused:.5f}; grad rel diff {rel(g_comp, g_fused):.1e}"))
+    rows.append(("bf16 residual stream ≈ fp32 residual stream (bf16 autocast)",
+                 abs(lowres - fused) < 2e-2 and rel(g_lowres, g_fused) < 2e-2,
+                 f"{lowres:.5f} vs {fused:.5f}; grad rel diff {rel(g_lowres, g_fused):.1e}"))
     with torch.no_grad():
         logits = ref(x[:1, :8])
     rows.append(("logits cover the real vocabulary only (padding never sampled)",
@@ -181,11 +230,16 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of the script's logic")
     ap.add_argument("--skip-scaling", action="store_true", help="leave out the scaling table")
     ap.add_argument("--variants", default="eager,compiled,regional,one-chunk",
-                    help="our variants to time (comma-separated): eager, compiled, regional, one-chunk, autotune")
+                    help="our variants to time (comma-separated): a base (eager, compiled, regional, one-chunk) "
+                         "with optional modifiers joined by '+': bf16res (bf16 residual stream), autotune "
+                         "(max-autotune; minutes of compilation), e.g. one-chunk+bf16res")
+    ap.add_argument("--profile", default="compiled", help="the variant whose kernels are profiled (3 steps)")
     args = ap.parse_args()
-    unknown = set(args.variants.split(",")) - {"", *VARIANTS}
-    if unknown:
-        ap.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    for v in filter(None, args.variants.split(",")):
+        try:
+            parse_variant(v)
+        except ValueError:
+            ap.error(f"--variants: unknown {v!r}; bases: {', '.join(VARIANTS)}; modifiers: {', '.join(MODIFIERS)}")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -225,10 +279,12 @@ def main() -> int:
             (lambda k=kind: hf_variant(k, base, device))
         try:
             results[(who, kind)] = measure(build, base, B, args.steps, args.warmup, device,
-                                           profile=(who, kind) == ("ours", "compiled"))
+                                           profile=(who, kind) == ("ours", args.profile))
             r = results[(who, kind)]
             print(f"  {who} {kind}: {r['tok_s']:,.0f} tok/s, MFU {mfu(r, base):.1%}, {r['peak_gib']:.1f} GiB, "
                   f"warm-up {r['warm_s']:.0f}s", flush=True)
+            if "profile" in r:  # printed now: a later contender (autotune) may run past the script's time cap
+                print(f"\n## top kernels, ours {kind} (3 steps)\n\n{r['profile']}\n", flush=True)
         except Exception:
             print(f"  {who} {kind}: FAILED", flush=True)
             traceback.print_exc()
@@ -252,9 +308,6 @@ def main() -> int:
         if hf_e and "eager" in ours:
             print(f"ours eager ÷ transformers eager: {ours['eager']['tok_s'] / hf_e['tok_s']:.2f}")
 
-    if "profile" in ours.get("compiled", {}):
-        print("\n## top kernels, ours compiled (3 steps)\n")
-        print(ours["compiled"]["profile"], flush=True)
 
     if not args.skip_scaling:
         # Regional compilation here: one block's code is compiled once for every layer, so the deeper models

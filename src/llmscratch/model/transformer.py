@@ -75,6 +75,9 @@ class GPT(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         # Training option: recompute each block's activations during backward instead of storing them.
         self.activation_checkpointing = False
+        # Training option: under autocast, carry the residual stream between blocks in the autocast dtype
+        # (bf16) instead of fp32. Norms still compute in fp32; what changes is the bytes moved per layer.
+        self.low_precision_residual = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -115,6 +118,8 @@ class GPT(nn.Module):
         else:
             rope = rope_cos_sin(pos, self.inverse_frequencies(idx.device), x.dtype)
         x = self.drop(x)
+        if self.low_precision_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
