@@ -393,3 +393,13 @@ def test_removed_on_failure_removes_only_a_new_folder_without_a_checkpoint(tmp_p
     with removed_on_failure(ok, check_out_dir(ok)):
         pass
     assert ok.is_dir()
+
+
+@pytest.mark.parametrize("setting, device, want", [(None, "cpu", False), (None, "cuda", True), (True, "cpu", True),
+                                                   (False, "cuda", False)])
+def test_bf16_residual_defaults_on_for_cuda_only(setting, device, want):
+    from llmscratch.train.trainer import set_model_options
+
+    model = GPT(ModelConfig(**MICRO))
+    set_model_options(model, TrainConfig(bf16_residual=setting, activation_checkpointing=True), torch.device(device))
+    assert model.low_precision_residual is want and model.activation_checkpointing is True

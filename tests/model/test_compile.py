@@ -74,6 +74,26 @@ def test_compiled_loss_and_gradients_equal_eager():
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
+def test_compiled_fused_loss_with_padding_and_ignored_rows_equals_the_reference():
+    # Under torch.compile the loss takes its one-pass spelling (model/loss.py); padding and ignored rows too.
+    from llmscratch.model.loss import lm_head_cross_entropy, lm_head_cross_entropy_reference
+
+    torch.manual_seed(0)
+    h, w = torch.randn(40, 16), torch.randn(97, 16) * 0.3
+    y = torch.randint(0, 97, (40,))
+    y[::7] = -100
+    fused = torch.compile(lambda h, w, y: lm_head_cross_entropy(h, w, y, chunk_size=16, pad_vocab_to=64))
+    results = []
+    for fn in (fused, lm_head_cross_entropy_reference):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(hh, ww, y)
+        loss.backward()
+        results.append((loss.detach(), hh.grad, ww.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_static_cache_len_is_a_power_of_two_bucket_on_cpu_and_the_context_on_gpu():
     from llmscratch.generate import static_cache_len
 

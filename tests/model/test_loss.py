@@ -84,3 +84,25 @@ def test_padded_vocabulary_changes_nothing(pad_to):
     assert a[2].shape == w.shape
     for got, want in zip(a, b):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("need_grad", [True, False])
+def test_one_pass_spelling_equals_the_eager_one(need_grad):
+    # The compiled path's elementwise softmax − one-hot (no scatter) against the eager in-place one, with
+    # padding columns from id 97 on: same per-row losses and logit gradients, zero gradient on the padding.
+    from llmscratch.model.loss import _losses_and_logit_grads
+
+    torch.manual_seed(0)
+    logits = torch.randn(12, 104) * 3
+    y = torch.randint(0, 97, (12,))
+    loss_a, g_a = _losses_and_logit_grads(logits.clone(), y, 97, need_grad, one_pass=False)
+    loss_b, g_b = _losses_and_logit_grads(logits.clone(), y, 97, need_grad, one_pass=True)
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=1e-6)
+    want = F.cross_entropy(logits[:, :97], y, reduction="none")
+    torch.testing.assert_close(loss_b, want, atol=1e-5, rtol=1e-6)
+    if need_grad:
+        torch.testing.assert_close(g_b, g_a, atol=1e-6, rtol=1e-5)
+        assert torch.all(g_b[:, 97:] == 0)
+        torch.testing.assert_close(g_b.sum(dim=1), torch.zeros(12), atol=1e-5, rtol=0)
+    else:
+        assert g_a is None and g_b is None

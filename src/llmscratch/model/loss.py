@@ -28,6 +28,40 @@ def lm_head_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targe
     return F.cross_entropy(logits, targets, ignore_index=ignore_index)
 
 
+def _losses_and_logit_grads(logits: torch.Tensor, y: torch.Tensor, vocab: int, need_grad: bool,
+                            one_pass: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row cross-entropy of one chunk's logits (c, V [+ padding columns]) and, with `need_grad`, its
+    gradient d(sum of losses)/d(logits) = softmax − one_hot(y), both from fp32 softmax statistics; columns from
+    `vocab` on are padding (probability 0, gradient 0). The 1/n_valid is applied in backward.
+
+    Two spellings of the same arithmetic. Eager (`one_pass=False`): log-softmax once, exponentiate it in place
+    and subtract the one-hot with a scatter — the fewest temporaries, the fastest on a CPU. Under torch.compile
+    (`one_pass=True`): the gradient is one elementwise expression of the logits and the row's log-sum-exp, with
+    no scatter, which inductor turns into one pass that reads the bf16 logits and writes the bf16 gradient; the
+    eager spelling made it write fp32 log-probabilities and convert them in a second pass (7.7 → ~3 ms of a
+    GPT-2 batch-32 step on an H100, benchmarks/RESULTS.md). In eager mode that spelling is 1.3x slower on a CPU.
+    """
+    rows = torch.arange(logits.size(0), device=logits.device)
+    if one_pass:
+        z = logits.float()
+        cols = torch.arange(z.size(1), device=z.device)
+        if z.size(1) > vocab:
+            z = z.masked_fill(cols >= vocab, float("-inf"))
+        lse = torch.logsumexp(z, dim=-1)
+        losses = lse - z[rows, y]
+        g = torch.exp(z - lse[:, None]) - (cols == y[:, None]).float() if need_grad else None
+        return losses, g
+    if logits.size(1) > vocab:
+        logits[:, vocab:] = float("-inf")
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    losses = -logp[rows, y]
+    if not need_grad:
+        return losses, None
+    g = logp.exp_()
+    g[rows, y] -= 1.0
+    return losses, g
+
+
 class _ChunkedLMHeadCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size: int, ignore_index: int, need_grad: bool, pad_vocab_to: int):
@@ -47,20 +81,14 @@ class _ChunkedLMHeadCE(torch.autograd.Function):
             grad_h = torch.empty(h.shape, dtype=dt, device=h.device) if need_grad else None
             grad_w = torch.zeros(wc.shape, dtype=torch.float32, device=h.device) if need_grad else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
+            one_pass = torch.compiler.is_compiling()
             for s in range(0, n, chunk_size):
                 e = min(n, s + chunk_size)
-                rows = torch.arange(e - s, device=h.device)
                 h_c, y_c, ok = hc[s:e], y[s:e], valid[s:e]
-                # The only vocab-sized tensor, one chunk at a time; log_softmax accumulates in fp32.
-                logits = h_c @ wc.t()  # (c, V + pad)
-                if pad:
-                    logits[:, vocab:] = float("-inf")  # padding columns: probability 0, gradient 0
-                logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-                total -= (logp[rows, y_c] * ok).sum()
+                # The only vocab-sized tensors, one chunk at a time.
+                losses, g = _losses_and_logit_grads(h_c @ wc.t(), y_c, vocab, need_grad, one_pass)
+                total += (losses * ok).sum()
                 if need_grad:
-                    # d(sum of losses)/d(logits) = softmax − one_hot(y); the 1/n_valid is applied in backward.
-                    g = logp.exp_()
-                    g[rows, y_c] -= 1.0
                     g = g.to(dt)
                     keep = ok[:, None].to(dt)  # ignored rows contribute nothing: mask the narrow (c, d) sides
                     torch.mm(g, wc, out=grad_h[s:e])

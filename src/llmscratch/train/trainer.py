@@ -106,6 +106,15 @@ def largest_fitting_batch(try_batch: Callable[[int], None], limit: int = 256) ->
     return best
 
 
+def set_model_options(model, cfg: TrainConfig, device: torch.device) -> None:
+    """The model-side training options of `cfg` (for models that have them: GPT and its classifier)."""
+    if hasattr(model, "activation_checkpointing"):
+        model.activation_checkpointing = cfg.activation_checkpointing
+    if hasattr(model, "low_precision_residual"):
+        on = cfg.bf16_residual if cfg.bf16_residual is not None else device.type == "cuda"
+        model.low_precision_residual = on
+
+
 def find_micro_batch(model, context_length: int, cfg: TrainConfig, device: torch.device, limit: int = 256) -> int:
     """The micro-batch size for `cfg.batch_size == 0`: on CUDA the largest power of two whose forward and
     backward fit beside the weights, gradients and AdamW's two fp32 moments (allocated as stand-ins while
@@ -114,7 +123,7 @@ def find_micro_batch(model, context_length: int, cfg: TrainConfig, device: torch
         return 8
     amp = autocast_dtype(cfg.precision, device)
     model.to(device).train()
-    model.activation_checkpointing = cfg.activation_checkpointing
+    set_model_options(model, cfg, device)
     vocab = model.config.vocab_size
     moments = [torch.empty(2 * p.numel(), dtype=torch.float32, device=device) for p in model.parameters()]
 
@@ -293,8 +302,7 @@ def _train(model, batches: BatchSource, cfg: TrainConfig, out_dir: Path, device:
         step, tokens = int(ts["step"]), int(ts["tokens"])
     metrics = MetricsLog(out_dir, resume_from_step=step if resume else None)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    if hasattr(model, "activation_checkpointing"):
-        model.activation_checkpointing = cfg.activation_checkpointing
+    set_model_options(model, cfg, device)
     fwd_model = torch.compile(model) if use_compile else model
     flops_tok = flops_per_token(model.config) if hasattr(model, "config") else None
     peak = peak_flops(device, cfg.peak_tflops)
