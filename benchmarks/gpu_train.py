@@ -233,8 +233,14 @@ def main() -> int:
                     help="our variants to time (comma-separated): a base (eager, compiled, regional, one-chunk) "
                          "with optional modifiers joined by '+': bf16res (bf16 residual stream), autotune "
                          "(max-autotune; minutes of compilation), e.g. one-chunk+bf16res")
+    ap.add_argument("--hf-variants", default="eager,compiled",
+                    help="transformers contenders (comma-separated): eager, compiled (eager at micro-batch 64 "
+                         "needs ~88 GiB: leave it out on an H100)")
     ap.add_argument("--profile", default="compiled", help="the variant whose kernels are profiled (3 steps)")
     args = ap.parse_args()
+    hf_kinds = [k for k in args.hf_variants.split(",") if k]
+    if set(hf_kinds) - {"eager", "compiled"}:
+        ap.error(f"--hf-variants: choose from eager, compiled (got {args.hf_variants!r})")
     for v in filter(None, args.variants.split(",")):
         try:
             parse_variant(v)
@@ -271,7 +277,7 @@ def main() -> int:
 
     print(f"\n## throughput: GPT-2 124M shape, context {base['context_length']}, batch {B}, bf16 autocast, "
           f"{args.warmup} warm-up + {args.steps} timed steps\n", flush=True)
-    contenders = [("transformers", "eager"), ("transformers", "compiled")]
+    contenders = [("transformers", k) for k in hf_kinds]
     contenders += [("ours", v) for v in args.variants.split(",") if v]
     results = {}
     for who, kind in contenders:
