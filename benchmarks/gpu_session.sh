@@ -2,7 +2,7 @@
 # Issue 7's next GPU questions, sized for one lent GPU session (~15 minutes of device time, of which this uses at
 # most ~9; each script is capped so a hang cannot eat the rest). Measured so far: benchmarks/RESULTS.md, "H100:
 # training levers measured" (45.0% MFU, 1.83x compiled transformers at micro-batch 32).
-#   1. gpu_train.py   micro-batch 64 — the optimizer and clipping (3.3 ms a step) then cost half as much per
+#   1. gpu_train.py   micro-batch 64 — the optimizer and clipping (2.0–3.3 ms a step) then cost half as much per
 #                     token; 1.9x needs 4% — ours (the trainer's path: compiled, bf16 residual) vs transformers
 #                     compiled at the same shapes (its eager would need ~88 GiB)
 #   2. gpu_decode.py  decoding with a longer cap: the last run stopped before transformers' batch-8 static cache

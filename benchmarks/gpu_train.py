@@ -146,6 +146,8 @@ def kernel_breakdown(prof, steps: int) -> str:
         us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
         if not us:
             continue
+        if "#" in ev.key or ev.key.startswith(("Optimizer.", "ProfilerStep", "## ")):
+            continue  # a record_function range (e.g. "Optimizer.step#AdamW.step"), not a kernel: no double count
         name = ev.key.lower()
         group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
         totals[group] = totals.get(group, 0.0) + us
