@@ -42,7 +42,7 @@ GPT2 = dict(vocab_size=50257, context_length=1024, d_model=768, n_layers=12, n_h
 SIZES = {"124m": dict(d_model=768, n_layers=12, n_heads=12), "355m": dict(d_model=1024, n_layers=24, n_heads=16),
          "774m": dict(d_model=1280, n_layers=36, n_heads=20)}
 VARIANTS = ("eager", "compiled", "regional", "one-chunk")
-MODIFIERS = ("bf16res", "autotune")
+MODIFIERS = ("bf16res", "autotune", "flash")
 TINY = dict(vocab_size=1000, context_length=64, d_model=64, n_layers=2, n_heads=4)
 
 
@@ -58,7 +58,8 @@ def ours_variant(name: str, shape: dict, device):
     """(model, optimizer, step_loss(x, y)) for one of our variants: a base — eager | compiled | regional |
     one-chunk — with optional modifiers joined by "+": bf16res (the residual stream between blocks kept in bf16,
     `GPT.low_precision_residual`), autotune (inductor's `max-autotune-no-cudagraphs`: it benchmarks Triton
-    templates against cuBLAS per matmul, minutes of compilation)."""
+    templates against cuBLAS per matmul, minutes of compilation), flash (SDPA limited to the FlashAttention-2
+    backend; PyTorch picks cuDNN's attention on Hopper by default)."""
     from llmscratch.model.loss import lm_head_cross_entropy
 
     kind, mods = parse_variant(name)
@@ -66,18 +67,28 @@ def ours_variant(name: str, shape: dict, device):
     model.low_precision_residual = "bf16res" in mods
     mode = "max-autotune-no-cudagraphs" if "autotune" in mods else None
     if kind == "eager":
-        return model, opt, lambda x, y: model(x, targets=y)
-    if kind == "regional":
+        fn = lambda x, y: model(x, targets=y)  # noqa: E731
+    elif kind == "regional":
         for block in model.blocks:
             block.compile(mode=mode)
-        return model, opt, lambda x, y: model(x, targets=y)
-    if kind == "one-chunk":
-        def loss(x, y):
+        fn = lambda x, y: model(x, targets=y)  # noqa: E731
+    elif kind == "one-chunk":
+        def one_chunk(x, y):
             h = model.features(x).flatten(0, 1)
             return lm_head_cross_entropy(h, model.lm_head.weight, y.flatten(), chunk_size=h.size(0))
-        return model, opt, torch.compile(loss, mode=mode)
-    compiled = torch.compile(model, mode=mode)
-    return model, opt, lambda x, y: compiled(x, targets=y)
+        fn = torch.compile(one_chunk, mode=mode)
+    else:
+        compiled = torch.compile(model, mode=mode)
+        fn = lambda x, y: compiled(x, targets=y)  # noqa: E731
+    if "flash" not in mods:
+        return model, opt, fn
+
+    def with_flash_attention(x, y):  # the backend is chosen when the graph is traced, backward included
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return fn(x, y)
+    return model, opt, with_flash_attention
 
 
 def hf_variant(kind: str, shape: dict, device):
@@ -234,7 +245,8 @@ def main() -> int:
     ap.add_argument("--variants", default="eager,compiled,regional,one-chunk",
                     help="our variants to time (comma-separated): a base (eager, compiled, regional, one-chunk) "
                          "with optional modifiers joined by '+': bf16res (bf16 residual stream), autotune "
-                         "(max-autotune; minutes of compilation), e.g. one-chunk+bf16res")
+                         "(max-autotune; minutes of compilation), flash (FlashAttention-2 instead of cuDNN "
+                         "attention), e.g. one-chunk+bf16res")
     ap.add_argument("--hf-variants", default="eager,compiled",
                     help="transformers contenders (comma-separated): eager, compiled (eager at micro-batch 64 "
                          "needs ~88 GiB: leave it out on an H100)")
