@@ -330,7 +330,6 @@ def main() -> int:
         if hf_e and "eager" in ours:
             print(f"ours eager ÷ transformers eager: {ours['eager']['tok_s'] / hf_e['tok_s']:.2f}")
 
-
     if not args.skip_scaling:
         # Regional compilation here: one block's code is compiled once for every layer, so the deeper models
         # cost no more compile time than 124M (whole-model compilation grows with depth).
