@@ -15,8 +15,8 @@ compiled vs eager, and the bf16 residual stream vs the fp32 one; (2) the through
 eager/compiled, ours eager and compiled three ways (the whole model, each block separately — "regional"
 compilation, which compiles one block's code once for all layers — and the whole model with the loss in a
 single chunk), by default with the bf16 residual stream that the trainer uses on CUDA, each optionally with
-other modifiers (`--variants one-chunk+bf16res+autotune`); (3) the top CUDA kernels of one variant
-(`--profile`, torch.profiler) and its CUDA time per kernel group; (4) scaling: ours with regional compilation
+other modifiers (`--variants one-chunk+bf16res+autotune`); (3) the top CUDA kernels of chosen variants
+(`--profile`, torch.profiler) and their CUDA time per kernel group; (4) scaling: ours with regional compilation
 and the bf16 residual stream at 124M/355M/774M and at context 1024→4096.
 """
 
@@ -43,7 +43,7 @@ GPT2 = dict(vocab_size=50257, context_length=1024, d_model=768, n_layers=12, n_h
 SIZES = {"124m": dict(d_model=768, n_layers=12, n_heads=12), "355m": dict(d_model=1024, n_layers=24, n_heads=16),
          "774m": dict(d_model=1280, n_layers=36, n_heads=20)}
 VARIANTS = ("eager", "compiled", "regional", "one-chunk")
-MODIFIERS = ("bf16res", "autotune", "flash")
+MODIFIERS = ("bf16res", "autotune", "coord", "flash")
 SCALING_VARIANT = "regional+bf16res"  # compile time flat in depth; bf16 residual as the trainer has on CUDA
 TINY = dict(vocab_size=1000, context_length=64, d_model=64, n_layers=2, n_heads=4)
 
@@ -60,27 +60,34 @@ def ours_variant(name: str, shape: dict, device):
     """(model, optimizer, step_loss(x, y)) for one of our variants: a base — eager | compiled | regional |
     one-chunk — with optional modifiers joined by "+": bf16res (the residual stream between blocks kept in bf16,
     `GPT.low_precision_residual`), autotune (inductor's `max-autotune-no-cudagraphs`: it benchmarks Triton
-    templates against cuBLAS per matmul, minutes of compilation), flash (SDPA limited to the FlashAttention-2
-    backend; PyTorch picks cuDNN's attention on Hopper by default)."""
+    templates against cuBLAS per matmul, minutes of compilation), coord (inductor's coordinate-descent tuning:
+    each generated Triton kernel — the elementwise, norm and loss kernels — has its block sizes and warps tuned
+    by benchmarking neighbouring configurations; cuBLAS products untouched), flash (SDPA limited to the
+    FlashAttention-2 backend; PyTorch picks cuDNN's attention on Hopper by default)."""
     from llmscratch.model.loss import lm_head_cross_entropy
 
     kind, mods = parse_variant(name)
     model, opt, _ = build_ours(shape, device, fused=True)
     model.low_precision_residual = "bf16res" in mods
-    mode = "max-autotune-no-cudagraphs" if "autotune" in mods else None
+    options = {}  # inductor settings for torch.compile (it takes either a mode or these options)
+    if "autotune" in mods:  # what mode="max-autotune-no-cudagraphs" sets (coordinate descent included)
+        options.update(max_autotune=True, coordinate_descent_tuning=True)
+    if "coord" in mods:
+        options["coordinate_descent_tuning"] = True
+    options = options or None
     if kind == "eager":
         fn = lambda x, y: model(x, targets=y)  # noqa: E731
     elif kind == "regional":
         for block in model.blocks:
-            block.compile(mode=mode)
+            block.compile(options=options)
         fn = lambda x, y: model(x, targets=y)  # noqa: E731
     elif kind == "one-chunk":
         def one_chunk(x, y):
             h = model.features(x).flatten(0, 1)
             return lm_head_cross_entropy(h, model.lm_head.weight, y.flatten(), chunk_size=h.size(0))
-        fn = torch.compile(one_chunk, mode=mode)
+        fn = torch.compile(one_chunk, options=options)
     else:
-        compiled = torch.compile(model, mode=mode)
+        compiled = torch.compile(model, options=options)
         fn = lambda x, y: compiled(x, targets=y)  # noqa: E731
     if "flash" not in mods:
         return model, opt, fn
@@ -170,7 +177,7 @@ def kernel_breakdown(prof, steps: int) -> str:
     return "\n".join(lines + [f"  {'all kernels':34s} {whole / 1e3 / steps:7.2f} ms/step"])
 
 
-def top_kernels(step, device, n: int = 25) -> str:
+def top_kernels(step, device, n: int = 40) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -247,12 +254,13 @@ def main() -> int:
     ap.add_argument("--variants", default="eager,compiled+bf16res,regional+bf16res,one-chunk+bf16res",
                     help="our variants to time (comma-separated): a base (eager, compiled, regional, one-chunk) "
                          "with optional modifiers joined by '+': bf16res (bf16 residual stream), autotune "
-                         "(max-autotune; minutes of compilation), flash (FlashAttention-2 instead of cuDNN "
-                         "attention), e.g. one-chunk+bf16res")
+                         "(max-autotune; minutes of compilation), coord (coordinate-descent tuning of the Triton "
+                         "kernels), flash (FlashAttention-2 instead of cuDNN attention), e.g. one-chunk+bf16res")
     ap.add_argument("--hf-variants", default="eager,compiled",
                     help="transformers contenders (comma-separated): eager, compiled (eager at micro-batch 64 "
                          "needs ~88 GiB: leave it out on an H100)")
-    ap.add_argument("--profile", default="compiled+bf16res", help="the variant whose kernels are profiled (3 steps)")
+    ap.add_argument("--profile", default="compiled+bf16res",
+                    help="our variants whose kernels are profiled, 3 steps each (comma-separated)")
     args = ap.parse_args()
     hf_kinds = [k for k in args.hf_variants.split(",") if k]
     if set(hf_kinds) - {"eager", "compiled"}:
@@ -293,6 +301,7 @@ def main() -> int:
 
     print(f"\n## throughput: GPT-2 124M shape, context {base['context_length']}, batch {B}, bf16 autocast, "
           f"{args.warmup} warm-up + {args.steps} timed steps\n", flush=True)
+    profiled = set(args.profile.split(","))
     contenders = [("transformers", k) for k in hf_kinds]
     contenders += [("ours", v) for v in args.variants.split(",") if v]
     results = {}
@@ -301,7 +310,7 @@ def main() -> int:
             (lambda k=kind: hf_variant(k, base, device))
         try:
             results[(who, kind)] = measure(build, base, B, args.steps, args.warmup, device,
-                                           profile=(who, kind) == ("ours", args.profile))
+                                           profile=who == "ours" and kind in profiled)
             r = results[(who, kind)]
             print(f"  {who} {kind}: {r['tok_s']:,.0f} tok/s, MFU {mfu(r, base):.1%}, {r['peak_gib']:.1f} GiB, "
                   f"warm-up {r['warm_s']:.0f}s", flush=True)
