@@ -43,7 +43,7 @@ GPT2 = dict(vocab_size=50257, context_length=1024, d_model=768, n_layers=12, n_h
 SIZES = {"124m": dict(d_model=768, n_layers=12, n_heads=12), "355m": dict(d_model=1024, n_layers=24, n_heads=16),
          "774m": dict(d_model=1280, n_layers=36, n_heads=20)}
 VARIANTS = ("eager", "compiled", "regional", "one-chunk")
-MODIFIERS = ("bf16res", "autotune", "coord", "flash")
+MODIFIERS = ("bf16res", "autotune", "coord", "cudagraphs", "flash", "torchloss")
 SCALING_VARIANT = "regional+bf16res"  # compile time flat in depth; bf16 residual as the trainer has on CUDA
 TINY = dict(vocab_size=1000, context_length=64, d_model=64, n_layers=2, n_heads=4)
 
@@ -63,10 +63,14 @@ def ours_variant(name: str, shape: dict, device):
     templates against cuBLAS per matmul, minutes of compilation), coord (inductor's coordinate-descent tuning:
     each generated Triton kernel — the elementwise, norm and loss kernels — has its block sizes and warps tuned
     by benchmarking neighbouring configurations; cuBLAS products untouched), flash (SDPA limited to the
-    FlashAttention-2 backend; PyTorch picks cuDNN's attention on Hopper by default)."""
+    FlashAttention-2 backend; PyTorch picks cuDNN's attention on Hopper by default), cudagraphs (inductor
+    replays the compiled forward and backward as CUDA graphs: no per-kernel launch gaps), torchloss (the loss's
+    PyTorch expressions instead of its Triton kernel, `model/loss_kernel.py`)."""
+    from llmscratch.model import loss as loss_module
     from llmscratch.model.loss import lm_head_cross_entropy
 
     kind, mods = parse_variant(name)
+    loss_module.USE_TRITON_KERNEL = "torchloss" not in mods  # read when the loss runs (or is traced)
     model, opt, _ = build_ours(shape, device, fused=True)
     model.low_precision_residual = "bf16res" in mods
     options = {}  # inductor settings for torch.compile (it takes either a mode or these options)
@@ -74,6 +78,8 @@ def ours_variant(name: str, shape: dict, device):
         options.update(max_autotune=True, coordinate_descent_tuning=True)
     if "coord" in mods:
         options["coordinate_descent_tuning"] = True
+    if "cudagraphs" in mods:
+        options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
     options = options or None
     if kind == "eager":
         fn = lambda x, y: model(x, targets=y)  # noqa: E731
@@ -195,6 +201,51 @@ def top_kernels(step, device, n: int = 40) -> str:
         return f"(profiler unavailable: {exc})"
 
 
+def loss_kernel_check(device, rows: int = 16384, vocab: int = 50257, padded: int = 50304) -> None:
+    """The loss step alone on one chunk of bf16 logits (rows × padded vocabulary, GPT-2's shape at the trainer's
+    CUDA chunk): the Triton kernel (`model/loss_kernel.py`) against the PyTorch expression compiled by inductor
+    (what ran before the kernel) — same losses and gradient, and time per call (CUDA events, 20 calls)."""
+    from llmscratch.model import loss as L
+
+    g = torch.Generator(device=device).manual_seed(0)
+    z = (torch.randn(rows, padded, device=device, generator=g) * 4).to(torch.bfloat16)
+    y = torch.randint(0, vocab, (rows,), device=device, generator=g)
+    L.USE_TRITON_KERNEL = True
+    op = L._triton_rows_op(z)
+    if op is None:
+        print("- Triton loss kernel: not available here (needs CUDA and Triton)")
+        return
+    L.USE_TRITON_KERNEL = False  # the compiled expression below must not dispatch to the kernel itself
+    torch._dynamo.reset()
+    inductor = torch.compile(lambda z, y: L._losses_and_logit_grads(z, y, vocab, True, True))
+    contenders = {"Triton kernel": lambda: op(z, y, vocab),
+                  "PyTorch expression, compiled": lambda: inductor(z, y)}
+    outs, times = {}, {}
+    for name, fn in contenders.items():
+        losses, grad = fn()
+        outs[name] = (losses.float(), grad.to(torch.bfloat16).float())
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        times[name] = start.elapsed_time(end) / 20
+    (l1, g1), (l2, g2) = outs.values()
+    dl, dg = float((l1 - l2).abs().max()), float((g1 - g2).abs().max())
+    ok = dl < 1e-3 and dg < 1e-2 and bool(g1[:, vocab:].eq(0).all())
+    gb = rows * padded * 2 * 2 / 1e9  # one read of the logits, one write of the gradient
+    print(f"- {'PASS' if ok else 'FAIL'} Triton loss kernel ≈ compiled PyTorch expression ({rows}×{padded} bf16): "
+          f"losses max diff {dl:.1e}, gradient max diff {dg:.1e}, padding columns' gradient 0", flush=True)
+    for name, ms in times.items():
+        print(f"  {name}: {ms:.3f} ms per call ({gb / ms:.2f} TB/s counting one read + one write)", flush=True)
+    L.USE_TRITON_KERNEL = True
+    torch._dynamo.reset()
+    outs.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def correctness(shape: dict, batch: int, device) -> list[tuple[str, bool, str]]:
     """Same init, same batch, bf16 autocast: fused loss vs plain logits+CE; compiled vs eager; bf16 vs fp32
     residual stream; losses and the first layer's qkv gradient close."""
@@ -298,6 +349,11 @@ def main() -> int:
             print(f"- {'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
     except Exception:
         traceback.print_exc()
+    if device.type == "cuda" and not args.tiny:
+        try:
+            loss_kernel_check(device)
+        except Exception:
+            traceback.print_exc()
 
     print(f"\n## throughput: GPT-2 124M shape, context {base['context_length']}, batch {B}, bf16 autocast, "
           f"{args.warmup} warm-up + {args.steps} timed steps\n", flush=True)

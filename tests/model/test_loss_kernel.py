@@ -1,0 +1,88 @@
+"""The Triton loss kernel (model/loss_kernel.py) gives the losses and gradient of the PyTorch spelling.
+
+Without a GPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, which must be set before Triton is
+imported), so those checks run in a child process. They need Triton, which PyTorch's CUDA builds ship and the CPU
+build does not: where it is missing they are skipped; on a GPU, benchmarks/gpu_train.py checks the compiled
+kernel against the compiled PyTorch expression.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from llmscratch.model import loss as loss_module
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="Triton is not installed (the CPU build of PyTorch does not ship it)")
+
+
+def _run_interpreted(code: str) -> str:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@needs_triton
+def test_kernel_equals_pytorch_spelling_with_padding_columns():
+    _run_interpreted("""
+        import torch
+        from llmscratch.model.loss import _losses_and_logit_grads
+        from llmscratch.model.loss_kernel import cross_entropy_rows
+
+        torch.manual_seed(0)
+        for dtype, atol in ((torch.float32, 1e-6), (torch.bfloat16, 4e-3)):
+            for rows, n_cols, vocab in ((5, 3000, 2990), (3, 2048, 2048), (2, 2500, 2049)):
+                z = (torch.randn(rows, n_cols) * 3).to(dtype)
+                y = torch.randint(0, vocab, (rows,))
+                y[0] = vocab - 1  # the last real column
+                losses, grad = cross_entropy_rows(z, y, vocab)
+                want_l, want_g = _losses_and_logit_grads(z.clone(), y, vocab, True, one_pass=True)
+                assert grad.dtype == dtype and grad.shape == z.shape
+                torch.testing.assert_close(losses, want_l, atol=1e-4, rtol=1e-5)
+                torch.testing.assert_close(grad.float(), want_g, atol=atol, rtol=0)
+                assert grad[:, vocab:].eq(0).all()  # padding: no probability, no gradient
+                # each row's gradient sums to 0 (softmax sums to 1, minus the one-hot)
+                torch.testing.assert_close(grad.float().sum(1), torch.zeros(rows), atol=50 * atol, rtol=0)
+    """)
+
+
+@needs_triton
+def test_fused_loss_through_the_kernel_equals_reference():
+    # The CUDA dispatch pointed at the interpreted kernel for CPU tensors: chunking, padding to 64 columns and
+    # ignored rows around it, against the plain logits + cross-entropy.
+    _run_interpreted("""
+        import torch
+        import llmscratch.model.loss as L
+        from llmscratch.model.loss_kernel import cross_entropy_rows
+
+        used = []
+        L._triton_rows_op = lambda logits: used.append(1) or cross_entropy_rows
+        torch.manual_seed(0)
+        h = torch.randn(40, 16, requires_grad=True)
+        w = (torch.randn(1000, 16) * 0.3).requires_grad_()
+        y = torch.randint(0, 1000, (40,))
+        y[3] = y[7] = -100
+        loss = L.lm_head_cross_entropy(h, w, y, chunk_size=16, pad_vocab_to=64)
+        got = torch.autograd.grad(loss, (h, w))
+        ref = L.lm_head_cross_entropy_reference(h, w, y)
+        want = torch.autograd.grad(ref, (h, w))
+        assert len(used) == 3, used  # one call per chunk
+        torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    """)
+
+
+def test_kernel_is_only_dispatched_for_cuda_logits(monkeypatch):
+    logits = torch.randn(2, 8)
+    assert loss_module._triton_rows_op(logits) is None  # a CPU tensor: the PyTorch spellings
+    if torch.cuda.is_available():
+        monkeypatch.setattr(loss_module, "USE_TRITON_KERNEL", False)
+        assert loss_module._triton_rows_op(logits.cuda()) is None
