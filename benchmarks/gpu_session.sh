@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Issue 7's next GPU questions, sized for one lent GPU session (~15 minutes of device time, of which this uses at
 # most ~6; each script is capped so a hang cannot eat the rest). Measured so far: benchmarks/RESULTS.md, "H100:
-# training levers measured" (45.0% MFU, 1.83x compiled transformers at micro-batch 32, a 62.9 ms step).
-#   1. gpu_train.py   the loss step as a hand-written Triton kernel (model/loss_kernel.py: one read of the logits,
-#                     one write of the gradient) against inductor's kernel for the PyTorch expression (2.2 ms per
-#                     16,384-row chunk, ~1.5 TB/s), alone and in the training step (the "torchloss" variant is
-#                     the old path); and CUDA graphs (the kernels summed to 121.9 of the 125.2 ms step at
-#                     micro-batch 64). Micro-batch 32: 64 measured the same tokens/s (RESULTS).
-#   2. gpu_check.py   correctness on CUDA, the trainer (now through the kernel) included
+# the loss as a Triton kernel" (45.1% MFU, 1.84x compiled transformers at micro-batch 32, a 62.8 ms step).
+#   1. gpu_train.py   the loss kernel (model/loss_kernel.py) since its loads became 16-byte vectors and its
+#                     autotuner got the lane-wise log-sum-exp and 4-warp settings: measured before that at
+#                     1.67 ms per 16,384-row chunk (1.97 TB/s), against 2.84 ms for inductor's kernel; alone
+#                     and in the training step ("torchloss" is the PyTorch expression), and with CUDA graphs
+#                     (+0.4%, within noise, in the last run)
+#   2. gpu_check.py   correctness on CUDA, the trainer (through the kernel) included
 # Usage, from the repository root on the GPU machine:  bash benchmarks/gpu_session.sh [LOG]
 # (LOG: a copy of everything printed, e.g. "$OUT/session.log" on a lent machine)
 set -u

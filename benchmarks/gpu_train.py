@@ -158,6 +158,7 @@ KERNEL_GROUPS = (  # (group, substrings of a CUDA kernel's name), first match wi
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "triton_tem")),
     ("optimizer + clip", ("adam", "multi_tensor", "foreach", "norm_kernel", "tensor_apply")),
+    ("loss (our Triton kernel)", ("cross_entropy_rows",)),
     ("fused elementwise/norm (Triton)", ("triton",)),
     ("embedding", ("embedding", "index", "scatter", "gather")),
 )
@@ -239,6 +240,8 @@ def loss_kernel_check(device, rows: int = 16384, vocab: int = 50257, padded: int
           f"losses max diff {dl:.1e}, gradient max diff {dg:.1e}, padding columns' gradient 0", flush=True)
     for name, ms in times.items():
         print(f"  {name}: {ms:.3f} ms per call ({gb / ms:.2f} TB/s counting one read + one write)", flush=True)
+    from llmscratch.model.loss_kernel import _tuned_kernel
+    print(f"  the autotuner's choice: {getattr(_tuned_kernel, 'best_config', '?')}", flush=True)
     L.USE_TRITON_KERNEL = True
     torch._dynamo.reset()
     outs.clear()

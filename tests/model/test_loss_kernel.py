@@ -32,17 +32,25 @@ def _run_interpreted(code: str) -> str:
 @needs_triton
 def test_kernel_equals_pytorch_spelling_with_padding_columns():
     _run_interpreted("""
+        import itertools
         import torch
         from llmscratch.model.loss import _losses_and_logit_grads
-        from llmscratch.model.loss_kernel import cross_entropy_rows
+        from llmscratch.model.loss_kernel import _cross_entropy_rows_kernel, _launch, cross_entropy_rows
 
         torch.manual_seed(0)
+        # Both walk-1 schemes at two block widths, and the op's own setting; shapes with padding columns, one
+        # vocabulary narrower than a block (lanes that see only padding) and one of exactly two blocks.
+        settings = [dict(BLOCK=b, LANEWISE=lane) for b in (256, 1024) for lane in (False, True)] + [None]
+        shapes = ((5, 3000, 2990), (3, 2048, 2048), (2, 2500, 2049), (3, 1000, 700))
         for dtype, atol in ((torch.float32, 1e-6), (torch.bfloat16, 4e-3)):
-            for rows, n_cols, vocab in ((5, 3000, 2990), (3, 2048, 2048), (2, 2500, 2049)):
+            for meta, (rows, n_cols, vocab) in itertools.product(settings, shapes):
                 z = (torch.randn(rows, n_cols) * 3).to(dtype)
                 y = torch.randint(0, vocab, (rows,))
                 y[0] = vocab - 1  # the last real column
-                losses, grad = cross_entropy_rows(z, y, vocab)
+                if meta is None:
+                    losses, grad = cross_entropy_rows(z, y, vocab)
+                else:
+                    losses, grad = _launch(z, y, vocab, _cross_entropy_rows_kernel, **meta)
                 want_l, want_g = _losses_and_logit_grads(z.clone(), y, vocab, True, one_pass=True)
                 assert grad.dtype == dtype and grad.shape == z.shape
                 torch.testing.assert_close(losses, want_l, atol=1e-4, rtol=1e-5)

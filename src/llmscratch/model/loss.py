@@ -39,9 +39,13 @@ _triton_op = None  # loss_kernel.cross_entropy_rows once imported; False when Tr
 
 
 def _triton_rows_op(logits: torch.Tensor):
-    """loss_kernel.cross_entropy_rows for CUDA logits when Triton imports; None otherwise."""
+    """loss_kernel.cross_entropy_rows for logits on an NVIDIA GPU that Triton compiles for (compute capability
+    7.0+; checked in eager mode only, since torch.compile itself needs such a GPU) when Triton imports; None
+    otherwise, and on ROCm builds, where the kernel's settings are untested."""
     global _triton_op
-    if not (USE_TRITON_KERNEL and logits.is_cuda):
+    if not (USE_TRITON_KERNEL and logits.is_cuda) or torch.version.hip is not None:
+        return None
+    if not torch.compiler.is_compiling() and torch.cuda.get_device_capability(logits.device) < (7, 0):
         return None
     if _triton_op is None:
         try:
