@@ -43,7 +43,20 @@ GPT2 = dict(vocab_size=50257, context_length=1024, d_model=768, n_layers=12, n_h
 SIZES = {"124m": dict(d_model=768, n_layers=12, n_heads=12), "355m": dict(d_model=1024, n_layers=24, n_heads=16),
          "774m": dict(d_model=1280, n_layers=36, n_heads=20)}
 VARIANTS = ("eager", "compiled", "regional", "one-chunk")
-MODIFIERS = ("bf16res", "autotune", "coord", "cudagraphs", "flash", "torchloss")
+# Modifiers that are inductor settings (torch.compile's `options`). tilefuse, mixorder and combo target the
+# kernels that the 18:30 UTC profile shows reading the same data twice: the GELU backward written by one kernel
+# and re-read for the fc bias gradient's column sums by another (1.0 ms a step at micro-batch 32), likewise the
+# q/k/v gradient and its bias (0.7 ms); an option this PyTorch lacks makes that variant fail, and it is reported.
+INDUCTOR_MODIFIERS = {
+    "autotune": {"max_autotune": True, "coordinate_descent_tuning": True},  # = mode max-autotune-no-cudagraphs
+    "coord": {"coordinate_descent_tuning": True},
+    "cudagraphs": {"triton.cudagraphs": True},  # = mode reduce-overhead
+    "tilefuse": {"triton.tiling_prevents_reduction_fusion": False, "triton.tiling_prevents_pointwise_fusion": False},
+    "mixorder": {"triton.mix_order_reduction": True},
+    "combo": {"combo_kernels": True},
+    "aggressive": {"aggressive_fusion": True},
+}
+MODIFIERS = ("bf16res", "flash", "torchloss", *INDUCTOR_MODIFIERS)
 SCALING_VARIANT = "regional+bf16res"  # compile time flat in depth; bf16 residual as the trainer has on CUDA
 TINY = dict(vocab_size=1000, context_length=64, d_model=64, n_layers=2, n_heads=4)
 
@@ -65,7 +78,8 @@ def ours_variant(name: str, shape: dict, device):
     by benchmarking neighbouring configurations; cuBLAS products untouched), flash (SDPA limited to the
     FlashAttention-2 backend; PyTorch picks cuDNN's attention on Hopper by default), cudagraphs (inductor
     replays the compiled forward and backward as CUDA graphs: no per-kernel launch gaps), torchloss (the loss's
-    PyTorch expressions instead of its Triton kernel, `model/loss_kernel.py`)."""
+    PyTorch expressions instead of its Triton kernel, `model/loss_kernel.py`), and the fusion settings
+    tilefuse, mixorder, combo, aggressive (`INDUCTOR_MODIFIERS`)."""
     from llmscratch.model import loss as loss_module
     from llmscratch.model.loss import lm_head_cross_entropy
 
@@ -74,12 +88,8 @@ def ours_variant(name: str, shape: dict, device):
     model, opt, _ = build_ours(shape, device, fused=True)
     model.low_precision_residual = "bf16res" in mods
     options = {}  # inductor settings for torch.compile (it takes either a mode or these options)
-    if "autotune" in mods:  # what mode="max-autotune-no-cudagraphs" sets (coordinate descent included)
-        options.update(max_autotune=True, coordinate_descent_tuning=True)
-    if "coord" in mods:
-        options["coordinate_descent_tuning"] = True
-    if "cudagraphs" in mods:
-        options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
+    for mod in sorted(mods & INDUCTOR_MODIFIERS.keys()):
+        options.update(INDUCTOR_MODIFIERS[mod])
     options = options or None
     if kind == "eager":
         fn = lambda x, y: model(x, targets=y)  # noqa: E731
@@ -319,7 +329,9 @@ def main() -> int:
                     help="our variants to time (comma-separated): a base (eager, compiled, regional, one-chunk) "
                          "with optional modifiers joined by '+': bf16res (bf16 residual stream), autotune "
                          "(max-autotune; minutes of compilation), coord (coordinate-descent tuning of the Triton "
-                         "kernels), flash (FlashAttention-2 instead of cuDNN attention), e.g. one-chunk+bf16res")
+                         "kernels), flash (FlashAttention-2 instead of cuDNN attention), torchloss (the loss as "
+                         "PyTorch expressions, not our Triton kernel), cudagraphs, and inductor fusion settings "
+                         "tilefuse, mixorder, combo, aggressive; e.g. one-chunk+bf16res")
     ap.add_argument("--hf-variants", default="eager,compiled",
                     help="transformers contenders (comma-separated): eager, compiled (eager at micro-batch 64 "
                          "needs ~88 GiB: leave it out on an H100)")
