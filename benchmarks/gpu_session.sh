@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Issue 7's next GPU questions, sized for one lent GPU session (~15 minutes of device time, of which this uses at
-# most ~7; each script is capped so a hang cannot eat the rest). Measured so far: benchmarks/RESULTS.md, "H100:
+# most ~8; each script is capped so a hang cannot eat the rest). Measured so far: benchmarks/RESULTS.md, "H100:
 # the loss as a Triton kernel" (45.1% MFU, 1.84x compiled transformers at micro-batch 32, a 62.8 ms step).
-#   1. gpu_train.py   the loss kernel (model/loss_kernel.py) since its loads became 16-byte vectors and its
-#                     autotuner got the lane-wise log-sum-exp and 4-warp settings: measured before that at
-#                     1.67 ms per 16,384-row chunk (1.97 TB/s), against 2.84 ms for inductor's kernel; alone
-#                     and in the training step ("torchloss" is the PyTorch expression); inductor fusion settings
-#                     aimed at kernels that read the same data twice (GELU backward and the fc bias gradient,
-#                     1.0 ms a step; the q/k/v gradient and its bias, 0.7 ms): tilefuse, mixorder, combo; and
-#                     CUDA graphs (+0.4%, within noise, last time). 1.9x needs a ~60.6 ms step (62.8 now).
+#   1. gpu_train.py   our Triton kernels (model/kernels.py), alone against inductor's kernels and in the
+#                     training step. The loss kernel since its loads became 16-byte vectors and its autotuner got
+#                     the lane-wise log-sum-exp and 4-warp settings (before: 1.67 ms per 16,384-row chunk, 1.97
+#                     TB/s, against inductor's 2.84 ms); "torchloss" is the PyTorch expression. "gelukernel":
+#                     the fc bias + GELU and its backward with the bias gradient in one kernel (inductor reads the
+#                     GELU gradient back for the bias sums: ~1.0 ms a step at micro-batch 32). Inductor fusion
+#                     settings aimed at the same double reads (tilefuse, mixorder, combo), and CUDA graphs (+0.4%,
+#                     within noise, last time). 1.9x needs a ~60.6 ms step (62.8 now).
 #   2. gpu_check.py   correctness on CUDA, the trainer (through the kernel) included
 # Usage, from the repository root on the GPU machine:  bash benchmarks/gpu_session.sh [LOG]
 # (LOG: a copy of everything printed, e.g. "$OUT/session.log" on a lent machine)
@@ -19,9 +20,9 @@ log=${1:-/dev/null}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 status=0
-timeout 300 python3 benchmarks/gpu_train.py --skip-scaling --batch-size 32 --hf-variants compiled \
-    --variants compiled+bf16res,compiled+bf16res+torchloss,compiled+bf16res+tilefuse,compiled+bf16res+mixorder,compiled+bf16res+combo,compiled+bf16res+cudagraphs \
-    --profile compiled+bf16res || status=1
+timeout 330 python3 benchmarks/gpu_train.py --skip-scaling --batch-size 32 --hf-variants compiled \
+    --variants compiled+bf16res,compiled+bf16res+torchloss,compiled+bf16res+gelukernel,compiled+bf16res+tilefuse,compiled+bf16res+mixorder,compiled+bf16res+cudagraphs,compiled+bf16res+combo \
+    --profile compiled+bf16res,compiled+bf16res+gelukernel || status=1
 timeout 100 python3 benchmarks/gpu_check.py || status=1
 echo "gpu_session status $status"
 } 2>&1 | grep --line-buffered -v '^\[transformers\]' | tee "$log"

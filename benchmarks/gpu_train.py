@@ -56,7 +56,7 @@ INDUCTOR_MODIFIERS = {
     "combo": {"combo_kernels": True},
     "aggressive": {"aggressive_fusion": True},
 }
-MODIFIERS = ("bf16res", "flash", "torchloss", *INDUCTOR_MODIFIERS)
+MODIFIERS = ("bf16res", "flash", "torchloss", "gelukernel", *INDUCTOR_MODIFIERS)
 SCALING_VARIANT = "regional+bf16res"  # compile time flat in depth; bf16 residual as the trainer has on CUDA
 TINY = dict(vocab_size=1000, context_length=64, d_model=64, n_layers=2, n_heads=4)
 
@@ -78,13 +78,16 @@ def ours_variant(name: str, shape: dict, device):
     by benchmarking neighbouring configurations; cuBLAS products untouched), flash (SDPA limited to the
     FlashAttention-2 backend; PyTorch picks cuDNN's attention on Hopper by default), cudagraphs (inductor
     replays the compiled forward and backward as CUDA graphs: no per-kernel launch gaps), torchloss (the loss's
-    PyTorch expressions instead of its Triton kernel, `model/loss_kernel.py`), and the fusion settings
+    PyTorch expressions instead of its Triton kernel, `model/kernels.py`), gelukernel (GPT-2's fc bias + GELU
+    and its backward with the bias gradient as our Triton kernels, `layers.USE_GELU_KERNEL`), and the fusion settings
     tilefuse, mixorder, combo, aggressive (`INDUCTOR_MODIFIERS`)."""
+    from llmscratch.model import layers
     from llmscratch.model import loss as loss_module
     from llmscratch.model.loss import lm_head_cross_entropy
 
     kind, mods = parse_variant(name)
     loss_module.USE_TRITON_KERNEL = "torchloss" not in mods  # read when the loss runs (or is traced)
+    layers.USE_GELU_KERNEL = "gelukernel" in mods
     model, opt, _ = build_ours(shape, device, fused=True)
     model.low_precision_residual = "bf16res" in mods
     options = {}  # inductor settings for torch.compile (it takes either a mode or these options)
@@ -222,36 +225,51 @@ def top_kernels(step, device, n: int = 40) -> str:
         return f"(profiler unavailable: {exc})"
 
 
-def loss_kernel_check(device, rows: int = 16384, vocab: int = 50257, padded: int = 50304) -> None:
-    """The loss step alone on one chunk of bf16 logits (rows × padded vocabulary, GPT-2's shape at the trainer's
-    CUDA chunk): the Triton kernel (`model/loss_kernel.py`) against the PyTorch expression compiled by inductor
-    (what ran before the kernel) — same losses and gradient, and time per call (CUDA events, 20 calls)."""
+def _time_and_outputs(contenders: dict, device, calls: int = 20) -> tuple[dict, dict]:
+    """Each contender's outputs (as fp32) and its time per call in ms (CUDA events over `calls` calls)."""
+    outs, times = {}, {}
+    for name, fn in contenders.items():
+        outs[name] = [t.detach().float() for t in fn()]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        times[name] = start.elapsed_time(end) / calls
+    return outs, times
+
+
+def kernel_checks(device, rows: int = 16384, vocab: int = 50257, padded: int = 50304) -> None:
+    """Our Triton kernels (`model/kernels.py`) alone, against inductor's compiled kernels for the PyTorch
+    expressions they replace: same results, and time per call. (1) The loss step on one chunk of bf16 logits
+    (rows × padded vocabulary: GPT-2 at the trainer's CUDA chunk). (2) bias + GELU, forward and backward with the
+    bias gradient, on GPT-2's fc output at micro-batch 32 (32,768 × 3,072 bf16)."""
+    from llmscratch import runtime
+
+    kernels = runtime.triton_kernels(torch.empty(1, device=device))
+    if kernels is None:
+        print("- Triton kernels: not available here (they need an NVIDIA GPU and Triton)")
+        return
+    _loss_kernel_check(kernels, device, rows, vocab, padded)
+    _gelu_kernel_check(kernels, device)
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _loss_kernel_check(kernels, device, rows: int, vocab: int, padded: int) -> None:
     from llmscratch.model import loss as L
 
     g = torch.Generator(device=device).manual_seed(0)
     z = (torch.randn(rows, padded, device=device, generator=g) * 4).to(torch.bfloat16)
     y = torch.randint(0, vocab, (rows,), device=device, generator=g)
-    L.USE_TRITON_KERNEL = True
-    op = L._triton_rows_op(z)
-    if op is None:
-        print("- Triton loss kernel: not available here (needs CUDA and Triton)")
-        return
-    L.USE_TRITON_KERNEL = False  # the compiled expression below must not dispatch to the kernel itself
+    L.USE_TRITON_KERNEL = False  # the compiled expression must not dispatch to the kernel itself
     torch._dynamo.reset()
     inductor = torch.compile(lambda z, y: L._losses_and_logit_grads(z, y, vocab, True, True))
-    contenders = {"Triton kernel": lambda: op(z, y, vocab),
-                  "PyTorch expression, compiled": lambda: inductor(z, y)}
-    outs, times = {}, {}
-    for name, fn in contenders.items():
-        losses, grad = fn()
-        outs[name] = (losses.float(), grad.to(torch.bfloat16).float())
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        times[name] = start.elapsed_time(end) / 20
+    outs, times = _time_and_outputs({"Triton kernel": lambda: kernels.cross_entropy_rows(z, y, vocab),
+                                     "PyTorch expression, compiled": lambda: inductor(z, y)}, device)
+    L.USE_TRITON_KERNEL = True
     (l1, g1), (l2, g2) = outs.values()
     dl, dg = float((l1 - l2).abs().max()), float((g1 - g2).abs().max())
     ok = dl < 1e-3 and dg < 1e-2 and bool(g1[:, vocab:].eq(0).all())
@@ -260,13 +278,31 @@ def loss_kernel_check(device, rows: int = 16384, vocab: int = 50257, padded: int
           f"losses max diff {dl:.1e}, gradient max diff {dg:.1e}, padding columns' gradient 0", flush=True)
     for name, ms in times.items():
         print(f"  {name}: {ms:.3f} ms per call ({gb / ms:.2f} TB/s counting one read + one write)", flush=True)
-    from llmscratch.model.loss_kernel import _tuned_kernel
-    print(f"  the autotuner's choice: {getattr(_tuned_kernel, 'best_config', '?')}", flush=True)
-    L.USE_TRITON_KERNEL = True
+    print(f"  the autotuner's choice: {getattr(kernels._tuned_kernel, 'best_config', '?')}", flush=True)
+
+
+def _gelu_kernel_check(kernels, device, n: int = 32768, d_ff: int = 3072) -> None:
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(n, d_ff, device=device, generator=g).to(torch.bfloat16).requires_grad_()
+    b = (torch.randn(d_ff, device=device, generator=g) * 0.1).requires_grad_()
+    go = torch.randn(n, d_ff, device=device, generator=g).to(torch.bfloat16)
     torch._dynamo.reset()
-    outs.clear()
-    gc.collect()
-    torch.cuda.empty_cache()
+    compiled_gelu = torch.compile(lambda h, b: F.gelu(h + b.to(h.dtype), approximate="tanh"))  # as autocast adds it
+
+    def forward_backward(fn):
+        out = fn(h, b)
+        return (out, *torch.autograd.grad(out, (h, b), go))
+    outs, times = _time_and_outputs({"Triton kernels": lambda: forward_backward(kernels.gelu_bias),
+                                     "PyTorch expression, compiled": lambda: forward_backward(compiled_gelu)},
+                                    device)
+    (o1, gh1, gb1), (o2, gh2, gb2) = outs.values()
+    rel = [float((a - c).abs().max() / c.abs().max()) for a, c in ((o1, o2), (gh1, gh2), (gb1, gb2))]
+    ok = max(rel) < 2e-2
+    print(f"- {'PASS' if ok else 'FAIL'} Triton bias + GELU ≈ compiled PyTorch expression ({n}×{d_ff} bf16, "
+          f"forward and backward): max diff relative to the largest value: output {rel[0]:.1e}, input gradient "
+          f"{rel[1]:.1e}, bias gradient {rel[2]:.1e}", flush=True)
+    for name, ms in times.items():
+        print(f"  {name}: {ms:.3f} ms forward + backward", flush=True)
 
 
 def correctness(shape: dict, batch: int, device) -> list[tuple[str, bool, str]]:
@@ -330,7 +366,8 @@ def main() -> int:
                          "with optional modifiers joined by '+': bf16res (bf16 residual stream), autotune "
                          "(max-autotune; minutes of compilation), coord (coordinate-descent tuning of the Triton "
                          "kernels), flash (FlashAttention-2 instead of cuDNN attention), torchloss (the loss as "
-                         "PyTorch expressions, not our Triton kernel), cudagraphs, and inductor fusion settings "
+                         "PyTorch expressions, not our Triton kernel), gelukernel (bias + GELU as our Triton "
+                         "kernels), cudagraphs, and inductor fusion settings "
                          "tilefuse, mixorder, combo, aggressive; e.g. one-chunk+bf16res")
     ap.add_argument("--hf-variants", default="eager,compiled",
                     help="transformers contenders (comma-separated): eager, compiled (eager at micro-batch 64 "
@@ -376,7 +413,7 @@ def main() -> int:
         traceback.print_exc()
     if device.type == "cuda" and not args.tiny:
         try:
-            loss_kernel_check(device)
+            kernel_checks(device)
         except Exception:
             traceback.print_exc()
 

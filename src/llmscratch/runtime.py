@@ -46,6 +46,28 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+_kernels_module = None  # llmscratch.model.kernels once imported; False when Triton is missing
+
+
+def triton_kernels(t: torch.Tensor):
+    """The hand-written Triton kernels (`llmscratch.model.kernels`) when `t` is on an NVIDIA GPU that Triton
+    compiles for (compute capability 7.0+; checked in eager mode only, since torch.compile itself needs such a
+    GPU) and Triton imports (PyTorch's CUDA builds ship it); None otherwise — on a CPU, without Triton, and on
+    ROCm builds, where the kernels' settings are untested. Callers then use their PyTorch spelling."""
+    global _kernels_module
+    if not t.is_cuda or torch.version.hip is not None:
+        return None
+    if not torch.compiler.is_compiling() and torch.cuda.get_device_capability(t.device) < (7, 0):
+        return None
+    if _kernels_module is None:
+        try:
+            from llmscratch.model import kernels
+            _kernels_module = kernels
+        except ImportError:
+            _kernels_module = False
+    return _kernels_module or None
+
+
 def bf16_is_fast(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
 

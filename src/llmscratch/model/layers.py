@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmscratch.runtime import triton_kernels
+
 
 def layer_norm_reference(x: torch.Tensor, weight, bias, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm from its definition: normalise each vector to zero mean and unit variance, then scale/shift.
@@ -70,6 +72,12 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
     return RMSNorm(dim, eps) if kind == "rmsnorm" else LayerNorm(dim, eps, bias)
 
 
+# On CUDA with Triton, GELUMLP adds the fc bias and applies GELU in one hand-written kernel whose backward also
+# sums the bias gradient (model/kernels.py, `gelu_bias`). Off until measured on a GPU: benchmarks/gpu_train.py's
+# "gelukernel" variants turn it on.
+USE_GELU_KERNEL = False
+
+
 class GELUMLP(nn.Module):
     """GPT-2's feed-forward net: expand to d_ff, GELU (tanh form), project back to d_model."""
 
@@ -80,7 +88,14 @@ class GELUMLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        kernels = None
+        if USE_GELU_KERNEL and type(self.fc) is nn.Linear and self.fc.bias is not None:  # not LoRA-wrapped
+            kernels = triton_kernels(x)
+        if kernels is not None:
+            h = kernels.gelu_bias(F.linear(x, self.fc.weight), self.fc.bias)
+        else:
+            h = F.gelu(self.fc(x), approximate="tanh")
+        return self.dropout(self.proj(h))
 
 
 class SwiGLUMLP(nn.Module):

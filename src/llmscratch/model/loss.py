@@ -13,7 +13,7 @@ gradient, and exist only here: the model's parameters, its checkpoints and its l
 so a padding id can never be sampled.
 
 On CUDA, when Triton is installed (PyTorch's CUDA builds ship it), a chunk's losses and gradient come from a
-hand-written Triton kernel (`model/loss_kernel.py`) that reads the logits once from device memory; elsewhere,
+hand-written Triton kernel (`model/kernels.py`) that reads the logits once from device memory; elsewhere,
 from the PyTorch expressions below.
 
 `lm_head_cross_entropy_reference` is the plain formula; tests check that both give the same loss and grads.
@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmscratch.runtime import triton_kernels
+
 
 def lm_head_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                     ignore_index: int = -100) -> torch.Tensor:
@@ -32,28 +34,9 @@ def lm_head_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targe
     return F.cross_entropy(logits, targets, ignore_index=ignore_index)
 
 
-# On CUDA with Triton, training uses loss_kernel.py's kernel; False keeps the PyTorch spellings everywhere (for
-# comparisons: benchmarks/gpu_train.py's "torchloss" variants).
+# On CUDA with Triton, training uses the kernel of model/kernels.py; False keeps the PyTorch spellings everywhere
+# (for comparisons: benchmarks/gpu_train.py's "torchloss" variants).
 USE_TRITON_KERNEL = True
-_triton_op = None  # loss_kernel.cross_entropy_rows once imported; False when Triton is missing
-
-
-def _triton_rows_op(logits: torch.Tensor):
-    """loss_kernel.cross_entropy_rows for logits on an NVIDIA GPU that Triton compiles for (compute capability
-    7.0+; checked in eager mode only, since torch.compile itself needs such a GPU) when Triton imports; None
-    otherwise, and on ROCm builds, where the kernel's settings are untested."""
-    global _triton_op
-    if not (USE_TRITON_KERNEL and logits.is_cuda) or torch.version.hip is not None:
-        return None
-    if not torch.compiler.is_compiling() and torch.cuda.get_device_capability(logits.device) < (7, 0):
-        return None
-    if _triton_op is None:
-        try:
-            from llmscratch.model.loss_kernel import cross_entropy_rows
-            _triton_op = cross_entropy_rows
-        except ImportError:
-            _triton_op = False
-    return _triton_op or None
 
 
 def _losses_and_logit_grads(logits: torch.Tensor, y: torch.Tensor, vocab: int, need_grad: bool,
@@ -69,11 +52,11 @@ def _losses_and_logit_grads(logits: torch.Tensor, y: torch.Tensor, vocab: int, n
     the bf16 gradient. The eager spelling made it write fp32 log-probabilities and convert them in a second
     kernel: 7.7 → 4.4 ms of a GPT-2 batch-32 training step on an H100, +4.8% tokens/s (benchmarks/RESULTS.md).
     In eager mode the one-pass spelling is 1.3x slower on a CPU (more vocab-sized temporaries). With a gradient
-    on CUDA, both give way to the Triton kernel of loss_kernel.py (the same arithmetic, one read of the logits).
+    on CUDA, both give way to the Triton kernel of kernels.py (the same arithmetic, one read of the logits).
     """
-    kernel = _triton_rows_op(logits) if need_grad else None
-    if kernel is not None:
-        return kernel(logits, y, vocab)
+    kernels = triton_kernels(logits) if need_grad and USE_TRITON_KERNEL else None
+    if kernels is not None:
+        return kernels.cross_entropy_rows(logits, y, vocab)
     rows = torch.arange(logits.size(0), device=logits.device)
     if one_pass:
         z = logits.float()

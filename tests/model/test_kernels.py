@@ -1,4 +1,4 @@
-"""The Triton loss kernel (model/loss_kernel.py) gives the losses and gradient of the PyTorch spelling.
+"""The Triton kernels (model/kernels.py) give the results of the PyTorch spellings they replace.
 
 Without a GPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, which must be set before Triton is
 imported), so those checks run in a child process. They need Triton, which PyTorch's CUDA builds ship and the CPU
@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from llmscratch.model import loss as loss_module
+from llmscratch.runtime import triton_kernels
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="Triton is not installed (the CPU build of PyTorch does not ship it)")
@@ -35,7 +35,7 @@ def test_kernel_equals_pytorch_spelling_with_padding_columns():
         import itertools
         import torch
         from llmscratch.model.loss import _losses_and_logit_grads
-        from llmscratch.model.loss_kernel import _cross_entropy_rows_kernel, _launch, cross_entropy_rows
+        from llmscratch.model.kernels import _cross_entropy_rows_kernel, _launch, cross_entropy_rows
 
         torch.manual_seed(0)
         # Both walk-1 schemes at two block widths, and the op's own setting; shapes with padding columns, one
@@ -68,10 +68,12 @@ def test_fused_loss_through_the_kernel_equals_reference():
     _run_interpreted("""
         import torch
         import llmscratch.model.loss as L
-        from llmscratch.model.loss_kernel import cross_entropy_rows
+        from llmscratch.model.kernels import cross_entropy_rows
+
+        import llmscratch.model.kernels as K
 
         used = []
-        L._triton_rows_op = lambda logits: used.append(1) or cross_entropy_rows
+        L.triton_kernels = lambda logits: used.append(1) or K
         torch.manual_seed(0)
         h = torch.randn(40, 16, requires_grad=True)
         w = (torch.randn(1000, 16) * 0.3).requires_grad_()
@@ -88,9 +90,62 @@ def test_fused_loss_through_the_kernel_equals_reference():
     """)
 
 
-def test_kernel_is_only_dispatched_for_cuda_logits(monkeypatch):
-    logits = torch.randn(2, 8)
-    assert loss_module._triton_rows_op(logits) is None  # a CPU tensor: the PyTorch spellings
-    if torch.cuda.is_available():
-        monkeypatch.setattr(loss_module, "USE_TRITON_KERNEL", False)
-        assert loss_module._triton_rows_op(logits.cuda()) is None
+@needs_triton
+def test_gelu_bias_forward_and_backward_equal_pytorch():
+    _run_interpreted("""
+        import torch
+        import torch.nn.functional as F
+        from llmscratch.model.kernels import gelu_bias
+
+        torch.manual_seed(0)
+        for dtype in (torch.float32, torch.bfloat16):
+            for shape in ((37, 300), (2, 5, 130), (64, 256)):  # rows and columns not multiples of the tiles
+                h = (torch.randn(shape) * 3).to(dtype).requires_grad_()
+                b = torch.randn(shape[-1], requires_grad=True)
+                go = torch.randn(shape).to(dtype)
+                out = gelu_bias(h, b)
+                got = (out, *torch.autograd.grad(out, (h, b), go))
+                ref = F.gelu(h.float() + b, approximate="tanh")
+                want = (ref, *torch.autograd.grad(ref, (h, b), go.float()))
+                assert [t.dtype for t in got] == [dtype, dtype, torch.float32]
+                for a, w in zip(got, want):
+                    if dtype == torch.float32:
+                        torch.testing.assert_close(a, w, atol=1e-5, rtol=1e-5)
+                    else:  # bf16 output: within its rounding of the largest values
+                        assert (a.float() - w).abs().max() <= 1e-2 * w.abs().max(), (a, w)
+    """)
+
+
+@needs_triton
+def test_gelu_mlp_through_the_kernel_equals_pytorch():
+    # GELUMLP with the kernel switched on and the CUDA dispatch pointed at the interpreted kernels, against the
+    # switch off; a LoRA-wrapped fc keeps the PyTorch path (the kernel would miss the LoRA update).
+    _run_interpreted("""
+        import torch
+        import llmscratch.model.kernels as K
+        import llmscratch.model.layers as layers
+        from llmscratch.lora import LoRALinear
+
+        used = []
+        layers.triton_kernels = lambda t: used.append(1) or K
+        torch.manual_seed(0)
+        mlp = layers.GELUMLP(32, 128)
+        x = torch.randn(3, 7, 32, requires_grad=True)
+        want = mlp(x)
+        want_grads = torch.autograd.grad(want.sum(), [x, *mlp.parameters()])
+        assert not used  # off by default
+        layers.USE_GELU_KERNEL = True
+        got = mlp(x)
+        got_grads = torch.autograd.grad(got.sum(), [x, *mlp.parameters()])
+        assert len(used) == 1
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for a, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, w, atol=1e-4, rtol=1e-4)
+        mlp.fc = LoRALinear(mlp.fc, rank=2, alpha=4.0)
+        mlp(x)
+        assert len(used) == 1
+    """)
+
+
+def test_kernels_are_only_dispatched_on_cuda():
+    assert triton_kernels(torch.randn(2, 8)) is None  # a CPU tensor: the PyTorch spellings
