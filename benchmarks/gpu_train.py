@@ -56,7 +56,7 @@ INDUCTOR_MODIFIERS = {
     "combo": {"combo_kernels": True},
     "aggressive": {"aggressive_fusion": True},
 }
-MODIFIERS = ("bf16res", "flash", "torchloss", "gelukernel", *INDUCTOR_MODIFIERS)
+MODIFIERS = ("bf16res", "flash", "torchloss", "gelukernel", "qkvkernel", *INDUCTOR_MODIFIERS)
 SCALING_VARIANT = "regional+bf16res"  # compile time flat in depth; bf16 residual as the trainer has on CUDA
 TINY = dict(vocab_size=1000, context_length=64, d_model=64, n_layers=2, n_heads=4)
 
@@ -79,15 +79,18 @@ def ours_variant(name: str, shape: dict, device):
     FlashAttention-2 backend; PyTorch picks cuDNN's attention on Hopper by default), cudagraphs (inductor
     replays the compiled forward and backward as CUDA graphs: no per-kernel launch gaps), torchloss (the loss's
     PyTorch expressions instead of its Triton kernel, `model/kernels.py`), gelukernel (GPT-2's fc bias + GELU
-    and its backward with the bias gradient as our Triton kernels, `layers.USE_GELU_KERNEL`), and the fusion settings
+    and its backward with the bias gradient as our Triton kernels, `layers.USE_GELU_KERNEL`), qkvkernel (the q/k/v
+    split whose backward assembles the gradients and the bias gradient in one kernel, `attention.USE_QKV_KERNEL`),
+    and the fusion settings
     tilefuse, mixorder, combo, aggressive (`INDUCTOR_MODIFIERS`)."""
-    from llmscratch.model import layers
+    from llmscratch.model import attention, layers
     from llmscratch.model import loss as loss_module
     from llmscratch.model.loss import lm_head_cross_entropy
 
     kind, mods = parse_variant(name)
     loss_module.USE_TRITON_KERNEL = "torchloss" not in mods  # read when the loss runs (or is traced)
     layers.USE_GELU_KERNEL = "gelukernel" in mods
+    attention.USE_QKV_KERNEL = "qkvkernel" in mods
     model, opt, _ = build_ours(shape, device, fused=True)
     model.low_precision_residual = "bf16res" in mods
     options = {}  # inductor settings for torch.compile (it takes either a mode or these options)
@@ -244,7 +247,8 @@ def kernel_checks(device, rows: int = 16384, vocab: int = 50257, padded: int = 5
     """Our Triton kernels (`model/kernels.py`) alone, against inductor's compiled kernels for the PyTorch
     expressions they replace: same results, and time per call. (1) The loss step on one chunk of bf16 logits
     (rows × padded vocabulary: GPT-2 at the trainer's CUDA chunk). (2) bias + GELU, forward and backward with the
-    bias gradient, on GPT-2's fc output at micro-batch 32 (32,768 × 3,072 bf16)."""
+    bias gradient, on GPT-2's fc output at micro-batch 32 (32,768 × 3,072 bf16). (3) The q/k/v gradients of one
+    GPT-2 layer at micro-batch 32 assembled into the projection's gradient, with the bias sums."""
     from llmscratch import runtime
 
     kernels = runtime.triton_kernels(torch.empty(1, device=device))
@@ -253,6 +257,7 @@ def kernel_checks(device, rows: int = 16384, vocab: int = 50257, padded: int = 5
         return
     _loss_kernel_check(kernels, device, rows, vocab, padded)
     _gelu_kernel_check(kernels, device)
+    _qkv_kernel_check(kernels, device)
     torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
@@ -303,6 +308,28 @@ def _gelu_kernel_check(kernels, device, n: int = 32768, d_ff: int = 3072) -> Non
           f"{rel[1]:.1e}, bias gradient {rel[2]:.1e}", flush=True)
     for name, ms in times.items():
         print(f"  {name}: {ms:.3f} ms forward + backward", flush=True)
+
+
+def _qkv_kernel_check(kernels, device, batch: int = 32, heads: int = 12, seq: int = 1024, head_dim: int = 64) -> None:
+    g = torch.Generator(device=device).manual_seed(0)
+    grads = [torch.randn(batch, heads, seq, head_dim, device=device, generator=g).to(torch.bfloat16)
+             for _ in range(3)]
+    torch._dynamo.reset()
+
+    def assemble(dq, dk, dv):  # what autograd + inductor do for the split q/k/v views and the bias
+        rows = torch.cat([t.transpose(1, 2).reshape(batch * seq, heads * head_dim) for t in (dq, dk, dv)], dim=1)
+        return rows, rows.float().sum(0)
+    compiled = torch.compile(assemble)
+    outs, times = _time_and_outputs({"Triton kernel": lambda: kernels.heads_to_rows(*grads),
+                                     "PyTorch expression, compiled": lambda: compiled(*grads)}, device)
+    (r1, b1), (r2, b2) = outs.values()
+    d_rows, d_bias = float((r1 - r2).abs().max()), float((b1 - b2).abs().max() / b2.abs().max())
+    ok = d_rows == 0 and d_bias < 1e-4
+    print(f"- {'PASS' if ok else 'FAIL'} Triton q/k/v gradient assembly + bias sums ≈ compiled PyTorch expression "
+          f"(3 × {batch}×{heads}×{seq}×{head_dim} bf16): rows max diff {d_rows:.1e}, bias sums relative diff "
+          f"{d_bias:.1e}", flush=True)
+    for name, ms in times.items():
+        print(f"  {name}: {ms:.3f} ms per call", flush=True)
 
 
 def correctness(shape: dict, batch: int, device) -> list[tuple[str, bool, str]]:
@@ -367,7 +394,8 @@ def main() -> int:
                          "(max-autotune; minutes of compilation), coord (coordinate-descent tuning of the Triton "
                          "kernels), flash (FlashAttention-2 instead of cuDNN attention), torchloss (the loss as "
                          "PyTorch expressions, not our Triton kernel), gelukernel (bias + GELU as our Triton "
-                         "kernels), cudagraphs, and inductor fusion settings "
+                         "kernels), qkvkernel (the q/k/v gradients and bias sums in one kernel), cudagraphs, and "
+                         "inductor fusion settings "
                          "tilefuse, mixorder, combo, aggressive; e.g. one-chunk+bf16res")
     ap.add_argument("--hf-variants", default="eager,compiled",
                     help="transformers contenders (comma-separated): eager, compiled (eager at micro-batch 64 "

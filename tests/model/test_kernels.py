@@ -147,5 +147,64 @@ def test_gelu_mlp_through_the_kernel_equals_pytorch():
     """)
 
 
+@needs_triton
+def test_qkv_projection_equals_split_linear():
+    # Multi-head and grouped-query shapes, sequence lengths that do not fill the last row tile; the q, k, v views
+    # and the gradients for x, W and the bias against autograd through F.linear + split.
+    _run_interpreted("""
+        import torch
+        import torch.nn.functional as F
+        from llmscratch.model.kernels import qkv_projection
+
+        torch.manual_seed(0)
+        for B, T, d, nh, nkv, hs in ((2, 37, 48, 4, 4, 16), (1, 5, 64, 4, 2, 16), (3, 70, 32, 2, 1, 32)):
+            width = (nh + 2 * nkv) * hs
+            x = torch.randn(B, T, d, requires_grad=True)
+            w = torch.randn(width, d, requires_grad=True)
+            b = torch.randn(width, requires_grad=True)
+            got = qkv_projection(x, w, b, nh, nkv, hs)
+            parts = F.linear(x, w, b).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+            want = [t.view(B, T, -1, hs).transpose(1, 2) for t in parts]
+            seeds = [torch.randn_like(t) for t in want]
+            for a, c in zip(got, want):
+                torch.testing.assert_close(a, c)
+            got_grads = torch.autograd.grad(got, (x, w, b), seeds)
+            want_grads = torch.autograd.grad(want, (x, w, b), seeds)
+            for a, c in zip(got_grads, want_grads):
+                torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-5)
+    """)
+
+
+@needs_triton
+def test_attention_through_the_qkv_kernel_equals_pytorch():
+    _run_interpreted("""
+        import torch
+        import llmscratch.model.attention as attention
+        import llmscratch.model.kernels as K
+        from llmscratch.lora import LoRALinear
+
+        used = []
+        attention.triton_kernels = lambda t: used.append(1) or K
+        torch.manual_seed(0)
+        attn = attention.CausalSelfAttention(d_model=64, n_heads=4, n_kv_heads=4)
+        x = torch.randn(2, 9, 64, requires_grad=True)
+        want = attn(x)
+        want_grads = torch.autograd.grad(want.sum(), [x, *attn.parameters()])
+        assert not used  # off by default
+        attention.USE_QKV_KERNEL = True
+        got = attn(x)
+        got_grads = torch.autograd.grad(got.sum(), [x, *attn.parameters()])
+        assert len(used) == 1
+        torch.testing.assert_close(got, want)
+        for a, c in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-5)
+        with torch.no_grad():
+            attn(x)  # no gradient wanted: the plain path
+        attn.qkv = LoRALinear(attn.qkv, rank=2, alpha=4.0)
+        attn(x)  # LoRA-wrapped: the plain path, which sees the LoRA update
+        assert len(used) == 1
+    """)
+
+
 def test_kernels_are_only_dispatched_on_cuda():
     assert triton_kernels(torch.randn(2, 8)) is None  # a CPU tensor: the PyTorch spellings

@@ -15,6 +15,7 @@ from torch import nn
 
 from llmscratch.model.layers import RMSNorm
 from llmscratch.model.rope import apply_rope
+from llmscratch.runtime import triton_kernels
 
 
 def attention_reference(q, k, v, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
@@ -70,6 +71,12 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+# On CUDA with Triton, training splits the fused q/k/v projection with `kernels.qkv_projection`, whose backward
+# assembles the three gradients and the bias gradient in one pass (model/kernels.py). Off until measured on a
+# GPU: benchmarks/gpu_train.py's "qkvkernel" variants turn it on.
+USE_QKV_KERNEL = False
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head / grouped-query causal self-attention calling `F.scaled_dot_product_attention`."""
 
@@ -96,10 +103,17 @@ class CausalSelfAttention(nn.Module):
         for rotary embeddings (model/rope.py), None for a model with learned position embeddings."""
         B, T, _ = x.shape
         hs, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
-        q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
-        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        kernels = None
+        if (USE_QKV_KERNEL and torch.is_grad_enabled() and type(self.qkv) is nn.Linear  # not LoRA-wrapped
+                and self.qkv.bias is not None and hs & (hs - 1) == 0):
+            kernels = triton_kernels(x)
+        if kernels is not None:
+            q, k, v = kernels.qkv_projection(x, self.qkv.weight, self.qkv.bias, nh, nkv, hs)
+        else:
+            q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+            q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+            k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+            v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:

@@ -20,6 +20,11 @@ they are left out of the sums and get gradient 0.
 pre-activation and one reading it back for the bias gradient's column sums. Here one kernel does both: each
 program writes its tile's gradient and the tile's column sums, and a small sum over tiles finishes the bias
 gradient. Off by default until measured on a GPU (`layers.USE_GELU_KERNEL`).
+
+`qkv_projection` — attention's fused q/k/v product is split into per-head views; its backward gets three
+head-major gradients (B, heads, T, head_dim) from the attention kernel, and inductor copies them into one
+row-major gradient in one kernel and reads that back for the bias gradient in another. `heads_to_rows` does both
+in one pass, and the products for x and W follow. Off by default until measured (`attention.USE_QKV_KERNEL`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -213,3 +219,78 @@ def _gelu_bias_grads(ctx, grad):
 
 
 gelu_bias.register_autograd(_gelu_bias_grads, setup_context=_gelu_bias_setup)
+
+
+# --- The fused q/k/v projection's backward: three head-major gradients into one row-major one, with bias sums ----
+
+_QKV_ROWS = 64  # rows (tokens) per program
+
+
+@triton.jit
+def _heads_to_rows_kernel(src_ptr, dst_ptr, partial_ptr, n_rows, seq_len, stride_b, stride_h, stride_t,
+                          dst_cols, col0, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """src (B, heads, T, HEAD_DIM) with any strides but a contiguous last dim → dst[b·T + t, col0 + h·HEAD_DIM + d]
+    (row-major, dst_cols wide), and each tile's column sums into partial[tile row, col0 + …]."""
+    pid_m, h = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    b, t = (rows // seq_len).to(tl.int64), (rows % seq_len).to(tl.int64)
+    mask = (rows < n_rows)[:, None]
+    x = tl.load(src_ptr + (b * stride_b + h * stride_h + t * stride_t)[:, None] + d[None, :], mask=mask, other=0.0)
+    cols = col0 + h * HEAD_DIM + d
+    tl.store(dst_ptr + rows.to(tl.int64)[:, None] * dst_cols + cols[None, :], x, mask=mask)
+    tl.store(partial_ptr + pid_m.to(tl.int64) * dst_cols + cols, tl.sum(x.to(tl.float32), axis=0))
+
+
+@torch.library.triton_op("llmscratch::heads_to_rows", mutates_args=())
+def heads_to_rows(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of q, k, v (each (B, heads, T, head_dim), head_dim a power of two) as the gradient of the
+    fused projection's output, (B·T, (q heads + 2·kv heads)·head_dim) in [q | k | v] column order, and its column
+    sums in fp32 (the projection bias's gradient)."""
+    batch, _, seq_len, head_dim = dq.shape
+    n_rows = batch * seq_len
+    widths = [t.size(1) * head_dim for t in (dq, dk, dv)]
+    dst_cols = sum(widths)
+    dst = torch.empty((n_rows, dst_cols), dtype=dq.dtype, device=dq.device)
+    partial = torch.empty((triton.cdiv(n_rows, _QKV_ROWS), dst_cols), dtype=torch.float32, device=dq.device)
+    col0 = 0
+    for src, width in zip((dq, dk, dv), widths):
+        if src.stride(-1) != 1:
+            src = src.contiguous()
+        if n_rows:
+            torch.library.wrap_triton(_heads_to_rows_kernel)[(triton.cdiv(n_rows, _QKV_ROWS), src.size(1))](
+                src, dst, partial, n_rows, seq_len, src.stride(0), src.stride(1), src.stride(2), dst_cols, col0,
+                BLOCK_M=_QKV_ROWS, HEAD_DIM=head_dim, num_warps=4)
+        col0 += width
+    return dst, partial.sum(0)
+
+
+class QKVProjection(torch.autograd.Function):
+    """x (B, T, d) @ Wᵀ + b split into q (B, nh, T, hs), k and v (B, nkv, T, hs) — views of the one product — with
+    a backward that assembles their gradients and the bias gradient in one pass (`heads_to_rows`) before the two
+    products for x and W. Autocast applies inside as it would outside (the products in bf16)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, n_heads: int, n_kv_heads: int, head_dim: int):
+        batch, seq_len, _ = x.shape
+        out = F.linear(x, weight, bias)  # autocast: bf16, bias added in the product's epilogue
+        q, k, v = out.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = bias.dtype
+        ctx.compute_dtype = out.dtype
+        return tuple(t.view(batch, seq_len, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        x, weight = ctx.saved_tensors
+        dt = ctx.compute_dtype
+        grad_out, grad_bias = heads_to_rows(dq.to(dt), dk.to(dt), dv.to(dt))  # (B·T, width), (width,)
+        x2 = x.reshape(-1, x.size(-1)).to(dt)
+        grad_x = (grad_out @ weight.to(dt)).view(x.shape).to(x.dtype)
+        grad_w = (grad_out.t() @ x2).to(weight.dtype)
+        return grad_x, grad_w, grad_bias.to(ctx.bias_dtype), None, None, None
+
+
+def qkv_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_heads: int, n_kv_heads: int,
+                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return QKVProjection.apply(x, weight, bias, n_heads, n_kv_heads, head_dim)
