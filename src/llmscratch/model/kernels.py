@@ -29,12 +29,20 @@ in one pass, and the products for x and W follow. Off by default until measured 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+
+def _run(kernel, grid, first: torch.Tensor, *args, **meta) -> None:
+    """Launch `kernel` on the GPU that holds `first` (Triton launches on the current device, which need not be
+    the tensors' one)."""
+    with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+        torch.library.wrap_triton(kernel)[grid](first, *args, **meta)
 
 
 @triton.jit
@@ -107,8 +115,7 @@ def _launch(logits: torch.Tensor, targets: torch.Tensor, vocab: int, kernel, **m
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
     grad = torch.empty_like(logits)
     if rows:
-        torch.library.wrap_triton(kernel)[(rows,)](logits, targets.contiguous(), losses, grad, n_cols, vocab,
-                                                   logits.stride(0), **meta)
+        _run(kernel, (rows,), logits, targets.contiguous(), losses, grad, n_cols, vocab, logits.stride(0), **meta)
     return losses, grad
 
 
@@ -186,8 +193,8 @@ def gelu_bias(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     if n_rows:
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         kernel, meta = (_gelu_bias_kernel, {"BLOCK_N": 128}) if interpreted else (_gelu_bias_tuned, {})
-        torch.library.wrap_triton(kernel)[_gelu_grid(n_rows, n_cols, interpreted)](
-            h, bias, out, n_rows, n_cols, BLOCK_M=_GELU_ROWS, **meta)
+        _run(kernel, _gelu_grid(n_rows, n_cols, interpreted), h, bias, out, n_rows, n_cols, BLOCK_M=_GELU_ROWS,
+             **meta)
     return out
 
 
@@ -204,8 +211,8 @@ def gelu_bias_backward(grad: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) 
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         kernel, meta = ((_gelu_bias_backward_kernel, {"BLOCK_N": 128}) if interpreted
                         else (_gelu_bias_backward_tuned, {}))
-        torch.library.wrap_triton(kernel)[_gelu_grid(n_rows, n_cols, interpreted)](
-            grad, h, bias, grad_h, partial, n_rows, n_cols, BLOCK_M=_GELU_ROWS, **meta)
+        _run(kernel, _gelu_grid(n_rows, n_cols, interpreted), grad, h, bias, grad_h, partial, n_rows, n_cols,
+             BLOCK_M=_GELU_ROWS, **meta)
     return grad_h, partial.sum(0).to(bias.dtype)
 
 
@@ -258,9 +265,9 @@ def heads_to_rows(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple
         if src.stride(-1) != 1:
             src = src.contiguous()
         if n_rows:
-            torch.library.wrap_triton(_heads_to_rows_kernel)[(triton.cdiv(n_rows, _QKV_ROWS), src.size(1))](
-                src, dst, partial, n_rows, seq_len, src.stride(0), src.stride(1), src.stride(2), dst_cols, col0,
-                BLOCK_M=_QKV_ROWS, HEAD_DIM=head_dim, num_warps=4)
+            _run(_heads_to_rows_kernel, (triton.cdiv(n_rows, _QKV_ROWS), src.size(1)), src, dst, partial, n_rows,
+                 seq_len, src.stride(0), src.stride(1), src.stride(2), dst_cols, col0, BLOCK_M=_QKV_ROWS,
+                 HEAD_DIM=head_dim, num_warps=4)
         col0 += width
     return dst, partial.sum(0)
 
