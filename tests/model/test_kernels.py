@@ -67,10 +67,8 @@ def test_fused_loss_through_the_kernel_equals_reference():
     # ignored rows around it, against the plain logits + cross-entropy.
     _run_interpreted("""
         import torch
-        import llmscratch.model.loss as L
-        from llmscratch.model.kernels import cross_entropy_rows
-
         import llmscratch.model.kernels as K
+        import llmscratch.model.loss as L
 
         used = []
         L.triton_kernels = lambda logits: used.append(1) or K
