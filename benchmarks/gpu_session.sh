@@ -21,7 +21,7 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 log=${1:-/dev/null}
 {
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
-python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__)"
 status=0
 timeout 360 python3 benchmarks/gpu_train.py --skip-scaling --batch-size 32 --hf-variants compiled \
     --variants compiled+bf16res,compiled+bf16res+torchloss,compiled+bf16res+gelukernel,compiled+bf16res+qkvkernel,compiled+bf16res+gelukernel+qkvkernel+cudagraphs,compiled+bf16res+tilefuse,compiled+bf16res+mixorder \
