@@ -206,3 +206,36 @@ def test_attention_through_the_qkv_kernel_equals_pytorch():
 
 def test_kernels_are_only_dispatched_on_cuda():
     assert triton_kernels(torch.randn(2, 8)) is None  # a CPU tensor: the PyTorch spellings
+
+
+@needs_triton
+def test_gpt_training_step_with_all_kernels_equals_pytorch():
+    # A small GPT-2-shaped model, loss and gradients of every parameter, with the three kernels switched on
+    # (dispatch pointed at the interpreted kernels) against all of them off.
+    _run_interpreted("""
+        import torch
+        import llmscratch.model.attention as attention
+        import llmscratch.model.kernels as K
+        import llmscratch.model.layers as layers
+        import llmscratch.model.loss as loss
+        from llmscratch import GPT, ModelConfig
+
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(name="t", vocab_size=300, context_length=16, d_model=64, n_layers=2, n_heads=4))
+        x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+        y[0, :3] = -100
+
+        def loss_and_grads():
+            out = model(x, targets=y)
+            return [out, *torch.autograd.grad(out, list(model.parameters()))]
+
+        want = loss_and_grads()
+        calls = []
+        for module in (attention, layers, loss):
+            module.triton_kernels = lambda t: calls.append(1) or K
+        attention.USE_QKV_KERNEL = layers.USE_GELU_KERNEL = True
+        got = loss_and_grads()
+        assert len(calls) >= 2 * 2 + 1, calls  # q/k/v and GELU in both layers, the loss
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    """)
