@@ -13,7 +13,7 @@
 #                       in one pass (inductor: a copy, then a read-back, ~1.8 ms a step together);
 #                     - both with CUDA graphs (+0.4%, within noise, last time), and inductor fusion settings aimed
 #                       at the same double reads (tilefuse, mixorder).
-#   2. gpu_check.py   correctness on CUDA, the trainer (through the kernel) included
+#   2. gpu_check.py   correctness on CUDA; the trainer with the loss kernel, and again with all three kernels
 # Usage, from the repository root on the GPU machine:  bash benchmarks/gpu_session.sh [LOG]
 # (LOG: a copy of everything printed, e.g. "$OUT/session.log" on a lent machine)
 set -u
@@ -26,6 +26,6 @@ status=0
 timeout 360 python3 benchmarks/gpu_train.py --skip-scaling --batch-size 32 --hf-variants compiled \
     --variants compiled+bf16res,compiled+bf16res+torchloss,compiled+bf16res+gelukernel,compiled+bf16res+qkvkernel,compiled+bf16res+gelukernel+qkvkernel+cudagraphs,compiled+bf16res+tilefuse,compiled+bf16res+mixorder \
     --profile compiled+bf16res+gelukernel+qkvkernel+cudagraphs || status=1
-timeout 100 python3 benchmarks/gpu_check.py || status=1
+timeout 130 python3 benchmarks/gpu_check.py || status=1
 echo "gpu_session status $status"
 } 2>&1 | grep --line-buffered -v '^\[transformers\]' | tee "$log"
