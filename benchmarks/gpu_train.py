@@ -11,13 +11,14 @@ FLOPs per token (`llmscratch.model.flops_per_token`: 6N + attention, the PaLM ac
 (default 989, the dense bf16 datasheet peak of the H100/H200 SXM).
 
 Sections: (1) correctness on one batch in bf16 — our fused chunked loss vs the plain logits + cross-entropy,
-compiled vs eager, and the bf16 residual stream vs the fp32 one; (2) the throughput table: transformers
-eager/compiled, ours eager and compiled three ways (the whole model, each block separately — "regional"
-compilation, which compiles one block's code once for all layers — and the whole model with the loss in a
-single chunk), by default with the bf16 residual stream that the trainer uses on CUDA, each optionally with
-other modifiers (`--variants one-chunk+bf16res+autotune`); (3) the top CUDA kernels of chosen variants
-(`--profile`, torch.profiler) and their CUDA time per kernel group; (4) scaling: ours with regional compilation
-and the bf16 residual stream at 124M/355M/774M and at context 1024→4096.
+compiled vs eager, and the bf16 residual stream vs the fp32 one — and our Triton kernels (`model/kernels.py`)
+alone against inductor's kernels for the expressions they replace, results and time; (2) the throughput
+table: transformers eager/compiled, ours eager and compiled three ways (the whole model, each block
+separately — "regional" compilation, which compiles one block's code once for all layers — and the whole
+model with the loss in a single chunk), by default with the bf16 residual stream that the trainer uses on
+CUDA, each optionally with other modifiers (`--variants one-chunk+bf16res+autotune`); (3) the top CUDA
+kernels of chosen variants (`--profile`, torch.profiler) and their CUDA time per kernel group; (4) scaling:
+ours with regional compilation and the bf16 residual stream at 124M/355M/774M and at context 1024→4096.
 """
 
 from __future__ import annotations
