@@ -38,6 +38,14 @@ import triton
 import triton.language as tl
 
 
+def _tuned_or_fixed(tuned, fixed, **fixed_meta):
+    """(kernel, settings): the autotuned kernel, or under Triton's interpreter, which has no timer to tune with,
+    the plain kernel with fixed settings."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return fixed, fixed_meta
+    return tuned, {}
+
+
 def _run(kernel, grid, first: torch.Tensor, *args, **meta) -> None:
     """Launch `kernel` on the GPU that holds `first` (Triton launches on the current device, which need not be
     the tensors' one)."""
@@ -123,9 +131,8 @@ def _launch(logits: torch.Tensor, targets: torch.Tensor, vocab: int, kernel, **m
 def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(losses (c,) fp32, gradient (c, V) in the logits' dtype) for logits (c, V), targets (c,) in [0, vocab);
     columns ≥ vocab are padding. The gradient is that of the summed (not averaged) losses."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return _launch(logits, targets, vocab, _cross_entropy_rows_kernel, BLOCK=1024, LANEWISE=False)
-    return _launch(logits, targets, vocab, _tuned_kernel)
+    kernel, meta = _tuned_or_fixed(_tuned_kernel, _cross_entropy_rows_kernel, BLOCK=1024, LANEWISE=False)
+    return _launch(logits, targets, vocab, kernel, **meta)
 
 
 # --- GELU (tanh form) with the bias added first, and its backward with the bias gradient ------------------------
@@ -178,9 +185,8 @@ _gelu_bias_tuned = triton.autotune(configs=_GELU_CONFIGS, key=["n_cols"])(_gelu_
 _gelu_bias_backward_tuned = triton.autotune(configs=_GELU_CONFIGS, key=["n_cols"])(_gelu_bias_backward_kernel)
 
 
-def _gelu_grid(n_rows: int, n_cols: int, interpreted: bool):
-    block_n = 128 if interpreted else None
-    return lambda meta: (triton.cdiv(n_rows, _GELU_ROWS), triton.cdiv(n_cols, block_n or meta["BLOCK_N"]))
+def _gelu_grid(n_rows: int, n_cols: int):
+    return lambda meta: (triton.cdiv(n_rows, _GELU_ROWS), triton.cdiv(n_cols, meta["BLOCK_N"]))
 
 
 @torch.library.triton_op("llmscratch::gelu_bias", mutates_args=())
@@ -191,10 +197,8 @@ def gelu_bias(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     n_cols = h.size(-1)
     n_rows = h.numel() // n_cols if n_cols else 0
     if n_rows:
-        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        kernel, meta = (_gelu_bias_kernel, {"BLOCK_N": 128}) if interpreted else (_gelu_bias_tuned, {})
-        _run(kernel, _gelu_grid(n_rows, n_cols, interpreted), h, bias, out, n_rows, n_cols, BLOCK_M=_GELU_ROWS,
-             **meta)
+        kernel, meta = _tuned_or_fixed(_gelu_bias_tuned, _gelu_bias_kernel, BLOCK_N=128)
+        _run(kernel, _gelu_grid(n_rows, n_cols), h, bias, out, n_rows, n_cols, BLOCK_M=_GELU_ROWS, **meta)
     return out
 
 
@@ -208,10 +212,8 @@ def gelu_bias_backward(grad: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) 
     # one row of column sums per program row, every entry written by the kernel
     partial = torch.empty((triton.cdiv(n_rows, _GELU_ROWS), n_cols), dtype=torch.float32, device=h.device)
     if n_rows:
-        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        kernel, meta = ((_gelu_bias_backward_kernel, {"BLOCK_N": 128}) if interpreted
-                        else (_gelu_bias_backward_tuned, {}))
-        _run(kernel, _gelu_grid(n_rows, n_cols, interpreted), grad, h, bias, grad_h, partial, n_rows, n_cols,
+        kernel, meta = _tuned_or_fixed(_gelu_bias_backward_tuned, _gelu_bias_backward_kernel, BLOCK_N=128)
+        _run(kernel, _gelu_grid(n_rows, n_cols), grad, h, bias, grad_h, partial, n_rows, n_cols,
              BLOCK_M=_GELU_ROWS, **meta)
     return grad_h, partial.sum(0).to(bias.dtype)
 
