@@ -21,12 +21,19 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="Triton is not installed (the CPU build of PyTorch does not ship it)")
 
 
-def _run_interpreted(code: str) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1")
+def _run_child(code: str, interpret: bool) -> str:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
+
+
+def _run_interpreted(code: str) -> str:
+    return _run_child(code, interpret=True)
 
 
 @needs_triton
@@ -239,3 +246,63 @@ def test_gpt_training_step_with_all_kernels_equals_pytorch():
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     """)
+
+
+@needs_triton
+def test_training_step_with_all_kernels_traces_as_one_compiled_graph():
+    # What the trainer runs on CUDA — `torch.compile(model)`, bf16 autocast, the bf16 residual stream — with the
+    # three kernels on, traced by Dynamo and AOTAutograd without a GPU: the real (compiled, not interpreted)
+    # kernels, whose launches tracing records but never runs. fullgraph=True fails on any graph break; the joint
+    # forward + backward graph must hold each kernel once per use. (Under the interpreter this cannot be checked:
+    # its kernels are plain Python functions that Dynamo runs on fake tensors.) What it leaves to a GPU: inductor's
+    # code generation for the graph and the kernels' speed (benchmarks/gpu_train.py).
+    out = _run_child("""
+        import collections
+        import torch
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._functorch.partitioners import default_partition
+        from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+        import llmscratch.model.attention as attention
+        import llmscratch.model.kernels as K
+        import llmscratch.model.layers as layers
+        import llmscratch.model.loss as loss
+        from llmscratch import GPT, ModelConfig
+
+        joint = []
+
+        def partition(gm, *args, **kwargs):
+            joint.append(gm)
+            return default_partition(gm, *args, **kwargs)
+
+        class Traced(Exception):
+            pass
+
+        def not_run(gm, example_inputs):  # the graphs are only traced: Triton cannot launch on a CPU
+            def run(*args):
+                raise Traced
+            return run
+
+        backend = aot_autograd(fw_compiler=not_run, bw_compiler=not_run, partition_fn=partition)
+        torch.manual_seed(0)
+        n_layers = 2
+        model = GPT(ModelConfig(name="t", vocab_size=300, context_length=16, d_model=64, n_layers=n_layers,
+                                n_heads=4))
+        model.low_precision_residual = True
+        x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+        for module in (attention, layers, loss):
+            module.triton_kernels = lambda t: K
+        attention.USE_QKV_KERNEL = layers.USE_GELU_KERNEL = True
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                torch.compile(model, backend=backend, fullgraph=True)(x, targets=y)
+        except Traced:
+            pass
+        assert len(joint) == 1, joint
+        launched = collections.Counter(
+            kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
+            for node in joint[0].graph.nodes if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional)
+        assert launched == {"_gelu_bias_kernel": n_layers, "_gelu_bias_backward_kernel": n_layers,
+                            "_heads_to_rows_kernel": 3 * n_layers, "_cross_entropy_rows_kernel": 1}, launched
+        print(dict(launched))
+    """, interpret=False)
+    assert "_heads_to_rows_kernel" in out
