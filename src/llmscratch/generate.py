@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from llmscratch.errors import UserError
+from llmscratch.model.packed import lower_to_onednn_call
 from llmscratch.tokenizer.base import Tokenizer
 
 
@@ -79,19 +80,28 @@ class CompiledDecodeStep:
         # function gets its own copy of the code instead.
         CompiledDecodeStep.builds += 1
         decode.__code__ = decode.__code__.replace(co_name=f"decode_step_{CompiledDecodeStep.builds}")
-        options = None
-        if not self.on_gpu and hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):
-            # No guards on the model's modules and their tensors, which Dynamo checks even when told to skip
-            # guards (~0.25 ms of a ~12 ms GPT-2 124M step on the 2-core CPU of benchmarks/RESULTS.md): each
-            # compiled function serves one `_layout` of the model, which `__call__` checks per generation.
-            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        options = {}
+        if not self.on_gpu:
+            # Each compiled function serves one `_layout` of the model, which `__call__` checks per generation, and
+            # Dynamo checks its tensors' guards on each generation's first step. So per call, no guards on the
+            # model's modules, which Dynamo checks even when told to skip guards (~0.25 ms of a ~12 ms GPT-2 124M
+            # step on the 2-core CPU of benchmarks/RESULTS.md), and no checks of every input's sizes and strides
+            # in inductor's generated code.
+            if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):
+                options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+            from torch._inductor import config as inductor_config
+
+            if hasattr(inductor_config, "size_asserts"):
+                options["size_asserts"] = False
+            lower_to_onednn_call()  # the packed linears: oneDNN called from the generated code (model/packed.py)
         return torch.compile(decode, mode="reduce-overhead" if self.on_gpu else None, fullgraph=True,
-                             dynamic=False, options=options)
+                             dynamic=False, options=options or None)
 
     def _layout(self, idx: torch.Tensor) -> tuple:
         """What a CPU step's graph was compiled for: the input's shape, the modules' kinds and modes, and every
         parameter's and buffer's (KV caches included) shape, dtype and device. ~0.4 ms for GPT-2 124M on the
-        2-core CPU of benchmarks/RESULTS.md, once a generation."""
+        2-core CPU of benchmarks/RESULTS.md, once a generation. (Strides are left to Dynamo's guards on the
+        tensors, which it still checks on each generation's first step.)"""
         modules = tuple((type(m), m.training) for m in self.model.modules())
         tensors = tuple((t.shape, t.dtype, t.device) for t in (*self.model.parameters(), *self.model.buffers()))
         return tuple(idx.shape), idx.device, modules, tensors

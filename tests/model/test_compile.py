@@ -210,3 +210,28 @@ def test_compiled_decoding_follows_the_model_through_packing_and_a_longer_cache(
     assert torch.equal(eager, plain) and torch.equal(compiled, eager)
     longer = torch.stack(list(generate_ids(m, prompt, 200, compile=True)), 1)  # 256 slots
     assert torch.equal(longer, torch.stack(list(generate_ids(m, prompt, 200)), 1))
+
+
+@pytest.mark.slow
+def test_compiled_decoding_follows_a_weight_replaced_by_one_of_other_strides():
+    """Within a generation the compiled CPU step checks neither Dynamo's guards nor, in its generated code, the
+    sizes and strides of its inputs. A weight replaced between generations by an equal one laid out transposed
+    (as a checkpoint converter's `.t()` would leave it) must bring a new compilation, not be read with the old
+    strides (Dynamo's guards on the tensors, checked on each generation's first step, catch it)."""
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(vocab_size=300, context_length=40, d_model=64, n_layers=2, n_heads=4,
+                        init_std=0.3)).eval()
+    prompt = torch.randint(0, 300, (1, 4))
+    first = torch.stack(list(generate_ids(m, prompt, 8, compile=True)), 1)
+    fc = m.blocks[0].mlp.fc
+    with torch.no_grad():
+        fc.weight = torch.nn.Parameter(fc.weight.t().contiguous().t())  # same values, column-major
+    assert fc.weight.stride() == (1, fc.weight.size(0))
+    eager = torch.stack(list(generate_ids(m, prompt, 8)), 1)
+    compiled = torch.stack(list(generate_ids(m, prompt, 8, compile=True)), 1)
+    assert torch.equal(eager, first) and torch.equal(compiled, eager)
+    with torch.no_grad():
+        fc.weight.mul_(-1)  # in place, still column-major: the step compiled for it reads the change
+    eager = torch.stack(list(generate_ids(m, prompt, 8)), 1)
+    assert not torch.equal(eager, first)
+    assert torch.equal(torch.stack(list(generate_ids(m, prompt, 8, compile=True)), 1), eager)
