@@ -75,6 +75,8 @@ def lower_to_onednn_call() -> bool:
     any process.
     """
     global _LOWERED
+    if _LOWERED is None and _ONEDNN_LINEAR is None:  # no oneDNN in this build: nothing is packed
+        _LOWERED = False
     if _LOWERED is None:
         try:
             from torch._inductor import lowering
