@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from llmscratch.errors import UserError
-from llmscratch.model.packed import lower_to_onednn_call
 from llmscratch.tokenizer.base import Tokenizer
 
 
@@ -90,6 +89,8 @@ class CompiledDecodeStep:
             if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):
                 options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
             from torch._inductor import config as inductor_config
+
+            from llmscratch.model.packed import lower_to_onednn_call
 
             if hasattr(inductor_config, "size_asserts"):
                 options["size_asserts"] = False
