@@ -44,8 +44,11 @@ _LIB = torch.library.Library("llmscratch", "DEF")
 _LIB.define("packed_linear(Tensor x, Tensor packed_weight, Tensor? bias, int out_features) -> Tensor")
 
 
+_NO_POST_OP = ("none", [], "")  # oneDNN's linear with nothing fused after the product: (attr, scalars, algorithm)
+
+
 def _packed_linear(x, packed_weight, bias, out_features: int):
-    return _ONEDNN_LINEAR(x, packed_weight, bias, "none", [], "")
+    return _ONEDNN_LINEAR(x, packed_weight, bias, *_NO_POST_OP)
 
 
 # "CompositeExplicitAutograd": one kernel for the CPU and oneDNN dispatch keys (a packed weight may be either).
@@ -75,26 +78,28 @@ def lower_to_onednn_call() -> bool:
     any process.
     """
     global _LOWERED
-    if _LOWERED is None and _ONEDNN_LINEAR is None:  # no oneDNN in this build: nothing is packed
-        _LOWERED = False
     if _LOWERED is None:
-        try:
-            from torch._inductor import lowering
-
-            onednn = lowering.fallback_handler(_ONEDNN_LINEAR, add_to_fallback_set=False)
-            ours = lowering.fallback_handler(torch.ops.llmscratch.packed_linear.default, add_to_fallback_set=False)
-
-            def lower(x, packed_weight, bias, out_features):
-                try:
-                    return onednn(x, packed_weight, bias, "none", [], "")
-                except Exception:  # an inductor that lowers differently: our operator, called as it is
-                    return ours(x, packed_weight, bias, out_features)
-
-            lowering.lowerings[torch.ops.llmscratch.packed_linear.default] = lower
-            _LOWERED = True
-        except (ImportError, AttributeError, TypeError):
-            _LOWERED = False
+        _LOWERED = _ONEDNN_LINEAR is not None and _register_lowering()  # no oneDNN in this build: nothing packed
     return _LOWERED
+
+
+def _register_lowering() -> bool:
+    try:
+        from torch._inductor import lowering
+
+        onednn = lowering.fallback_handler(_ONEDNN_LINEAR, add_to_fallback_set=False)
+        ours = lowering.fallback_handler(torch.ops.llmscratch.packed_linear.default, add_to_fallback_set=False)
+
+        def lower(x, packed_weight, bias, out_features):
+            try:
+                return onednn(x, packed_weight, bias, *_NO_POST_OP)
+            except Exception:  # an inductor that lowers differently: our operator, called as it is
+                return ours(x, packed_weight, bias, out_features)
+
+        lowering.lowerings[torch.ops.llmscratch.packed_linear.default] = lower
+        return True
+    except (ImportError, AttributeError, TypeError):
+        return False
 
 
 class PackedLinear(nn.Module):
