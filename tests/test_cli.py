@@ -179,6 +179,13 @@ def test_generate_compile_prints_what_the_default_path_does(prepared, tmp_path, 
     code, compiled, err = run([*ask, "--compile"], capsys)
     assert code == 0, err
     assert compiled == eager and len(eager.strip()) > len("The module")
+    assert "compiling the decoding step" in err  # the wait before the first token is announced
+
+
+def test_generate_rejects_compile_without_the_kv_cache(tmp_path, capsys):
+    """`--compile` compiles the cached step; with `--no-kv-cache` it would be silently ignored."""
+    code, _, err = run(["generate", tmp_path / "unused", "--prompt", "x", "--compile", "--no-kv-cache"], capsys)
+    assert_user_error(code, err, "--no-kv-cache")
 
 
 def test_quickstart_rejects_bad_minutes(tmp_path, capsys):

@@ -479,6 +479,8 @@ def cmd_generate(a) -> None:
     from llmscratch.prompts import load_style
     from llmscratch.runtime import inference_dtype, resolve_device
 
+    if a.compile and a.no_kv_cache:
+        raise UserError("--compile compiles the KV-cached decoding step: drop --no-kv-cache, or --compile")
     device = resolve_device(a.device)
     adapter = is_adapter_folder(a.checkpoint) and not (Path(a.checkpoint) / "model.safetensors").exists()
     load_fn = load_merged if adapter else load  # an adapter: base + adapter, merged in memory
@@ -500,6 +502,9 @@ def cmd_generate(a) -> None:
         stop += [tok.decode([i]) for i in tok.stop_ids]  # <|eot_id|>, <|im_end|>, ...
     elif style is not None:
         prompt, shown, stop = style.wrap(a.prompt), "", stop + list(style.stop)
+    if a.compile:  # a wait of seconds before the first token: say why
+        sys.stderr.write("llmscratch: compiling the decoding step (a few seconds; up to ~20 s the first time on a "
+                         "machine)\n")
     pieces = stream(model, tok, prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                     top_k=a.top_k or None, top_p=a.top_p, seed=a.seed, stop=stop,
                     use_cache=not a.no_kv_cache, compile=a.compile)
