@@ -108,7 +108,8 @@ def build_parser(argv: list[str] | None = None):
                    help="decode through a torch.compile'd static-shape step; pays off for long outputs. GPU: "
                         "CUDA graphs, several times faster per token. CPU: one compiled graph for every layer "
                         "around the packed weights, ~1.2x the default speed; compiling takes ~18 s the "
-                        "first time on a machine, ~5 s once PyTorch's compile cache holds it (GPT-2 124M)")
+                        "first time on a machine, ~5 s once PyTorch's compile cache holds it (GPT-2 124M). Uses the "
+                        "KV cache: not with --no-kv-cache")
     p.add_argument("--no-pack", action="store_true",
                    help="on CPU, keep plain nn.Linear weights instead of oneDNN-packed ones (slower decoding)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
