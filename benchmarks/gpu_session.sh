@@ -15,6 +15,8 @@
 #                       at the same double reads (tilefuse, mixorder).
 #   2. gpu_check.py   correctness on CUDA; the trainer with the loss kernel, and again with all three kernels
 # Usage, from the repository root on the GPU machine:  bash benchmarks/gpu_session.sh [LOG]
+# tests/test_benchmarks.py parses these gpu_train.py arguments and dry-runs gpu_check.py on the CPU, so a
+# renamed variant or a broken check fails there rather than here.
 # (LOG: a copy of everything printed, e.g. "$OUT/session.log" on a lent machine)
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1

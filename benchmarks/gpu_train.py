@@ -380,7 +380,8 @@ def correctness(shape: dict, batch: int, device) -> list[tuple[str, bool, str]]:
     return rows
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: every variant named exists, and every profiled one is timed."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -401,18 +402,29 @@ def main() -> int:
     ap.add_argument("--hf-variants", default="eager,compiled",
                     help="transformers contenders (comma-separated): eager, compiled (eager at micro-batch 64 "
                          "needs ~88 GiB: leave it out on an H100)")
-    ap.add_argument("--profile", default="compiled+bf16res",
-                    help="our variants whose kernels are profiled, 3 steps each (comma-separated)")
-    args = ap.parse_args()
-    hf_kinds = [k for k in args.hf_variants.split(",") if k]
-    if set(hf_kinds) - {"eager", "compiled"}:
+    ap.add_argument("--profile", default=None,
+                    help="our variants whose kernels are profiled, 3 steps each (comma-separated; each must be "
+                         "among --variants; default: compiled+bf16res when it is)")
+    args = ap.parse_args(argv)
+    if set(filter(None, args.hf_variants.split(","))) - {"eager", "compiled"}:
         ap.error(f"--hf-variants: choose from eager, compiled (got {args.hf_variants!r})")
-    for v in filter(None, args.variants.split(",")):
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
         try:
             parse_variant(v)
         except ValueError:
             ap.error(f"--variants: unknown {v!r}; bases: {', '.join(VARIANTS)}; modifiers: {', '.join(MODIFIERS)}")
+    if args.profile is None:
+        args.profile = "compiled+bf16res" if "compiled+bf16res" in variants else ""
+    unprofiled = [v for v in args.profile.split(",") if v and v not in variants]
+    if unprofiled:
+        ap.error(f"--profile: {', '.join(unprofiled)} not among --variants, so never timed or profiled")
+    return args
 
+
+def main() -> int:
+    args = parse_args()
+    hf_kinds = [k for k in args.hf_variants.split(",") if k]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device (for a dry run: --tiny --device cpu)")

@@ -1,0 +1,58 @@
+"""The GPU session script (benchmarks/gpu_session.sh) against the scripts it runs, on the CPU.
+
+A lent GPU gives a task ~15 minutes of device time, drawn for about one task in five. A variant name that no
+longer exists, or a check script broken by a library change, would spend that time on an error; here it
+fails on any machine instead. What a CPU cannot check is what the session measures: the CUDA kernels' speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def session_commands() -> dict[str, list[str]]:
+    """Each benchmark script gpu_session.sh runs -> the arguments it passes, as the shell would split them."""
+    text = (BENCH / "gpu_session.sh").read_text().replace("\\\n", " ")
+    commands = {}
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or "benchmarks/gpu_" not in line:
+            continue
+        words = shlex.split(line.split("||")[0])
+        i = next(i for i, w in enumerate(words) if w.startswith("benchmarks/gpu_"))
+        commands[Path(words[i]).stem] = words[i + 1:]
+    return commands
+
+
+def test_the_session_runs_the_training_benchmark_and_the_checks():
+    assert set(session_commands()) == {"gpu_train", "gpu_check"}
+
+
+def test_the_session_arguments_parse_in_gpu_train(monkeypatch):
+    """Every variant and modifier the session names exists, and the profiled variant is one it times."""
+    monkeypatch.syspath_prepend(str(BENCH))  # gpu_train imports its neighbour _common
+    spec = importlib.util.spec_from_file_location("gpu_train", BENCH / "gpu_train.py")
+    gpu_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_train)
+    args = gpu_train.parse_args(session_commands()["gpu_train"])
+    variants = args.variants.split(",")
+    assert len(variants) >= 2 and args.profile in variants and args.hf_variants == "compiled"
+    with pytest.raises(SystemExit):  # and the parser does refuse what it should
+        gpu_train.parse_args(["--variants", "compiled+bf16res+no-such-modifier"])
+
+
+@pytest.mark.slow
+def test_the_gpu_checks_pass_as_a_cpu_dry_run():
+    """gpu_check.py's every check, with the CPU as both devices (~25 s): the script itself still works."""
+    argv = [sys.executable, str(BENCH / "gpu_check.py"), *session_commands()["gpu_check"], "--cpu"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = [line for line in done.stdout.splitlines() if " PASS " in line or " FAIL " in line]
+    assert len(results) >= 10 and not [r for r in results if " FAIL " in r], "\n".join(results)
