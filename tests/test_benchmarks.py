@@ -49,6 +49,23 @@ def test_the_session_arguments_parse_in_gpu_train(monkeypatch):
 
 
 @pytest.mark.slow
+def test_gpu_train_runs_the_session_profile_as_a_cpu_dry_run():
+    """gpu_train.py's whole path — correctness rows, timing, the profile and its tables, the ratio lines — for the
+    session's profiled variant (the one with the most modifiers) and its `transformers` contender, on tiny
+    shapes. The other variants' names are checked above; each compiles apart, ~10 s more apiece here."""
+    args = session_commands()["gpu_train"]
+    profiled = args[args.index("--profile") + 1]
+    argv = [sys.executable, str(BENCH / "gpu_train.py"), *args, "--variants", profiled,
+            "--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--batch-size", "2"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    out = done.stdout
+    assert done.returncode == 0 and "FAILED" not in out and "FAIL " not in out, out[-3000:] + done.stderr[-3000:]
+    assert f"| ours {profiled} " in out and "| transformers compiled " in out
+    assert f"## top kernels, ours {profiled}" in out and "aten::sum outside compiled code" in out
+    assert f"ours {profiled} ÷ transformers compiled" in out
+
+
+@pytest.mark.slow
 def test_the_gpu_checks_pass_as_a_cpu_dry_run():
     """gpu_check.py's every check, with the CPU as both devices (~25 s): the script itself still works."""
     argv = [sys.executable, str(BENCH / "gpu_check.py"), *session_commands()["gpu_check"], "--cpu"]
