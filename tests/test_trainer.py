@@ -403,3 +403,18 @@ def test_bf16_residual_defaults_on_for_cuda_only(setting, device, want):
     model = GPT(ModelConfig(**MICRO))
     set_model_options(model, TrainConfig(bf16_residual=setting, activation_checkpointing=True), torch.device(device))
     assert model.low_precision_residual is want and model.activation_checkpointing is True
+
+
+def test_progress_bar_says_the_first_step_compiles(prepared, tmp_path, monkeypatch, capsys):
+    """With compilation on (the CUDA default), the first step's wait of tens of seconds is named on the bar."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)  # no compile wait
+    cfg = small_cfg(max_steps=2, compile=True, progress=True, eval_every=100, save_every=100)
+    model, batches = fresh(prepared, cfg)
+    train(model, batches, cfg, tmp_path / "run")
+    assert compiled == [model]
+    assert "compiling the model (torch.compile)" in capsys.readouterr().err
+    cfg = small_cfg(max_steps=2, compile=False, progress=True, eval_every=100, save_every=100)
+    model, batches = fresh(prepared, cfg)
+    train(model, batches, cfg, tmp_path / "run2")
+    assert "compiling" not in capsys.readouterr().err

@@ -316,6 +316,9 @@ def _train(model, batches: BatchSource, cfg: TrainConfig, out_dir: Path, device:
     last_saved = step
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, desc="train", unit="step",
                dynamic_ncols=True)
+    compiling = use_compile  # the first step compiles the model: tens of seconds with the bar standing still
+    if compiling:
+        bar.set_postfix_str("compiling the model (torch.compile) in the first step")
 
     def save(at_step: int) -> Path:
         return save_checkpoint(out_dir, model, tokenizer, optimizer, at_step, tokens, batches, hparams,
@@ -344,6 +347,9 @@ def _train(model, batches: BatchSource, cfg: TrainConfig, out_dir: Path, device:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 running_n += 1
+                if compiling:
+                    bar.set_postfix_str("")
+                    compiling = False
                 bar.update(1)
 
                 last = step == cfg.max_steps
