@@ -57,7 +57,7 @@ INDUCTOR_MODIFIERS = {
     "combo": {"combo_kernels": True},
     "aggressive": {"aggressive_fusion": True},
 }
-MODIFIERS = ("bf16res", "flash", "torchloss", "gelukernel", "qkvkernel", *INDUCTOR_MODIFIERS)
+MODIFIERS = ("bf16res", "flash", "torchloss", "torchgelu", "qkvkernel", *INDUCTOR_MODIFIERS)
 SCALING_VARIANT = "regional+bf16res"  # compile time flat in depth; bf16 residual as the trainer has on CUDA
 TINY = dict(vocab_size=1000, context_length=64, d_model=64, n_layers=2, n_heads=4)
 
@@ -79,8 +79,9 @@ def ours_variant(name: str, shape: dict, device):
     by benchmarking neighbouring configurations; cuBLAS products untouched), flash (SDPA limited to the
     FlashAttention-2 backend; PyTorch picks cuDNN's attention on Hopper by default), cudagraphs (inductor
     replays the compiled forward and backward as CUDA graphs: no per-kernel launch gaps), torchloss (the loss's
-    PyTorch expressions instead of its Triton kernel, `model/kernels.py`), gelukernel (GPT-2's fc bias + GELU
-    and its backward with the bias gradient as our Triton kernels, `layers.USE_GELU_KERNEL`), qkvkernel (the q/k/v
+    PyTorch expressions instead of its Triton kernel, `model/kernels.py`), torchgelu (GPT-2's fc bias + GELU
+    as PyTorch expressions instead of our Triton kernels, whose backward also sums the bias gradient; they run in
+    compiled steps by default, `layers.GELU_KERNEL`), qkvkernel (the q/k/v
     split whose backward assembles the gradients and the bias gradient in one kernel, `attention.USE_QKV_KERNEL`),
     and the fusion settings
     tilefuse, mixorder, combo, aggressive (`INDUCTOR_MODIFIERS`)."""
@@ -90,7 +91,7 @@ def ours_variant(name: str, shape: dict, device):
 
     kind, mods = parse_variant(name)
     loss_module.USE_TRITON_KERNEL = "torchloss" not in mods  # read when the loss runs (or is traced)
-    layers.USE_GELU_KERNEL = "gelukernel" in mods
+    layers.GELU_KERNEL = "never" if "torchgelu" in mods else "compiled"
     attention.USE_QKV_KERNEL = "qkvkernel" in mods
     model, opt, _ = build_ours(shape, device, fused=True)
     model.low_precision_residual = "bf16res" in mods
@@ -202,13 +203,15 @@ def kernel_breakdown(prof, steps: int) -> str:
 
 
 def eager_reductions(prof, steps: int) -> str:
-    """The `aten::sum` calls a step makes outside compiled code (the 18:19 UTC profile showed ~50 a step, 0.55 ms
-    at micro-batch 32, of unknown origin), by input shape and by Python call site."""
+    """The `aten::sum` calls a step makes, by input shape and by Python call site. The H200 profile of 2026-11-26
+    found 50 a step of shape (2048, 768) with no Python call site (~0.5 ms at micro-batch 32): by count and shape,
+    most likely the second stage of inductor's reductions for the 25 LayerNorms' weight and bias gradients
+    (32,768 rows in partial sums of 16), called from its generated wrapper."""
     lines = [f"  {e.count // steps} a step, input shapes {e.input_shapes}"
              for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::sum"]
     for e in [e for e in prof.key_averages(group_by_stack_n=8) if e.key == "aten::sum"][:4]:
         lines.append(f"  {e.count // steps} a step from: " + " <- ".join(e.stack[:8]))
-    return "\n\naten::sum outside compiled code:\n" + ("\n".join(lines) if lines else "  none")
+    return "\n\naten::sum calls (ATen reductions the step launches):\n" + ("\n".join(lines) if lines else "  none")
 
 
 def top_kernels(step, device, n: int = 40) -> str:
@@ -230,17 +233,24 @@ def top_kernels(step, device, n: int = 40) -> str:
 
 
 def _time_and_outputs(contenders: dict, device, calls: int = 20) -> tuple[dict, dict]:
-    """Each contender's outputs (as fp32) and its time per call in ms (CUDA events over `calls` calls)."""
+    """Each contender's outputs (as fp32) and its time per call in ms: the GPU time of the kernels it launches,
+    summed from the profiler's kernel records over `calls` calls. Wall-clock timing (CUDA events around the calls)
+    also counts the host's launch cost whenever the host is the slower side: on the H200 (2026-11-26) it gave our
+    eager GELU kernels 1.05 ms forward + backward, where the profile of the compiled training step shows the same
+    kernels taking 0.32 ms (the host's share is inferred, not measured)."""
+    from torch.profiler import ProfilerActivity, profile
+
     outs, times = {}, {}
     for name, fn in contenders.items():
         outs[name] = [t.detach().float() for t in fn()]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
         torch.cuda.synchronize(device)
-        times[name] = start.elapsed_time(end) / calls
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize(device)
+        us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+                 for e in prof.key_averages() if not e.key.startswith(("## ", "ProfilerStep")) and "#" not in e.key)
+        times[name] = us / 1e3 / calls
     return outs, times
 
 
@@ -308,7 +318,7 @@ def _gelu_kernel_check(kernels, device, n: int = 32768, d_ff: int = 3072) -> Non
           f"forward and backward): max diff relative to the largest value: output {rel[0]:.1e}, input gradient "
           f"{rel[1]:.1e}, bias gradient {rel[2]:.1e}", flush=True)
     for name, ms in times.items():
-        print(f"  {name}: {ms:.3f} ms forward + backward", flush=True)
+        print(f"  {name}: {ms:.3f} ms forward + backward (GPU time)", flush=True)
 
 
 def _qkv_kernel_check(kernels, device, batch: int = 32, heads: int = 12, seq: int = 1024, head_dim: int = 64) -> None:
@@ -395,10 +405,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "with optional modifiers joined by '+': bf16res (bf16 residual stream), autotune "
                          "(max-autotune; minutes of compilation), coord (coordinate-descent tuning of the Triton "
                          "kernels), flash (FlashAttention-2 instead of cuDNN attention), torchloss (the loss as "
-                         "PyTorch expressions, not our Triton kernel), gelukernel (bias + GELU as our Triton "
-                         "kernels), qkvkernel (the q/k/v gradients and bias sums in one kernel), cudagraphs, and "
-                         "inductor fusion settings "
-                         "tilefuse, mixorder, combo, aggressive; e.g. one-chunk+bf16res")
+                         "PyTorch expressions, not our Triton kernel), torchgelu (bias + GELU as PyTorch "
+                         "expressions, not our Triton kernels), qkvkernel (the q/k/v gradients and bias sums in "
+                         "one kernel), cudagraphs, and inductor fusion settings tilefuse, mixorder, combo, "
+                         "aggressive; e.g. one-chunk+bf16res")
     ap.add_argument("--hf-variants", default="eager,compiled",
                     help="transformers contenders (comma-separated): eager, compiled (eager at micro-batch 64 "
                          "needs ~88 GiB: leave it out on an H100)")

@@ -31,8 +31,8 @@ def session_commands() -> dict[str, list[str]]:
     return commands
 
 
-def test_the_session_runs_the_training_benchmark_and_the_checks():
-    assert set(session_commands()) == {"gpu_train", "gpu_check"}
+def test_the_session_runs_the_training_benchmark_the_checks_and_decoding():
+    assert set(session_commands()) == {"gpu_train", "gpu_check", "gpu_decode"}
 
 
 def test_the_session_arguments_parse_in_gpu_train(monkeypatch):
@@ -61,7 +61,7 @@ def test_gpu_train_runs_the_session_profile_as_a_cpu_dry_run():
     out = done.stdout
     assert done.returncode == 0 and "FAILED" not in out and "FAIL " not in out, out[-3000:] + done.stderr[-3000:]
     assert f"| ours {profiled} " in out and "| transformers compiled " in out
-    assert f"## top kernels, ours {profiled}" in out and "aten::sum outside compiled code" in out
+    assert f"## top kernels, ours {profiled}" in out and "aten::sum calls" in out
     assert f"ours {profiled} ÷ transformers compiled" in out
 
 
@@ -73,3 +73,16 @@ def test_the_gpu_checks_pass_as_a_cpu_dry_run():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = [line for line in done.stdout.splitlines() if " PASS " in line or " FAIL " in line]
     assert len(results) >= 10 and not [r for r in results if " FAIL " in r], "\n".join(results)
+
+
+@pytest.mark.slow
+def test_gpu_decode_runs_as_a_cpu_dry_run():
+    """gpu_decode.py with the session's arguments on tiny shapes (~20 s): every contender decodes, the table and
+    the ratio lines print."""
+    argv = [sys.executable, str(BENCH / "gpu_decode.py"), *session_commands()["gpu_decode"], "--tiny", "--device",
+            "cpu", "--new-tokens", "8", "--repeats", "1"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    for batch in (1, 8):
+        assert f"batch {batch}: ours best" in out and f"|     {batch} | ours compiled" in out, out[-3000:]

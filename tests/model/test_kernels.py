@@ -123,8 +123,9 @@ def test_gelu_bias_forward_and_backward_equal_pytorch():
 
 @needs_triton
 def test_gelu_mlp_through_the_kernel_equals_pytorch():
-    # GELUMLP with the kernel switched on and the CUDA dispatch pointed at the interpreted kernels, against the
-    # switch off; a LoRA-wrapped fc keeps the PyTorch path (the kernel would miss the LoRA update).
+    # GELUMLP with the kernel on in eager calls too and the CUDA dispatch pointed at the interpreted kernels, against
+    # the default, where eager calls keep the PyTorch path; a LoRA-wrapped fc keeps it too (the kernel would miss
+    # the LoRA update).
     _run_interpreted("""
         import torch
         import llmscratch.model.kernels as K
@@ -138,8 +139,8 @@ def test_gelu_mlp_through_the_kernel_equals_pytorch():
         x = torch.randn(3, 7, 32, requires_grad=True)
         want = mlp(x)
         want_grads = torch.autograd.grad(want.sum(), [x, *mlp.parameters()])
-        assert not used  # off by default
-        layers.USE_GELU_KERNEL = True
+        assert not used  # by default only compiled training steps use it, not eager calls
+        layers.GELU_KERNEL = "always"
         got = mlp(x)
         got_grads = torch.autograd.grad(got.sum(), [x, *mlp.parameters()])
         assert len(used) == 1
@@ -215,6 +216,29 @@ def test_kernels_are_only_dispatched_on_cuda():
     assert triton_kernels(torch.randn(2, 8)) is None  # a CPU tensor: the PyTorch spellings
 
 
+def test_the_gelu_kernel_is_wanted_only_in_compiled_training_steps():
+    # The default asks for the kernel where it was measured faster: traced by torch.compile with gradients on
+    # (the trainer's CUDA step). Eager calls and compiled decoding (no gradients) keep the PyTorch spelling.
+    from llmscratch.model import layers
+
+    assert layers.GELU_KERNEL == "compiled"
+    seen = []
+
+    def probe(x):
+        seen.append(layers._gelu_kernel_wanted())
+        return x + 1
+
+    torch._dynamo.reset()
+    try:
+        probe(torch.ones(2))
+        torch.compile(probe, backend="eager", fullgraph=True)(torch.ones(3))
+        with torch.no_grad():
+            torch.compile(probe, backend="eager", fullgraph=True)(torch.ones(4))
+    finally:
+        torch._dynamo.reset()
+    assert seen == [False, True, False], seen
+
+
 @needs_triton
 def test_gpt_training_step_with_all_kernels_equals_pytorch():
     # A small GPT-2-shaped model, loss and gradients of every parameter, with the three kernels switched on
@@ -240,7 +264,7 @@ def test_gpt_training_step_with_all_kernels_equals_pytorch():
         calls = []
         for module in (attention, layers, loss):
             module.triton_kernels = lambda t: calls.append(1) or K
-        attention.USE_QKV_KERNEL = layers.USE_GELU_KERNEL = True
+        attention.USE_QKV_KERNEL, layers.GELU_KERNEL = True, "always"
         got = loss_and_grads()
         assert len(calls) >= 2 * 2 + 1, calls  # q/k/v and GELU in both layers, the loss
         for a, b in zip(got, want):
@@ -291,7 +315,7 @@ def test_training_step_with_all_kernels_traces_as_one_compiled_graph():
         x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
         for module in (attention, layers, loss):
             module.triton_kernels = lambda t: K
-        attention.USE_QKV_KERNEL = layers.USE_GELU_KERNEL = True
+        attention.USE_QKV_KERNEL = True  # the GELU kernel is on by default in compiled training steps
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 torch.compile(model, backend=backend, fullgraph=True)(x, targets=y)

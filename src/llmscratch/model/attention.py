@@ -72,8 +72,9 @@ class KVCache(nn.Module):
 
 
 # On CUDA with Triton, training splits the fused q/k/v projection with `kernels.qkv_projection`, whose backward
-# assembles the three gradients and the bias gradient in one pass (model/kernels.py). Off until measured on a
-# GPU: benchmarks/gpu_train.py's "qkvkernel" variants turn it on.
+# assembles the three gradients and the bias gradient in one pass (model/kernels.py). Off: on an H200 the step
+# gained nothing measurable (2026-11-26, benchmarks/RESULTS.md); benchmarks/gpu_train.py's "qkvkernel" variants
+# turn it on.
 USE_QKV_KERNEL = False
 
 

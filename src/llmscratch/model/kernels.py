@@ -19,12 +19,13 @@ they are left out of the sums and get gradient 0.
 (`model/layers.py`, `GELUMLP`). Inductor computes the backward as two kernels, one writing the gradient of the
 pre-activation and one reading it back for the bias gradient's column sums. Here one kernel does both: each
 program writes its tile's gradient and the tile's column sums, and a small sum over tiles finishes the bias
-gradient. Off by default until measured on a GPU (`layers.USE_GELU_KERNEL`).
+gradient. On in compiled training steps (`layers.GELU_KERNEL`), where an H200 measured it +0.5-0.7% a step.
 
 `qkv_projection` — attention's fused q/k/v product is split into per-head views; its backward gets three
 head-major gradients (B, heads, T, head_dim) from the attention kernel, and inductor copies them into one
 row-major gradient in one kernel and reads that back for the bias gradient in another. `heads_to_rows` does both
-in one pass, and the products for x and W follow. Off by default until measured (`attention.USE_QKV_KERNEL`).
+in one pass, and the products for x and W follow. Off (`attention.USE_QKV_KERNEL`): an H200 measured no gain
+in the step (-0.1%, within noise), though it trims 0.5 GiB of peak memory at micro-batch 32.
 """
 
 from __future__ import annotations

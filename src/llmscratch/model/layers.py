@@ -73,9 +73,18 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
 
 
 # On CUDA with Triton, GELUMLP adds the fc bias and applies GELU in one hand-written kernel whose backward also
-# sums the bias gradient (model/kernels.py, `gelu_bias`). Off until measured on a GPU: benchmarks/gpu_train.py's
-# "gelukernel" variants turn it on.
-USE_GELU_KERNEL = False
+# sums the bias gradient (model/kernels.py, `gelu_bias`). "compiled" (the default): in training steps under
+# torch.compile — the trainer's CUDA path, where it was measured (H200, 2026-11-26: +0.5-0.7% tokens/s,
+# benchmarks/RESULTS.md); eager calls keep the PyTorch spelling, since each eager launch of a Triton kernel costs
+# host time and decoding never runs the backward the kernel exists for. "always": eager too (tests). "never": the
+# PyTorch spelling everywhere (benchmarks/gpu_train.py's "torchgelu" variants).
+GELU_KERNEL = "compiled"
+
+
+def _gelu_kernel_wanted() -> bool:
+    if GELU_KERNEL == "compiled":
+        return torch.is_grad_enabled() and torch.compiler.is_compiling()
+    return GELU_KERNEL == "always"
 
 
 class GELUMLP(nn.Module):
@@ -89,7 +98,7 @@ class GELUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernels = None
-        if USE_GELU_KERNEL and type(self.fc) is nn.Linear and self.fc.bias is not None:  # not LoRA-wrapped
+        if _gelu_kernel_wanted() and type(self.fc) is nn.Linear and self.fc.bias is not None:  # not LoRA-wrapped
             kernels = triton_kernels(x)
         if kernels is not None:
             h = kernels.gelu_bias(F.linear(x, self.fc.weight), self.fc.bias)
