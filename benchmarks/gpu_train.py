@@ -182,17 +182,23 @@ KERNEL_GROUPS = (  # (group, substrings of a CUDA kernel's name), first match wi
 )
 
 
+def kernel_us(ev) -> float:
+    """A profiler record's own GPU time in µs when it is a GPU kernel (or copy, memset), else 0. CPU-side ops and
+    record_function ranges (e.g. "Optimizer.step#AdamW.step") carry their kernels' time too: no double count."""
+    if getattr(ev, "device_type", None) is not None and "CUDA" not in str(ev.device_type):
+        return 0.0
+    if "#" in ev.key or ev.key.startswith(("Optimizer.", "ProfilerStep", "## ")):
+        return 0.0
+    return getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
+
+
 def kernel_breakdown(prof, steps: int) -> str:
     """Our step's CUDA time per kernel group, in ms per step, from the profiler's per-kernel totals."""
     totals: dict[str, float] = {}
     for ev in prof.key_averages():
-        if getattr(ev, "device_type", None) is not None and "CUDA" not in str(ev.device_type):
-            continue
-        us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
+        us = kernel_us(ev)
         if not us:
             continue
-        if "#" in ev.key or ev.key.startswith(("Optimizer.", "ProfilerStep", "## ")):
-            continue  # a record_function range (e.g. "Optimizer.step#AdamW.step"), not a kernel: no double count
         name = ev.key.lower()
         group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
         totals[group] = totals.get(group, 0.0) + us
@@ -248,9 +254,7 @@ def _time_and_outputs(contenders: dict, device, calls: int = 20) -> tuple[dict, 
             for _ in range(calls):
                 fn()
             torch.cuda.synchronize(device)
-        us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-                 for e in prof.key_averages() if not e.key.startswith(("## ", "ProfilerStep")) and "#" not in e.key)
-        times[name] = us / 1e3 / calls
+        times[name] = sum(kernel_us(e) for e in prof.key_averages()) / 1e3 / calls
     return outs, times
 
 

@@ -86,3 +86,20 @@ def test_gpu_decode_runs_as_a_cpu_dry_run():
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
     for batch in (1, 8):
         assert f"batch {batch}: ours best" in out and f"|     {batch} | ours compiled" in out, out[-3000:]
+
+
+def test_kernel_time_counts_gpu_kernels_once(monkeypatch):
+    """The profiler sums of gpu_train.py count each GPU kernel's own time, and not again through the CPU op that
+    launched it or a record_function range around it."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("gpu_train", BENCH / "gpu_train.py")
+    gpu_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_train)
+    events = [SimpleNamespace(key="nvjet_sm90_gemm", device_type="DeviceType.CUDA", self_device_time_total=7.0),
+              SimpleNamespace(key="aten::mm", device_type="DeviceType.CPU", self_device_time_total=7.0),
+              SimpleNamespace(key="Optimizer.step#AdamW.step", device_type="DeviceType.CUDA",
+                              self_device_time_total=3.0),
+              SimpleNamespace(key="_gelu_bias_kernel", device_type="DeviceType.CUDA", self_device_time_total=2.0)]
+    assert sum(gpu_train.kernel_us(e) for e in events) == 9.0
