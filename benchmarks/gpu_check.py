@@ -126,17 +126,13 @@ def main() -> int:
               f"val {start:.3f} → {res.val_loss:.3f} in {res.step} steps, {secs:.1f}s")
         # The same run with the opt-in q/k/v kernel on as well (model/kernels.py; the loss and GELU kernels are
         # on by default in the trainer's compiled CUDA step, so the run above used them).
-        from llmscratch.model import attention
+        from llmscratch.model import ModelOptions
 
-        attention.USE_QKV_KERNEL = True
-        try:
-            with tempfile.TemporaryDirectory() as out2:
-                torch.manual_seed(0)
-                t0 = time.perf_counter()
-                res2 = train(GPT(cfg), RandomTokens(1000, 128, 16, dev), tcfg, out2)
-                secs = time.perf_counter() - t0
-        finally:
-            attention.USE_QKV_KERNEL = False
+        with tempfile.TemporaryDirectory() as out2:
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            res2 = train(GPT(cfg, ModelOptions(qkv_kernel=True)), RandomTokens(1000, 128, 16, dev), tcfg, out2)
+            secs = time.perf_counter() - t0
         check("trainer learns with the q/k/v kernel on too", res2.val_loss < start - 2.0
               and abs(res2.val_loss - res.val_loss) < 0.1,
               f"val {start:.3f} → {res2.val_loss:.3f} (without it: {res.val_loss:.3f}), {secs:.1f}s")

@@ -73,28 +73,24 @@ def parse_variant(name: str) -> tuple[str, set[str]]:
 def ours_variant(name: str, shape: dict, device):
     """(model, optimizer, step_loss(x, y)) for one of our variants: a base — eager | compiled | regional |
     one-chunk — with optional modifiers joined by "+": bf16res (the residual stream between blocks kept in bf16,
-    `GPT.low_precision_residual`), autotune (inductor's `max-autotune-no-cudagraphs`: it benchmarks Triton
+    `ModelOptions.low_precision_residual`), autotune (inductor's `max-autotune-no-cudagraphs`: it benchmarks Triton
     templates against cuBLAS per matmul, minutes of compilation), coord (inductor's coordinate-descent tuning:
     each generated Triton kernel — the elementwise, norm and loss kernels — has its block sizes and warps tuned
     by benchmarking neighbouring configurations; cuBLAS products untouched), flash (SDPA limited to the
     FlashAttention-2 backend; PyTorch picks cuDNN's attention on Hopper by default), cudagraphs (inductor
     replays the compiled forward and backward as CUDA graphs: no per-kernel launch gaps), torchloss (the loss's
-    PyTorch expressions instead of its Triton kernel, `model/kernels.py`), torchgelu (GPT-2's fc bias + GELU
+    PyTorch expressions instead of its Triton kernel, `ModelOptions.loss_kernel`), torchgelu (GPT-2's fc bias + GELU
     as PyTorch expressions instead of our Triton kernels, whose backward also sums the bias gradient; they run in
-    compiled steps by default, `layers.GELU_KERNEL`), qkvkernel (the q/k/v
-    split whose backward assembles the gradients and the bias gradient in one kernel, `attention.USE_QKV_KERNEL`),
-    and the fusion settings
+    compiled steps by default, `ModelOptions.gelu_kernel`), qkvkernel (the q/k/v split whose backward assembles
+    the gradients and the bias gradient in one kernel, `ModelOptions.qkv_kernel`), and the fusion settings
     tilefuse, mixorder, combo, aggressive (`INDUCTOR_MODIFIERS`)."""
-    from llmscratch.model import attention, layers
-    from llmscratch.model import loss as loss_module
     from llmscratch.model.loss import lm_head_cross_entropy
 
     kind, mods = parse_variant(name)
-    loss_module.USE_TRITON_KERNEL = "torchloss" not in mods  # read when the loss runs (or is traced)
-    layers.GELU_KERNEL = "never" if "torchgelu" in mods else "compiled"
-    attention.USE_QKV_KERNEL = "qkvkernel" in mods
     model, opt, _ = build_ours(shape, device, fused=True)
-    model.low_precision_residual = "bf16res" in mods
+    options = model.set_options(loss_kernel="torchloss" not in mods, qkv_kernel="qkvkernel" in mods,
+                                gelu_kernel="never" if "torchgelu" in mods else "compiled",
+                                low_precision_residual="bf16res" in mods)
     options = {}  # inductor settings for torch.compile (it takes either a mode or these options)
     for mod in sorted(mods & INDUCTOR_MODIFIERS.keys()):
         options.update(INDUCTOR_MODIFIERS[mod])
@@ -108,7 +104,8 @@ def ours_variant(name: str, shape: dict, device):
     elif kind == "one-chunk":
         def one_chunk(x, y):
             h = model.features(x).flatten(0, 1)
-            return lm_head_cross_entropy(h, model.lm_head.weight, y.flatten(), chunk_size=h.size(0))
+            return lm_head_cross_entropy(h, model.lm_head.weight, y.flatten(), chunk_size=h.size(0),
+                                         use_kernel=options.loss_kernel)
         fn = torch.compile(one_chunk, options=options)
     else:
         compiled = torch.compile(model, options=options)
@@ -264,9 +261,9 @@ def kernel_checks(device, rows: int = 16384, vocab: int = 50257, padded: int = 5
     (rows × padded vocabulary: GPT-2 at the trainer's CUDA chunk). (2) bias + GELU, forward and backward with the
     bias gradient, on GPT-2's fc output at micro-batch 32 (32,768 × 3,072 bf16). (3) The q/k/v gradients of one
     GPT-2 layer at micro-batch 32 assembled into the projection's gradient, with the bias sums."""
-    from llmscratch import runtime
+    from llmscratch.model.dispatch import triton_kernels
 
-    kernels = runtime.triton_kernels(torch.empty(1, device=device))
+    kernels = triton_kernels(torch.empty(1, device=device))
     if kernels is None:
         print("- Triton kernels: not available here (they need an NVIDIA GPU and Triton)")
         return
@@ -284,12 +281,10 @@ def _loss_kernel_check(kernels, device, rows: int, vocab: int, padded: int) -> N
     g = torch.Generator(device=device).manual_seed(0)
     z = (torch.randn(rows, padded, device=device, generator=g) * 4).to(torch.bfloat16)
     y = torch.randint(0, vocab, (rows,), device=device, generator=g)
-    L.USE_TRITON_KERNEL = False  # the compiled expression must not dispatch to the kernel itself
-    torch._dynamo.reset()
-    inductor = torch.compile(lambda z, y: L._losses_and_logit_grads(z, y, vocab, True, True))
+    torch._dynamo.reset()  # (use_kernel=False: the compiled expression must not dispatch to the kernel itself)
+    inductor = torch.compile(lambda z, y: L._losses_and_logit_grads(z, y, vocab, True, True, use_kernel=False))
     outs, times = _time_and_outputs({"Triton kernel": lambda: kernels.cross_entropy_rows(z, y, vocab),
                                      "PyTorch expression, compiled": lambda: inductor(z, y)}, device)
-    L.USE_TRITON_KERNEL = True
     (l1, g1), (l2, g2) = outs.values()
     dl, dg = float((l1 - l2).abs().max()), float((g1 - g2).abs().max())
     ok = dl < 1e-3 and dg < 1e-2 and bool(g1[:, vocab:].eq(0).all())
@@ -368,9 +363,9 @@ def correctness(shape: dict, batch: int, device) -> list[tuple[str, bool, str]]:
 
     fused, g_fused = loss_and_grad(lambda: ref(x, targets=y))
     plain, g_plain = loss_and_grad(lambda: F.cross_entropy(ref(x).flatten(0, 1).float(), y.flatten()))
-    ref.low_precision_residual = True
+    ref.set_options(low_precision_residual=True)
     lowres, g_lowres = loss_and_grad(lambda: ref(x, targets=y))
-    ref.low_precision_residual = False
+    ref.set_options(low_precision_residual=False)
     torch._dynamo.reset()
     compiled_model = torch.compile(ref)
     comp, g_comp = loss_and_grad(lambda: compiled_model(x, targets=y))

@@ -213,3 +213,38 @@ def test_quickstart_end_to_end_small(tmp_path, capsys):
 def test_wrong_type_names_the_option_and_value(capsys):
     code, _, err = run(["quickstart", "--minutes", "abc"], capsys)
     assert_user_error(code, err, "minutes", "abc", "llmscratch quickstart --help")
+
+
+# --- the parser and its defaults -----------------------------------------------------------------------------
+@pytest.mark.parametrize("verb", ["instruct", "classify", "dpo"])
+def test_finetune_defaults_come_from_the_stage_defaults(verb):
+    """The fine-tuning verbs' defaults, `--train.*` included, are those of finetune/defaults.py, which the Python
+    API reads too; the full parser (no argv) holds every verb's options."""
+    import dataclasses
+
+    from llmscratch.cli import build_parser
+    from llmscratch.finetune import defaults
+
+    stage, train = {"instruct": (defaults.INSTRUCT, defaults.instruct_train_config()),
+                    "classify": (defaults.CLASSIFY, defaults.classify_train_config()),
+                    "dpo": (defaults.DPO, defaults.dpo_train_config())}[verb]
+    args = build_parser().parse_args(["finetune", verb, "ckpt", "--data", "d", "--out", "o"])
+    options = getattr(args.finetune, verb)
+    for field in dataclasses.fields(stage):
+        assert getattr(options, field.name) == getattr(stage, field.name), field.name
+    options = {k: v for k, v in vars(options.train).items() if not k.startswith("__")}
+    assert options and options == {k: v for k, v in dataclasses.asdict(train).items() if k in options}
+
+
+@pytest.mark.parametrize("preset, architecture", [("gpt-micro", "GPT2LMHeadModel"), ("llama-micro", "LlamaForCausalLM"),
+                                                  ("qwen3-micro", "Qwen3ForCausalLM")])
+def test_convert_to_hf_names_the_class_that_loads_the_export(preset, architecture, tmp_path, capsys):
+    """`convert to-hf` of a Llama or Qwen3 checkpoint must not send its user to GPT2LMHeadModel."""
+    from llmscratch import GPT, ModelConfig
+    from llmscratch.checkpoint import save_model
+
+    save_model(tmp_path / "ours", GPT(ModelConfig.from_preset(preset, n_layers=1, d_model=32, n_heads=2)))
+    code, out, err = run(["convert", "to-hf", tmp_path / "ours", tmp_path / "hf"], capsys)
+    assert code == 0, err
+    assert f"transformers.{architecture}.from_pretrained" in out and "AutoModelForCausalLM" in out
+    assert ("GPT2LMHeadModel" in out) == (architecture == "GPT2LMHeadModel")

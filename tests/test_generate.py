@@ -379,6 +379,86 @@ def test_empty_stop_strings_are_ignored():
     assert generate(scripted_text_model("abc"), tok, "> ", max_new_tokens=3, stop=["", "zz"]) == "abc"
 
 
+# --- incremental decoding -----------------------------------------------------------------------------------
+class CountingTokenizer(ByteTokenizer):
+    """ByteTokenizer that counts the ids it is asked to decode."""
+
+    def __init__(self):
+        self.decoded = 0
+
+    def decode(self, ids) -> str:
+        self.decoded += len(ids)
+        return super().decode(ids)
+
+
+def test_stream_decodes_each_token_a_bounded_number_of_times():
+    # The whole text again at every token would be n²/2 ids decoded (~20,000 here).
+    tok = CountingTokenizer()
+    text = "streamed text, é€😀 and more " * 8
+    n = len(text.encode())
+    assert "".join(stream(scripted_text_model(text), tok, "> ", max_new_tokens=n)) == text
+    assert tok.decoded <= 8 * n, (tok.decoded, n)
+
+
+def test_stream_keeps_context_dependent_decoding_right():
+    # A SentencePiece-like decoder drops the leading space of the text's first word: pieces decoded on their own
+    # would lose every word's space; decoded with the previous token as context they keep it.
+    class SpaceWordTokenizer(ByteTokenizer):
+        words = [" Hello", " world", ",", " again", " é"]
+
+        @property
+        def vocab_size(self):
+            return len(self.words)
+
+        def decode(self, ids):
+            return "".join(self.words[i] for i in ids).removeprefix(" ")
+
+    tok = SpaceWordTokenizer()
+    script = [0, 1, 2, 3, 1, 4, 0]
+    fake = ScriptedModel([script], prompt_len=1, vocab_size=len(tok.words), filler=2)
+    pieces = list(stream(fake, tok, "z", max_new_tokens=len(script), stop_at_eos=False, stop=["again w"]))
+    assert "".join(pieces) == "Hello world, "  # the stop string spans two tokens
+    pieces = list(stream(fake, tok, "z", max_new_tokens=len(script), stop_at_eos=False))
+    assert "".join(pieces) == tok.decode(script) == "Hello world, again world é Hello"
+
+
+@pytest.fixture
+def gpt2_tok(shared_data):
+    folder = shared_data / "gpt2"
+    if not (folder / "encoder.json").is_file():
+        pytest.skip(f"GPT-2's encoder.json + vocab.bpe not found in {folder}")
+    from llmscratch.tokenizer.gpt2 import gpt2_tokenizer
+
+    return gpt2_tokenizer(folder)
+
+
+def test_stream_of_characters_split_across_gpt2_tokens_equals_the_full_decode(gpt2_tok):
+    # GPT-2's byte-level BPE splits CJK characters and emoji across tokens: each alone decodes to U+FFFD.
+    text = "日本語のテキスト 😀👍 héllo wörld, 中文 ok"
+    script = gpt2_tok.encode(text)
+    assert any("\ufffd" in gpt2_tok.decode([i]) for i in script)
+    fake = ScriptedModel([script], prompt_len=len(gpt2_tok.encode("> ")), vocab_size=gpt2_tok.vocab_size)
+    pieces = list(stream(fake, gpt2_tok, "> ", max_new_tokens=len(script), stop_at_eos=False))
+    assert "".join(pieces) == gpt2_tok.decode(script) == text
+    assert all(pieces) and not any("\ufffd" in p for p in pieces)
+    for stop in (["😀"], ["キス"], ["wör"], ["ok"]):  # stop strings inside and across split characters
+        got = generate(fake, gpt2_tok, "> ", max_new_tokens=len(script), stop_at_eos=False, stop=stop)
+        assert got == text[:text.index(stop[0])]
+
+
+def test_stream_of_a_random_gpt2_vocabulary_model_equals_generate(gpt2_tok):
+    # Random ids: split characters, invalid bytes and all; the pieces joined equal generate()'s text, which is the
+    # decoded ids cut at the first stop string.
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(vocab_size=gpt2_tok.vocab_size, context_length=64, d_model=16, n_layers=1, n_heads=2))
+    for seed in range(3):
+        kw = dict(max_new_tokens=40, temperature=1.0, seed=seed, stop_at_eos=False)
+        pieces = list(stream(m, gpt2_tok, "Hi", **kw))
+        assert all(pieces) and "".join(pieces) == generate(m, gpt2_tok, "Hi", **kw)
+        out = ids(generate_ids(m, torch.tensor([gpt2_tok.encode("Hi")]), 40, temperature=1.0, seed=seed))[0]
+        assert "".join(pieces) == gpt2_tok.decode(out)
+
+
 # --- bad input and state ------------------------------------------------------------------------------------
 def test_empty_prompt_raises_user_error(model):
     with pytest.raises(UserError, match="empty"):

@@ -14,9 +14,9 @@ from llmscratch.checkpoint import load_model, save_model
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
 from llmscratch.lora import (
+    LoRAApplied,
     LoRALinear,
     apply_lora,
-    export_peft,
     load_adapter,
     lora_disabled,
     lora_layers,
@@ -28,6 +28,7 @@ from llmscratch.lora import (
     save_adapter,
 )
 from llmscratch.model import GPT
+from llmscratch.weights.peft import export_peft
 
 
 def micro(preset="gpt-micro", seed=0, **kw):
@@ -157,6 +158,23 @@ def test_bad_rank_alpha_dropout_are_user_errors():
             apply_lora(micro(), "all", **{"rank": 4, "alpha": 8, **kw})
 
 
+def test_apply_lora_returns_what_it_applied_and_attaches_nothing_else():
+    model = micro(tie_embeddings=False)
+    before = set(vars(model))
+    applied = apply_lora(model, "attn", rank=4, alpha=8, dropout=0.1, trainable=("lm_head",))
+    assert applied == LoRAApplied(("blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.1.attn.qkv",
+                                   "blocks.1.attn.proj"), 4, 8.0, 0.1, ("lm_head",))
+    assert applied.targets == ["attn.qkv", "attn.proj"]
+    assert set(vars(model)) == before  # read back from the layers: LoRAApplied.of(model) is the same
+    assert LoRAApplied.of(model, ("lm_head",)) == applied
+    assert lora_report(model).extra_trainable == ["lm_head"]
+    with pytest.raises(ValueError, match="already has LoRA layers"):
+        apply_lora(model, "mlp")
+    merge_lora(model)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        LoRAApplied.of(model)
+
+
 def test_report_counts_trainable_and_total_parameters():
     model = micro()
     total_before = model.num_params()
@@ -278,7 +296,7 @@ def test_adapter_of_a_classifier_keeps_its_head(tmp_path, tok):
     clf = build_classifier(load_model(base_dir), 3)
     apply_lora(clf, "all", rank=2, alpha=4, trainable=("lm_head",))
     randomize_adapters(clf)
-    save_adapter(tmp_path / "adapter", clf, base_dir, tok)
+    save_adapter(tmp_path / "adapter", clf, base_dir, tok, trainable=("lm_head",))
     assert set(load_file(str(tmp_path / "adapter" / "adapter.safetensors"))) == (
         {f"{n}.lora_{ab}" for n, _ in lora_layers(clf) for ab in "AB"} | {"lm_head.weight"})
     reloaded, _, _ = load_adapter(tmp_path / "adapter")
@@ -341,7 +359,7 @@ def test_peft_export_refuses_an_adapter_with_a_class_head(tmp_path, tok):
     base_dir = save_model(tmp_path / "base", micro(vocab_size=tok.vocab_size), tok)
     clf = build_classifier(load_model(base_dir), 2)
     apply_lora(clf, "qkv", rank=2, alpha=4, trainable=("lm_head",))
-    save_adapter(tmp_path / "adapter", clf, base_dir, tok)
+    save_adapter(tmp_path / "adapter", clf, base_dir, tok, trainable=("lm_head",))
     with pytest.raises(UserError, match="lora merge"):
         export_peft(tmp_path / "adapter", tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
@@ -417,14 +435,14 @@ def test_finetune_classify_with_lora_keeps_the_head_and_classifies_after_merge(c
     adapter = load_file(str(out / "adapter.safetensors"))
     assert "lm_head.weight" in adapter and adapter["lm_head.weight"].shape[0] == 2
     assert json.loads((out / "metrics.json").read_text())["trainable"] == "lora+head"
-    code, _, err = run(["classify", out, "win cash"], capsys)
-    assert_user_error(code, err, "lora merge")
+    code, from_adapter, err = run(["classify", out, "win cash"], capsys)  # base + adapter merged in memory
+    assert code == 0, err
     code, _, err = run(["lora", "merge", out, tmp_path / "merged"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "merged" / "labels.json").read_text()) == {"ham": 0, "spam": 1}
     code, stdout, err = run(["classify", tmp_path / "merged", "win cash"], capsys)
     assert code == 0, err
-    assert stdout.split("\t")[0] in ("ham", "spam")
+    assert stdout.split("\t")[0] in ("ham", "spam") and stdout.split("\t")[0] == from_adapter.split("\t")[0]
 
 
 def test_lora_export_peft_cli_writes_peft_files(adapted, tmp_path, capsys):
@@ -463,3 +481,11 @@ def test_adapter_file_that_does_not_fit_its_config_is_a_user_error(adapted):
     with pytest.raises(UserError, match=r"does not fit adapter_config.json — 1 shape mismatch.*blocks.1.mlp.fc.lora_B"
                                         r".*1 missing tensor\(s\), first: blocks.0.attn.qkv.lora_A"):
         load_adapter(folder)
+
+
+def test_old_import_paths_keep_working():
+    import llmscratch.lora as lora
+    import llmscratch.weights.peft as peft
+
+    assert lora.export_peft is peft.export_peft and lora.peft_tensors is peft.peft_tensors
+    assert lora.LoRASettings.__module__ == "llmscratch.lora_settings"

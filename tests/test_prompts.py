@@ -5,7 +5,8 @@ import json
 import pytest
 
 from llmscratch.errors import UserError
-from llmscratch.prompts import STYLE_FILE, get_style, load_style, save_style
+from llmscratch.prompts import get_style, load_style, save_style
+from llmscratch.runs import PROMPT_STYLE as STYLE_FILE
 
 RECORD = {"instruction": "Rewrite the sentence.", "input": "The cake was baked by me.", "output": "I baked the cake."}
 

@@ -138,3 +138,78 @@ def test_packing_for_decoding_returns_the_replaced_weights_pages_but_not_inside_
         pytest.skip("this PyTorch build has no oneDNN linear packing")
     assert pack_for_cpu_inference(model) == 5 and trims == [0, 0]
     assert model(torch.tensor([[1, 2]])).shape == (1, 2, 50)
+
+
+# --- TF32 -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("enabled", [True, False])
+def test_tf32_matmuls_sets_both_flags_and_restores_what_was_there(enabled):
+    import torch
+
+    from llmscratch.runtime import tf32_matmuls
+
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = [f.allow_tf32 for f in flags]
+    try:
+        for start in ((False, True), (True, False)):
+            flags[0].allow_tf32, flags[1].allow_tf32 = start
+            with tf32_matmuls(enabled):
+                assert [f.allow_tf32 for f in flags] == [enabled, enabled]
+            assert (flags[0].allow_tf32, flags[1].allow_tf32) == start
+        with pytest.raises(KeyError), tf32_matmuls(enabled):  # restored when the body raises too
+            raise KeyError
+        assert (flags[0].allow_tf32, flags[1].allow_tf32) == start
+    finally:
+        flags[0].allow_tf32, flags[1].allow_tf32 = before
+
+
+# --- devices --------------------------------------------------------------------------------------------------
+def test_resolve_device_accepts_auto_and_the_cpu():
+    import torch
+
+    from llmscratch.runtime import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("name, why", [("bogus", "not a device name"), ("cuda:x", "not a device name"),
+                                       ("meta", "not supported"), ("cuda:7", "cuda:7"), ("mps", "mps")])
+def test_resolve_device_refuses_devices_this_machine_lacks_naming_the_choices(name, why, monkeypatch):
+    import torch
+
+    from llmscratch.errors import UserError
+    from llmscratch.runtime import resolve_device
+
+    # A machine with one CUDA device for cuda:7, none at all otherwise; never MPS.
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if name == "cuda:7":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError) as info:
+        resolve_device(name)
+    message = str(info.value)
+    assert message.startswith(f"--device {name}:") and why in message and "\n" not in message
+    assert message.endswith("auto, cpu, cuda, cuda:0" if name == "cuda:7" else "auto, cpu")
+
+
+def test_resolve_device_refuses_cuda_without_cuda(monkeypatch):
+    import torch
+
+    from llmscratch.errors import UserError
+    from llmscratch.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+
+@pytest.mark.skipif(__import__("torch").backends.mps.is_available(), reason="this machine has MPS")
+def test_generate_with_an_unavailable_device_is_a_one_line_error(capsys, tmp_path):
+    from clitools import assert_user_error, run
+
+    code, _, err = run(["generate", tmp_path / "no-checkpoint", "--prompt", "hi", "--device", "mps"], capsys)
+    assert_user_error(code, err, "--device mps", "auto, cpu")
+    code, _, err = run(["generate", tmp_path / "no-checkpoint", "--prompt", "hi", "--device", "bogus"], capsys)
+    assert_user_error(code, err, "--device bogus", "not a device name")

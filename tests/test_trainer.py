@@ -1,8 +1,10 @@
 """The trainer: LR schedule, exact resume (also after SIGKILL), NaN guard, metrics and plots."""
 
 import csv
+import dataclasses
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from clitools import assert_user_error, run
 
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
@@ -64,6 +67,40 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     assert opt.param_groups[1]["weight_decay"] == 0.0
 
 
+# --- settings ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value, needle", [
+    ("max_steps", 0, "at least 1"), ("grad_accum", 0, "at least 1"), ("log_every", 0, "at least 1"),
+    ("save_every", 0, "at least 1"), ("eval_every", 0, "at least 1"), ("eval_batches", 0, "at least 1"),
+    ("warmup_steps", -1, "0 (no warmup) or more"), ("lr", 0.0, "positive"), ("lr", -1e-3, "positive"),
+    ("lr", float("nan"), "positive"), ("lr", float("inf"), "positive"), ("weight_decay", -0.1, "0 (no decay)"),
+    ("keep_last", -1, "0 (keep every checkpoint)"), ("batch_size", -1, "0 for the largest"),
+    ("min_lr_ratio", -0.1, "between 0 and 1"), ("min_lr_ratio", 1.5, "between 0 and 1"),
+    ("max_minutes", 0, "positive"), ("max_minutes", -5.0, "positive"), ("beta2", 1.0, "below 1"),
+    ("grad_clip", -1.0, "0 (no clipping)"), ("sample_every", -1, "0 (no samples)")])
+def test_nonsensical_settings_are_one_line_user_errors(field, value, needle, tmp_path):
+    cfg = TrainConfig(**{field: value})
+    with pytest.raises(UserError, match=re.escape(f"--train.{field} {value}: ") + ".*" + re.escape(needle)):
+        cfg.check()
+    with pytest.raises(UserError, match=f"--train.{field}"):  # train() checks before it touches anything
+        train(GPT(ModelConfig(**MICRO)), None, cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_sensible_settings_pass_the_check():
+    TrainConfig().check()
+    small_cfg().check()
+    TrainConfig(batch_size=0, warmup_steps=0, weight_decay=0.0, keep_last=0, min_lr_ratio=0.0, max_minutes=0.5,
+                grad_clip=0.0).check()
+    TrainConfig(min_lr_ratio=1.0, beta1=0.0).check()
+
+
+def test_cli_rejects_a_nonsensical_setting_with_exit_2(prepared, tmp_path, capsys):
+    code, out, err = run(["pretrain", "--data", prepared, "--out", tmp_path / "run", "--model", "gpt-micro",
+                          "--context-length", 32, "--no-progress", "--train.grad_accum", 0], capsys)
+    assert_user_error(code, err, "--train.grad_accum 0", "at least 1")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 # --- training ---------------------------------------------------------------------------------------------
 def test_overfits_and_writes_run_folder(prepared, tmp_path):
     cfg = small_cfg(max_steps=40, eval_every=20, save_every=20, lr=1e-2)
@@ -82,8 +119,10 @@ def test_overfits_and_writes_run_folder(prepared, tmp_path):
 
 def test_keep_last_prunes_old_checkpoints(prepared, tmp_path):
     cfg = small_cfg(max_steps=12, save_every=2, keep_last=2)
+    before = dataclasses.asdict(cfg)
     model, batches = fresh(prepared, cfg)
     train(model, batches, cfg, tmp_path / "run")
+    assert dataclasses.asdict(cfg) == before  # the caller's settings are left as they were
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000010",
                                                                                     "step-0000012"]
 
@@ -206,6 +245,28 @@ def test_cpu_heap_setting_lasts_exactly_as_long_as_training(prepared, tmp_path, 
           on_step=lambda step, loss: depth_at_steps.append(runtime._heap_reuse_depth))
     assert depth_at_steps == ([1, 1] if reuse else [0, 0])
     assert runtime._heap_reuse_depth == 0  # left when training ended
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 is a CUDA setting")
+def test_tf32_is_on_while_training_on_cuda_and_restored_after(prepared, tmp_path):
+    from llmscratch.train.pretrain import LMBatches
+
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    before = [f.allow_tf32 for f in flags]
+    seen = []
+    try:
+        for f in flags:
+            f.allow_tf32 = False
+        cfg = small_cfg(max_steps=2, device="cuda", compile=False)
+        torch.manual_seed(0)
+        batches = LMBatches(prepared, cfg.batch_size, MICRO["context_length"], cfg.seed, device="cuda")
+        train(GPT(ModelConfig(**MICRO)), batches, cfg, tmp_path / "run",
+              on_step=lambda step, loss: seen.append([f.allow_tf32 for f in flags]))
+        assert seen == [[True, True]] * 2
+        assert [f.allow_tf32 for f in flags] == [False, False]  # as the caller had them
+    finally:
+        for f, was in zip(flags, before):
+            f.allow_tf32 = was
 
 
 def test_grad_accumulation_equals_bigger_batch(prepared, tmp_path):
@@ -402,7 +463,7 @@ def test_bf16_residual_defaults_on_for_cuda_only(setting, device, want):
 
     model = GPT(ModelConfig(**MICRO))
     set_model_options(model, TrainConfig(bf16_residual=setting, activation_checkpointing=True), torch.device(device))
-    assert model.low_precision_residual is want and model.activation_checkpointing is True
+    assert model.options.low_precision_residual is want and model.options.activation_checkpointing is True
 
 
 def test_progress_bar_says_the_first_step_compiles(prepared, tmp_path, monkeypatch, capsys):

@@ -1,8 +1,8 @@
 """Names a package re-exports but imports only on first use (a module-level `__getattr__`, PEP 562).
 
 The command line imports `llmscratch.cli`, which runs `llmscratch/__init__.py` first; were that to import the
-model, every command — `--help` and a mistyped option included — would wait for PyTorch (~2 s on the
-development VM) before printing a line.
+model, every command — `--help` and a mistyped option included — would wait for PyTorch to import
+(seconds) before printing a line.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""The checkpoint folder: `model.safetensors` + `config.json` + tokenizer files (+ `hyperparameters.yaml`).
+"""Saving and loading a checkpoint folder: weights + model config + tokenizer (+ hyperparameters).
 
 Every folder is self-contained: `load(folder)` rebuilds the model and its tokenizer from it alone. Weights
 are stored with safetensors (no pickle); files are written to a temporary name and renamed into place, so a
-crash never leaves a half-written file under the real name.
+crash never leaves a half-written file under the real name. The folder's file names and discovery (a run's
+newest checkpoint, adapter folders) belong to `llmscratch.runs`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import yaml
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
 from llmscratch.fileio import atomic_write
+from llmscratch.runs import CONFIG, HPARAMS, WEIGHTS, find_model_folder
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-HPARAMS = "hyperparameters.yaml"
-
+__all__ = ["CONFIG", "HPARAMS", "WEIGHTS", "assign_weights", "check_state_dict", "find_model_folder", "load",
+           "load_model", "load_state_dict", "model_state", "raise_if_unfit", "save_model"]
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -34,7 +34,9 @@ def save_model(directory: str | Path, model, tokenizer=None, hyperparameters: di
     """Write the checkpoint files of `model` (and `tokenizer`) into `directory`."""
     from safetensors.torch import save_file
 
-    if getattr(model, "packed_for_inference", False):
+    from llmscratch.model.packed import is_packed
+
+    if is_packed(model):
         raise ValueError("this model's linear weights were packed for CPU inference; save the unpacked model")
     directory = Path(directory)
     try:
@@ -50,25 +52,6 @@ def save_model(directory: str | Path, model, tokenizer=None, hyperparameters: di
         text = yaml.safe_dump(hyperparameters, sort_keys=False)
         atomic_write(directory / HPARAMS, lambda p: p.write_text(text))
     return directory
-
-
-def find_model_folder(path: str | Path) -> Path:
-    """The folder holding model files for `path`: itself, or for a training run its newest checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: checkpoint folder not found")
-    if not path.is_dir():
-        raise UserError(f"{path}: expected a checkpoint folder (with {WEIGHTS} and {CONFIG}), got a file")
-    if (path / WEIGHTS).exists() or (path / CONFIG).exists():
-        return path
-    if (path / "adapter_config.json").is_file():  # llmscratch.lora: the adapter alone, no full model
-        raise UserError(f"{path}: a LoRA adapter, not a full checkpoint; `llmscratch generate` loads it as is, "
-                        f"elsewhere merge it first: llmscratch lora merge {path} MERGED_DIR")
-    steps = sorted((path / "checkpoints").glob("step-*")) if (path / "checkpoints").is_dir() else []
-    if steps:
-        return steps[-1]
-    raise UserError(f"{path}: no {WEIGHTS} or {CONFIG} here; point at a checkpoint folder written by "
-                    "`llmscratch pretrain` or `llmscratch download`")
 
 
 def load_state_dict(file: Path, device="cpu") -> dict[str, torch.Tensor]:

@@ -123,11 +123,17 @@ class CompiledDecodeStep:
 
 
 def compiled_decode_step(model) -> CompiledDecodeStep:
-    """The model's compiled decoding step, built on first use and kept on the model."""
-    step = getattr(model, "_compiled_decode_step", None)
+    """The model's compiled decoding step, built on first use and kept in the model's `decode_step` slot (it
+    lives as long as the model, whose weights and KV-cache buffers its graph reads)."""
+    step = built_decode_step(model)
     if step is None:
-        step = model._compiled_decode_step = CompiledDecodeStep(model)
+        step = model.decode_step = CompiledDecodeStep(model)
     return step
+
+
+def built_decode_step(model) -> CompiledDecodeStep | None:
+    """The compiled decoding step `compiled_decode_step` built for `model`, or None when none was built yet."""
+    return getattr(model, "decode_step", None)
 
 
 def static_cache_len(needed: int, context_length: int, on_gpu: bool) -> int:
@@ -206,9 +212,75 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
             if eos_id is not None and bool(done.all()):
                 break
     finally:
-        if use_cache and getattr(model, "_compiled_decode_step", None) is None:
+        if use_cache and built_decode_step(model) is None:
             model.clear_kv_cache()  # (a model with a compiled step keeps its cache: the step's graph uses it)
         model.train(was_training)
+
+
+class _TextStream:
+    """The text of a growing list of generated token ids, decoded incrementally, and how much of it `stream`
+    may show: text is held back while it ends in an incomplete UTF-8 character (decoded as U+FFFD) or could
+    still be the start of a stop string, so the pieces joined equal the decoded ids exactly.
+
+    Each token costs the decoding of a few ids, not of all of them. The ids that decoded to text not ending in
+    U+FFFD are settled: their text is final. The unsettled ones after them are decoded together with the last
+    settled token(s) as context (as vLLM's detokenizer does), which keeps what depends on a neighbour right —
+    a SentencePiece tokenizer drops the leading space of a sequence's first word — and their text is what that
+    decoding adds to the context's. Of the text, only the part that can still matter is kept: what is not shown
+    yet, and before it as many characters as the longest stop string has, less one (where a stop string that
+    ends in the new text can begin).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.lookback = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.context = self.settled = 0  # ids[context:settled]: decoded again as the unsettled ids' context
+        self.context_text = ""  # their text on its own
+        self.kept = ""  # the settled text from absolute offset `base` on
+        self.base = self.shown = 0  # absolute offsets (characters) where `kept` begins and the shown text ends
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """Take the next token; return the text that may be shown now ("" if none). After a stop string, the
+        text before it comes out and `stopped` is set: add nothing more."""
+        self.ids.append(token)
+        window = self.tokenizer.decode(self.ids[self.context:])
+        pending = window[len(self.context_text):]
+        text = self.kept + pending  # the whole text from `base` on
+        shown = self.shown - self.base
+        cut = _first_stop(text[max(0, shown - self.lookback):], self.stop)
+        if cut is not None:
+            self.stopped = True
+            return self._show(text, max(0, shown - self.lookback) + cut)
+        safe = len(text)
+        while safe > shown and text[safe - 1] == "\ufffd":
+            safe -= 1
+        piece = self._show(text, min(safe, _stop_prefix_start(text, self.stop)))
+        if not pending.endswith("\ufffd"):  # the new ids' text is final: settle them
+            self.kept += pending
+            self.context, self.settled = self.settled, len(self.ids)
+            self.context_text = self.tokenizer.decode(self.ids[self.context:self.settled])
+        drop = min(self.shown - self.lookback - self.base, len(self.kept))
+        if drop > 0:
+            self.kept, self.base = self.kept[drop:], self.base + drop
+        return piece
+
+    def _show(self, text: str, end: int) -> str:
+        """text[shown:end] (relative to `base`), now counted as shown."""
+        start = self.shown - self.base
+        if end <= start:
+            return ""
+        self.shown = self.base + end
+        return text[start:end]
+
+    def finish(self) -> str:
+        """Everything not shown yet, held-back characters included (nothing after a stop string)."""
+        if self.stopped:
+            return ""
+        window = self.tokenizer.decode(self.ids[self.context:]) if len(self.ids) > self.settled else ""
+        text = self.kept + window[len(self.context_text):]
+        return self._show(text, len(text))
 
 
 def stream(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.0,
@@ -218,34 +290,25 @@ def stream(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100, 
     """Yield the generated text piece by piece for one prompt.
 
     Text is held back while it ends in an incomplete UTF-8 character (decoded as U+FFFD) or could still be
-    the start of a stop string, so the pieces joined equal the final text exactly. `compile`: see
-    `generate_ids`.
+    the start of a stop string, so the pieces joined equal the final text exactly; each token decodes only the
+    few latest ids (`_TextStream`). `compile`: see `generate_ids`.
     """
     ids = tokenizer.encode(prompt)
     eos = tokenizer.eos_id if stop_at_eos else None
-    out: list[int] = []
-    emitted = 0
-    text = ""
+    text = _TextStream(tokenizer, stop)
     for nxt in generate_ids(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, eos,
                             seed, use_cache, compile=compile):
         token = int(nxt[0])
         if eos is not None and token == eos:
             break
-        out.append(token)
-        text = tokenizer.decode(out)
-        cut = _first_stop(text, stop)
-        if cut is not None:
-            text = text[:cut]
-            break
-        safe = len(text)
-        while safe > emitted and text[safe - 1] == "\ufffd":
-            safe -= 1
-        safe = min(safe, _stop_prefix_start(text, stop))
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    if len(text) > emitted:
-        yield text[emitted:]
+        piece = text.add(token)
+        if piece:
+            yield piece
+        if text.stopped:
+            return
+    rest = text.finish()
+    if rest:
+        yield rest
 
 
 def generate(model, tokenizer: Tokenizer, prompt: str, **kwargs) -> str:
@@ -278,6 +341,7 @@ def generate_batch(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
                 rows: list[list[int]] = [[] for _ in chunk]
+                texts = [_TextStream(tokenizer, stop) for _ in chunk]  # where a stop string appears
                 finished = [False] * len(chunk)
                 prompt_ids = torch.tensor([encoded[i] for i in chunk])  # (B, T): equal lengths
                 for nxt in generate_ids(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
@@ -289,8 +353,9 @@ def generate_batch(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_
                             finished[r] = True
                             continue
                         rows[r].append(token)
-                        if stop and _first_stop(tokenizer.decode(rows[r]), stop) is not None:
-                            finished[r] = True
+                        if stop:
+                            texts[r].add(token)
+                            finished[r] = texts[r].stopped
                     if all(finished):
                         break
                 for i, row in zip(chunk, rows):

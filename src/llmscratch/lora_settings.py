@@ -1,5 +1,5 @@
 """What a LoRA run asks for (`--lora-rank/--lora-alpha/--lora-targets/--lora-dropout`) and the target names it
-may use, apart from the layers themselves (llmscratch/lora.py) so that the command line can describe them
+may use, apart from the layers themselves (the `llmscratch.lora` package) so that the command line can describe them
 without importing PyTorch."""
 
 from __future__ import annotations

@@ -25,8 +25,7 @@ from pathlib import Path
 
 from llmscratch.errors import UserError, read_json
 from llmscratch.fileio import atomic_write_text
-
-STYLE_FILE = "prompt_style.json"
+from llmscratch.runs import PROMPT_STYLE, find_in_run
 
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
@@ -112,7 +111,7 @@ def get_style(name: str) -> PromptStyle:
 def save_style(folder: str | Path, name: str) -> Path:
     """Record in `folder` that its model was trained with style `name`."""
     style = get_style(name)
-    path = Path(folder) / STYLE_FILE
+    path = Path(folder) / PROMPT_STYLE
     atomic_write_text(path, json.dumps({"prompt_style": style.name}) + "\n")
     return path
 
@@ -123,11 +122,7 @@ def load_style(folder: str | Path) -> PromptStyle | None:
     `folder` may be a fine-tuning run folder or one of its `checkpoints/step-*` folders: a step folder takes
     the style of the run it belongs to.
     """
-    folder = Path(folder)
-    candidates = [folder / STYLE_FILE]
-    if folder.parent.name == "checkpoints":
-        candidates.append(folder.parent.parent / STYLE_FILE)
-    path = next((p for p in candidates if p.is_file()), None)
+    path = find_in_run(folder, PROMPT_STYLE)
     if path is None:
         return None
     data = read_json(path, hint='; delete it or rewrite it as {"prompt_style": "alpaca"}')

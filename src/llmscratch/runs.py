@@ -114,21 +114,33 @@ def holds_run(folder: str | Path) -> bool:
 
 
 @contextmanager
+def _temp_beside(final: Path, suffix: str = "") -> Iterator[Path]:
+    """A new temporary folder beside `final` (on the same file system, so one rename moves it into place),
+    removed again when the body fails or is interrupted."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent))
+    except OSError as exc:
+        raise UserError(f"{final}: cannot create the folder ({exc.strerror}); choose a folder you can write to") \
+            from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
 def new_step_folder(run: str | Path, step: int) -> Iterator[Path]:
     """Yield a temporary folder beside the run's checkpoints to write step `step` into; on success it replaces
     `checkpoints/step-N` in one rename, on failure it is removed, so a crash never leaves a half-written
     checkpoint under a real name."""
     final = step_folder(run, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with _temp_beside(final) as tmp:
         yield tmp
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def prune_checkpoints(run: str | Path, keep_last: int) -> None:
@@ -189,6 +201,12 @@ def find_in_run(folder: str | Path, name: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def written_files(folder: str | Path) -> list[str]:
+    """The names in `folder` (sub-folders with a trailing /), hidden temporary files left out: what a command
+    reports it wrote."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in Path(folder).iterdir() if not p.name.startswith("."))
 
 
 # --- guards for output folders ------------------------------------------------------------------------------
@@ -260,19 +278,10 @@ def write_folder(out: str | Path, write: Callable[[Path], None]) -> Path:
     """Run `write(tmp)` on a fresh temporary folder beside `out`, then rename it to `out` (which must be free,
     see `check_new_folder`). On any failure the temporary folder is removed and `out` is left as it was."""
     out = check_new_folder(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as exc:
-        raise UserError(f"{out}: cannot create the folder ({exc.strerror}); choose a folder you can write to") \
-            from None
-    try:
+    with _temp_beside(out, ".tmp") as tmp:
         write(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is meant to be shared
         if out.is_dir():
             out.rmdir()  # empty, as checked
         os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -1,4 +1,4 @@
-"""Where and in which precision to run: device resolution, autocast and inference dtypes, peak FLOP/s.
+"""Where and in which precision to run: device resolution, autocast and inference dtypes, TF32, peak FLOP/s.
 
 The `auto` choices are measured, not assumed (benchmarks/RESULTS.md): bf16 on CUDA, and on CPUs with bf16
 matrix instructions (AVX512-BF16 / AMX), where bf16 matrix products run several times faster than fp32.
@@ -23,16 +23,39 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
            "fp16": torch.float16, "float16": torch.float16}
 
 
+def _device_choices() -> str:
+    """The --device values this machine accepts, for error messages."""
+    choices = ["auto", "cpu"]
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_cuda:
+        choices += ["cuda"] + [f"cuda:{i}" for i in range(n_cuda)]
+    if torch.backends.mps.is_available():
+        choices.append("mps")
+    return ", ".join(choices)
+
+
 def resolve_device(name: str) -> torch.device:
-    """`auto` → CUDA when present, else CPU; an explicit CUDA request without CUDA → UserError."""
+    """`auto` → CUDA when present, else CPU. A name that is not a device, or names one this machine lacks
+    (CUDA without a GPU, cuda:N past the last GPU, MPS off a Mac) → UserError listing the valid choices."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {name}: not a device name; use one of {_device_choices()}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine; use one of "
+                            f"{_device_choices()}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                            f"use one of {_device_choices()}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {name}: MPS (Apple GPUs) is not available on this machine; use one of "
+                            f"{_device_choices()}")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {name}: {dev.type} devices are not supported; use one of {_device_choices()}")
     return dev
 
 
@@ -46,26 +69,17 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-_kernels_module = None  # llmscratch.model.kernels once imported; False when Triton is missing
-
-
-def triton_kernels(t: torch.Tensor):
-    """The hand-written Triton kernels (`llmscratch.model.kernels`) when `t` is on an NVIDIA GPU that Triton
-    compiles for (compute capability 7.0+; checked in eager mode only, since torch.compile itself needs such a
-    GPU) and Triton imports (PyTorch's CUDA builds ship it); None otherwise — on a CPU, without Triton, and on
-    ROCm builds, where the kernels' settings are untested. Callers then use their PyTorch spelling."""
-    global _kernels_module
-    if not t.is_cuda or torch.version.hip is not None:
-        return None
-    if not torch.compiler.is_compiling() and torch.cuda.get_device_capability(t.device) < (7, 0):
-        return None
-    if _kernels_module is None:
-        try:
-            from llmscratch.model import kernels
-            _kernels_module = kernels
-        except ImportError:
-            _kernels_module = False
-    return _kernels_module or None
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool = True) -> Iterator[None]:
+    """While inside, let CUDA run fp32 matrix products and cuDNN convolutions in TF32 (`enabled`) or not; on
+    leaving, restore both settings as they were. Process-wide (PyTorch's `torch.backends` flags); on a machine
+    without CUDA they are set and restored all the same and change nothing."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -144,7 +158,7 @@ def cpu_memory_kept_for_reuse() -> Iterator[bool]:
     PyTorch allocates CPU tensors with malloc. glibc serves every block above its mmap threshold (at most
     32 MiB) straight from the operating system and returns it on free, so each training step maps, zero-fills
     and unmaps its large temporaries again: the chunked LM-head loss's (1,024 × 50,257) buffers, the embedding
-    gradient… On the 2-core VM of benchmarks/RESULTS.md that cost ~1/4 of a GPT-2-vocabulary training step.
+    gradient… On the 2-core CPU of benchmarks/RESULTS.md that cost ~1/4 of a GPT-2-vocabulary training step.
     Inside, mmap is off (M_MMAP_MAX = 0) and so is trimming: freed blocks stay in the heap for the next step,
     and the process holds its peak memory. On leaving the outermost `with`, glibc's default limits come back
     and `malloc_trim` returns the heap's free pages. (glibc's own adaptive mmap threshold stays at the value it

@@ -18,14 +18,13 @@ from llmscratch.data import corpora
 from llmscratch.data.corpora import (
     CORPORA,
     NAMED_DOWNLOADS,
-    cache_dir,
-    download,
     fetch_corpus,
     load_corpus,
     pydocs_documents,
     pydocs_text,
     resolve_source,
 )
+from llmscratch.download import cache_dir, download
 from llmscratch.errors import UserError
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

@@ -59,8 +59,8 @@ def test_messages_one_record_per_assistant_turn(tmp_path):
 
 
 @pytest.mark.parametrize("name,text,needle", [
-    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', "bad.jsonl:2: malformed"),
-    ("bad.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction" "a"}\n]', "bad.json:3: malformed"),
+    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', "bad.jsonl:2: not valid JSON"),
+    ("bad.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction" "a"}\n]', "bad.json:3: not valid JSON"),
     ("d.jsonl", '{"instruction": "a"}\n', "d.jsonl:1: missing key 'output'"),
     ("d.jsonl", '{"instruction": "  ", "output": "x"}\n', "d.jsonl:1: empty 'instruction'"),
     ("d.json", '[{"instruction": "a", "output": "b"}, {"output": "c"}]', "record 2: missing key 'instruction'"),
@@ -137,7 +137,7 @@ def test_collate_loss_ignores_masked_targets():
 
 
 def test_named_book_data_set_downloads_once_with_its_checksum(tmp_path, monkeypatch):
-    import llmscratch.data.corpora as corpora
+    import llmscratch.download
 
     calls = []
 
@@ -147,7 +147,7 @@ def test_named_book_data_set_downloads_once_with_its_checksum(tmp_path, monkeypa
         dest.write_text(json.dumps(ALPACA))
         return dest
 
-    monkeypatch.setattr(corpora, "download", fake_download)
+    monkeypatch.setattr(llmscratch.download, "download", fake_download)
     assert load_records("book-instructions", progress=False) == load_records(write(tmp_path / "d.json",
                                                                                    json.dumps(ALPACA)))
     (url, sha256), = calls

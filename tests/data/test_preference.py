@@ -47,7 +47,7 @@ def test_book_json_list_and_prompt_jsonl(tmp_path):
 
 @pytest.mark.parametrize("name, text, needles", [
     ("a.jsonl", '{"prompt": "x", "chosen": "a", "rejected": "b"}\n{"prompt": "y", "chosen": \n',
-     ["a.jsonl:2", "malformed JSON"]),
+     ["a.jsonl:2", "not valid JSON"]),
     ("a.jsonl", '{"prompt": "x", "chosen": "a"}\n', ["a.jsonl:1", "missing key 'rejected'"]),
     ("a.json", json.dumps([BOOK[0], {"instruction": "y", "chosen": 3, "rejected": "b"}]),
      ["record 2", "'chosen' must be a string"]),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmscratch.config import ModelConfig
-from llmscratch.generate import generate_ids
+from llmscratch.generate import built_decode_step, generate_ids
 from llmscratch.model import GPT
 
 CFG = ModelConfig(vocab_size=300, context_length=40, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)
@@ -113,7 +113,8 @@ def test_compiled_decoding_follows_weights_changed_in_place():
     m = GPT(CFG).eval()
     prompt = torch.randint(0, 300, (1, 4))
     before = torch.stack(list(generate_ids(m, prompt, 8, compile=True)), 1)
-    step = m._compiled_decode_step
+    step = built_decode_step(m)
+    assert step is not None
     opt = torch.optim.AdamW(m.parameters(), lr=0.05)
     m.train()
     m(torch.randint(0, 300, (2, 20)), targets=torch.randint(0, 300, (2, 20))).backward()
@@ -123,7 +124,7 @@ def test_compiled_decoding_follows_weights_changed_in_place():
         warnings.simplefilter("error")
         after = torch.stack(list(generate_ids(m, prompt, 8, compile=True)), 1)
     eager = torch.stack(list(generate_ids(m, prompt, 8)), 1)
-    assert m._compiled_decode_step is step
+    assert built_decode_step(m) is step
     assert not torch.equal(eager, before)  # the update changed what the model says...
     assert torch.equal(after, eager)  # ...and the compiled step says it too
 

@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from llmscratch.runtime import triton_kernels
+from llmscratch.model.dispatch import triton_kernels
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="Triton is not installed (the CPU build of PyTorch does not ship it)")
@@ -92,6 +92,8 @@ def test_fused_loss_through_the_kernel_equals_reference():
         torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.autograd.grad(L.lm_head_cross_entropy(h, w, y, chunk_size=16, use_kernel=False), (h, w))
+        assert len(used) == 3, used  # asked not to: the PyTorch expressions
     """)
 
 
@@ -140,7 +142,7 @@ def test_gelu_mlp_through_the_kernel_equals_pytorch():
         want = mlp(x)
         want_grads = torch.autograd.grad(want.sum(), [x, *mlp.parameters()])
         assert not used  # by default only compiled training steps use it, not eager calls
-        layers.GELU_KERNEL = "always"
+        mlp.options.gelu_kernel = "always"  # (a model changes it with GPT.set_options)
         got = mlp(x)
         got_grads = torch.autograd.grad(got.sum(), [x, *mlp.parameters()])
         assert len(used) == 1
@@ -197,7 +199,7 @@ def test_attention_through_the_qkv_kernel_equals_pytorch():
         want = attn(x)
         want_grads = torch.autograd.grad(want.sum(), [x, *attn.parameters()])
         assert not used  # off by default
-        attention.USE_QKV_KERNEL = True
+        attn.options.qkv_kernel = True  # (a model changes it with GPT.set_options)
         got = attn(x)
         got_grads = torch.autograd.grad(got.sum(), [x, *attn.parameters()])
         assert len(used) == 1
@@ -219,13 +221,13 @@ def test_kernels_are_only_dispatched_on_cuda():
 def test_the_gelu_kernel_is_wanted_only_in_compiled_training_steps():
     # The default asks for the kernel where it was measured faster: traced by torch.compile with gradients on
     # (the trainer's CUDA step). Eager calls and compiled decoding (no gradients) keep the PyTorch spelling.
-    from llmscratch.model import layers
+    from llmscratch.model import ModelOptions, layers
 
-    assert layers.GELU_KERNEL == "compiled"
+    assert ModelOptions().gelu_kernel == "compiled"
     seen = []
 
     def probe(x):
-        seen.append(layers._gelu_kernel_wanted())
+        seen.append(layers._gelu_kernel_wanted("compiled"))
         return x + 1
 
     torch._dynamo.reset()
@@ -237,6 +239,7 @@ def test_the_gelu_kernel_is_wanted_only_in_compiled_training_steps():
     finally:
         torch._dynamo.reset()
     assert seen == [False, True, False], seen
+    assert layers._gelu_kernel_wanted("always") and not layers._gelu_kernel_wanted("never")
 
 
 @needs_triton
@@ -264,7 +267,7 @@ def test_gpt_training_step_with_all_kernels_equals_pytorch():
         calls = []
         for module in (attention, layers, loss):
             module.triton_kernels = lambda t: calls.append(1) or K
-        attention.USE_QKV_KERNEL, layers.GELU_KERNEL = True, "always"
+        model.set_options(qkv_kernel=True, gelu_kernel="always")
         got = loss_and_grads()
         assert len(calls) >= 2 * 2 + 1, calls  # q/k/v and GELU in both layers, the loss
         for a, b in zip(got, want):
@@ -311,11 +314,11 @@ def test_training_step_with_all_kernels_traces_as_one_compiled_graph():
         n_layers = 2
         model = GPT(ModelConfig(name="t", vocab_size=300, context_length=16, d_model=64, n_layers=n_layers,
                                 n_heads=4))
-        model.low_precision_residual = True
+        model.set_options(low_precision_residual=True)
         x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
         for module in (attention, layers, loss):
             module.triton_kernels = lambda t: K
-        attention.USE_QKV_KERNEL = True  # the GELU kernel is on by default in compiled training steps
+        model.set_options(qkv_kernel=True)  # the GELU and loss kernels are on by default in compiled training steps
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 torch.compile(model, backend=backend, fullgraph=True)(x, targets=y)

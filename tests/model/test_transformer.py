@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmscratch.config import ModelConfig
-from llmscratch.model import GPT, KVCache, flops_per_token
+from llmscratch.model import GPT, KVCache, ModelOptions, flops_per_token
 
 
 def test_logits_shape(cfg):
@@ -253,7 +253,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
     a, b = GPT(cfg), GPT(cfg)
     b.load_state_dict(a.state_dict())
-    b.activation_checkpointing = True
+    b.set_options(activation_checkpointing=True)
     x, y = torch.randint(0, 120, (2, 16)), torch.randint(0, 120, (2, 16))
     torch.manual_seed(1)
     la = a(x, targets=y)
@@ -275,9 +275,57 @@ def test_low_precision_residual_carries_bf16_between_blocks_under_autocast_only(
     m.blocks[1].register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = m(x, targets=y)
-        m.low_precision_residual = True
+        m.set_options(low_precision_residual=True)
         low = m(x, targets=y)
     assert seen == [torch.float32, torch.bfloat16]
     torch.testing.assert_close(low, ref, atol=2e-2, rtol=0)  # bf16 tolerance on a loss of ~4.8
     plain_fp32 = m(x, targets=y)  # without autocast the flag changes nothing
     assert seen[-1] == torch.float32 and plain_fp32.dtype == torch.float32
+
+
+def test_options_are_one_instance_shared_by_the_layers_and_changed_in_place(cfg):
+    m = GPT(cfg)
+    opts = m.options
+    assert opts == ModelOptions()
+    assert all(b.attn.options is opts and b.mlp.options is opts for b in m.blocks)
+    assert m.set_options(qkv_kernel=True, gelu_kernel="never") is opts
+    assert m.blocks[0].attn.options.qkv_kernel and m.blocks[-1].mlp.options.gelu_kernel == "never"
+
+
+def test_constructor_options_are_copied_per_model(cfg):
+    given = ModelOptions(low_precision_residual=True, loss_kernel=False)
+    a, b = GPT(cfg, given), GPT(cfg, given)
+    assert a.options == given and a.options is not given
+    a.set_options(low_precision_residual=False)
+    assert b.options.low_precision_residual and given.low_precision_residual
+
+
+def test_set_options_refuses_unknown_names_and_bad_values_and_changes_nothing(cfg):
+    m = GPT(cfg)
+    with pytest.raises(TypeError, match="no_such_option"):
+        m.set_options(qkv_kernel=True, no_such_option=1)
+    with pytest.raises(ValueError, match="gelu_kernel"):
+        m.set_options(qkv_kernel=True, gelu_kernel="sometimes")
+    with pytest.raises(TypeError, match="activation_checkpointing"):
+        m.set_options(activation_checkpointing="yes")
+    assert m.options == ModelOptions()
+    with pytest.raises(ValueError, match="gelu_kernel"):
+        ModelOptions(gelu_kernel="eager")
+
+
+def test_a_compiled_model_follows_changed_options(cfg):
+    """Dynamo guards on the option values it read: a change retraces instead of running the stale graph."""
+    m = GPT(cfg)
+    seen = []
+    m.blocks[1].register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    x, y = torch.randint(0, cfg.vocab_size, (2, 8)), torch.randint(0, cfg.vocab_size, (2, 8))
+    compiled = torch.compile(m, backend="eager")
+    torch._dynamo.reset()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            compiled(x, targets=y)
+            m.set_options(low_precision_residual=True)
+            compiled(x, targets=y)
+    finally:
+        torch._dynamo.reset()
+    assert seen == [torch.float32, torch.bfloat16]

@@ -78,7 +78,7 @@ def test_inconsistent_files_are_rejected(tmp_path):
 def test_corrupt_encoder_json_names_the_file(tmp_path):
     write_gpt2_style_files(tmp_path, TINY_MERGES)
     (tmp_path / "encoder.json").write_text("{not json")
-    with pytest.raises(UserError, match=r"encoder\.json is not valid JSON"):
+    with pytest.raises(UserError, match=r"encoder\.json: not valid JSON"):
         gpt2_tokenizer(tmp_path)
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from clitools import run as _cli
 
+from llmscratch import runs
 from llmscratch.weights import hub
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency for parity")
@@ -285,7 +286,7 @@ def test_sharded_qwen3_download_fetches_the_index_then_its_shards(tmp_path, tiny
     _, ours_tok = load(tmp_path / "ours")
     assert ours_tok.encode("The module") == tok.encode("The module").ids and ours_tok.stop_ids == [1, 0]
     assert sorted(p.name for p in hub.cache_folder("qwen3-1.7b").iterdir()) == sorted(
-        [*hub.HF_CHAT_FILES, hub.INDEX, *shards])
+        [*hub.HF_CHAT_FILES, runs.HF_WEIGHTS_INDEX, *shards])
 
 
 def test_gated_and_openai_only_messages(tmp_path, capsys):

@@ -2,22 +2,22 @@
 
 `corpora` turns a corpus name, file, folder or glob into documents; `lm` turns token ids into next-token
 (input, target) pairs, in memory (the book's sliding window) or from prepared token files (memory maps).
-Classification, instruction and preference datasets will sit beside them as their own modules.
+Classification (`labelled`), instruction (`instruct`, `synth`) and preference (`preference`) data sit beside them;
+`files` reads what they share: UTF-8 text, JSON lists and JSONL of records. `cache_dir` and `download` are
+re-exported from `llmscratch.download`.
 """
 
 from llmscratch.data.corpora import (
     CORPORA,
     NAMED_DOWNLOADS,
     NamedCorpus,
-    cache_dir,
-    download,
     fetch_corpus,
     load_corpus,
     pydocs_documents,
     pydocs_text,
-    read_text_file,
     resolve_source,
 )
+from llmscratch.data.files import read_text_file
 from llmscratch.data.lm import (
     SPLITS,
     SlidingWindowDataset,
@@ -27,6 +27,7 @@ from llmscratch.data.lm import (
     prepare_tokens,
     read_meta,
 )
+from llmscratch.download import cache_dir, download
 
 __all__ = [
     "CORPORA",

@@ -13,13 +13,13 @@ Record formats (one home for reading them):
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llmscratch.data.files import read_json_objects, string_field
 from llmscratch.errors import UserError
 
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (PyTorch's cross_entropy default)
@@ -46,7 +46,7 @@ def resolve_instruction_source(src: str | Path, progress: bool = True) -> Path:
             raise UserError(f"--data {src}: expected a JSON or JSONL file, got a folder")
         return path
     if str(src) in NAMED_INSTRUCTION_DATA:
-        from llmscratch.data.corpora import cache_dir, download
+        from llmscratch.download import cache_dir, download
 
         url, sha256, filename = NAMED_INSTRUCTION_DATA[str(src)]
         return download(url, cache_dir() / "instruct" / filename, sha256, name=str(src), progress=progress)
@@ -59,9 +59,7 @@ def load_records(src: str | Path, progress: bool = True) -> list[dict]:
     the file and the line (JSONL) or record number (JSON list)."""
     path = resolve_instruction_source(src, progress)
     records: list[dict] = []
-    for where, obj in read_json_objects(path):
-        if not isinstance(obj, dict):
-            raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for where, obj in read_json_objects(path, "use a list of {instruction, input, output} objects, or JSONL"):
         if "messages" in obj:
             records.extend(records_from_messages(obj, where))
         else:
@@ -71,73 +69,34 @@ def load_records(src: str | Path, progress: bool = True) -> list[dict]:
     return records
 
 
-def read_json_objects(path: Path) -> list[tuple[str, object]]:
-    """(where, parsed item) for each item of a JSON list or JSONL file (by extension, else by a leading '['),
-    `where` naming the file and line ("file:3") or record ("file: record 3") for error messages."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        is_jsonl = True
-    elif path.suffix.lower() == ".json":
-        is_jsonl = False
-    else:  # unknown extension: a JSON list starts with '['
-        is_jsonl = not text.lstrip().startswith("[")
-    items: list[tuple[str, object]] = []  # (where, parsed object)
-    if is_jsonl:
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                items.append((f"{path}:{n}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{n}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                                "each line must be one JSON object") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON list of records, got {type(data).__name__}; "
-                            "use a list of {instruction, input, output} objects, or JSONL")
-        items = [(f"{path}: record {i}", obj) for i, obj in enumerate(data, 1)]
-    return items
-
-
-def _text(obj: dict, key: str, where: str, required: bool = True) -> str:
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise UserError(f"{where}: missing key {key!r}; Alpaca records need 'instruction' and 'output' "
-                            "('input' is optional)")
-        return ""
-    if not isinstance(value, str):
-        raise UserError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
-    return value
+_ALPACA_KEYS = "Alpaca records need 'instruction' and 'output' ('input' is optional)"
 
 
 def alpaca_record(obj: dict, where: str) -> dict:
     """A checked copy of an Alpaca object (`instruction`, optional `input`, `output`, extra keys kept)."""
-    instruction = _text(obj, "instruction", where)
+    instruction = string_field(obj, "instruction", where, _ALPACA_KEYS)
     if not instruction.strip():
         raise UserError(f"{where}: empty 'instruction'; give every record an instruction or remove it")
-    return {**obj, "instruction": instruction, "input": _text(obj, "input", where, required=False),
-            "output": _text(obj, "output", where)}
+    return {**obj, "instruction": instruction, "input": string_field(obj, "input", where),
+            "output": string_field(obj, "output", where, _ALPACA_KEYS)}
 
 
-def _content(message: dict, where: str) -> str:
+_ROLES = ("system", "user", "assistant")
+
+
+def _message(message: object, at: str) -> tuple[str, str]:
+    """(role, content) of one checked OpenAI message; `at` names it for errors."""
+    if not isinstance(message, dict) or "role" not in message:
+        raise UserError(f"{at} must be an object with 'role' and 'content'")
     content = message.get("content")
     if isinstance(content, list):  # OpenAI content parts: keep the text ones
         parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
         content = "".join(parts) if parts else None
     if not isinstance(content, str):
-        raise UserError(f"{where}: message 'content' must be a string (or text parts), got "
-                        f"{type(content).__name__}")
-    return content
+        raise UserError(f"{at}: message 'content' must be a string (or text parts), got {type(content).__name__}")
+    if message["role"] not in _ROLES:
+        raise UserError(f"{at}: unknown role {message['role']!r}; use system, user or assistant")
+    return message["role"], content
 
 
 def records_from_messages(obj: dict, where: str) -> list[dict]:
@@ -148,23 +107,21 @@ def records_from_messages(obj: dict, where: str) -> list[dict]:
     system, history, records = "", [], []
     pending_user: str | None = None
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
-            raise UserError(f"{where}: message {i + 1} must be an object with 'role' and 'content'")
-        role, content = m["role"], _content(m, f"{where}: message {i + 1}")
+        at = f"{where}: message {i + 1}"
+        role, content = _message(m, at)
         if role == "system":
             if i != 0:
-                raise UserError(f"{where}: message {i + 1}: a system message may only come first")
+                raise UserError(f"{at}: a system message may only come first")
             system = content
         elif role == "user":
             if pending_user is not None:
-                raise UserError(f"{where}: message {i + 1}: two user turns in a row; alternate user and "
-                                "assistant turns")
+                raise UserError(f"{at}: two user turns in a row; alternate user and assistant turns")
             if not content.strip():
-                raise UserError(f"{where}: message {i + 1}: empty user message")
+                raise UserError(f"{at}: empty user message")
             pending_user = content
-        elif role == "assistant":
+        else:
             if pending_user is None:
-                raise UserError(f"{where}: message {i + 1}: an assistant turn without a user turn before it")
+                raise UserError(f"{at}: an assistant turn without a user turn before it")
             record = {"instruction": pending_user, "input": "", "output": content}
             if system:
                 record["system"] = system
@@ -173,8 +130,6 @@ def records_from_messages(obj: dict, where: str) -> list[dict]:
             records.append(record)
             history.append((pending_user, content))
             pending_user = None
-        else:
-            raise UserError(f"{where}: message {i + 1}: unknown role {role!r}; use system, user or assistant")
     if not records:
         raise UserError(f"{where}: the conversation has no assistant turn to learn")
     return records

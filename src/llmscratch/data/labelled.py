@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import random
 import zipfile
 from collections import Counter
@@ -22,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmscratch.data.files import parse_json_items, read_text_file
 from llmscratch.errors import UserError
 
 #: Named data sets `load_labelled` accepts besides a path.
@@ -51,7 +51,7 @@ class Example:
 def fetch_sms_spam(progress: bool = True) -> Path:
     """The SMS Spam Collection TSV in the cache: download the UCI zip once, extract `SMSSpamCollection` and
     check its sha256."""
-    from llmscratch.data.corpora import cache_dir, download
+    from llmscratch.download import cache_dir, download
 
     folder = cache_dir() / "sms-spam"
     tsv = folder / "SMSSpamCollection.tsv"
@@ -77,8 +77,6 @@ def fetch_sms_spam(progress: bool = True) -> Path:
 
 
 def _read_text(path: Path) -> str:
-    from llmscratch.data.corpora import read_text_file
-
     text = read_text_file(path)
     if not text.strip():
         raise UserError(f"{path}: file is empty; it needs one labelled text per row")
@@ -141,32 +139,10 @@ def _csv_rows(path: Path, text: str):
                         "quotes or newlines") from None
 
 
-def _json_records(path: Path, text: str, fmt: str):
-    """(line, object) pairs from JSONL (one object per line) or a JSON array."""
-    if fmt == "jsonl":
-        for n, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                                "JSONL needs one complete object per line") from None
-        return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON array of objects (or use .jsonl, one object per line)")
-    for i, record in enumerate(data):
-        yield f"record {i}", record
-
-
 def _json_examples(path: Path, text: str, fmt: str, text_column: str, label_column: str) -> list[Example]:
     examples = []
-    for where, record in _json_records(path, text, fmt):
-        at = f"{path}:{where}" if fmt == "jsonl" else f"{path} ({where})"
+    for at, record in parse_json_items(path, text, fmt == "jsonl", "use a JSON list of objects (or .jsonl, one "
+                                       "object per line)"):
         if not isinstance(record, dict):
             raise UserError(f"{at}: expected a JSON object with keys {text_column!r} and {label_column!r}, "
                             f"got {type(record).__name__}")

@@ -16,7 +16,8 @@ import pickle
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from llmscratch.errors import UserError
+from llmscratch.runs import TOKEN_SPLITS, TOKENS_META, token_file
 from llmscratch.tokenizer.base import Tokenizer
 
 __all__ = [
@@ -38,7 +40,7 @@ __all__ = [
     "read_meta",
 ]
 
-SPLITS = ("train", "val")
+SPLITS = TOKEN_SPLITS  # ("train", "val")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,14 +112,8 @@ def create_dataloader(
             f"only {len(dataset)} windows (context {max_length}, stride {stride}) fit in {len(dataset.ids)} "
             f"tokens, fewer than batch_size {batch_size}; lower the batch size, stride or context, or add text"
         )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        generator=generator,
-    )
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
+                      generator=generator)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,7 +147,7 @@ def _dtype_for(vocab_size: int) -> np.dtype:
 
 def read_meta(directory: str | Path) -> TokenMeta:
     """Parse and check `directory/meta.json`; UserError naming the file and field on any problem."""
-    path = Path(directory) / "meta.json"
+    path = Path(directory) / TOKENS_META
     redo = "re-run the token preparation to rewrite it"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -230,17 +226,103 @@ def _auto_workers(documents: Sequence[str], num_workers: int | None) -> int:
     return max(1, min(cpus, len(documents)))
 
 
-def prepare_tokens(
-    documents: Sequence[str],
-    tokenizer: Tokenizer,
-    out_dir: str | Path,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    num_workers: int | None = None,
-    chunk_tokens: int | None = None,
-    source: str | None = None,
-    progress: bool = True,
-) -> TokenMeta:
+def _usable_workers(tokenizer: Tokenizer, workers: int) -> int:
+    """`workers`, or 1 when the tokenizer cannot be pickled to send to other processes."""
+    if workers > 1:
+        try:
+            pickle.dumps(tokenizer)
+        except Exception as exc:  # noqa: BLE001 - any pickling failure means: no pool
+            warnings.warn(f"{type(tokenizer).__name__} cannot be pickled ({exc}); tokenizing in one process",
+                          stacklevel=3)
+            return 1
+    return workers
+
+
+@contextmanager
+def _encoded(documents: Sequence[str], tokenizer: Tokenizer, dtype: np.dtype, workers: int) -> Iterator:
+    """Yield the documents' ids in order, as lists of arrays: from a pool of `workers` processes (stopped at
+    once if the caller fails), or from this process."""
+    pool = None
+    if workers > 1:
+        # ~4 tasks per worker balances uneven documents without drowning in IPC
+        pool = multiprocessing.get_context().Pool(workers, _init_worker, (tokenizer, dtype))
+        results = pool.imap(_encode_many, _tasks(documents, 4 * workers))
+    else:
+        _init_worker(tokenizer, dtype)
+        results = (_encode_many([doc]) for doc in documents)
+    try:
+        yield results
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        raise
+    else:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    finally:
+        _Encoder.tokenizer = None
+
+
+def _write_stream(documents: Sequence[str], tokenizer: Tokenizer, dtype: np.dtype, workers: int, path: Path,
+                  progress: bool) -> int:
+    """Tokenize `documents` into one stream of ids at `path`, joined by the eos id when the tokenizer has one;
+    returns how many documents had tokens (an empty one would leave two eos ids in a row: it is skipped)."""
+    eos = np.array([tokenizer.eos_id], dtype=dtype) if tokenizer.eos_id is not None else None
+    n_docs = 0
+    with (open(path, "wb") as stream,
+          tqdm(total=len(documents), unit="doc", desc="tokenizing", disable=not progress) as bar,
+          _encoded(documents, tokenizer, dtype, workers) as results):
+        for arrays in results:
+            for ids in arrays:
+                if ids.size == 0:
+                    continue
+                if n_docs and eos is not None:
+                    eos.tofile(stream)
+                ids.tofile(stream)
+                n_docs += 1
+            bar.update(len(arrays))
+    return n_docs
+
+
+def _val_chunks(n_tokens: int, chunk: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Which chunks of `chunk` tokens go to val: a seeded draw of round(val_fraction * chunks), at least one
+    when val_fraction > 0, never all."""
+    n_chunks = math.ceil(n_tokens / chunk)
+    n_val = 0
+    if val_fraction > 0 and n_chunks > 1:
+        n_val = min(n_chunks - 1, max(1, round(val_fraction * n_chunks)))
+    is_val = np.zeros(n_chunks, dtype=bool)
+    is_val[np.random.default_rng(seed).choice(n_chunks, size=n_val, replace=False)] = True
+    return is_val
+
+
+def _write_splits(stream_path: Path, dtype: np.dtype, chunk: int, is_val: np.ndarray, folder: Path) -> dict:
+    """Copy the stream's chunks into the split files in `folder`; returns {split: tokens}."""
+    stream_ids = np.memmap(stream_path, dtype=dtype, mode="r")
+    counts = {}
+    for split, wanted in (("train", False), ("val", True)):
+        with open(folder / token_file(split), "wb") as f:
+            for i in np.flatnonzero(is_val == wanted):
+                stream_ids[i * chunk : (i + 1) * chunk].tofile(f)
+            counts[split] = f.tell() // dtype.itemsize
+    del stream_ids  # release the map before the file is deleted
+    return counts
+
+
+def _publish(tmp: Path, out_dir: Path, meta: TokenMeta) -> None:
+    """Move the split files from `tmp` into `out_dir` with their meta file, which goes first (removed) and last
+    (written), so a reader never pairs old meta with new token files."""
+    (tmp / TOKENS_META).write_text(json.dumps(asdict(meta), indent=2) + "\n", encoding="utf-8")
+    (out_dir / TOKENS_META).unlink(missing_ok=True)
+    for name in (*map(token_file, SPLITS), TOKENS_META):
+        os.replace(tmp / name, out_dir / name)
+
+
+def prepare_tokens(documents: Sequence[str], tokenizer: Tokenizer, out_dir: str | Path, val_fraction: float = 0.1,
+                   seed: int = 0, num_workers: int | None = None, chunk_tokens: int | None = None,
+                   source: str | None = None, progress: bool = True) -> TokenMeta:
     """Tokenize `documents` into `out_dir/train.bin`, `val.bin` and `meta.json`; returns the meta.
 
     Documents are encoded in order, joined by the tokenizer's eos id when it has one, into one stream. The
@@ -258,100 +340,24 @@ def prepare_tokens(
     if chunk_tokens is not None and chunk_tokens < 1:
         raise UserError(f"chunk_tokens must be positive, got {chunk_tokens}")
     out_dir = Path(out_dir)
-    vocab_size = tokenizer.vocab_size
-    dtype = _dtype_for(vocab_size)
-    eos_id = tokenizer.eos_id
-    workers = _auto_workers(documents, num_workers)
-    if workers > 1:
-        try:
-            pickle.dumps(tokenizer)
-        except Exception as exc:  # noqa: BLE001 - any pickling failure means: no pool
-            warnings.warn(
-                f"{type(tokenizer).__name__} cannot be pickled ({exc}); tokenizing in one process",
-                stacklevel=2,
-            )
-            workers = 1
-
+    dtype = _dtype_for(tokenizer.vocab_size)
+    workers = _usable_workers(tokenizer, _auto_workers(documents, num_workers))
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
     try:
-        stream_path = tmp / "stream.bin"
-        n_docs = 0
-        with (
-            open(stream_path, "wb") as stream,
-            tqdm(total=len(documents), unit="doc", desc="tokenizing", disable=not progress) as bar,
-        ):
-            eos = np.array([eos_id], dtype=dtype) if eos_id is not None else None
-            if workers > 1:
-                # ~4 tasks per worker balances uneven documents without drowning in IPC
-                pool = multiprocessing.get_context().Pool(workers, _init_worker, (tokenizer, dtype))
-                results = pool.imap(_encode_many, _tasks(documents, 4 * workers))
-            else:
-                pool = None
-                _init_worker(tokenizer, dtype)
-                results = (_encode_many([doc]) for doc in documents)
-            try:
-                for arrays in results:
-                    for ids in arrays:
-                        if ids.size == 0:
-                            continue  # an empty document would leave two eos ids in a row
-                        if n_docs and eos is not None:
-                            eos.tofile(stream)
-                        ids.tofile(stream)
-                        n_docs += 1
-                    bar.update(len(arrays))
-            except BaseException:
-                if pool is not None:
-                    pool.terminate()
-                    pool.join()
-                raise
-            else:
-                if pool is not None:
-                    pool.close()
-                    pool.join()
-            finally:
-                _Encoder.tokenizer = None
-        n_tokens = stream_path.stat().st_size // dtype.itemsize
+        stream = tmp / "stream.bin"  # all documents' ids, before the split
+        n_docs = _write_stream(documents, tokenizer, dtype, workers, stream, progress)
+        n_tokens = stream.stat().st_size // dtype.itemsize
         if n_tokens == 0:
-            raise UserError(
-                f"the corpus for {out_dir} tokenized to no tokens ({len(documents)} documents, all empty); "
-                "pass text with content"
-            )
+            raise UserError(f"the corpus for {out_dir} tokenized to no tokens ({len(documents)} documents, all "
+                            "empty); pass text with content")
         chunk = chunk_tokens or min(4096, max(64, n_tokens // 100))
-        n_chunks = math.ceil(n_tokens / chunk)
-        n_val = 0
-        if val_fraction > 0 and n_chunks > 1:
-            n_val = min(n_chunks - 1, max(1, round(val_fraction * n_chunks)))
-        is_val = np.zeros(n_chunks, dtype=bool)
-        is_val[np.random.default_rng(seed).choice(n_chunks, size=n_val, replace=False)] = True
-
-        stream_ids = np.memmap(stream_path, dtype=dtype, mode="r")
-        counts = {}
-        for split, wanted in (("train", False), ("val", True)):
-            with open(tmp / f"{split}.bin", "wb") as f:
-                for i in np.flatnonzero(is_val == wanted):
-                    stream_ids[i * chunk : (i + 1) * chunk].tofile(f)
-                counts[split] = f.tell() // dtype.itemsize
-        del stream_ids  # release the map before the file is deleted
-
-        meta = TokenMeta(
-            dtype=dtype.name,
-            vocab_size=vocab_size,
-            train_tokens=counts["train"],
-            val_tokens=counts["val"],
-            eos_id=eos_id,
-            chunk_tokens=chunk,
-            val_fraction=val_fraction,
-            seed=seed,
-            documents=n_docs,
-            source=source,
-            tokenizer=type(tokenizer).__name__,
-        )
-        (tmp / "meta.json").write_text(json.dumps(asdict(meta), indent=2) + "\n", encoding="utf-8")
-        # meta.json goes first (removed) and last (written), so a reader never pairs old meta with new bins
-        (out_dir / "meta.json").unlink(missing_ok=True)
-        for name in ("train.bin", "val.bin", "meta.json"):
-            os.replace(tmp / name, out_dir / name)
+        counts = _write_splits(stream, dtype, chunk, _val_chunks(n_tokens, chunk, val_fraction, seed), tmp)
+        meta = TokenMeta(dtype=dtype.name, vocab_size=tokenizer.vocab_size, train_tokens=counts["train"],
+                         val_tokens=counts["val"], eos_id=tokenizer.eos_id, chunk_tokens=chunk,
+                         val_fraction=val_fraction, seed=seed, documents=n_docs, source=source,
+                         tokenizer=type(tokenizer).__name__)
+        _publish(tmp, out_dir, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
@@ -370,7 +376,7 @@ class TokenMemmap:
         self.directory = Path(directory)
         self.split = split
         self.meta = read_meta(self.directory)
-        self.path = self.directory / f"{split}.bin"
+        self.path = self.directory / token_file(split)
         dtype = np.dtype(self.meta.dtype)
         expected = self.meta.num_tokens(split)
         try:
@@ -381,7 +387,7 @@ class TokenMemmap:
             ) from None
         if size != expected * dtype.itemsize:
             raise UserError(
-                f"{self.path}: {size} bytes, but meta.json says {expected} {dtype.name} tokens "
+                f"{self.path}: {size} bytes, but {TOKENS_META} says {expected} {dtype.name} tokens "
                 f"({expected * dtype.itemsize} bytes); the files are from different runs: prepare again"
             )
         # numpy cannot map an empty file; an empty split is legal until someone samples from it

@@ -1,6 +1,6 @@
 """Preference data for DPO: records with a prompt and a chosen and a rejected answer, as token pairs.
 
-Record formats (JSON list or JSONL, read by `data.instruct.read_json_objects`):
+Record formats (JSON list or JSONL, read by `data.files.read_json_objects`):
   * the book's (chapter 7 bonus): `instruction`, optional `input`, `chosen`, `rejected` (other keys such as
     `output` ride along);
   * the common `{prompt, chosen, rejected}`: `prompt` is the user's request; it is wrapped in the model's prompt
@@ -20,18 +20,13 @@ from typing import NamedTuple
 
 import torch
 
-from llmscratch.data.instruct import EncodeStats, Example, InstructCollate, encode_records, read_json_objects
+from llmscratch.data.files import read_json_objects, string_field
+from llmscratch.data.instruct import EncodeStats, Example, InstructCollate, encode_records
 from llmscratch.errors import UserError
 
-
-def _string(obj: dict, key: str, where: str) -> str:
-    value = obj.get(key)
-    if value is None:
-        raise UserError(f"{where}: missing key {key!r}; preference records need 'chosen' and 'rejected' answers "
-                        "and an 'instruction' (optional 'input') or a 'prompt'")
-    if not isinstance(value, str):
-        raise UserError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
-    return value
+_KEYS = ("preference records need 'chosen' and 'rejected' answers and an 'instruction' (optional 'input') or a "
+         "'prompt'")
+_FORMATS = "{instruction, input, chosen, rejected} or {prompt, chosen, rejected}"
 
 
 def preference_record(obj: object, where: str) -> dict:
@@ -39,19 +34,17 @@ def preference_record(obj: object, where: str) -> dict:
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "instruction" in obj:
-        instruction = _string(obj, "instruction", where)
-        extra = obj.get("input")
-        if extra is not None and not isinstance(extra, str):
-            raise UserError(f"{where}: 'input' must be a string, got {type(extra).__name__}")
-        record = {**obj, "instruction": instruction, "input": extra or ""}
+        record = {**obj, "instruction": string_field(obj, "instruction", where, _KEYS),
+                  "input": string_field(obj, "input", where)}
     elif "prompt" in obj:
-        record = {**obj, "instruction": _string(obj, "prompt", where), "input": ""}
+        record = {**obj, "instruction": string_field(obj, "prompt", where, _KEYS), "input": ""}
     else:
         raise UserError(f"{where}: no 'instruction' or 'prompt' key (keys: {', '.join(map(str, obj)) or 'none'}); "
-                        "use the book's {instruction, input, chosen, rejected} or {prompt, chosen, rejected}")
+                        f"use the book's {_FORMATS}")
     if not record["instruction"].strip():
         raise UserError(f"{where}: empty prompt; give every record an instruction or remove it")
-    record["chosen"], record["rejected"] = _string(obj, "chosen", where), _string(obj, "rejected", where)
+    record["chosen"] = string_field(obj, "chosen", where, _KEYS)
+    record["rejected"] = string_field(obj, "rejected", where, _KEYS)
     return record
 
 
@@ -60,9 +53,8 @@ def load_preferences(src: str | Path) -> list[dict]:
     naming the file and the line (JSONL) or record number (JSON list)."""
     path = Path(src)
     if not path.is_file():
-        raise UserError(f"--data {src}: no such file; give a JSON list or JSONL of {{instruction, input, chosen, "
-                        "rejected}} or {prompt, chosen, rejected} records")
-    records = [preference_record(obj, where) for where, obj in read_json_objects(path)]
+        raise UserError(f"--data {src}: no such file; give a JSON list or JSONL of {_FORMATS} records")
+    records = [preference_record(obj, where) for where, obj in read_json_objects(path, f"use a list of {_FORMATS}")]
     if not records:
         raise UserError(f"{path}: no records; it needs at least one prompt with a chosen and a rejected answer")
     return records

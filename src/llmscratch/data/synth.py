@@ -9,9 +9,10 @@ Two groups of families:
     or two tokens from a small closed set (digits, letters) computed from the prompt;
   * copying families (long_arithmetic, word_reversal, spelling, sorting, capitalization, last_word,
     repeat_word): the answer copies several words or digits out of the prompt. That needs in-context copying
-    (induction heads), which a tiny model pretrained for minutes on a CPU does not have: measured, the
-    quickstart's model predicts 0% of a repeated random word list and, tuned for 2,400 steps, gets 0-12% on
-    these families. They are here for larger models (GPT-2 weights and up): opt in with `--families`.
+    (induction heads), which a tiny model pretrained for minutes on a CPU does not have (the quickstart model
+    copies none of a repeated word list, and tuning does not teach it: benchmarks/RESULTS.md, "What a model this
+    small does not learn in minutes"). They are here for larger models (GPT-2 weights and up): opt in with
+    `--families`.
 
 The test split is held out for real, not just re-drawn:
   * word families draw test items only from a held-out quarter of the word list: the model never saw those
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from llmscratch.errors import UserError
@@ -73,107 +73,129 @@ UNITS = [("kilometers", "meters", 1000), ("meters", "centimeters", 100), ("centi
          ("kilograms", "grams", 1000), ("liters", "milliliters", 1000)]
 
 
-@dataclass(frozen=True)
-class Family:
-    """A task kind: `make(rng, pool)` draws (key, record); `key` identifies the instance for held-out checks."""
-
-    name: str
-    make: Callable[[random.Random, str], tuple[tuple, dict]]
-
-
 def _record(instruction: str, input_text: str, output: str) -> dict:
     return {"instruction": instruction, "input": input_text, "output": output}
 
 
-class _Pools:
-    """Which operands a split may use: words split once (train/test word lists), numbers shared."""
-
-    def __init__(self, seed: int):
-        words = sorted(set(WORDS))
-        random.Random(seed).shuffle(words)
-        n_test = round(len(words) * WORD_TEST_FRACTION)
-        self.words = {"test": sorted(words[:n_test]), "train": sorted(words[n_test:])}
+def _split_words(seed: int) -> dict[str, list[str]]:
+    """The word list split once per seed: {"test": a held-out quarter, "train": the rest}."""
+    words = sorted(set(WORDS))
+    random.Random(seed).shuffle(words)
+    n_test = round(len(words) * WORD_TEST_FRACTION)
+    return {"test": sorted(words[:n_test]), "train": sorted(words[n_test:])}
 
 
-def _families(pools: _Pools) -> dict[str, Family]:
-    def words(rng, pool, k):
-        return rng.sample(pools.words[pool], k)
+# A family is a function (rng, the split's words) → (key, record); `key` identifies the instance for the held-out
+# checks. Its name is the family's name.
 
-    # --- core families: short answers a few-million-parameter model learns in minutes -----------------------
-    def arithmetic(rng, pool):
-        # A two-digit number plus or minus a one-digit one: every units-digit fact (and carry) also occurs in
-        # training with other tens, so unseen pairs are reachable digit by digit.
-        a, b = rng.randint(10, 99), rng.randint(1, 9)
-        op = rng.choice("+-")
-        return (op, a, b), _record(f"What is {a} {op} {b}?", "", str(a + b if op == "+" else a - b))
-
-    def unit_conversion(rng, pool):
-        big, small, factor = rng.choice(UNITS)
-        n = rng.randint(1, 99)
-        if rng.random() < 0.5:
-            return (big, small, n), _record(f"Convert {n} {big} to {small}.", "", str(n * factor))
-        return (small, big, n), _record(f"Convert {n * factor} {small} to {big}.", "", str(n))
-
-    def comparison(rng, pool):
-        a, b = rng.sample(range(100), 2)
-        kind = rng.choice(("larger", "smaller"))
-        answer = max(a, b) if kind == "larger" else min(a, b)
-        return (kind, min(a, b), max(a, b)), _record(f"Which number is {kind}, {a} or {b}?", "", str(answer))
-
-    def counting(rng, pool):
-        w = words(rng, pool, rng.randint(2, 7))
-        return tuple(w), _record("How many words are in the list?", " ".join(w), str(len(w)))
-
-    def first_letter(rng, pool):
-        (w,) = words(rng, pool, 1)
-        return (w,), _record("What is the first letter of the word?", w, w[0])
-
-    # --- copying families: the answer copies several words or digits from the prompt. They need in-context
-    # copying (induction heads), which a model pretrained for minutes on a CPU does not have yet -------------
-    def long_arithmetic(rng, pool):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        if rng.random() < 0.5:
-            # A test sum is held out together with its swapped twin: a + b and b + a are one fact.
-            return ("+", min(a, b), max(a, b)), _record(f"What is {a} + {b}?", "", str(a + b))
-        a, b = max(a, b), min(a, b)
-        return ("-", a, b), _record(f"What is {a} - {b}?", "", str(a - b))
-
-    def word_reversal(rng, pool):
-        w = words(rng, pool, rng.randint(3, 5))
-        return tuple(w), _record("Reverse the order of the words.", " ".join(w), " ".join(reversed(w)))
-
-    def spelling(rng, pool):
-        (w,) = words(rng, pool, 1)
-        return (w,), _record("Spell the word with a space between the letters.", w, " ".join(w))
-
-    def sorting(rng, pool):
-        nums = rng.sample(range(100), rng.randint(3, 5))
-        return tuple(sorted(nums)), _record("Sort the numbers from smallest to largest.",
-                                            ", ".join(map(str, nums)), ", ".join(map(str, sorted(nums))))
-
-    def capitalization(rng, pool):
-        w = words(rng, pool, rng.randint(2, 4))
-        return tuple(w), _record("Capitalize the first letter of each word.", " ".join(w),
-                                 " ".join(x[0].upper() + x[1:] for x in w))
-
-    def last_word(rng, pool):
-        w = words(rng, pool, rng.randint(2, 5))
-        return tuple(w), _record("What is the last word?", " ".join(w), w[-1])
-
-    def repeat_word(rng, pool):
-        (w,) = words(rng, pool, 1)
-        return (w,), _record("Repeat the word three times.", w, " ".join([w] * 3))
-
-    fams = [arithmetic, unit_conversion, comparison, counting, first_letter, long_arithmetic, word_reversal,
-            spelling, sorting, capitalization, last_word, repeat_word]
-    return {f.__name__: Family(f.__name__, f) for f in fams}
+# --- core families: short answers a few-million-parameter model learns in minutes ---------------------------
+def arithmetic(rng: random.Random, words: list[str]) -> tuple[tuple, dict]:
+    # A two-digit number plus or minus a one-digit one: every units-digit fact (and carry) also occurs in
+    # training with other tens, so unseen pairs are reachable digit by digit.
+    a, b = rng.randint(10, 99), rng.randint(1, 9)
+    op = rng.choice("+-")
+    return (op, a, b), _record(f"What is {a} {op} {b}?", "", str(a + b if op == "+" else a - b))
 
 
-#: The default set: answers that need no copying of several words from the prompt (see `_families`).
+def unit_conversion(rng: random.Random, words: list[str]) -> tuple[tuple, dict]:
+    big, small, factor = rng.choice(UNITS)
+    n = rng.randint(1, 99)
+    if rng.random() < 0.5:
+        return (big, small, n), _record(f"Convert {n} {big} to {small}.", "", str(n * factor))
+    return (small, big, n), _record(f"Convert {n * factor} {small} to {big}.", "", str(n))
+
+
+def comparison(rng: random.Random, words: list[str]) -> tuple[tuple, dict]:
+    a, b = rng.sample(range(100), 2)
+    kind = rng.choice(("larger", "smaller"))
+    answer = max(a, b) if kind == "larger" else min(a, b)
+    return (kind, min(a, b), max(a, b)), _record(f"Which number is {kind}, {a} or {b}?", "", str(answer))
+
+
+def counting(rng: random.Random, words: list[str]) -> tuple[tuple, dict]:
+    w = rng.sample(words, rng.randint(2, 7))
+    return tuple(w), _record("How many words are in the list?", " ".join(w), str(len(w)))
+
+
+def first_letter(rng: random.Random, words: list[str]) -> tuple[tuple, dict]:
+    (w,) = rng.sample(words, 1)
+    return (w,), _record("What is the first letter of the word?", w, w[0])
+
+
+# --- copying families: the answer copies several words or digits from the prompt. They need in-context copying
+# (induction heads), which a model pretrained for minutes on a CPU does not have yet -------------------------
+def long_arithmetic(rng: random.Random, words: list[str]) -> tuple[tuple, dict]:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    if rng.random() < 0.5:
+        # A test sum is held out together with its swapped twin: a + b and b + a are one fact.
+        return ("+", min(a, b), max(a, b)), _record(f"What is {a} + {b}?", "", str(a + b))
+    a, b = max(a, b), min(a, b)
+    return ("-", a, b), _record(f"What is {a} - {b}?", "", str(a - b))
+
+
+def word_reversal(rng: random.Random, words: list[str]) -> tuple[tuple, dict]:
+    w = rng.sample(words, rng.randint(3, 5))
+    return tuple(w), _record("Reverse the order of the words.", " ".join(w), " ".join(reversed(w)))
+
+
+def spelling(rng: random.Random, words: list[str]) -> tuple[tuple, dict]:
+    (w,) = rng.sample(words, 1)
+    return (w,), _record("Spell the word with a space between the letters.", w, " ".join(w))
+
+
+def sorting(rng: random.Random, words: list[str]) -> tuple[tuple, dict]:
+    nums = rng.sample(range(100), rng.randint(3, 5))
+    return tuple(sorted(nums)), _record("Sort the numbers from smallest to largest.",
+                                        ", ".join(map(str, nums)), ", ".join(map(str, sorted(nums))))
+
+
+def capitalization(rng: random.Random, words: list[str]) -> tuple[tuple, dict]:
+    w = rng.sample(words, rng.randint(2, 4))
+    return tuple(w), _record("Capitalize the first letter of each word.", " ".join(w),
+                             " ".join(x[0].upper() + x[1:] for x in w))
+
+
+def last_word(rng: random.Random, words: list[str]) -> tuple[tuple, dict]:
+    w = rng.sample(words, rng.randint(2, 5))
+    return tuple(w), _record("What is the last word?", " ".join(w), w[-1])
+
+
+def repeat_word(rng: random.Random, words: list[str]) -> tuple[tuple, dict]:
+    (w,) = rng.sample(words, 1)
+    return (w,), _record("Repeat the word three times.", w, " ".join([w] * 3))
+
+
+Family = Callable[[random.Random, list[str]], tuple[tuple, dict]]
+_ALL: dict[str, Family] = {f.__name__: f for f in (
+    arithmetic, unit_conversion, comparison, counting, first_letter, long_arithmetic, word_reversal, spelling,
+    sorting, capitalization, last_word, repeat_word)}
+
+#: The default set: answers that need no copying of several words from the prompt (see the module docstring).
 FAMILIES: tuple[str, ...] = ("arithmetic", "unit_conversion", "comparison", "counting", "first_letter")
 #: Every family, the copying ones included (opt in with `families=`).
-ALL_FAMILIES: tuple[str, ...] = (*FAMILIES, "long_arithmetic", "word_reversal", "spelling", "sorting",
-                                 "capitalization", "last_word", "repeat_word")
+ALL_FAMILIES: tuple[str, ...] = tuple(_ALL)
+
+
+def _draw(family: Family, rng: random.Random, words: dict[str, list[str]], n_train: int, n_test: int,
+          name: str) -> tuple[list[dict], list[dict]]:
+    """(train, test) records of one family: `n_test` distinct test instances first, then `n_train` training
+    records, none of them a test instance."""
+    train, test = [], []
+    test_keys: set = set()
+    tries = 0
+    while len(test_keys) < n_test:
+        key, record = family(rng, words["test"])
+        tries += 1
+        if tries > 200 * n_test:
+            raise UserError(f"family {name}: cannot draw {n_test} distinct test items; lower --n-test")
+        if key not in test_keys:
+            test_keys.add(key)
+            test.append({**record, "family": name})
+    while len(train) < n_train:
+        key, record = family(rng, words["train"])
+        if key not in test_keys:
+            train.append({**record, "family": name})
+    return train, test
 
 
 def synth_instructions(n_train: int = 2000, n_test: int = 100, families: list[str] | None = None,
@@ -181,35 +203,19 @@ def synth_instructions(n_train: int = 2000, n_test: int = 100, families: list[st
     """(train, test) records, each with a `family` field. Test items are distinct; no test instance (see the
     module docstring for what counts as one) occurs in training. Train items may repeat (small families)."""
     names = list(families or FAMILIES)
-    pools = _Pools(seed)
-    fams = _families(pools)
-    unknown = [n for n in names if n not in fams]
+    unknown = [n for n in names if n not in _ALL]
     if unknown:
         raise UserError(f"unknown task famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
-                        f"choose from {', '.join(fams)}")
+                        f"choose from {', '.join(_ALL)}")
     if n_train < 1 or n_test < 1:
         raise UserError(f"--n-train and --n-test must be positive, got {n_train} and {n_test}")
+    words = _split_words(seed)
     train, test = [], []
     for f_index, name in enumerate(names):
-        make = fams[name].make
         rng = random.Random(seed * 1_000_003 + f_index)
-        test_keys: set = set()
-        tries = 0
-        while len(test_keys) < n_test:
-            key, record = make(rng, "test")
-            tries += 1
-            if tries > 200 * n_test:
-                raise UserError(f"family {name}: cannot draw {n_test} distinct test items; lower --n-test")
-            if key not in test_keys:
-                test_keys.add(key)
-                test.append({**record, "family": name})
-        count = 0
-        while count < n_train:
-            key, record = make(rng, "train")
-            if key in test_keys:
-                continue
-            train.append({**record, "family": name})
-            count += 1
+        family_train, family_test = _draw(_ALL[name], rng, words, n_train, n_test, name)
+        train += family_train
+        test += family_test
     random.Random(seed).shuffle(train)
     return train, test
 

@@ -125,23 +125,20 @@ class JudgeResult:
 
 def read_responses(path: str | Path, response_key: str) -> list[dict]:
     """Records to judge: a JSON list (or JSONL) of objects with `instruction`, `output` and the answer."""
-    from llmscratch.data.instruct import read_json_objects
+    from llmscratch.data.files import read_json_objects
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: responses file not found (e.g. the test_responses.json of finetune instruct)")
-    records = []
-    for where, r in read_json_objects(path):
-        if not isinstance(r, dict):
-            raise UserError(f"{where}: not a JSON object")
+    records = read_json_objects(path)
+    for where, r in records:
         for key in ("instruction", "output", response_key):
             if not isinstance(r.get(key), str):
                 hint = "; pass --response-key" if key == response_key else ""
                 raise UserError(f"{where}: no string {key!r}{hint}")
-        records.append(r)
     if not records:
         raise UserError(f"{path}: no records to judge")
-    return records
+    return [r for _, r in records]
 
 
 def scores_path(responses: str | Path) -> Path:

@@ -76,11 +76,12 @@ def run_tasks(checkpoint: str | Path, data: str | Path, prompt_style: str | None
               batch_size: int = 64, limit: int | None = None, json_out: str | Path | None = None,
               device: str = "auto", dtype: str = "fp32", progress: bool = True, log=print) -> TaskReport:
     """Load a checkpoint and records, score them (see `evaluate_tasks`), print the table, write JSON if asked."""
-    from llmscratch.checkpoint import find_model_folder, load
+    from llmscratch.checkpoint import load
     from llmscratch.data.instruct import load_records
     from llmscratch.fileio import atomic_write_text
     from llmscratch.model.packed import pack_for_cpu_inference
     from llmscratch.prompts import get_style, load_style
+    from llmscratch.runs import find_model_folder
     from llmscratch.runtime import inference_dtype, resolve_device
 
     if max_new_tokens <= 0:

@@ -14,8 +14,6 @@ position -1 would be a pad token for every text shorter than the batch's longest
 from __future__ import annotations
 
 import json
-import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llmscratch import runs
 from llmscratch.data.labelled import (
     Encoded,
     class_counts,
@@ -33,16 +32,12 @@ from llmscratch.data.labelled import (
     pad_token_id,
 )
 from llmscratch.errors import UserError
-from llmscratch.finetune.defaults import (
-    CLASSIFY_DEFAULT_EPOCHS,
-    CLASSIFY_DEFAULT_TRAINABLE,
-    CLASSIFY_TRAINABLE,
-    classify_train_config,
-)
-
-LABELS_FILE = "labels.json"
-METRICS_FILE = "metrics.json"
-
+from llmscratch.finetune.defaults import CLASSIFY, CLASSIFY_TRAINABLE, classify_train_config
+from llmscratch.finetune.stage import Stage, StageResult, files_message
+from llmscratch.runtime import autocast_dtype, resolve_device
+from llmscratch.train.batches import ExampleBatches
+from llmscratch.train.config import TrainConfig
+from llmscratch.train.metrics import pyplot, save_figure
 
 # ---------------------------------------------------------------------------------------------------------
 # the model
@@ -137,11 +132,8 @@ def evaluate_classifier(model, examples: list[Encoded], pad_id: int, n_classes: 
 
 
 def plot_confusion(confusion: list[list[int]], labels: list[str], out_png: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     k = len(labels)
     fig, ax = plt.subplots(figsize=(1.2 * k + 2.5, 1.2 * k + 2))
@@ -156,19 +148,13 @@ def plot_confusion(confusion: list[list[int]], labels: list[str], out_png: Path,
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def plot_accuracy(history: list[dict], out_png: Path) -> Path | None:
     """Train/validation accuracy after each epoch (the book's figure 6.17)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     if not history:
         return None
@@ -180,10 +166,7 @@ def plot_accuracy(history: list[dict], out_png: Path) -> Path | None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -201,24 +184,31 @@ class Classifier:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Classifier:
+        """From a classifier checkpoint, a classify run folder (its newest checkpoint), or a LoRA adapter folder
+        written by `finetune classify --lora-rank R` (its base and adapter merged in memory)."""
         import yaml
 
-        from llmscratch.checkpoint import CONFIG, HPARAMS, find_model_folder, load
-        from llmscratch.config import ModelConfig
+        from llmscratch.checkpoint import load
+        from llmscratch.lora import load_merged
 
-        folder = find_model_folder(path)
-        cfg = ModelConfig.load(folder / CONFIG)
+        if runs.is_adapter_only(path):
+            folder = Path(path)
+            model, tok = load_merged(folder, device=device)
+        else:
+            folder = runs.find_model_folder(path)
+            model, tok = load(folder, device=device)
+        cfg = model.config
         if not cfg.n_classes:
-            raise UserError(f"{folder}: not a classifier (config.json has no n_classes); fine-tune one with "
+            raise UserError(f"{folder}: not a classifier ({runs.CONFIG} has no n_classes); fine-tune one with "
                             "`llmscratch finetune classify`")
-        model, tok = load(folder, device=device)
         hp = {}
-        if (folder / HPARAMS).is_file():
-            hp = (yaml.safe_load((folder / HPARAMS).read_text()) or {}).get("classify", {}) or {}
-        labels = read_labels(folder) if (folder / LABELS_FILE).is_file() else hp.get("labels")
+        if (folder / runs.HPARAMS).is_file():
+            hp = (yaml.safe_load((folder / runs.HPARAMS).read_text()) or {}).get("classify", {}) or {}
+        labels_file = runs.find_in_run(folder, runs.LABELS)
+        labels = read_labels(labels_file.parent) if labels_file is not None else hp.get("labels")
         labels = labels or [str(i) for i in range(cfg.n_classes)]
         if len(labels) != cfg.n_classes:
-            raise UserError(f"{folder}: {len(labels)} label names for {cfg.n_classes} classes; fix {LABELS_FILE}")
+            raise UserError(f"{folder}: {len(labels)} label names for {cfg.n_classes} classes; fix {runs.LABELS}")
         max_length = min(int(hp.get("max_length") or cfg.context_length), cfg.context_length)
         return cls(model, tok, list(labels), max_length)
 
@@ -249,12 +239,12 @@ class Classifier:
 def write_labels(folder: Path, labels: list[str]) -> None:
     from llmscratch.fileio import atomic_write_text
 
-    atomic_write_text(folder / LABELS_FILE, json.dumps({lab: i for i, lab in enumerate(labels)}, indent=2) + "\n")
+    atomic_write_text(folder / runs.LABELS, json.dumps({lab: i for i, lab in enumerate(labels)}, indent=2) + "\n")
 
 
 def read_labels(folder: Path) -> list[str]:
     """Label names in class-id order from `labels.json` ({label: id})."""
-    path = Path(folder) / LABELS_FILE
+    path = Path(folder) / runs.LABELS
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -268,167 +258,187 @@ def read_labels(folder: Path) -> list[str]:
 # the fine-tuning stage
 
 
-def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, text_column: str = "text",
-                      label_column: str = "label", balance: bool = True, max_length: int | None = None,
-                      trainable: str = CLASSIFY_DEFAULT_TRAINABLE, epochs: float = CLASSIFY_DEFAULT_EPOCHS,
-                      max_steps: int | None = None, data_seed: int = 123, random_init: bool = False, train_cfg=None,
-                      resume: bool = False, overwrite: bool = False, progress: bool = True, lora=None) -> dict:
+def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, text_column: str = CLASSIFY.text_column,
+                      label_column: str = CLASSIFY.label_column, balance: bool = True, max_length: int | None = None,
+                      trainable: str = CLASSIFY.trainable, epochs: float = CLASSIFY.epochs,
+                      max_steps: int | None = None, data_seed: int = CLASSIFY.data_seed, random_init: bool = False,
+                      train_cfg: TrainConfig | None = None, resume: bool = False, overwrite: bool = False,
+                      progress: bool = True, lora=None, log=print) -> StageResult:
     """Fine-tune the model in `checkpoint` to classify the texts of `data` (see `load_labelled`); writes the
-    classifier, labels.json, metrics.json, loss.png, accuracy.png and confusion.png into `out`.
+    classifier, labels.json, metrics.json, loss.png, accuracy.png and confusion.png into `out`. The result's
+    `metrics` is metrics.json's content (accuracy, loss and confusion matrix per split, history...).
 
     `random_init` keeps only the checkpoint's shape and tokenizer and starts from fresh GPT-2-initialised
     weights: the baseline that shows what pretraining contributes (the book compares the two).
 
-    `lora` (a `llmscratch.lora.LoRASettings`): train LoRA adapters and the class head only (instead of
-    `trainable`); `out` then holds the adapter with the head, to merge with `llmscratch lora merge`."""
-    from llmscratch.checkpoint import load
-    from llmscratch.data import labelled
-    from llmscratch.runtime import autocast_dtype, resolve_device
-    from llmscratch.train.batches import ExampleBatches
-    from llmscratch.train.pretrain import check_out_dir, removed_on_failure
-    from llmscratch.train.trainer import latest_checkpoint, train
-
+    `lora` (a `LoRASettings`): train LoRA adapters and the class head only (instead of `trainable`); `out` then
+    holds the adapter with the head, which `llmscratch classify` loads as it is."""
     t0 = time.perf_counter()
-    cfg = train_cfg or classify_train_config()
-    out = Path(out)
     if trainable not in CLASSIFY_TRAINABLE:
         raise UserError(f"--trainable {trainable}: choose one of {', '.join(CLASSIFY_TRAINABLE)}")
     if epochs <= 0 and not max_steps:
         raise UserError(f"--epochs must be positive, got {epochs}")
-    if lora is not None:
-        lora.check()
-        if random_init:
-            raise UserError("--random-init with LoRA: adapters adapt the checkpoint's weights; drop one of them")
-    if resume and latest_checkpoint(out) is None:
-        raise UserError(f"--resume: no checkpoint under {out / 'checkpoints'}; start without --resume")
-    replace = not resume and (out / "checkpoints").exists()
-    if replace and not overwrite:
-        raise UserError(f"--out {out}: already holds a training run; pass --resume to continue it, "
-                        "--overwrite to replace it, or choose another folder")
-
-    # data: read, map labels, balance, split
-    examples, skipped = load_labelled(data, text_column, label_column, progress=progress)
-    label_to_id = label_mapping(examples, str(data))
-    labels = list(label_to_id)
-    counts = class_counts(examples)
-    print(f"read {len(examples):,} texts from {data}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
-          + (f" ({skipped} rows with empty text skipped)" if skipped else ""), flush=True)
-    if balance:
-        examples = labelled.balance(examples, data_seed)
-        print(f"balanced by undersampling to {len(examples) // len(labels):,} per class "
-              f"({len(examples):,} texts)", flush=True)
-    train_ex, val_ex, test_ex = labelled.split(examples, (0.7, 0.1), data_seed)
-    if len(train_ex) < cfg.batch_size or not val_ex or not test_ex:
-        raise UserError(f"{data}: {len(examples)} texts give {len(train_ex)}/{len(val_ex)}/{len(test_ex)} "
-                        f"train/val/test examples; need at least one batch ({cfg.batch_size}) to train on and one "
-                        "example to validate and test (add data or lower --train.batch_size)")
-
-    # model and tokens
-    base, tok = load(checkpoint)
+    if max_steps is not None and max_steps <= 0:
+        raise UserError(f"--max-steps must be positive, got {max_steps}")
+    if lora is not None and random_init:
+        raise UserError("--random-init with LoRA: adapters adapt the checkpoint's weights; drop one of them")
+    stage = Stage("classify", checkpoint, out, train_cfg or classify_train_config(), resume=resume,
+                  overwrite=overwrite, lora=lora, log=log)
+    texts = _read_texts(data, text_column, label_column, balance, data_seed, stage.cfg.batch_size, progress, log)
+    base, tok = stage.load_base(lm_only=False)
     if random_init:
         from llmscratch.model import GPT
 
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(stage.cfg.seed)
         base = GPT(base.config)
-    context = base.config.context_length
+    enc = _encode_splits(texts, tok, max_length, base.config.context_length, log)
+    model = build_classifier(base, len(texts.labels), seed=stage.cfg.seed)
+    del base
+    trainable, n_trainable = _make_trainable(stage, model, trainable)
+    log(f"classifier: {model.num_params() / 1e6:.2f}M parameters, {n_trainable:,} trainable ({trainable}); "
+        f"labels {texts.labels}")
+
+    device = resolve_device(stage.cfg.device)
+    pad = pad_token_id(tok)
+    batches = ExampleBatches(enc.splits["train"], enc.splits["val"], lambda b: collate_labelled(b, pad, device),
+                             stage.cfg.batch_size, seed=stage.cfg.seed)
+    per_epoch = batches.batches_per_epoch
+    cfg = (stage.steps_for_epochs(None, per_epoch, max_steps=max_steps) if max_steps
+           else stage.steps_for_epochs(epochs, per_epoch))
+    tracker = _EpochAccuracy(model, enc.splits, pad, len(texts.labels), cfg, per_epoch, device, progress)
+    hparams = {"random_init": random_init, "data": str(data),
+               "classify": {"labels": texts.labels, "text_column": text_column, "label_column": label_column,
+                            "balance": balance, "split": [0.7, 0.1, 0.2], "data_seed": data_seed,
+                            "max_length": enc.max_length, "trainable": trainable, "epochs": epochs, "pad_id": pad}}
+    log(f"training {cfg.max_steps} steps ({cfg.max_steps * cfg.grad_accum / per_epoch:.3g} epochs of {per_epoch} "
+        f"batches of {cfg.batch_size}) on {device.type}")
+    t_train = time.perf_counter()
+    result = stage.train(model, batches, cfg, tok, hparams, before=lambda o: write_labels(o, texts.labels),
+                         loss_fn=classification_loss, on_step=tracker, perplexity=False)
+    metrics = {"labels": texts.labels, "data": str(data), "base": str(checkpoint), "random_init": random_init,
+               "trainable": trainable, "trainable_params": n_trainable, "steps": result.step,
+               "epochs": result.step * cfg.grad_accum / per_epoch, "max_length": enc.max_length,
+               "truncated": enc.n_truncated, "balanced": balance, "class_counts": texts.counts,
+               "stopped_early": result.stopped_early, "history": tracker.history,
+               "splits": {name: tracker.evaluate(part) for name, part in enc.splits.items()},
+               "seconds": round(time.perf_counter() - t0, 1), "train_seconds": round(time.perf_counter() - t_train, 1)}
+    _write_reports(stage.out, metrics)
+    files = stage.finish(model, tok, result)
+    log(format_report(metrics))
+    log(files_message(stage.out, files))
+    log(f'try: llmscratch classify {stage.out} "You won a free prize! Text WIN to 80082"')
+    return stage.result(result, *(len(enc.splits[k]) for k in ("train", "val", "test")), metrics=metrics,
+                        files=files)
+
+
+@dataclass
+class _Texts:
+    """Labelled texts read, balanced and split 70/10/20."""
+
+    labels: list[str]
+    label_to_id: dict[str, int]
+    counts: dict[str, int]
+    parts: dict[str, list]  # train / val / test examples
+
+
+def _read_texts(data, text_column: str, label_column: str, balance: bool, seed: int, batch_size: int, progress: bool,
+                log) -> _Texts:
+    from llmscratch.data import labelled
+
+    examples, skipped = load_labelled(data, text_column, label_column, progress=progress)
+    label_to_id = label_mapping(examples, str(data))
+    counts = class_counts(examples)
+    log(f"read {len(examples):,} texts from {data}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
+        + (f" ({skipped} rows with empty text skipped)" if skipped else ""))
+    if balance:
+        examples = labelled.balance(examples, seed)
+        log(f"balanced by undersampling to {len(examples) // len(label_to_id):,} per class ({len(examples):,} texts)")
+    train_ex, val_ex, test_ex = labelled.split(examples, (0.7, 0.1), seed)
+    if len(train_ex) < batch_size or not val_ex or not test_ex:
+        raise UserError(f"{data}: {len(examples)} texts give {len(train_ex)}/{len(val_ex)}/{len(test_ex)} "
+                        f"train/val/test examples; need at least one batch ({batch_size}) to train on and one "
+                        "example to validate and test (add data or lower --train.batch_size)")
+    log(f"split {len(train_ex):,} / {len(val_ex):,} / {len(test_ex):,} (train / val / test, seed {seed})")
+    return _Texts(list(label_to_id), label_to_id, counts, {"train": train_ex, "val": val_ex, "test": test_ex})
+
+
+@dataclass
+class _EncodedSplits:
+    splits: dict[str, list[Encoded]]
+    max_length: int
+    n_truncated: int
+
+
+def _encode_splits(texts: _Texts, tok, max_length: int | None, context: int, log) -> _EncodedSplits:
+    """Token ids of every split, each text cut at `max_length` (default: the longest text, capped at the
+    context length)."""
     if max_length is not None and max_length <= 0:
         raise UserError(f"--max-length must be positive, got {max_length}")
-    longest = max(len(tok.encode(ex.text, allowed_special="none")) for ex in examples)
+    longest = max(len(tok.encode(ex.text, allowed_special="none")) for part in texts.parts.values() for ex in part)
     if max_length is None:
         max_length = min(longest, context)
     elif max_length > context:
         raise UserError(f"--max-length {max_length} exceeds the model's context length {context}; "
                         f"use at most {context}")
-    pad = pad_token_id(tok)
-    splits = {}
-    n_truncated = 0
-    for name, part in (("train", train_ex), ("val", val_ex), ("test", test_ex)):
-        splits[name], cut = encode_examples(tok, part, label_to_id, max_length)
+    splits, n_truncated = {}, 0
+    for name, part in texts.parts.items():
+        splits[name], cut = encode_examples(tok, part, texts.label_to_id, max_length)
         n_truncated += cut
-    print(f"split {len(train_ex):,} / {len(val_ex):,} / {len(test_ex):,} (train / val / test, seed {data_seed}); "
-          f"max length {max_length} tokens (longest text {longest}, context {context}); "
-          f"{n_truncated} text(s) truncated", flush=True)
+    log(f"max length {max_length} tokens (longest text {longest}, context {context}); "
+        f"{n_truncated} text(s) truncated")
+    return _EncodedSplits(splits, max_length, n_truncated)
 
-    model = build_classifier(base, len(labels), seed=cfg.seed)
-    del base
-    if lora is None:
-        n_trainable = set_trainable(model, trainable)
-    else:  # adapters + the new class head; the base weights stay frozen
-        from llmscratch.lora import apply_lora, lora_report
 
-        apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, trainable=("lm_head",), seed=cfg.seed)
-        trainable, n_trainable = "lora+head", lora_report(model).trainable
-        print(lora_report(model), flush=True)
-    print(f"classifier: {model.num_params() / 1e6:.2f}M parameters, {n_trainable:,} trainable ({trainable}); "
-          f"labels {labels}", flush=True)
+def _make_trainable(stage: Stage, model, trainable: str) -> tuple[str, int]:
+    """Freeze what `--trainable` leaves out, or with LoRA wrap the chosen layers and train them and the class
+    head only; returns (what is trained, number of trainable parameters)."""
+    if stage.lora is None:
+        return trainable, set_trainable(model, trainable)
+    from llmscratch.lora import lora_report
 
-    device = resolve_device(cfg.device)
-    batches = ExampleBatches(splits["train"], splits["val"], lambda b: collate_labelled(b, pad, device),
-                             cfg.batch_size, seed=cfg.seed)
-    per_epoch = batches.batches_per_epoch
-    steps = max_steps or max(1, math.ceil(epochs * per_epoch / cfg.grad_accum))
-    cfg.max_steps = steps
-    created = check_out_dir(out)
-    if replace:  # only now that the data and the model are known to be good
-        shutil.rmtree(out / "checkpoints")
-    write_labels(out, labels)
-    hparams = {"stage": "classify", "base": str(checkpoint), "random_init": random_init, "data": str(data),
-               "classify": {"labels": labels, "text_column": text_column, "label_column": label_column,
-                            "balance": balance, "split": [0.7, 0.1, 0.2], "data_seed": data_seed,
-                            "max_length": max_length, "trainable": trainable, "epochs": epochs,
-                            "pad_id": pad}}
-    amp = autocast_dtype(cfg.precision, device)
-    history: list[dict] = []
-    eval_limit = max(len(splits["val"]), cfg.eval_batches * cfg.batch_size)
+    stage.apply_lora(model, trainable=("lm_head",))
+    return "lora+head", lora_report(model).trainable
 
-    def on_step(step: int, _loss) -> None:
-        # Accuracy after each epoch on the whole validation split and as many training examples (a fixed
-        # slice; the book's per-epoch calc_accuracy_loader), for accuracy.png.
-        if step % (per_epoch // cfg.grad_accum or 1) and step != steps:
+
+class _EpochAccuracy:
+    """The trainer's `on_step`: after each epoch (and the last step), accuracy on the whole validation split
+    and as many training examples (a fixed slice; the book's per-epoch calc_accuracy_loader), for
+    accuracy.png."""
+
+    def __init__(self, model, splits, pad: int, n_classes: int, cfg: TrainConfig, per_epoch: int, device,
+                 progress: bool):
+        self.model, self.splits, self.pad, self.n_classes = model, splits, pad, n_classes
+        self.cfg, self.per_epoch, self.device, self.progress = cfg, per_epoch, device, progress
+        self.amp = autocast_dtype(cfg.precision, device)
+        self.limit = max(len(splits["val"]), cfg.eval_batches * cfg.batch_size)
+        self.history: list[dict] = []
+
+    def evaluate(self, examples, limit: int | None = None) -> dict:
+        return evaluate_classifier(self.model, examples, self.pad, self.n_classes, 32, self.device, self.amp,
+                                   limit=limit)
+
+    def __call__(self, step: int, _loss) -> None:
+        if step % (self.per_epoch // self.cfg.grad_accum or 1) and step != self.cfg.max_steps:
             return
-        tr = evaluate_classifier(model, splits["train"], pad, len(labels), 32, device, amp, limit=eval_limit)
-        va = evaluate_classifier(model, splits["val"], pad, len(labels), 32, device, amp)
-        history.append({"step": step, "epoch": round(step * cfg.grad_accum / per_epoch, 2),
-                        "train_accuracy": tr["accuracy"], "val_accuracy": va["accuracy"], "train_n": tr["n"]})
-        if progress:
+        tr = self.evaluate(self.splits["train"], limit=self.limit)
+        va = self.evaluate(self.splits["val"])
+        self.history.append({"step": step, "epoch": round(step * self.cfg.grad_accum / self.per_epoch, 2),
+                             "train_accuracy": tr["accuracy"], "val_accuracy": va["accuracy"], "train_n": tr["n"]})
+        if self.progress:
             from tqdm.auto import tqdm
-            tqdm.write(f"epoch {history[-1]['epoch']:g}: train accuracy {tr['accuracy']:.1%}, "
+            tqdm.write(f"epoch {self.history[-1]['epoch']:g}: train accuracy {tr['accuracy']:.1%}, "
                        f"val accuracy {va['accuracy']:.1%}")
 
-    print(f"training {steps} steps ({steps * cfg.grad_accum / per_epoch:.3g} epochs of {per_epoch} batches of "
-          f"{cfg.batch_size}) on {device.type}", flush=True)
-    t_train = time.perf_counter()
-    with removed_on_failure(out, created):
-        result = train(model, batches, cfg, out, loss_fn=classification_loss, tokenizer=tok, resume=resume,
-                       hparams=hparams, on_step=on_step, perplexity=False)
-    train_s = time.perf_counter() - t_train
 
-    metrics = {"labels": labels, "data": str(data), "base": str(checkpoint), "random_init": random_init,
-               "trainable": trainable, "trainable_params": n_trainable, "steps": result.step,
-               "epochs": result.step * cfg.grad_accum / per_epoch, "max_length": max_length,
-               "truncated": n_truncated, "balanced": balance, "class_counts": counts,
-               "stopped_early": result.stopped_early, "history": history, "splits": {}}
-    for name, part in splits.items():
-        metrics["splits"][name] = evaluate_classifier(model, part, pad, len(labels), 32, device, amp)
-    metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    metrics["train_seconds"] = round(train_s, 1)
+def _write_reports(out: Path, metrics: dict) -> None:
+    """metrics.json, the test split's confusion matrix and the accuracy curve."""
     from llmscratch.fileio import atomic_write_text
 
-    atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
-    plot_confusion(metrics["splits"]["test"]["confusion"], labels, out / "confusion.png",
-                   f"test split: accuracy {metrics['splits']['test']['accuracy']:.1%}")
-    plot_accuracy(history, out / "accuracy.png")
-    if lora is not None:
-        from llmscratch.lora import finish_adapter_run
-
-        finish_adapter_run(out, model, checkpoint, tok)
-        print(f"saved the adapter and class head alone to {out}; merge before classifying: "
-              f"llmscratch lora merge {out} MERGED_DIR")
-    print(format_report(metrics))
-    print(f"files in {out}/: model.safetensors, config.json, {LABELS_FILE}, {METRICS_FILE}, loss.png, "
-          "accuracy.png, confusion.png")
-    print(f'try: llmscratch classify {out} "You won a free prize! Text WIN to 80082"')
-    return metrics
+    atomic_write_text(out / runs.CLASSIFY_METRICS, json.dumps(metrics, indent=2) + "\n")
+    test = metrics["splits"]["test"]
+    plot_confusion(test["confusion"], metrics["labels"], out / runs.CONFUSION_PLOT,
+                   f"test split: accuracy {test['accuracy']:.1%}")
+    plot_accuracy(metrics["history"], out / runs.ACCURACY_PLOT)
 
 
 def format_report(metrics: dict) -> str:

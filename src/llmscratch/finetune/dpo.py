@@ -21,19 +21,21 @@ import contextlib
 import copy
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from llmscratch import runs
 from llmscratch.data.instruct import IGNORE_INDEX
 from llmscratch.errors import UserError
-from llmscratch.finetune.defaults import dpo_train_config
-from llmscratch.train.trainer import TrainConfig, TrainResult, latest_checkpoint, train, unpack_loss
-
-METRICS_FILE = "dpo_metrics.json"
-
+from llmscratch.fileio import atomic_write_text
+from llmscratch.finetune.defaults import DPO, dpo_train_config
+from llmscratch.finetune.stage import Stage, StageResult, answer_test_split, check_epochs, check_max_length
+from llmscratch.train.batches import ExampleBatches
+from llmscratch.train.config import TrainConfig
+from llmscratch.train.metrics import pyplot, read_metrics, save_figure
+from llmscratch.train.trainer import unpack_loss
 
 # ---------------------------------------------------------------------------------------------------------
 # the math
@@ -174,14 +176,9 @@ def evaluate_pairs(model, pairs: list, loss_fn: DPOLoss, collate, batch_size: in
 
 def plot_dpo(metrics_csv: str | Path, out_png: str | Path) -> Path | None:
     """DPO loss, reward margin and reward accuracy against steps (train: running means; val: evaluations)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
-    from llmscratch.train.metrics import read_metrics
-
     rows = read_metrics(metrics_csv)
     train_rows = [r for r in rows if r["kind"] == "train" and r.get("train_reward_margin")]
     eval_rows = [r for r in rows if r["kind"] == "eval" and r.get("val_reward_margin")]
@@ -202,155 +199,150 @@ def plot_dpo(metrics_csv: str | Path, out_png: str | Path) -> Path | None:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend()
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the stage
 
 
-@dataclass
-class DPOResult:
-    train: TrainResult
-    n_train: int
-    n_val: int
-    n_test: int
-    before: dict[str, float]  # validation metrics of the starting model
-    after: dict[str, float]  # ... and of the tuned one
-    samples: list[dict] = field(default_factory=list)  # test (or val) prompts answered before and after
-    responses: Path | None = None
-
-
 def run_dpo(checkpoint: str | Path, data: str | Path, out: str | Path, *, prompt_style: str | None = None,
-            beta: float = 0.1, label_smoothing: float = 0.0, precompute: bool = False, average_logprobs: bool = False,
-            train_cfg: TrainConfig | None = None, epochs: float | None = 1.0, max_length: int | None = None,
-            val_fraction: float = 0.05, test_fraction: float = 0.10, split_seed: int = 123,
-            max_new_tokens: int = 128, n_samples: int = 3, lora=None, resume: bool = False, progress: bool = True,
-            log=print) -> DPOResult:
+            beta: float = DPO.beta, label_smoothing: float = DPO.label_smoothing, precompute: bool = False,
+            average_logprobs: bool = False, train_cfg: TrainConfig | None = None, epochs: float | None = DPO.epochs,
+            max_length: int | None = None, val_fraction: float = DPO.val_fraction,
+            test_fraction: float = DPO.test_fraction, split_seed: int = DPO.split_seed,
+            max_new_tokens: int = DPO.max_new_tokens, n_samples: int = DPO.samples, lora=None, resume: bool = False,
+            overwrite: bool = False, progress: bool = True, log=print) -> StageResult:
     """Preference-tune `checkpoint` on `data` into `out`; see `llmscratch finetune dpo -h`.
 
     Writes the tuned model (or with `lora` its adapter), prompt_style.json, metrics.csv, loss.png, dpo.png,
-    dpo_metrics.json (validation metrics and sample answers before and after) and test_responses.json."""
-    from llmscratch.checkpoint import find_model_folder, load
-    from llmscratch.data.instruct import split_records
-    from llmscratch.data.preference import PreferenceCollate, encode_preferences, load_preferences
-    from llmscratch.fileio import atomic_write_text
-    from llmscratch.finetune.instruct import finish_tuning_run, steps_for_epochs
-    from llmscratch.generate import generate_batch
+    dpo_metrics.json (validation metrics and sample answers before and after) and test_responses.json. The
+    result's `metrics` holds `before` and `after` (validation metrics), `samples` and `responses`."""
     from llmscratch.prompts import get_style, load_style, save_style
-    from llmscratch.runtime import autocast_dtype, resolve_device
-    from llmscratch.train.batches import ExampleBatches
-    from llmscratch.train.pretrain import check_out_dir, removed_on_failure
 
-    out = Path(out)
-    cfg = train_cfg or dpo_train_config()
+    stage = Stage("dpo", checkpoint, out, train_cfg or dpo_train_config(), resume=resume, overwrite=overwrite,
+                  lora=lora, log=log)
     if beta <= 0:
         raise UserError(f"--beta must be positive, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise UserError(f"--label-smoothing must be in [0, 0.5), got {label_smoothing}")
-    if epochs is not None and epochs <= 0:
-        raise UserError(f"--epochs must be positive, got {epochs}")
-    if lora is not None:
-        lora.check()
-    if resume and latest_checkpoint(out) is None:
-        raise UserError(f"--resume: no checkpoint under {out / 'checkpoints'}; start without --resume")
-    if not resume and latest_checkpoint(out) is not None:
-        raise UserError(f"--out {out}: already holds a training run; pass --resume to continue it or choose "
-                        "another folder")
-    folder = find_model_folder(checkpoint)
-    saved_style = load_style(folder)
+    check_epochs(epochs)
+    saved_style = load_style(stage.base_folder)
     style = get_style(prompt_style) if prompt_style else saved_style or get_style("alpaca")
-    records = load_preferences(data)
-    model, tok = load(folder)
-    if model.config.n_classes is not None:
-        raise UserError(f"{checkpoint}: a classifier checkpoint; DPO needs a language model")
-    context = model.config.context_length
-    max_length = max_length or context
-    if max_length > context:
-        raise UserError(f"--max-length {max_length} exceeds the model's context length {context}")
-    train_recs, val_recs, test_recs = split_records(records, split_seed, val_fraction, test_fraction)
-    train_pairs, train_stats = encode_preferences(train_recs, tok, style, max_length)
-    val_pairs, val_stats = encode_preferences(val_recs, tok, style, max_length)
-    if len(train_pairs) < cfg.batch_size:
-        raise UserError(f"{len(train_pairs)} training pairs are fewer than one batch of {cfg.batch_size}; lower "
-                        "--train.batch_size or add data")
+    records = _load_preferences(data)
+    model, tok = stage.load_base()
+    max_length = check_max_length(max_length, model.config.context_length)
+    recs = _split(records, split_seed, val_fraction, test_fraction)
+    train_pairs, val_pairs = _encode(recs, tok, style, max_length, stage.cfg.batch_size, log)
     style_note = ("" if prompt_style or saved_style else
-                  f" (none saved with {folder}: using alpaca; pass --prompt-style to choose)")
-    log(f"{len(records)} preference records from {data} → train {len(train_recs)} / val {len(val_recs)} / test "
-        f"{len(test_recs)} (seed {split_seed}); prompt style {style.name}{style_note}")
-    log(f"train: {train_stats.describe(max_length)}; val: {val_stats.describe(max_length)}")
+                  f" (none saved with {stage.base_folder}: using alpaca; pass --prompt-style to choose)")
+    log(f"{len(records)} preference records from {data} → train {len(recs[0])} / val {len(recs[1])} / test "
+        f"{len(recs[2])} (seed {split_seed}); prompt style {style.name}{style_note}")
 
-    device = resolve_device(cfg.device)
-    amp = autocast_dtype(cfg.precision, device)
-    model.to(device)
-    collate = PreferenceCollate(pad_id=tok.eos_id, device=device)
-    if precompute:
-        precompute_reference(model, train_pairs + val_pairs, collate, 2 * cfg.batch_size, amp, device,
-                             average_logprobs, progress)
-        reference, how = None, "precomputed once (no reference model in memory)"
-    if lora is not None:
-        from llmscratch.lora import apply_lora, lora_report
-
-        apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, seed=cfg.seed)
-        log(str(lora_report(model)))
-        if not precompute:
-            reference, how = adapters_off_reference(model), "the same model with its adapters off"
-    elif not precompute:
-        reference, how = frozen_reference(model), "a frozen copy of the starting model"
-    log(f"reference log-probs: {how}; beta {beta}, label smoothing {label_smoothing}")
-    loss_fn = DPOLoss(beta, label_smoothing, reference, average_logprobs)
-
-    batches = ExampleBatches(train_pairs, val_pairs, collate, cfg.batch_size, seed=cfg.seed)
-    if epochs is not None:
-        cfg.max_steps = steps_for_epochs(epochs, batches.batches_per_epoch, cfg.grad_accum)
+    run = _DPORun(stage, model, tok, style, beta, label_smoothing, average_logprobs, progress)
+    loss_fn = run.loss_fn(precompute, train_pairs + val_pairs)
+    batches = ExampleBatches(train_pairs, val_pairs, run.collate, stage.cfg.batch_size, seed=stage.cfg.seed)
+    cfg = stage.steps_for_epochs(epochs, batches.batches_per_epoch)
     log(f"{cfg.max_steps} steps of {cfg.batch_size * cfg.grad_accum} pairs "
         f"({cfg.max_steps * cfg.batch_size * cfg.grad_accum / len(train_pairs):.2f} epochs)")
-
     eval_pairs = val_pairs or train_pairs
-    sample_recs = (test_recs or val_recs or train_recs)[:max(0, n_samples)]
-
-    def answers(m) -> list[str]:
-        if not sample_recs:
-            return []
-        texts = generate_batch(m, tok, [style.prompt(r) for r in sample_recs], max_new_tokens=max_new_tokens,
-                               stop=style.stop)
-        return [style.clean(t) for t in texts]
-
-    before = evaluate_pairs(model, eval_pairs, loss_fn, collate, 2 * cfg.batch_size, amp, device)
-    before_answers = answers(model) if not resume else []
+    sample_recs = (recs[2] or recs[1] or recs[0])[:max(0, n_samples)]
+    before = run.evaluate(eval_pairs, loss_fn)
+    before_answers = run.answers(sample_recs, max_new_tokens) if not resume else []
     log("before: " + _describe(before))
 
-    created = check_out_dir(out)
-    save_style(out, style.name)
-    hparams = {"stage": "dpo", "base": str(checkpoint), "data": str(data), "prompt_style": style.name,
-               "dpo": {"beta": beta, "label_smoothing": label_smoothing, "reference": "precomputed" if precompute
-                       else ("adapters-off" if lora is not None else "frozen-copy"),
-                       "average_logprobs": average_logprobs},
-               "epochs": epochs, "max_length": max_length,
+    reference = "precomputed" if precompute else ("adapters-off" if lora is not None else "frozen-copy")
+    dpo_hp = {"beta": beta, "label_smoothing": label_smoothing, "reference": reference,
+              "average_logprobs": average_logprobs}
+    hparams = {"data": str(data), "prompt_style": style.name, "dpo": dpo_hp, "epochs": epochs,
+               "max_length": max_length,
                "split": {"seed": split_seed, "val_fraction": val_fraction, "test_fraction": test_fraction}}
-    if lora is not None:
-        hparams["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets, "dropout": lora.dropout}
-    with removed_on_failure(out, created):
-        result = train(model, batches, cfg, out, loss_fn=loss_fn, tokenizer=tok, resume=resume, hparams=hparams,
-                       perplexity=False, loss_label="DPO loss")
-    after = evaluate_pairs(model, eval_pairs, loss_fn, collate, 2 * cfg.batch_size, amp, device)
+    result = stage.train(model, batches, cfg, tok, hparams, before=lambda o: save_style(o, style.name),
+                         loss_fn=loss_fn, perplexity=False, loss_label="DPO loss")
+    after = run.evaluate(eval_pairs, loss_fn)
     log("after:  " + _describe(after))
-    after_answers = answers(model)
     samples = [{"instruction": r["instruction"], "input": r.get("input", ""), "chosen": r["chosen"],
                 "rejected": r["rejected"], "before": b, "after": a}
-               for r, b, a in zip(sample_recs, before_answers or [None] * len(sample_recs), after_answers)]
-    responses = finish_tuning_run(result, model, tok, style, test_recs, out, max_new_tokens, folder, lora, progress,
-                                  log)
+               for r, b, a in zip(sample_recs, before_answers or [None] * len(sample_recs),
+                                  run.answers(sample_recs, max_new_tokens))]
+    responses = answer_test_split(result, model, tok, style, recs[2], stage.out, max_new_tokens, progress, log)
+    stage.finish(model, tok, result)
     summary = {"split": "val" if val_pairs else "train", "n_pairs": len(eval_pairs), "before": before,
                "after": after, "steps": result.step, "stopped_early": result.stopped_early,
-               "samples": samples, **hparams["dpo"]}
-    atomic_write_text(out / METRICS_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    plot_dpo(out / "metrics.csv", out / "dpo.png")
-    return DPOResult(result, len(train_recs), len(val_recs), len(test_recs), before, after, samples, responses)
+               "samples": samples, **dpo_hp}
+    atomic_write_text(stage.out / runs.DPO_METRICS, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    plot_dpo(stage.out / runs.METRICS_CSV, stage.out / runs.DPO_PLOT)
+    return stage.result(result, *map(len, recs),
+                        metrics={"before": before, "after": after, "samples": samples, "responses": responses})
+
+
+def _load_preferences(data):
+    from llmscratch.data.preference import load_preferences
+
+    return load_preferences(data)
+
+
+def _split(records, seed: int, val_fraction: float, test_fraction: float):
+    from llmscratch.data.instruct import split_records
+
+    return split_records(records, seed, val_fraction, test_fraction)
+
+
+def _encode(recs, tok, style, max_length: int, batch_size: int, log):
+    """Token pairs of the train and validation records; UserError when fewer than one batch."""
+    from llmscratch.data.preference import encode_preferences
+
+    train_pairs, train_stats = encode_preferences(recs[0], tok, style, max_length)
+    val_pairs, val_stats = encode_preferences(recs[1], tok, style, max_length)
+    if len(train_pairs) < batch_size:
+        raise UserError(f"{len(train_pairs)} training pairs are fewer than one batch of {batch_size}; lower "
+                        "--train.batch_size or add data")
+    log(f"train: {train_stats.describe(max_length)}; val: {val_stats.describe(max_length)}")
+    return train_pairs, val_pairs
+
+
+class _DPORun:
+    """What a DPO run needs around the trainer: the reference, evaluation before and after, sample answers."""
+
+    def __init__(self, stage: Stage, model, tok, style, beta: float, label_smoothing: float, average: bool,
+                 progress: bool):
+        from llmscratch.data.preference import PreferenceCollate
+        from llmscratch.runtime import autocast_dtype, resolve_device
+
+        self.stage, self.model, self.tok, self.style = stage, model, tok, style
+        self.beta, self.label_smoothing, self.average, self.progress = beta, label_smoothing, average, progress
+        self.device = resolve_device(stage.cfg.device)
+        self.amp = autocast_dtype(stage.cfg.precision, self.device)
+        self.eval_batch = 2 * stage.cfg.batch_size
+        model.to(self.device)
+        self.collate = PreferenceCollate(pad_id=tok.eos_id, device=self.device)
+
+    def loss_fn(self, precompute: bool, pairs: list) -> DPOLoss:
+        """The DPO loss with its reference: log-probs scored once before training (`precompute`), the same
+        model with its adapters off (LoRA), or a frozen copy of the starting model. Applies LoRA when asked."""
+        if precompute:
+            precompute_reference(self.model, pairs, self.collate, self.eval_batch, self.amp, self.device,
+                                 self.average, self.progress)
+            reference, how = None, "precomputed once (no reference model in memory)"
+        self.stage.apply_lora(self.model)
+        if not precompute and self.stage.lora is not None:
+            reference, how = adapters_off_reference(self.model), "the same model with its adapters off"
+        elif not precompute:
+            reference, how = frozen_reference(self.model), "a frozen copy of the starting model"
+        self.stage.log(f"reference log-probs: {how}; beta {self.beta}, label smoothing {self.label_smoothing}")
+        return DPOLoss(self.beta, self.label_smoothing, reference, self.average)
+
+    def evaluate(self, pairs: list, loss_fn: DPOLoss) -> dict[str, float]:
+        return evaluate_pairs(self.model, pairs, loss_fn, self.collate, self.eval_batch, self.amp, self.device)
+
+    def answers(self, records: list[dict], max_new_tokens: int) -> list[str]:
+        if not records:
+            return []
+        from llmscratch.generate import generate_batch
+
+        texts = generate_batch(self.model, self.tok, [self.style.prompt(r) for r in records],
+                               max_new_tokens=max_new_tokens, stop=self.style.stop)
+        return [self.style.clean(t) for t in texts]
 
 
 def _describe(m: dict[str, float]) -> str:

@@ -2,6 +2,7 @@
 
 from llmscratch.model.attention import CausalSelfAttention, KVCache, attention_reference
 from llmscratch.model.layers import GELUMLP, LayerNorm, gelu_reference, layer_norm_reference
+from llmscratch.model.options import ModelOptions
 from llmscratch.model.transformer import GPT, Block, flops_per_token
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
            "CausalSelfAttention",
            "KVCache",
            "LayerNorm",
+           "ModelOptions",
            "attention_reference",
            "flops_per_token",
            "gelu_reference",

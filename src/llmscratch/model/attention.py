@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmscratch.model.dispatch import triton_kernels
 from llmscratch.model.layers import RMSNorm
+from llmscratch.model.options import ModelOptions
 from llmscratch.model.rope import apply_rope
-from llmscratch.runtime import triton_kernels
 
 
 def attention_reference(q, k, v, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
@@ -71,20 +72,17 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-# On CUDA with Triton, training splits the fused q/k/v projection with `kernels.qkv_projection`, whose backward
-# assembles the three gradients and the bias gradient in one pass (model/kernels.py). Off: on an H200 the step
-# gained nothing measurable (2026-11-26, benchmarks/RESULTS.md); benchmarks/gpu_train.py's "qkvkernel" variants
-# turn it on.
-USE_QKV_KERNEL = False
-
-
 class CausalSelfAttention(nn.Module):
-    """Multi-head / grouped-query causal self-attention calling `F.scaled_dot_product_attention`."""
+    """Multi-head / grouped-query causal self-attention calling `F.scaled_dot_product_attention`.
+
+    `options`: the model's `ModelOptions` (its `qkv_kernel` is read on every call), shared with the model that
+    builds this layer; the defaults when None."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, qkv_bias: bool = True,
                  bias: bool = True, dropout: float = 0.0, head_dim: int | None = None, qk_norm: bool = False,
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6, options: ModelOptions | None = None):
         super().__init__()
+        self.options = options if options is not None else ModelOptions()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = head_dim or d_model // n_heads
         # One matmul for q, k and v together (GPT-2's c_attn); with GQA k and v are narrower.
@@ -105,7 +103,7 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         hs, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
         kernels = None
-        if (USE_QKV_KERNEL and torch.is_grad_enabled() and type(self.qkv) is nn.Linear  # not LoRA-wrapped
+        if (self.options.qkv_kernel and torch.is_grad_enabled() and type(self.qkv) is nn.Linear  # not LoRA-wrapped
                 and self.qkv.bias is not None and hs & (hs - 1) == 0):
             kernels = triton_kernels(x)
         if kernels is not None:

@@ -1,7 +1,7 @@
 """Hand-written Triton kernels for the CUDA training path, each beside the PyTorch spelling it replaces.
 
 On a GPU the steps between matrix products are pure memory traffic, so what matters is how often a kernel
-touches device memory. `llmscratch.runtime.triton_kernels(t)` hands this module to callers on NVIDIA GPUs when
+touches device memory. `llmscratch.model.dispatch.triton_kernels(t)` hands this module to callers on NVIDIA GPUs when
 Triton imports (PyTorch's CUDA builds ship it); elsewhere they keep their PyTorch spelling. Each kernel is a
 `torch.library.triton_op`, so `torch.compile` traces it as a call. On a CPU the kernels run only under Triton's
 interpreter (TRITON_INTERPRET=1), which is how tests/model/test_kernels.py checks them without a GPU.
@@ -19,13 +19,14 @@ they are left out of the sums and get gradient 0.
 (`model/layers.py`, `GELUMLP`). Inductor computes the backward as two kernels, one writing the gradient of the
 pre-activation and one reading it back for the bias gradient's column sums. Here one kernel does both: each
 program writes its tile's gradient and the tile's column sums, and a small sum over tiles finishes the bias
-gradient. On in compiled training steps (`layers.GELU_KERNEL`), where an H200 measured it +0.5-0.7% a step.
+gradient. On in compiled training steps (`ModelOptions.gelu_kernel`), where it made the step slightly faster
+(benchmarks/RESULTS.md).
 
 `qkv_projection` — attention's fused q/k/v product is split into per-head views; its backward gets three
 head-major gradients (B, heads, T, head_dim) from the attention kernel, and inductor copies them into one
 row-major gradient in one kernel and reads that back for the bias gradient in another. `heads_to_rows` does both
-in one pass, and the products for x and W follow. Off (`attention.USE_QKV_KERNEL`): an H200 measured no gain
-in the step (-0.1%, within noise), though it trims 0.5 GiB of peak memory at micro-batch 32.
+in one pass, and the products for x and W follow. Off (`ModelOptions.qkv_kernel`): it made no measurable
+difference to the step, though it trims peak memory a little (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -108,9 +109,9 @@ def _cross_entropy_rows_kernel(logits_ptr, targets_ptr, losses_ptr, grad_ptr, n_
 
 
 # Block width, warps per program and the walk-1 scheme, chosen by timing each once per vocabulary width (Triton's
-# autotuner). On an H100 (RESULTS.md) the first five per-block settings gave 1.67 ms for a 16,384 × 50,304 bf16
-# chunk, against 2.84 ms for inductor's kernel of the PyTorch expression; the others were added after that
-# measurement, and the autotuner keeps whichever is fastest. The interpreter has no timer: tests pick a setting.
+# autotuner). The first five per-block settings were measured well ahead of inductor's kernel for the PyTorch
+# expression on a GPT-2 chunk (benchmarks/RESULTS.md); the others were added after that measurement, and the
+# autotuner keeps whichever is fastest. The interpreter has no timer: tests pick a setting.
 _SETTINGS = ((2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32), (1024, 4), (2048, 4), (4096, 4))
 _tuned_kernel = triton.autotune(
     configs=[triton.Config({"BLOCK": b, "LANEWISE": lane}, num_warps=w) for lane in (False, True)

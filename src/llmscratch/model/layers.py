@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmscratch.runtime import triton_kernels
+from llmscratch.model.dispatch import triton_kernels
+from llmscratch.model.options import ModelOptions
 
 
 def layer_norm_reference(x: torch.Tensor, weight, bias, eps: float = 1e-5) -> torch.Tensor:
@@ -72,33 +73,32 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
     return RMSNorm(dim, eps) if kind == "rmsnorm" else LayerNorm(dim, eps, bias)
 
 
-# On CUDA with Triton, GELUMLP adds the fc bias and applies GELU in one hand-written kernel whose backward also
-# sums the bias gradient (model/kernels.py, `gelu_bias`). "compiled" (the default): in training steps under
-# torch.compile — the trainer's CUDA path, where it was measured (H200, 2026-11-26: +0.5-0.7% tokens/s,
-# benchmarks/RESULTS.md); eager calls keep the PyTorch spelling, since each eager launch of a Triton kernel costs
-# host time and decoding never runs the backward the kernel exists for. "always": eager too (tests). "never": the
-# PyTorch spelling everywhere (benchmarks/gpu_train.py's "torchgelu" variants).
-GELU_KERNEL = "compiled"
-
-
-def _gelu_kernel_wanted() -> bool:
-    if GELU_KERNEL == "compiled":
+def _gelu_kernel_wanted(mode: str) -> bool:
+    """Whether GELUMLP asks for the Triton bias + GELU kernel under `ModelOptions.gelu_kernel` = `mode`: with
+    "compiled", only in training steps traced by torch.compile (gradients on)."""
+    if mode == "compiled":
         return torch.is_grad_enabled() and torch.compiler.is_compiling()
-    return GELU_KERNEL == "always"
+    return mode == "always"
 
 
 class GELUMLP(nn.Module):
-    """GPT-2's feed-forward net: expand to d_ff, GELU (tanh form), project back to d_model."""
+    """GPT-2's feed-forward net: expand to d_ff, GELU (tanh form), project back to d_model.
 
-    def __init__(self, d_model: int, d_ff: int, bias: bool = True, dropout: float = 0.0):
+    `options`: the model's `ModelOptions` (its `gelu_kernel` is read on every call), shared with the model that
+    builds this layer; the defaults when None."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = True, dropout: float = 0.0,
+                 options: ModelOptions | None = None):
         super().__init__()
+        self.options = options if options is not None else ModelOptions()
         self.fc = nn.Linear(d_model, d_ff, bias=bias)
         self.proj = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernels = None
-        if _gelu_kernel_wanted() and type(self.fc) is nn.Linear and self.fc.bias is not None:  # not LoRA-wrapped
+        if (_gelu_kernel_wanted(self.options.gelu_kernel) and type(self.fc) is nn.Linear  # not LoRA-wrapped
+                and self.fc.bias is not None):
             kernels = triton_kernels(x)
         if kernels is not None:
             h = kernels.gelu_bias(F.linear(x, self.fc.weight), self.fc.bias)

@@ -12,9 +12,10 @@ for m=64) and those columns' logits are set to −∞ before the softmax. They a
 gradient, and exist only here: the model's parameters, its checkpoints and its logits keep the real vocabulary,
 so a padding id can never be sampled.
 
-On CUDA, when Triton is installed (PyTorch's CUDA builds ship it), a chunk's losses and gradient come from a
-hand-written Triton kernel (`model/kernels.py`) that reads the logits once from device memory; elsewhere,
-from the PyTorch expressions below.
+On CUDA, when Triton is installed (PyTorch's CUDA builds ship it) and the caller asks for it (`use_kernel`, the
+model's `ModelOptions.loss_kernel`), a chunk's losses and gradient come from a hand-written Triton kernel
+(`model/kernels.py`) that reads the logits once from device memory; elsewhere, from the PyTorch expressions
+below.
 
 `lm_head_cross_entropy_reference` is the plain formula; tests check that both give the same loss and grads.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmscratch.runtime import triton_kernels
+from llmscratch.model.dispatch import triton_kernels
 
 
 def lm_head_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -34,13 +35,8 @@ def lm_head_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targe
     return F.cross_entropy(logits, targets, ignore_index=ignore_index)
 
 
-# On CUDA with Triton, training uses the kernel of model/kernels.py; False keeps the PyTorch spellings everywhere
-# (for comparisons: benchmarks/gpu_train.py's "torchloss" variants).
-USE_TRITON_KERNEL = True
-
-
 def _losses_and_logit_grads(logits: torch.Tensor, y: torch.Tensor, vocab: int, need_grad: bool,
-                            one_pass: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            one_pass: bool, use_kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row cross-entropy of one chunk's logits (c, V [+ padding columns]) and, with `need_grad`, its
     gradient d(sum of losses)/d(logits) = softmax − one_hot(y), both from fp32 softmax statistics; columns from
     `vocab` on are padding (probability 0, gradient 0). The 1/n_valid is applied in backward.
@@ -50,11 +46,12 @@ def _losses_and_logit_grads(logits: torch.Tensor, y: torch.Tensor, vocab: int, n
     (`one_pass=True`): the gradient is one elementwise expression of the logits and the row's log-sum-exp, with
     no scatter, which inductor fuses with the log-sum-exp into one kernel that reads the bf16 logits and writes
     the bf16 gradient. The eager spelling made it write fp32 log-probabilities and convert them in a second
-    kernel: 7.7 → 4.4 ms of a GPT-2 batch-32 training step on an H100, +4.8% tokens/s (benchmarks/RESULTS.md).
+    kernel; the one-pass spelling made a compiled GPT-2 training step on CUDA ~5% faster (benchmarks/RESULTS.md).
     In eager mode the one-pass spelling is 1.3x slower on a CPU (more vocab-sized temporaries). With a gradient
-    on CUDA, both give way to the Triton kernel of kernels.py (the same arithmetic, one read of the logits).
+    on CUDA and `use_kernel`, both give way to the Triton kernel of kernels.py (the same arithmetic, one read of
+    the logits).
     """
-    kernels = triton_kernels(logits) if need_grad and USE_TRITON_KERNEL else None
+    kernels = triton_kernels(logits) if need_grad and use_kernel else None
     if kernels is not None:
         return kernels.cross_entropy_rows(logits, y, vocab)
     rows = torch.arange(logits.size(0), device=logits.device)
@@ -80,7 +77,8 @@ def _losses_and_logit_grads(logits: torch.Tensor, y: torch.Tensor, vocab: int, n
 
 class _ChunkedLMHeadCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size: int, ignore_index: int, need_grad: bool, pad_vocab_to: int):
+    def forward(ctx, h, weight, targets, chunk_size: int, ignore_index: int, need_grad: bool, pad_vocab_to: int,
+                use_kernel: bool):
         dev = h.device.type
         # Under autocast the products run in its dtype (bf16); the weight is cast once per call, not per chunk.
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
@@ -102,7 +100,7 @@ class _ChunkedLMHeadCE(torch.autograd.Function):
                 e = min(n, s + chunk_size)
                 h_c, y_c, ok = hc[s:e], y[s:e], valid[s:e]
                 # The only vocab-sized tensors, one chunk at a time.
-                losses, g = _losses_and_logit_grads(h_c @ wc.t(), y_c, vocab, need_grad, one_pass)
+                losses, g = _losses_and_logit_grads(h_c @ wc.t(), y_c, vocab, need_grad, one_pass, use_kernel)
                 total += (losses * ok).sum()
                 if need_grad:
                     g = g.to(dt)
@@ -122,12 +120,12 @@ class _ChunkedLMHeadCE(torch.autograd.Function):
         grad_h, grad_w, n_valid = ctx.saved_tensors
         scale = grad_out / n_valid
         return (grad_h.to(ctx.dtypes[0]) * scale.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]) * scale.to(ctx.dtypes[1]),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def lm_head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           chunk_size: int | None = None, ignore_index: int = -100,
-                          pad_vocab_to: int | None = None) -> torch.Tensor:
+                          pad_vocab_to: int | None = None, use_kernel: bool = True) -> torch.Tensor:
     """Mean cross-entropy of h @ weightᵀ against `targets` without materialising the full logits.
 
     h: (N, d) final hidden states; weight: (V, d) the LM head; targets: (N,) ids, `ignore_index` to skip a row.
@@ -135,10 +133,13 @@ def lm_head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     elsewhere) pads the vocabulary inside the computation for aligned matrix products (see the module notes).
     `chunk_size` rows per step (default: 1,024 on a CPU, where the small chunks stay in cache; 16,384 on CUDA,
     where one chunk per GPT-2 micro-batch measured 3.5% faster under torch.compile — benchmarks/RESULTS.md).
+    `use_kernel`: with a gradient on CUDA, a chunk's losses and logit gradients from the Triton kernel where it
+    is available (the model passes its `ModelOptions.loss_kernel`); False keeps the PyTorch expressions.
     """
     if pad_vocab_to is None:
         pad_vocab_to = 64 if h.is_cuda else 1
     if chunk_size is None:
         chunk_size = 16384 if h.is_cuda else 1024
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _ChunkedLMHeadCE.apply(h, weight, targets, chunk_size, ignore_index, need_grad, pad_vocab_to)
+    return _ChunkedLMHeadCE.apply(h, weight, targets, chunk_size, ignore_index, need_grad, pad_vocab_to,
+                                  use_kernel)

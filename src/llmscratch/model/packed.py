@@ -3,7 +3,7 @@
 A batch-1 decode step is a chain of matrix-vector products, so its speed is the rate at which the weights
 stream from memory. `F.linear` reads the plain (out, in) matrix; oneDNN (the CPU library behind PyTorch's
 `mkldnn` ops) can pre-pack a weight into a blocked layout its kernels stream about twice as fast on the
-2-core AVX512 machine of benchmarks/RESULTS.md. `torch.compile`'s CPU "freezing" does the same reorder; this
+AVX512 CPU of benchmarks/RESULTS.md. `torch.compile`'s CPU "freezing" does the same reorder; this
 does it directly, with no compile time. The math is unchanged — y = x Wᵀ + b — and tests check it equals
 `nn.Linear`.
 
@@ -68,8 +68,8 @@ def lower_to_onednn_call() -> bool:
     """Have inductor compile `llmscratch::packed_linear` into a direct call of oneDNN's operator (an extern kernel
     call in the generated code) instead of a call of ours that reaches oneDNN through our Python body: one
     dispatch instead of two and no Python frame, ~5 µs less per product. With inductor's shape checks off too
-    (generate.py), a compiled bf16 GPT-2 124M decoding step took 3.4–4.2% less time on the 2-core VM of
-    benchmarks/RESULTS.md. Returns whether the lowering is registered.
+    (generate.py), a compiled bf16 GPT-2 124M decoding step took 3.4–4.2% less time on a CPU
+    (benchmarks/RESULTS.md). Returns whether the lowering is registered.
 
     It registers a lowering in inductor's table, an internal of PyTorch (`torch._inductor.lowering`, as of
     2.13). Where those names differ, nothing is registered; where the direct call cannot be built, the lowering
@@ -128,6 +128,12 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
 
 
+def is_packed(model: nn.Module) -> bool:
+    """True when some linear layer of `model` was packed for CPU inference (it can then be neither trained nor
+    saved)."""
+    return any(isinstance(m, PackedLinear) for m in model.modules())
+
+
 def pack_for_cpu_inference(model: nn.Module) -> int:
     """Swap every `nn.Linear` of `model` for a `PackedLinear`; returns how many were packed (0 if unsupported)."""
     if not can_pack(model):
@@ -138,6 +144,5 @@ def pack_for_cpu_inference(model: nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, PackedLinear(getattr(parent, child)))
-    model.packed_for_inference = True
     return_freed_cpu_memory()  # the replaced weights' pages
     return len(names)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -12,20 +13,26 @@ from llmscratch.config import ModelConfig
 from llmscratch.model.attention import CausalSelfAttention, KVCache
 from llmscratch.model.layers import GELUMLP, SwiGLUMLP, make_norm
 from llmscratch.model.loss import lm_head_cross_entropy
+from llmscratch.model.options import ModelOptions
 from llmscratch.model.rope import inverse_frequencies, rope_cos_sin
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: attention and feed-forward each wrapped in a residual connection."""
+    """Pre-norm transformer block: attention and feed-forward each wrapped in a residual connection.
 
-    def __init__(self, cfg: ModelConfig):
+    `options`: the model's `ModelOptions`, handed on to the layers that read them (the defaults when None)."""
+
+    def __init__(self, cfg: ModelConfig, options: ModelOptions | None = None):
         super().__init__()
+        options = options if options is not None else ModelOptions()
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.qkv_bias, cfg.bias,
-                                        cfg.dropout, cfg.head_dim, cfg.qk_norm, cfg.norm_eps)
+                                        cfg.dropout, cfg.head_dim, cfg.qk_norm, cfg.norm_eps, options)
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        mlp = SwiGLUMLP if cfg.mlp == "swiglu" else GELUMLP
-        self.mlp = mlp(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
+        if cfg.mlp == "swiglu":
+            self.mlp = SwiGLUMLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
+        else:
+            self.mlp = GELUMLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout, options)
 
     def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -51,11 +58,15 @@ class GPT(nn.Module):
 
     `model(idx)` maps token ids (B, T) to next-token logits (B, T, vocab_size). For cached decoding call
     `setup_kv_cache(batch_size, max_len)` once, then pass `input_pos` (the absolute position of idx[:, 0]).
+
+    `options` (model/options.py) choose how it computes — activation checkpointing, the bf16 residual stream,
+    the Triton kernels — never what: the model keeps a copy, which its layers share, and `set_options` changes.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, options: ModelOptions | None = None):
         super().__init__()
         self.config = cfg
+        self.options = dataclasses.replace(options) if options is not None else ModelOptions()
         # The embeddings get uninitialised tensors rather than drawing their own N(0, 1) values, which
         # reset_parameters would replace anyway. It matters on the meta device, where checkpoints are loaded:
         # there PyTorch's normal_ first imports torch._dynamo, ~1.5 s of every CLI command that loads a model.
@@ -65,7 +76,7 @@ class GPT(nn.Module):
                                      _weight=torch.empty(cfg.context_length, cfg.d_model))
                         if cfg.position == "learned" else None)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, self.options) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}  # RoPE frequencies per device (not a buffer:
         #                                                       they must stay fp32 when the model is cast)
@@ -73,12 +84,17 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.n_classes or cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        # Training option: recompute each block's activations during backward instead of storing them.
-        self.activation_checkpointing = False
-        # Training option: under autocast, carry the residual stream between blocks in the autocast dtype
-        # (bf16) instead of fp32. Norms still compute in fp32; what changes is the bytes moved per layer.
-        self.low_precision_residual = False
+        # The compiled decoding step that `llmscratch.generate.compiled_decode_step` builds for this model on
+        # first use (None until then). It lives as long as the model: its graph reads the model's weights and
+        # KV-cache buffers where they are.
+        self.decode_step = None
         self.reset_parameters()
+
+    def set_options(self, **changes) -> ModelOptions:
+        """Change the model's options (fields of `ModelOptions`) in place, for every layer that reads them, and
+        return them. An unknown name is a TypeError, a value out of range a ValueError; then nothing changes.
+        A `torch.compile`d model sees the change on its next call (it retraces)."""
+        return self.options.update(**changes)
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02) everywhere, zero biases, and the projections that write into the
@@ -118,9 +134,9 @@ class GPT(nn.Module):
         else:
             rope = rope_cos_sin(pos, self.inverse_frequencies(idx.device), x.dtype)
         x = self.drop(x)
-        if self.low_precision_residual and torch.is_autocast_enabled(x.device.type):
+        if self.options.low_precision_residual and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        recompute = self.options.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(block, x, input_pos, rope, use_reentrant=False)
@@ -141,7 +157,8 @@ class GPT(nn.Module):
         prefill FLOPs). `one_block_graph`: see `features`."""
         x = self.features(idx, input_pos, one_block_graph)
         if targets is not None:
-            return lm_head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+            return lm_head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                         use_kernel=self.options.loss_kernel)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)  # (B, T, vocab)

@@ -1,9 +1,14 @@
-"""The one tokenizer interface every stage of the pipeline talks to."""
+"""The one tokenizer interface every stage of the pipeline talks to, and the byte-level BPE vocabulary its two BPE
+implementations (`bpe`, `fast`) share."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
+
+from llmscratch.tokenizer.storage import write_tokenizer_json
+from llmscratch.tokenizer.vocab import check_vocab
 
 
 class Tokenizer(ABC):
@@ -38,3 +43,19 @@ class Tokenizer(ABC):
     @abstractmethod
     def save(self, directory: str | Path) -> None:
         """Write the tokenizer's files into `directory` (created if missing); `load_tokenizer` reads them."""
+
+
+class RankedBPE(Tokenizer):
+    """A byte-level BPE given as `ranks` (token bytes -> id, which is also the merge priority), `special_tokens`
+    (string -> id) and `pattern` (the pre-tokenization regex): what both BPE implementations hold, checked once
+    here (`source` names the tokenizer in errors) and saved as the one ``tokenizer.json`` format."""
+
+    def __init__(self, ranks: Mapping[bytes, int], special_tokens: Mapping[str, int] | None, pattern: str,
+                 source: str) -> None:
+        self.ranks: dict[bytes, int] = dict(ranks)
+        self.special_tokens: dict[str, int] = dict(special_tokens or {})
+        self.pattern = pattern
+        check_vocab(self.ranks, self.special_tokens, source)
+
+    def save(self, directory: str | Path) -> None:
+        write_tokenizer_json(directory, self.ranks, self.special_tokens, self.pattern)

@@ -24,10 +24,9 @@ import regex
 from tqdm.auto import tqdm
 
 from llmscratch.errors import UserError
-from llmscratch.tokenizer.base import Tokenizer
+from llmscratch.tokenizer.base import RankedBPE
 from llmscratch.tokenizer.gpt2 import GPT2_PATTERN, read_gpt2_files
-from llmscratch.tokenizer.storage import write_tokenizer_json
-from llmscratch.tokenizer.vocab import check_vocab, ids_to_list, resolve_allowed_special, unknown_id_error
+from llmscratch.tokenizer.vocab import ids_to_list, resolve_allowed_special, unknown_id_error
 
 Pair = tuple[int, int]
 
@@ -53,6 +52,63 @@ def count_words(
     return {word.encode("utf-8"): n for word, n in counts.items()}
 
 
+class _PairIndex:
+    """The training words as lists of token ids, with the count of every adjacent pair (occurrences in each
+    word times the word's frequency) and the words that contain it, kept up to date as merges are applied."""
+
+    def __init__(self, word_counts: Mapping[bytes, int]):
+        self.words: list[list[int]] = []
+        self.freqs: list[int] = []
+        for word, freq in word_counts.items():
+            if len(word) > 1:  # a one-byte word has no pair to merge
+                self.words.append(list(word))
+                self.freqs.append(freq)
+        self.counts: dict[Pair, int] = {}
+        self.where: dict[Pair, set[int]] = {}  # pair -> indices of the words that contain it
+        for index, (ids, freq) in enumerate(zip(self.words, self.freqs)):
+            for pair in pairwise(ids):
+                self.counts[pair] = self.counts.get(pair, 0) + freq
+                self.where.setdefault(pair, set()).add(index)
+
+    def merge(self, a: int, b: int, new_id: int) -> list[tuple[Pair, int]]:
+        """Replace every (a, b) by `new_id` in the words that contain it, revisiting only those and adjusting
+        pair counts by difference. Returns the pairs whose count grew, with their new count (a pair whose count
+        shrank keeps a stale heap entry, caught when popped; one that vanished is forgotten)."""
+        before: dict[Pair, int] = {}  # count of every pair touched by this merge, before it
+        for index in self.where.pop((a, b)):
+            self._merge_word(index, a, b, new_id, before)
+        grown = []
+        for pair, old_count in before.items():
+            count = self.counts[pair]
+            if count == 0:
+                del self.counts[pair]
+                self.where.pop(pair, None)
+            elif count > old_count:
+                grown.append((pair, count))
+        return grown
+
+    def _merge_word(self, index: int, a: int, b: int, new_id: int, before: dict[Pair, int]) -> None:
+        old = self.words[index]
+        new = _merge_pair(old, a, b, new_id)
+        self.words[index] = new
+        freq = self.freqs[index]
+        old_pairs = list(pairwise(old))
+        new_pairs = list(pairwise(new))
+        for pair in old_pairs:
+            if pair not in before:
+                before[pair] = self.counts[pair]
+            self.counts[pair] -= freq
+        for pair in new_pairs:
+            if pair not in before:
+                before[pair] = self.counts.get(pair, 0)
+            self.counts[pair] = self.counts.get(pair, 0) + freq
+        for pair in set(old_pairs).difference(new_pairs):
+            if pair != (a, b):  # already popped by `merge`
+                self.where[pair].discard(index)
+        for pair in new_pairs:
+            self.where.setdefault(pair, set()).add(index)
+
+
 def learn_merges(
     word_counts: Mapping[bytes, int], vocab_size: int, progress: bool = False
 ) -> list[tuple[bytes, bytes]]:
@@ -64,38 +120,25 @@ def learn_merges(
     reused and no token is added, keeping one id per byte string as tiktoken-style ranks require.
 
     Cost: counting is done once; after a merge only the words containing the merged pair are revisited, and
-    their pair counts adjusted by difference. The next pair comes from a max-heap with lazy deletion: an entry
-    whose count no longer matches the live count is stale, and is re-pushed with the live count when popped.
+    their pair counts adjusted by difference (`_PairIndex`). The next pair comes from a max-heap with lazy
+    deletion: an entry whose count no longer matches the live count is stale, and is re-pushed with the live
+    count when popped.
     """
     tokens: list[bytes] = [bytes([b]) for b in range(256)]
     token_ids: dict[bytes, int] = {t: i for i, t in enumerate(tokens)}
-    words: list[list[int]] = []
-    freqs: list[int] = []
-    for word, freq in word_counts.items():
-        if len(word) > 1:  # a one-byte word has no pair to merge
-            words.append(list(word))
-            freqs.append(freq)
-
-    pair_counts: dict[Pair, int] = {}
-    pair_words: dict[Pair, set[int]] = {}  # pair -> indices of the words that contain it
-    for index, (ids, freq) in enumerate(zip(words, freqs)):
-        for pair in pairwise(ids):
-            pair_counts[pair] = pair_counts.get(pair, 0) + freq
-            pair_words.setdefault(pair, set()).add(index)
+    index = _PairIndex(word_counts)
     # heapq is a min-heap: negate the count; the bytes make ties deterministic; the ids ride along.
-    heap = [(-count, tokens[a], tokens[b], a, b) for (a, b), count in pair_counts.items()]
+    heap = [(-count, tokens[a], tokens[b], a, b) for (a, b), count in index.counts.items()]
     heapq.heapify(heap)
-
     merges: list[tuple[bytes, bytes]] = []
     bar = tqdm(total=max(vocab_size - 256, 0), desc="BPE merges", unit="tok", disable=not progress)
     while len(tokens) < vocab_size and heap:
         neg_count, left, right, a, b = heapq.heappop(heap)
-        live = pair_counts.get((a, b), 0)
+        live = index.counts.get((a, b), 0)
         if live != -neg_count:
             if live > 0:
                 heapq.heappush(heap, (-live, left, right, a, b))
             continue
-
         merged = left + right
         new_id = token_ids.get(merged)
         if new_id is None:
@@ -104,36 +147,8 @@ def learn_merges(
             token_ids[merged] = new_id
             bar.update(1)
         merges.append((left, right))
-
-        before: dict[Pair, int] = {}  # count of every pair touched by this merge, before it
-        for index in pair_words.pop((a, b)):
-            old = words[index]
-            new = _merge_pair(old, a, b, new_id)
-            words[index] = new
-            freq = freqs[index]
-            old_pairs = list(pairwise(old))
-            new_pairs = list(pairwise(new))
-            for pair in old_pairs:
-                if pair not in before:
-                    before[pair] = pair_counts[pair]
-                pair_counts[pair] -= freq
-            for pair in new_pairs:
-                if pair not in before:
-                    before[pair] = pair_counts.get(pair, 0)
-                pair_counts[pair] = pair_counts.get(pair, 0) + freq
-            for pair in set(old_pairs).difference(new_pairs):
-                if pair != (a, b):  # already popped above
-                    pair_words[pair].discard(index)
-            for pair in new_pairs:
-                pair_words.setdefault(pair, set()).add(index)
-        for pair, old_count in before.items():
-            count = pair_counts[pair]
-            if count == 0:
-                del pair_counts[pair]
-                pair_words.pop(pair, None)
-            elif count > old_count:
-                # A grown count needs a fresh entry; a shrunk one is caught as stale when popped.
-                heapq.heappush(heap, (-count, tokens[pair[0]], tokens[pair[1]], pair[0], pair[1]))
+        for (x, y), count in index.merge(a, b, new_id):
+            heapq.heappush(heap, (-count, tokens[x], tokens[y], x, y))
     bar.close()
     return merges
 
@@ -159,7 +174,7 @@ def _alternation(strings: Collection[str]) -> regex.Pattern | None:
     return regex.compile("|".join(regex.escape(s) for s in sorted(strings, key=len, reverse=True)))
 
 
-class BPETokenizer(Tokenizer):
+class BPETokenizer(RankedBPE):
     """Byte-level BPE in pure Python: readable, trainable, and id-for-id equal to its ``to_tiktoken()``.
 
     ranks: token bytes -> id (= merge priority). special_tokens: string -> id. pattern: pre-tokenization regex.
@@ -171,10 +186,7 @@ class BPETokenizer(Tokenizer):
         special_tokens: Mapping[str, int] | None = None,
         pattern: str = GPT2_PATTERN,
     ) -> None:
-        self.ranks: dict[bytes, int] = dict(ranks)
-        self.special_tokens: dict[str, int] = dict(special_tokens or {})
-        self.pattern = pattern
-        check_vocab(self.ranks, self.special_tokens, "BPETokenizer")
+        super().__init__(ranks, special_tokens, pattern, "BPETokenizer")
         self._word_re = regex.compile(pattern)
         size = max(max(self.ranks.values()), max(self.special_tokens.values(), default=-1)) + 1
         self._id_to_bytes: list[bytes | None] = [None] * size
@@ -329,9 +341,6 @@ class BPETokenizer(Tokenizer):
         if None in pieces:
             raise unknown_id_error(ids[pieces.index(None)], self.vocab_size)
         return b"".join(pieces).decode("utf-8", errors="replace")  # type: ignore[arg-type]
-
-    def save(self, directory: str | Path) -> None:
-        write_tokenizer_json(directory, self.ranks, self.special_tokens, self.pattern)
 
     def to_tiktoken(self, name: str = "llmscratch-bpe"):
         """This vocabulary as a ``tiktoken.Encoding``: the same ids from tiktoken's Rust encoder."""

@@ -7,16 +7,14 @@ copies tiktoken's merge rule) at tens of times the speed; the tests check the tw
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from pathlib import Path
 
 import tiktoken
 
-from llmscratch.tokenizer.base import Tokenizer
-from llmscratch.tokenizer.storage import write_tokenizer_json
-from llmscratch.tokenizer.vocab import check_vocab, ids_to_list, resolve_allowed_special, unknown_id_error
+from llmscratch.tokenizer.base import RankedBPE
+from llmscratch.tokenizer.vocab import ids_to_list, resolve_allowed_special, unknown_id_error
 
 
-class TiktokenTokenizer(Tokenizer):
+class TiktokenTokenizer(RankedBPE):
     """A :class:`Tokenizer` backed by a ``tiktoken.Encoding`` built from `ranks`, `special_tokens`, `pattern`.
 
     ranks: token bytes -> id, which is also the merge priority (lower merges first).
@@ -31,10 +29,7 @@ class TiktokenTokenizer(Tokenizer):
         pattern: str,
         name: str = "llmscratch-bpe",
     ) -> None:
-        self.ranks: dict[bytes, int] = dict(ranks)
-        self.special_tokens: dict[str, int] = dict(special_tokens or {})
-        self.pattern = pattern
-        check_vocab(self.ranks, self.special_tokens, f"tokenizer {name!r}")
+        super().__init__(ranks, special_tokens, pattern, f"tokenizer {name!r}")
         self.encoding = tiktoken.Encoding(
             name, pat_str=pattern, mergeable_ranks=self.ranks, special_tokens=self.special_tokens
         )
@@ -72,9 +67,6 @@ class TiktokenTokenizer(Tokenizer):
                 raise unknown_id_error(bad, self._vocab_size)
         # Bytes first, then a lenient UTF-8 decode: a sequence cut inside a character must not raise.
         return self.encoding.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    def save(self, directory: str | Path) -> None:
-        write_tokenizer_json(directory, self.ranks, self.special_tokens, self.pattern)
 
     def __repr__(self) -> str:
         return f"TiktokenTokenizer({self.encoding.name!r}, vocab_size={self._vocab_size})"

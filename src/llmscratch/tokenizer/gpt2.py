@@ -8,12 +8,11 @@ turned back into `ranks: dict[bytes, int]`, the form both of our tokenizers use.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
-from llmscratch.errors import UserError
+from llmscratch.errors import UserError, read_json
 from llmscratch.tokenizer.fast import TiktokenTokenizer
 from llmscratch.tokenizer.vocab import check_vocab
 
@@ -63,10 +62,7 @@ def read_gpt2_files(
     for path in (encoder_json, vocab_bpe):
         if not path.is_file():
             raise UserError(f"{path} not found; GPT-2's BPE needs encoder.json and vocab.bpe side by side")
-    try:
-        encoder = json.loads(encoder_json.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{encoder_json} is not valid JSON ({e}); fetch GPT-2's encoder.json again") from None
+    encoder = read_json(encoder_json, "; fetch GPT-2's encoder.json again")
     if not isinstance(encoder, dict):
         raise UserError(
             f"{encoder_json} should hold a JSON object (token -> id); fetch GPT-2's encoder.json again"

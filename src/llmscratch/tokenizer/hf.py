@@ -16,9 +16,11 @@ from datetime import datetime
 from pathlib import Path
 
 from llmscratch.errors import UserError, read_json
+from llmscratch.runs import TOKENIZER
 from llmscratch.tokenizer.base import Tokenizer
 
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+# TOKENIZER: Hugging Face's tokenizer file has the same name as ours (`is_hf_tokenizer_json` tells them apart).
+HF_TOKENIZER_FILES = (TOKENIZER, "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
 def is_hf_tokenizer_json(path: Path) -> bool:
@@ -43,13 +45,13 @@ class HFTokenizer(Tokenizer):
         try:
             from tokenizers import Tokenizer as RustTokenizer
         except ImportError:
-            raise UserError("reading a Hugging Face tokenizer.json needs the `tokenizers` package: "
+            raise UserError(f"reading a Hugging Face {TOKENIZER} needs the `tokenizers` package: "
                             "pip install tokenizers") from None
         self.folder = Path(folder)
         try:
-            self._tok = RustTokenizer.from_file(str(self.folder / "tokenizer.json"))
+            self._tok = RustTokenizer.from_file(str(self.folder / TOKENIZER))
         except Exception as exc:  # the Rust parser reports any malformed file this way
-            raise UserError(f"{self.folder / 'tokenizer.json'}: cannot read it ({exc})") from None
+            raise UserError(f"{self.folder / TOKENIZER}: cannot read it ({exc})") from None
         self.config = self._read_json("tokenizer_config.json")
         template_file = self.folder / "chat_template.jinja"
         self.chat_template = (template_file.read_text(encoding="utf-8") if template_file.is_file()

@@ -22,11 +22,12 @@ import binascii
 import json
 from pathlib import Path
 
-from llmscratch.errors import UserError
+from llmscratch.errors import UserError, read_json
 from llmscratch.fileio import atomic_write_text
+from llmscratch.runs import TOKENIZER
 from llmscratch.tokenizer.vocab import check_vocab
 
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = TOKENIZER  # the name the checkpoint folder layout (llmscratch.runs) gives it
 FORMAT = "llmscratch-bpe"
 VERSION = 1
 
@@ -61,14 +62,7 @@ def read_tokenizer_json(path: str | Path) -> tuple[dict[bytes, int], dict[str, i
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found; save a tokenizer there first (Tokenizer.save(folder))")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(
-            f"{path} is not valid JSON (line {e.lineno}: {e.msg}); re-save the tokenizer"
-        ) from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text; re-save the tokenizer") from None
+    data = read_json(path, "; re-save the tokenizer")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise UserError(

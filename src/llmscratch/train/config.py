@@ -1,13 +1,16 @@
 """A training run's settings, `TrainConfig`: one dataclass for every stage (pretraining, fine-tuning, DPO).
 
 It lives apart from the trainer, and imports nothing heavy, so that the command line can build its options
-and `--help` from it without importing PyTorch (~2 s on the development VM). Each field's docstring is its
-`--help` text.
+and `--help` from it without importing PyTorch (seconds). Each field's docstring is its `--help` text;
+`TrainConfig.check` rejects settings that make no sense before a run starts.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from llmscratch.errors import UserError
 
 
 @dataclass
@@ -60,7 +63,7 @@ class TrainConfig:
     """recompute each block's activations in backward instead of keeping them: less memory, ~1/3 more compute"""
     bf16_residual: bool | None = None
     """under bf16 autocast, carry the residual stream between blocks in bf16 instead of fp32 (half its bytes);
-    default: on CUDA (GPT-2 124M +5.8% tokens/s on an H100), off on a CPU (no measured gain)"""
+    default: on CUDA (faster there, see benchmarks/RESULTS.md), off on a CPU (no measured gain)"""
     cpu_heap_reuse: bool = True
     """on a CPU (Linux, glibc), keep freed memory for the next step instead of page-faulting it in again: ~1.3x
     faster steps with GPT-2's vocabulary; the process holds its peak memory until training ends"""
@@ -68,3 +71,34 @@ class TrainConfig:
     """accelerator peak for MFU; None = known GPUs only"""
     progress: bool = True
     """tqdm progress bar"""
+
+    def check(self) -> None:
+        """Raise a UserError naming the first setting that makes no sense (as its `--train.<field>` flag) and
+        what to use instead: settings the trainer would otherwise take silently or crash on. (Each rule is
+        written so that NaN fails it.)"""
+        rules = [
+            ("max_steps", self.max_steps >= 1, "must be at least 1 (optimizer updates to run)"),
+            ("max_minutes", self.max_minutes is None or self.max_minutes > 0,
+             "must be a positive number of minutes; leave it out for no time limit"),
+            ("batch_size", self.batch_size >= 0,
+             "must be a number of sequences per micro-batch, or 0 for the largest that fits"),
+            ("grad_accum", self.grad_accum >= 1, "must be at least 1 (1: no gradient accumulation)"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "must be a positive number, e.g. 6e-4"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1,
+             "must be between 0 and 1 (the cosine's floor as a fraction of --train.lr)"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be 0 (no warmup) or more"),
+            ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             "must be 0 (no decay) or a positive number, e.g. 0.1"),
+            ("beta1", 0 <= self.beta1 < 1, "must be at least 0 and below 1, e.g. 0.9"),
+            ("beta2", 0 <= self.beta2 < 1, "must be at least 0 and below 1, e.g. 0.95"),
+            ("grad_clip", self.grad_clip >= 0, "must be 0 (no clipping) or a positive gradient norm"),
+            ("eval_every", self.eval_every >= 1, "must be at least 1 (steps between evaluations)"),
+            ("eval_batches", self.eval_batches >= 1, "must be at least 1 (batches per evaluation)"),
+            ("log_every", self.log_every >= 1, "must be at least 1 (steps between loss readings)"),
+            ("save_every", self.save_every >= 1, "must be at least 1 (steps between checkpoints)"),
+            ("sample_every", self.sample_every >= 0, "must be 0 (no samples) or more"),
+            ("keep_last", self.keep_last >= 0, "must be 0 (keep every checkpoint) or more"),
+        ]
+        for name, ok, need in rules:
+            if not ok:
+                raise UserError(f"--train.{name} {getattr(self, name)}: {need}")

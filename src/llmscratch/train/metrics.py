@@ -5,18 +5,21 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from llmscratch import runs
+
 FIELDS = ["kind", "step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss", "val_ppl", "tokens_per_s",
           "mfu"]
 
 
 class MetricsLog:
-    """Appends rows to `metrics.csv` (one row per log or eval event) and mirrors them to TensorBoard.
+    """Appends rows to the run's metrics CSV (`runs.METRICS_CSV`; one row per log or eval event) and mirrors
+    them to TensorBoard.
 
     The columns are `FIELDS` plus any other value a stage logs (e.g. DPO's `val_reward_margin`): a new name
     adds a column, and the file is rewritten once with the wider header."""
 
     def __init__(self, out_dir: str | Path, resume_from_step: int | None = None, tensorboard: bool = True):
-        self.path = Path(out_dir) / "metrics.csv"
+        self.path = Path(out_dir) / runs.METRICS_CSV
         rows = read_metrics(self.path) if resume_from_step is not None and self.path.exists() else []
         # A run killed after its last checkpoint logged steps that the resumed run will redo: drop them.
         rows = [r for r in rows if resume_from_step is not None and int(r["step"]) <= resume_from_step]
@@ -69,16 +72,36 @@ def read_metrics(path: str | Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def plot_losses(metrics_csv: str | Path, out_png: str | Path,
-                ylabel: str = "cross-entropy loss (nats)") -> Path | None:
-    """Train/val loss against steps, with tokens seen on a second x-axis (the book's figure 5.12).
-
-    Returns None when matplotlib is missing or there is nothing to plot."""
+def pyplot():
+    """matplotlib's pyplot on its file-only backend (Agg), or None when matplotlib is not installed: plots are
+    extras, never a reason for a run to fail."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, out_png: str | Path) -> Path:
+    """Lay out, write as PNG and close `fig`; returns the file's path."""
+    import matplotlib.pyplot as plt
+
+    out_png = Path(out_png)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def plot_losses(metrics_csv: str | Path, out_png: str | Path,
+                ylabel: str = "cross-entropy loss (nats)") -> Path | None:
+    """Train/val loss against steps, with tokens seen on a second x-axis (the book's figure 5.12).
+
+    Returns None when matplotlib is missing or there is nothing to plot."""
+    plt = pyplot()
+    if plt is None:
         return None
     rows = [r for r in read_metrics(metrics_csv) if r["kind"] == "eval" and r["val_loss"]]
     train_rows = [r for r in read_metrics(metrics_csv) if r["kind"] == "train" and r["train_loss"]]
@@ -102,8 +125,4 @@ def plot_losses(metrics_csv: str | Path, out_png: str | Path,
         per_step = max_tokens / max_step
         top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
         top.set_xlabel("tokens seen")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)

@@ -6,17 +6,17 @@ import dataclasses
 import math
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from llmscratch import runs
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
+from llmscratch.runs import check_out_dir, latest_checkpoint, removed_on_failure
 from llmscratch.runtime import autocast_dtype, resolve_device
-from llmscratch.train.trainer import TrainConfig, TrainResult, find_micro_batch, latest_checkpoint, train
+from llmscratch.train.trainer import TrainConfig, TrainResult, find_micro_batch, train
 
 
 class LMBatches:
@@ -57,8 +57,7 @@ class LMBatches:
         self.generator.set_state(state["generator"])
 
 
-def is_prepared(path: str | Path) -> bool:
-    return (Path(path) / "meta.json").is_file()
+is_prepared = runs.is_prepared_data
 
 
 def prepare(data: str, tokenizer, out: str | Path, val_fraction: float = 0.1, seed: int = 0,
@@ -73,33 +72,6 @@ def prepare(data: str, tokenizer, out: str | Path, val_fraction: float = 0.1, se
     return meta
 
 
-def check_out_dir(out: Path) -> bool:
-    """Create `out` if needed; returns True when this call created it. Unwritable → UserError."""
-    created = not out.exists()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder; choose another path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"--out {out}: not writable ({exc.strerror}); choose a folder you can write to") from None
-    return created
-
-
-@contextmanager
-def removed_on_failure(out: Path, created: bool) -> Iterator[None]:
-    """Run the body; if it fails or is interrupted, remove `out` again when this run created it and it holds no
-    resumable checkpoint yet, so a failed start leaves nothing half-written behind (`--resume` needs one)."""
-    try:
-        yield
-    except BaseException:
-        if created and latest_checkpoint(out) is None:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
 def sample_fn(tokenizer, prompt: str, max_new_tokens: int = 40, seed: int = 0):
     from llmscratch.generate import generate
 
@@ -109,43 +81,30 @@ def sample_fn(tokenizer, prompt: str, max_new_tokens: int = 40, seed: int = 0):
     return sample
 
 
-def run_pretrain(model: str = "gpt-mini", data: str = "pydocs", out: str | Path = "runs/pretrain",
+def run_pretrain(model: str | None = None, data: str = "pydocs", out: str | Path = "runs/pretrain",
                  tokenizer: str | None = None, resume: bool = False, train_cfg: TrainConfig | None = None,
                  context_length: int | None = None, dropout: float | None = None,
-                 sample_prompt: str = "The", progress: bool = True) -> TrainResult:
-    """Pretrain `model` (a preset) on `data` (a corpus or a folder made by `prepare`) into `out`."""
-    from llmscratch.checkpoint import CONFIG
+                 sample_prompt: str = "The", progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Pretrain `model` (a preset; default gpt-mini) on `data` (a corpus or a folder made by `prepare`) into
+    `out`. With `resume`, the run continues from its newest checkpoint, whose model it keeps: a `model`,
+    `context_length` or `dropout` that differs from the run's is refused. `overwrite` replaces a run in `out`."""
     from llmscratch.model import GPT
-    from llmscratch.tokenizer import load_tokenizer
 
     out = Path(out)
     cfg = train_cfg or TrainConfig()
-    ModelConfig.from_preset(model)  # unknown preset → error before anything is written
-    if cfg.batch_size < 0:
-        raise UserError(f"--train.batch_size {cfg.batch_size}: use a positive size, or 0 for the largest that fits")
+    cfg.check()
+    if model is not None:
+        ModelConfig.from_preset(model)  # unknown preset → error before anything is written
+    replace = runs.check_run_folder(out, resume, overwrite)
     if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise UserError(f"--resume: no checkpoint under {out / 'checkpoints'}; start without --resume")
-        model_cfg = ModelConfig.load(ckpt / CONFIG)
-        tok = load_tokenizer(ckpt)
-        data_dir = Path(data) if is_prepared(data) else out / "data"
+        model, model_cfg, tok, data_dir = _resumed_run(out, model, data, context_length, dropout)
     else:
-        with removed_on_failure(out, check_out_dir(out)):
-            if is_prepared(data):
-                data_dir = Path(data)
-                tok = load_tokenizer(tokenizer or data_dir)
-            else:
-                tok = load_tokenizer(tokenizer or "gpt2")
-                data_dir = out / "data"
-                prepare(data, tok, data_dir, seed=cfg.seed, progress=progress)
-            overrides = {"vocab_size": tok.vocab_size}
-            if context_length:
-                overrides["context_length"] = context_length
-            if dropout is not None:
-                overrides["dropout"] = dropout
-            model_cfg = ModelConfig.from_preset(model, **overrides)
-            LMBatches(data_dir, max(cfg.batch_size, 1), model_cfg.context_length)  # too little text → error now
+        model = model or "gpt-mini"
+        created = check_out_dir(out)
+        if replace:
+            runs.clear_run(out)
+        with removed_on_failure(out, created):
+            model_cfg, tok, data_dir = _new_run(out, model, data, tokenizer, context_length, dropout, cfg, progress)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     net = GPT(model_cfg)
@@ -158,6 +117,52 @@ def run_pretrain(model: str = "gpt-mini", data: str = "pydocs", out: str | Path 
     hparams = {"model": model, "data": str(data), "data_dir": str(data_dir)}
     return train(net, batches, cfg, out, tokenizer=tok, resume=resume, hparams=hparams,
                  sample_fn=sample_fn(tok, sample_prompt, seed=cfg.seed))
+
+
+def _new_run(out: Path, model: str, data: str, tokenizer: str | None, context_length: int | None,
+             dropout: float | None, cfg: TrainConfig, progress: bool):
+    """(model config, tokenizer, token folder) of a new run; tokenizes `data` into the run's folder unless it
+    is a prepared folder already."""
+    from llmscratch.tokenizer import load_tokenizer
+
+    if is_prepared(data):
+        data_dir = Path(data)
+        tok = load_tokenizer(tokenizer or data_dir)
+    else:
+        tok = load_tokenizer(tokenizer or "gpt2")
+        data_dir = out / runs.DATA
+        prepare(data, tok, data_dir, seed=cfg.seed, progress=progress)
+    overrides = {"vocab_size": tok.vocab_size}
+    if context_length:
+        overrides["context_length"] = context_length
+    if dropout is not None:
+        overrides["dropout"] = dropout
+    model_cfg = ModelConfig.from_preset(model, **overrides)
+    LMBatches(data_dir, max(cfg.batch_size, 1), model_cfg.context_length)  # too little text → error now
+    return model_cfg, tok, data_dir
+
+
+def _resumed_run(out: Path, model: str | None, data: str, context_length: int | None, dropout: float | None):
+    """(preset name, model config, tokenizer, token folder) of the run in `out`; a model setting given for the
+    resumed run that differs from the run's own is an error, not silently ignored."""
+    import yaml
+
+    from llmscratch.tokenizer import load_tokenizer
+
+    ckpt = latest_checkpoint(out)
+    model_cfg = ModelConfig.load(ckpt / runs.CONFIG)
+    hp = {}
+    if (ckpt / runs.HPARAMS).is_file():
+        hp = yaml.safe_load((ckpt / runs.HPARAMS).read_text()) or {}
+    run_model = hp.get("model") or model_cfg.name
+    conflicts = [f"{flag} {given} (the run has {have})" for flag, given, have in (
+        ("--model", model, run_model), ("--context-length", context_length, model_cfg.context_length),
+        ("--dropout", dropout, model_cfg.dropout)) if given is not None and given != have]
+    if conflicts:
+        raise UserError(f"--resume {out}: {'; '.join(conflicts)}; a resumed run keeps its model: drop "
+                        f"{'these options' if len(conflicts) > 1 else 'this option'} or start a new run")
+    data_dir = Path(data) if is_prepared(data) else out / runs.DATA
+    return run_model, model_cfg, load_tokenizer(ckpt), data_dir
 
 
 def unigram_cross_entropy(data_dir: str | Path) -> float:
@@ -205,41 +210,25 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_
                progress: bool = True) -> dict:
     """Offline end to end: train a BPE tokenizer on the embedded `pydocs` corpus, pretrain a small GPT for
     `minutes`, and report the validation loss next to the corpus's unigram cross-entropy."""
-    from llmscratch.data import load_corpus
     from llmscratch.generate import generate
     from llmscratch.model import GPT
-    from llmscratch.tokenizer import BPETokenizer, load_tokenizer
 
     out = Path(out)
     if minutes <= 0:
         raise UserError(f"--minutes must be positive, got {minutes}")
-    if (out / "checkpoints").exists():
+    if runs.holds_run(out):
         if not overwrite:
             raise UserError(f"--out {out}: already holds a training run; pass --overwrite to replace it or "
                             "choose another folder")
         shutil.rmtree(out)
     t0 = time.perf_counter()
     with removed_on_failure(out, check_out_dir(out)):
-        print("[1/4] loading the embedded corpus (Python standard library docs)...", flush=True)
-        documents = load_corpus("pydocs", progress=progress)
-        size_mb = sum(len(d) for d in documents) / 1e6
-        print(f"      {len(documents):,} documents, {size_mb:.2f} MB of text", flush=True)
-        print(f"[2/4] training a {vocab_size}-token byte-level BPE tokenizer from scratch...", flush=True)
-        bpe = BPETokenizer.train(documents, vocab_size, progress=progress)
-        bpe.save(out / "tokenizer")
-        tok = load_tokenizer(out / "tokenizer")  # the tiktoken-backed fast path of the same vocabulary
-        print("[3/4] tokenizing into train/val token files...", flush=True)
-        data_dir = out / "data"
-        meta = prepare("pydocs", tok, data_dir, val_fraction=0.1, seed=seed, progress=progress)
-        unigram = unigram_cross_entropy(data_dir)
-        print(f"      {meta.train_tokens:,} train / {meta.val_tokens:,} val tokens; unigram cross-entropy "
-              f"{unigram:.3f} nats (the loss of a model that ignores context)", flush=True)
+        tok, data_dir, meta, unigram = _quickstart_data(out, vocab_size, seed, progress)
 
     dev = resolve_device(device)
-    on_cpu = dev.type == "cpu"
     precision = "bf16" if autocast_dtype("auto", dev) else "fp32"
     model_cfg = ModelConfig.from_preset(model, vocab_size=tok.vocab_size)
-    cfg = TrainConfig(batch_size=16, lr=2e-3 if on_cpu else 1e-3, warmup_steps=20,
+    cfg = TrainConfig(batch_size=16, lr=2e-3 if dev.type == "cpu" else 1e-3, warmup_steps=20,
                       weight_decay=0.1, eval_every=50, eval_batches=8, log_every=10, save_every=100,
                       keep_last=1, seed=seed, device=device, precision=precision, max_minutes=minutes,
                       progress=progress)
@@ -249,34 +238,58 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_
     prompt = "The module"
     before = generate(net, tok, prompt, max_new_tokens=30, temperature=0.8, top_k=40, seed=seed)
     print(f"      sample before training: {prompt}{before!r}", flush=True)
-    step_s = estimate_step_seconds(net, batches, cfg)
     # Size the cosine schedule to the time budget, leaving ~10% for evaluations and checkpoints, but to at most
     # MAX_EPOCHS passes over the data: a GPU gets through this small corpus in seconds, and past ~10 epochs
-    # the model memorises the training text and validation loss climbs again (seen on an H200).
-    by_time = int(minutes * 60 * 0.9 / step_s)
+    # the model memorises the training text and validation loss climbs again (benchmarks/RESULTS.md).
+    by_time = int(minutes * 60 * 0.9 / estimate_step_seconds(net, batches, cfg))
     by_epochs = int(MAX_EPOCHS * meta.train_tokens / (cfg.batch_size * model_cfg.context_length))
-    cfg.max_steps = max(20, min(by_time, by_epochs))
-    n_params = net.num_params()
-    print(f"[4/4] pretraining {model} ({n_params / 1e6:.1f}M parameters) on {dev.type} in {precision} for "
+    cfg = dataclasses.replace(cfg, max_steps=max(20, min(by_time, by_epochs)))
+    print(f"[4/4] pretraining {model} ({net.num_params() / 1e6:.1f}M parameters) on {dev.type} in {precision} for "
           f"~{minutes:g} min (~{cfg.max_steps} steps of {cfg.batch_size}×{model_cfg.context_length} tokens)...",
           flush=True)
     result = train(net, batches, cfg, out, tokenizer=tok,
                    hparams={"model": model, "data": "pydocs", "data_dir": str(data_dir)},
                    sample_fn=sample_fn(tok, prompt, seed=seed))
     after = generate(net, tok, prompt, max_new_tokens=40, temperature=0.8, top_k=40, seed=seed)
-    val = result.val_loss
-    total_min = (time.perf_counter() - t0) / 60
     print(f"\nsample after training: {prompt}{after!r}")
+    total_min = (time.perf_counter() - t0) / 60
+    _quickstart_report(out, result, unigram, total_min)
+    return {"val_loss": result.val_loss, "unigram": unigram, "steps": result.step, "tokens": result.tokens,
+            "minutes": total_min}
+
+
+def _quickstart_data(out: Path, vocab_size: int, seed: int, progress: bool):
+    """Steps 1-3: the embedded corpus, a BPE tokenizer trained on it, and its token files; returns (tokenizer,
+    token folder, their meta, the unigram cross-entropy of the validation split)."""
+    from llmscratch.data import load_corpus
+    from llmscratch.tokenizer import BPETokenizer, load_tokenizer
+
+    print("[1/4] loading the embedded corpus (Python standard library docs)...", flush=True)
+    documents = load_corpus("pydocs", progress=progress)
+    size_mb = sum(len(d) for d in documents) / 1e6
+    print(f"      {len(documents):,} documents, {size_mb:.2f} MB of text", flush=True)
+    print(f"[2/4] training a {vocab_size}-token byte-level BPE tokenizer from scratch...", flush=True)
+    bpe = BPETokenizer.train(documents, vocab_size, progress=progress)
+    bpe.save(out / "tokenizer")
+    tok = load_tokenizer(out / "tokenizer")  # the tiktoken-backed fast path of the same vocabulary
+    print("[3/4] tokenizing into train/val token files...", flush=True)
+    data_dir = out / runs.DATA
+    meta = prepare("pydocs", tok, data_dir, val_fraction=0.1, seed=seed, progress=progress)
+    unigram = unigram_cross_entropy(data_dir)
+    print(f"      {meta.train_tokens:,} train / {meta.val_tokens:,} val tokens; unigram cross-entropy "
+          f"{unigram:.3f} nats (the loss of a model that ignores context)", flush=True)
+    return tok, data_dir, meta, unigram
+
+
+def _quickstart_report(out: Path, result: TrainResult, unigram: float, total_min: float) -> None:
+    val = result.val_loss
     verdict = (f"{unigram - val:.2f} nats better: it learned to use context" if val < unigram
                else f"not below it ({val - unigram:.2f} nats above): train longer, e.g. --minutes 8")
     print(f"final validation loss {val:.3f} nats (perplexity {math.exp(val):.1f}) vs unigram cross-entropy "
           f"{unigram:.3f}: {verdict}")
     print(f"done in {total_min:.1f} min: {result.step} steps, {result.tokens:,} tokens. Files in {out}/: "
-          "model.safetensors, config.json, tokenizer.json, metrics.csv, loss.png, checkpoints/")
+          f"{', '.join(runs.written_files(out))}")
     print("\nnext, try:")
     print(f'  llmscratch generate {out} --prompt "The module" --max-new-tokens 60 --temperature 0.8 --top-k 40')
     print(f"  llmscratch info {out}")
     print(f"  llmscratch pretrain --model gpt-mini --data tinyshakespeare --tokenizer {out} --out runs/shakespeare")
-    return {"val_loss": val, "unigram": unigram, "steps": result.step, "tokens": result.tokens,
-            "minutes": total_min}
-

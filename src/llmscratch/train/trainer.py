@@ -7,7 +7,10 @@ A stage supplies:
   * `loss_fn(model, batch) -> (loss, n_tokens)`: the mean loss and how many tokens it covered. It may also
     return a third item, a dict of extra scalars (e.g. DPO's rewards): the trainer averages each over the
     batches of a logging window and of an evaluation, like the loss, and logs them as `train_<name>` and
-    `val_<name>` columns of metrics.csv.
+    `val_<name>` columns of the run's metrics CSV.
+
+The loop itself (`_Run.loop`) follows the book's `train_model_simple`; the run folder it writes is laid out
+by `llmscratch.runs`.
 """
 
 from __future__ import annotations
@@ -15,11 +18,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import random
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,15 +29,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from llmscratch import runs
 from llmscratch.checkpoint import save_model
 from llmscratch.errors import UserError
 from llmscratch.model.transformer import flops_per_token
-from llmscratch.runtime import autocast_dtype, cpu_memory_kept_for_reuse, peak_flops, resolve_device
+from llmscratch.runs import TRAIN_STATE, latest_checkpoint  # noqa: F401 (re-exported: the stages import them here)
+from llmscratch.runtime import autocast_dtype, cpu_memory_kept_for_reuse, peak_flops, resolve_device, tf32_matmuls
 from llmscratch.train.config import TrainConfig
 from llmscratch.train.metrics import MetricsLog, plot_losses
 from llmscratch.train.schedule import lr_at
-
-TRAIN_STATE = "train_state.pt"
 
 
 class BatchSource(Protocol):
@@ -108,11 +108,10 @@ def largest_fitting_batch(try_batch: Callable[[int], None], limit: int = 256) ->
 
 def set_model_options(model, cfg: TrainConfig, device: torch.device) -> None:
     """The model-side training options of `cfg` (for models that have them: GPT and its classifier)."""
-    if hasattr(model, "activation_checkpointing"):
-        model.activation_checkpointing = cfg.activation_checkpointing
-    if hasattr(model, "low_precision_residual"):
-        on = cfg.bf16_residual if cfg.bf16_residual is not None else device.type == "cuda"
-        model.low_precision_residual = on
+    if hasattr(model, "set_options"):
+        low_precision = cfg.bf16_residual if cfg.bf16_residual is not None else device.type == "cuda"
+        model.set_options(activation_checkpointing=cfg.activation_checkpointing,
+                          low_precision_residual=low_precision)
 
 
 def find_micro_batch(model, context_length: int, cfg: TrainConfig, device: torch.device, limit: int = 256) -> int:
@@ -169,41 +168,43 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    folder = out_dir / "checkpoints"
-    steps = sorted(p for p in folder.glob("step-*") if (p / TRAIN_STATE).exists()) if folder.is_dir() else []
-    return steps[-1] if steps else None
-
-
 def save_checkpoint(out_dir: Path, model, tokenizer, optimizer, step: int, tokens: int, batches: BatchSource,
                     hparams: dict, keep_last: int) -> Path:
-    """Write checkpoints/step-NNNNNNN atomically (a temp folder renamed into place) and prune old ones."""
-    ckpt_root = out_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=ckpt_root))
-    try:
+    """Write the run's step folder for `step` atomically (`runs.new_step_folder`: a temporary folder renamed
+    into place), with the training state that `--resume` restores, then prune all but the `keep_last` newest."""
+    with runs.new_step_folder(out_dir, step) as tmp:
         save_model(tmp, model, tokenizer, hparams)
         torch.save({"step": step, "tokens": tokens, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-                    "data": batches.state_dict()}, tmp / TRAIN_STATE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    kept = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
-    for old in kept[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+                    "data": batches.state_dict()}, tmp / runs.TRAIN_STATE)
+    runs.prune_checkpoints(out_dir, keep_last)
+    return runs.step_folder(out_dir, step)
 
 
 def load_train_state(ckpt: Path) -> dict:
     try:
-        return torch.load(ckpt / TRAIN_STATE, map_location="cpu", weights_only=True)
+        return torch.load(ckpt / runs.TRAIN_STATE, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which one
-        raise UserError(f"{ckpt / TRAIN_STATE}: cannot read training state ({exc}); "
+        raise UserError(f"{ckpt / runs.TRAIN_STATE}: cannot read training state ({exc}); "
                         "delete this checkpoint folder to resume from an earlier one") from None
+
+
+def restore(out_dir: Path, model, optimizer, batches: BatchSource, device: torch.device) -> tuple[int, int]:
+    """Load the run's newest resumable checkpoint into the model, optimizer, data position and RNGs, so that
+    training continues exactly as if never stopped; returns its (step, tokens)."""
+    from llmscratch.checkpoint import check_state_dict, load_state_dict
+
+    ckpt = runs.latest_checkpoint(out_dir)
+    if ckpt is None:
+        raise UserError(f"--resume: no checkpoint with {runs.TRAIN_STATE} under {out_dir / runs.CHECKPOINTS}; "
+                        "start without --resume")
+    state = load_state_dict(ckpt / runs.WEIGHTS, device=device)
+    check_state_dict(model, state, str(ckpt))
+    model.load_state_dict(state, strict=False)
+    ts = load_train_state(ckpt)
+    optimizer.load_state_dict(ts["optimizer"])
+    batches.load_state_dict(ts["data"])
+    _set_rng_state(ts["rng"])
+    return int(ts["step"]), int(ts["tokens"])
 
 
 class _StopFlag:
@@ -259,159 +260,209 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
           loss_label: str = "cross-entropy loss (nats)") -> TrainResult:
     """Train `model` on `batches` and write checkpoints, metrics and plots under `out_dir`.
 
-    `perplexity`: report exp(val loss) — meaningful for next-token losses only (classification and DPO turn it
-    off); `loss_label` names the loss on loss.png's y-axis."""
+    `on_step(step, loss)` is called after every step: with the window's mean training loss on logging steps,
+    None otherwise. `sample_fn(model)` is printed every `cfg.sample_every` steps. `perplexity`: report
+    exp(val loss) — meaningful for next-token losses only (classification and DPO turn it off); `loss_label`
+    names the loss on the loss plot's y-axis."""
+    cfg.check()
     device = resolve_device(cfg.device)
-    if cfg.max_steps <= 0:
-        raise UserError(f"max_steps must be positive, got {cfg.max_steps}")
-    # On a CPU the run keeps freed memory for its next steps (runtime.cpu_memory_kept_for_reuse); the training
-    # loop's own tensors — optimizer state, gradients — are freed inside, so the trim on leaving returns them.
+    # Process-wide settings last exactly as long as training. On a CPU the run keeps freed memory for its next
+    # steps (runtime.cpu_memory_kept_for_reuse); the loop's own tensors — optimizer state, gradients — are
+    # freed inside, so the trim on leaving returns them. On CUDA fp32 matrix products use TF32.
     heap = cpu_memory_kept_for_reuse() if device.type == "cpu" and cfg.cpu_heap_reuse else contextlib.nullcontext()
-    with heap:
+    tf32 = tf32_matmuls() if device.type == "cuda" else contextlib.nullcontext()
+    with heap, tf32:
         return _train(model, batches, cfg, Path(out_dir), device, loss_fn, tokenizer, resume, hparams, sample_fn,
                       on_step, perplexity, loss_label)
 
 
 def _train(model, batches: BatchSource, cfg: TrainConfig, out_dir: Path, device: torch.device, loss_fn, tokenizer,
            resume: bool, hparams: dict | None, sample_fn, on_step, perplexity: bool, loss_label: str) -> TrainResult:
-    from tqdm.auto import tqdm
-
-    amp_dtype = autocast_dtype(cfg.precision, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg, device)
     hparams = {"train": dataclasses.asdict(cfg), **(hparams or {})}
-
-    step, tokens = 0, 0
-    if resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            raise UserError(f"--resume: no checkpoint with {TRAIN_STATE} under {out_dir / 'checkpoints'}; "
-                            "start without --resume")
-        from llmscratch.checkpoint import check_state_dict, load_state_dict
-        state = load_state_dict(ckpt / "model.safetensors", device=device)
-        check_state_dict(model, state, str(ckpt))
-        model.load_state_dict(state, strict=False)
-        ts = load_train_state(ckpt)
-        optimizer.load_state_dict(ts["optimizer"])
-        batches.load_state_dict(ts["data"])
-        _set_rng_state(ts["rng"])
-        step, tokens = int(ts["step"]), int(ts["tokens"])
+    step, tokens = restore(out_dir, model, optimizer, batches, device) if resume else (0, 0)
     metrics = MetricsLog(out_dir, resume_from_step=step if resume else None)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     set_model_options(model, cfg, device)
-    fwd_model = torch.compile(model) if use_compile else model
-    flops_tok = flops_per_token(model.config) if hasattr(model, "config") else None
-    peak = peak_flops(device, cfg.peak_tflops)
-
-    result = TrainResult(step=step, tokens=tokens)
-    start = time.perf_counter()
-    window_t, window_tokens = start, 0
-    running = torch.zeros((), device=device)
-    running_extras: dict[str, torch.Tensor] = {}  # loss_fn's extra scalars, summed like `running`
-    running_n = 0
-    last_saved = step
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, desc="train", unit="step",
-               dynamic_ncols=True)
-    compiling = use_compile  # the first step compiles the model: tens of seconds with the bar standing still
-    if compiling:
-        bar.set_postfix_str("compiling the model (torch.compile) in the first step")
-
-    def save(at_step: int) -> Path:
-        return save_checkpoint(out_dir, model, tokenizer, optimizer, at_step, tokens, batches, hparams,
-                               cfg.keep_last)
-
+    run = _Run(cfg, out_dir, model, torch.compile(model) if use_compile else model, optimizer, batches, loss_fn,
+               device, tokenizer, hparams, metrics, sample_fn, on_step, perplexity, step, tokens, use_compile)
     try:
-        with _StopFlag() as stop:
-            while step < cfg.max_steps:
-                lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                for _ in range(cfg.grad_accum):
-                    batch = batches.next("train")
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss, n, extras = unpack_loss(loss_fn(fwd_model, batch))
-                    (loss / cfg.grad_accum).backward()
-                    running += loss.detach() / cfg.grad_accum
-                    for k, v in extras.items():
-                        v = torch.as_tensor(v, device=device).detach().float() / cfg.grad_accum
-                        running_extras[k] = running_extras[k] + v if k in running_extras else v
-                    tokens += n
-                    window_tokens += n
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                running_n += 1
-                if compiling:
-                    bar.set_postfix_str("")
-                    compiling = False
-                bar.update(1)
-
-                last = step == cfg.max_steps
-                out_of_time = cfg.max_minutes is not None and time.perf_counter() - start > cfg.max_minutes * 60
-                stopping = last or out_of_time or stop.requested
-                saving = step % cfg.save_every == 0 or stopping
-                # Losses are read back (a host sync) only when logging, and always before a save so that a
-                # non-finite loss never reaches a checkpoint.
-                if step % cfg.log_every == 0 or saving:
-                    train_loss = float(running) / running_n  # the only host sync in the loop
-                    extra_means = {f"train_{k}": float(v) / running_n for k, v in running_extras.items()}
-                    running.zero_()
-                    running_extras.clear()
-                    running_n = 0
-                    if not math.isfinite(train_loss):
-                        good = latest_checkpoint(out_dir)
-                        where = f"last good checkpoint: {good}" if good else "no checkpoint was written yet"
-                        raise TrainingDiverged(f"loss became {train_loss} at step {step}; stopping ({where}). "
-                                               "Lower --lr or raise --warmup-steps and retry")
-                    now = time.perf_counter()
-                    tok_s = window_tokens / max(now - window_t, 1e-9)
-                    window_t, window_tokens = now, 0
-                    mfu = tok_s * flops_tok / peak if (peak and flops_tok) else None
-                    metrics.log("train", step, tokens=tokens, elapsed_s=round(now - start, 2), lr=lr,
-                                train_loss=train_loss, tokens_per_s=round(tok_s, 1), mfu=mfu, **extra_means)
-                    result.train_loss = train_loss
-                    postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.1e}", "tok/s": f"{tok_s:,.0f}"}
-                    if mfu is not None:
-                        postfix["mfu"] = f"{mfu:.1%}"
-                    bar.set_postfix(postfix)
-                    if on_step is not None:
-                        on_step(step, train_loss)
-                elif on_step is not None:
-                    on_step(step, None)
-
-                if step % cfg.eval_every == 0 or stopping:
-                    ev = evaluate(model, batches, loss_fn, cfg.eval_batches, amp_dtype, device)
-                    ev_extras = {k: v for k, v in ev.items() if k not in ("train", "val")}
-                    val_ppl = math.exp(min(ev["val"], 50.0)) if perplexity else None
-                    metrics.log("eval", step, tokens=tokens, elapsed_s=round(time.perf_counter() - start, 2),
-                                lr=lr, train_loss=ev["train"], val_loss=ev["val"], val_ppl=val_ppl, **ev_extras)
-                    result.val_loss = ev["val"]
-                    result.history.append({"step": step, "train": ev["train"], "val": ev["val"], **ev_extras})
-                    shown = "".join(f", {k} {v:.3f}" for k, v in ev_extras.items() if k.startswith("val_"))
-                    ppl = f" (perplexity {val_ppl:.1f})" if perplexity else ""
-                    bar.write(f"step {step}: train loss {ev['train']:.3f}, val loss {ev['val']:.3f}{ppl}{shown}")
-                    if not math.isfinite(ev["val"]):
-                        raise TrainingDiverged(f"validation loss became {ev['val']} at step {step}; stopping. "
-                                               "Lower --lr and retry")
-                if sample_fn is not None and cfg.sample_every and step % cfg.sample_every == 0:
-                    bar.write(f"sample @ {step}: {sample_fn(model)!r}")
-                if saving or stop.requested:  # a Ctrl-C during on_step still saves this step
-                    save(step)
-                    last_saved = step
-                if out_of_time or stop.requested:
-                    result.stopped_early = "time" if out_of_time else "interrupt"
-                    break
+        run.loop()
     finally:
-        bar.close()
+        run.bar.close()
         metrics.close()
-    result.step, result.tokens = step, tokens
-    if last_saved == step:
+    if run.last_saved == run.step:  # the final model and plot only when the last step was saved
         save_model(out_dir, model, tokenizer, hparams)
-        plot_losses(out_dir / "metrics.csv", out_dir / "loss.png", ylabel=loss_label)
-    return result
+        plot_losses(out_dir / runs.METRICS_CSV, out_dir / runs.LOSS_PLOT, ylabel=loss_label)
+    return run.result
+
+
+class _Window:
+    """The running sums of one logging window. They stay on the device, so adding to them never waits for the
+    accelerator; `means` reads them back (a host sync) and `restart` begins the next window."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss = torch.zeros((), device=device)
+        self.extras: dict[str, torch.Tensor] = {}  # loss_fn's extra scalars, summed like the loss
+        self.steps, self.tokens = 0, 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, extras: dict, n_tokens: int, grad_accum: int) -> None:
+        """One micro-batch's loss and extras, as its share (1 / grad_accum) of its step's."""
+        self.loss += loss.detach() / grad_accum
+        for k, v in extras.items():
+            v = torch.as_tensor(v, device=self.device).detach().float() / grad_accum
+            self.extras[k] = self.extras[k] + v if k in self.extras else v
+        self.tokens += n_tokens
+
+    def means(self) -> tuple[float, dict[str, float]]:
+        """The window's mean loss per step and its extras' means as {"train_<name>": mean}."""
+        loss = float(self.loss) / self.steps  # the loop's only host sync
+        return loss, {f"train_{k}": float(v) / self.steps for k, v in self.extras.items()}
+
+    def restart(self, now: float) -> float:
+        """Empty the window and start the next one at `now`; returns the tokens per second of the one ended."""
+        tokens_per_s = self.tokens / max(now - self.started, 1e-9)
+        self.loss.zero_()
+        self.extras.clear()
+        self.steps, self.tokens, self.started = 0, 0, now
+        return tokens_per_s
+
+
+@dataclass
+class _Run:
+    """One training run: what it trains (fixed) and the loop's mutable state — step and token counts, the
+    logging window, the result so far and the progress bar — with the parts of the loop as methods."""
+
+    cfg: TrainConfig
+    out_dir: Path
+    model: torch.nn.Module
+    fwd_model: torch.nn.Module  # the model, or its torch.compile wrapper: used for training steps
+    optimizer: torch.optim.Optimizer
+    batches: BatchSource
+    loss_fn: Callable
+    device: torch.device
+    tokenizer: Any
+    hparams: dict
+    metrics: MetricsLog
+    sample_fn: Callable[[torch.nn.Module], str] | None
+    on_step: Callable[[int, float | None], None] | None
+    perplexity: bool
+    step: int
+    tokens: int
+    compiling: bool  # until the first step ends: torch.compile makes it take tens of seconds
+
+    def __post_init__(self):
+        from tqdm.auto import tqdm
+
+        self.amp_dtype = autocast_dtype(self.cfg.precision, self.device)
+        self.flops_per_token = flops_per_token(self.model.config) if hasattr(self.model, "config") else None
+        self.peak_flops = peak_flops(self.device, self.cfg.peak_tflops)
+        self.result = TrainResult(step=self.step, tokens=self.tokens)
+        self.last_saved = self.step
+        self.lr = self.cfg.lr
+        self.start = time.perf_counter()
+        self.window = _Window(self.device)
+        self.bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=not self.cfg.progress, desc="train",
+                        unit="step", dynamic_ncols=True)
+        if self.compiling:
+            self.bar.set_postfix_str("compiling the model (torch.compile) in the first step")
+
+    def loop(self) -> None:
+        """The book's train_model_simple: train a step; every log_every steps log the training loss, every
+        eval_every evaluate, every save_every save — and at the last step all three. The first Ctrl-C, or
+        running past max_minutes, ends the run at the step boundary, saved."""
+        cfg = self.cfg
+        with _StopFlag() as stop:
+            while self.step < cfg.max_steps:
+                self.train_step()
+                out_of_time = cfg.max_minutes is not None and time.perf_counter() - self.start > cfg.max_minutes * 60
+                stopping = self.step == cfg.max_steps or out_of_time or stop.requested
+                saving = self.step % cfg.save_every == 0 or stopping
+                # The loss is read back only when logging, and always before a save, so that a non-finite
+                # loss never reaches a checkpoint.
+                loss = self.log() if self.step % cfg.log_every == 0 or saving else None
+                if self.on_step is not None:
+                    self.on_step(self.step, loss)
+                if self.step % cfg.eval_every == 0 or stopping:
+                    self.evaluate_and_log()
+                if self.sample_fn is not None and cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.bar.write(f"sample @ {self.step}: {self.sample_fn(self.model)!r}")
+                if saving or stop.requested:  # a Ctrl-C during on_step still saves this step
+                    self.save()
+                if out_of_time or stop.requested:
+                    self.result.stopped_early = "time" if out_of_time else "interrupt"
+                    break
+        self.result.step, self.result.tokens = self.step, self.tokens
+
+    def train_step(self) -> None:
+        """One optimizer update: set the scheduled lr, forward and backward over grad_accum micro-batches,
+        clip the gradients, step. The losses stay on the device."""
+        cfg = self.cfg
+        self.lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        for _ in range(cfg.grad_accum):
+            batch = self.batches.next("train")
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                loss, n, extras = unpack_loss(self.loss_fn(self.fwd_model, batch))
+            (loss / cfg.grad_accum).backward()
+            self.window.add(loss, extras, n, cfg.grad_accum)
+            self.tokens += n
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.window.steps += 1
+        if self.compiling:
+            self.bar.set_postfix_str("")
+            self.compiling = False
+        self.bar.update(1)
+
+    def log(self) -> float:
+        """Read back the window's mean training loss (raising TrainingDiverged when it is not finite), log it
+        with its extras, throughput and MFU to the metrics and the progress bar, and return it."""
+        train_loss, extras = self.window.means()
+        if not math.isfinite(train_loss):
+            good = runs.latest_checkpoint(self.out_dir)
+            where = f"last good checkpoint: {good}" if good else "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss became {train_loss} at step {self.step}; stopping ({where}). "
+                                   "Lower --lr or raise --warmup-steps and retry")
+        now = time.perf_counter()
+        tok_s = self.window.restart(now)
+        mfu = tok_s * self.flops_per_token / self.peak_flops if (self.peak_flops and self.flops_per_token) else None
+        self.metrics.log("train", self.step, tokens=self.tokens, elapsed_s=round(now - self.start, 2), lr=self.lr,
+                         train_loss=train_loss, tokens_per_s=round(tok_s, 1), mfu=mfu, **extras)
+        self.result.train_loss = train_loss
+        postfix = {"loss": f"{train_loss:.3f}", "lr": f"{self.lr:.1e}", "tok/s": f"{tok_s:,.0f}"}
+        if mfu is not None:
+            postfix["mfu"] = f"{mfu:.1%}"
+        self.bar.set_postfix(postfix)
+        return train_loss
+
+    def evaluate_and_log(self) -> None:
+        """Evaluate on the same batches as every time, log the result and print it; a non-finite validation
+        loss raises TrainingDiverged."""
+        ev = evaluate(self.model, self.batches, self.loss_fn, self.cfg.eval_batches, self.amp_dtype, self.device)
+        extras = {k: v for k, v in ev.items() if k not in ("train", "val")}
+        val_ppl = math.exp(min(ev["val"], 50.0)) if self.perplexity else None
+        self.metrics.log("eval", self.step, tokens=self.tokens, elapsed_s=round(time.perf_counter() - self.start, 2),
+                         lr=self.lr, train_loss=ev["train"], val_loss=ev["val"], val_ppl=val_ppl, **extras)
+        self.result.val_loss = ev["val"]
+        self.result.history.append({"step": self.step, "train": ev["train"], "val": ev["val"], **extras})
+        shown = "".join(f", {k} {v:.3f}" for k, v in extras.items() if k.startswith("val_"))
+        ppl = f" (perplexity {val_ppl:.1f})" if self.perplexity else ""
+        self.bar.write(f"step {self.step}: train loss {ev['train']:.3f}, val loss {ev['val']:.3f}{ppl}{shown}")
+        if not math.isfinite(ev["val"]):
+            raise TrainingDiverged(f"validation loss became {ev['val']} at step {self.step}; stopping. "
+                                   "Lower --lr and retry")
+
+    def save(self) -> None:
+        """A resumable checkpoint of this step."""
+        save_checkpoint(self.out_dir, self.model, self.tokenizer, self.optimizer, self.step, self.tokens,
+                        self.batches, self.hparams, self.cfg.keep_last)
+        self.last_saved = self.step

@@ -7,46 +7,12 @@ complete, so a failure (bad input, full disk, Ctrl-C) leaves nothing at the dest
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from llmscratch.errors import UserError
-
-
-def check_new_folder(out: str | Path) -> Path:
-    """`out` as a Path, after checking it is free: absent or an empty folder (UserError otherwise)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not an empty folder; choose a new output folder or remove "
-                        "this one")
-    return out
-
-
-def write_folder(out: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp)` on a fresh temporary folder beside `out`, then rename it to `out` (which must be free,
-    see `check_new_folder`). On any failure the temporary folder is removed and `out` is left as it was."""
-    out = check_new_folder(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as exc:
-        raise UserError(f"{out}: cannot create the folder ({exc.strerror}); choose a folder you can write to") \
-            from None
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is meant to be shared
-        if out.is_dir():
-            out.rmdir()  # empty, as checked
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+from llmscratch.runs import HF_CONFIG, TOKENIZER, check_new_folder, write_folder
 
 
 def _tokenizer(folder: Path, override: str | None, source: str):
@@ -84,7 +50,7 @@ def _hf_model_type(hf_dir: Path) -> str | None:
     import json
 
     try:
-        return json.loads((hf_dir / "config.json").read_text()).get("model_type")
+        return json.loads((hf_dir / HF_CONFIG).read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None  # the loader reports the missing or broken config.json
 
@@ -101,14 +67,14 @@ def from_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None, d
     if _hf_model_type(hf_dir) in FAMILIES:
         if tokenizer:
             tok = load_tokenizer(tokenizer)
-        elif (hf_dir / "tokenizer.json").is_file():  # the model's own tokenizer and chat template
+        elif (hf_dir / TOKENIZER).is_file():  # the model's own tokenizer and chat template
             tok = HFTokenizer(hf_dir)
         elif any((hf_dir / f).is_file() for f in ("tokenizer.model", "original/tokenizer.model")):
             from llmscratch.tokenizer.llama3 import llama3_tokenizer
 
             tok = llama3_tokenizer(hf_dir)  # Meta's tiktoken-format file (no chat template in it)
         else:
-            raise UserError(f"{hf_dir}: no tokenizer.json or tokenizer.model; pass --tokenizer (a tokenizer folder)")
+            raise UserError(f"{hf_dir}: no {TOKENIZER} or tokenizer.model; pass --tokenizer (a tokenizer folder)")
         model, _ = load_hf_llama(hf_dir, dtype=_dtype(dtype))
     else:
         tok = _tokenizer(hf_dir, tokenizer, "vocab.json + merges.txt")
@@ -130,9 +96,13 @@ def from_openai(tf_dir: str | Path, out: str | Path, tokenizer: str | None = Non
 
 
 def to_hf(checkpoint: str | Path, out: str | Path) -> str:
-    """Our checkpoint folder → a Hugging Face GPT-2 folder (weights, config, and the tokenizer when GPT-2's
-    files can express it). Returns a note on the tokenizer for the user."""
+    """Our checkpoint folder → a Hugging Face folder of GPT2LMHeadModel, or of LlamaForCausalLM / Qwen3ForCausalLM
+    for those configurations (weights, config, and the tokenizer when the export can carry it). Returns a note for
+    the user: what was written, and the transformers class that loads it."""
+    import json
+
     from llmscratch.checkpoint import find_model_folder, load_model
+    from llmscratch.runs import HF_CONFIG
     from llmscratch.tokenizer import HFTokenizer, load_tokenizer
     from llmscratch.tokenizer.storage import TOKENIZER_FILE
     from llmscratch.weights.hf_gpt2 import export_hf_gpt2
@@ -152,15 +122,17 @@ def to_hf(checkpoint: str | Path, out: str | Path) -> str:
                 tok.save(tmp)
 
         write_folder(out, write)
-        return ("weights and the model's own tokenizer files" if hf_tok else
+        note = ("weights and the model's own tokenizer files" if hf_tok else
                 "weights only (a Llama/Qwen export carries a Hugging Face tokenizer.json only)")
-    tok, note = None, "weights only (the checkpoint has no tokenizer)"
-    if (folder / TOKENIZER_FILE).is_file():
-        tok = load_tokenizer(folder)
-        try:
-            gpt2_vocab_and_merges(tok)  # checked before anything is written
-            note = "weights and tokenizer (vocab.json + merges.txt)"
-        except UserError as exc:
-            tok, note = None, f"weights only — {exc}"
-    write_folder(out, lambda tmp: export_hf_gpt2(model, tmp, tokenizer=tok))
-    return note
+    else:
+        tok, note = None, "weights only (the checkpoint has no tokenizer)"
+        if (folder / TOKENIZER_FILE).is_file():
+            tok = load_tokenizer(folder)
+            try:
+                gpt2_vocab_and_merges(tok)  # checked before anything is written
+                note = "weights and tokenizer (vocab.json + merges.txt)"
+            except UserError as exc:
+                tok, note = None, f"weights only — {exc}"
+        write_folder(out, lambda tmp: export_hf_gpt2(model, tmp, tokenizer=tok))
+    architecture = json.loads((out / HF_CONFIG).read_text())["architectures"][0]  # the class the export names
+    return f"{note}; transformers.{architecture}.from_pretrained (or AutoModelForCausalLM) loads it"

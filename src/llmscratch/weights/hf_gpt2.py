@@ -15,6 +15,7 @@ import torch
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError, read_json
 from llmscratch.fileio import atomic_write, atomic_write_text
+from llmscratch.runs import HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_INDEX
 from llmscratch.weights.gpt2_layout import fill_gpt, name_map, to_conv1d
 from llmscratch.weights.hf_tokenizer import EOT, write_hf_tokenizer
 
@@ -41,7 +42,7 @@ def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    single, index = folder / HF_WEIGHTS, folder / HF_WEIGHTS_INDEX
     pt = folder / "pytorch_model.bin"
     try:
         if single.is_file():
@@ -56,20 +57,29 @@ def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
             return torch.load(pt, map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"{folder}: cannot read the weights ({exc}); re-download the model folder") from None
-    raise UserError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    raise UserError(f"{folder}: no {HF_WEIGHTS}, {HF_WEIGHTS_INDEX} or pytorch_model.bin")
+
+
+def write_hf_folder(out: Path, tensors: dict[str, torch.Tensor], hf_config: dict) -> None:
+    """The two files every Hugging Face model folder has: the weights and `config.json`, each written atomically."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / HF_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write_text(out / HF_CONFIG, json.dumps(hf_config, indent=2) + "\n")
 
 
 def load_hf_gpt2(folder: str | Path, dtype: torch.dtype | None = None):
     """(model, config) from a Hugging Face GPT-2 folder, built on the meta device and filled in place."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{folder}: no config.json; point at a Hugging Face GPT-2 model folder")
-    hf_cfg = read_json(folder / "config.json")
-    cfg = config_from_hf(hf_cfg, str(folder / "config.json"))
+    if not (folder / HF_CONFIG).is_file():
+        raise UserError(f"{folder}: no {HF_CONFIG}; point at a Hugging Face GPT-2 model folder")
+    hf_cfg = read_json(folder / HF_CONFIG)
+    cfg = config_from_hf(hf_cfg, str(folder / HF_CONFIG))
     # Keys may carry a "transformer." prefix or not (OpenAI's upload on the hub has none; save_pretrained
     # writes it). Older checkpoints also hold the causal-mask buffers attn.bias / attn.masked_bias.
     raw = {k.removeprefix("transformer."): v for k, v in _read_hf_tensors(folder).items()}
-    model = fill_gpt(cfg, raw, name_map(cfg.n_layers, "hf"), f"{folder} (config.json)", dtype,
+    model = fill_gpt(cfg, raw, name_map(cfg.n_layers, "hf"), f"{folder} ({HF_CONFIG})", dtype,
                      lm_head="lm_head.weight", ignore=(".attn.bias", ".attn.masked_bias"))
     return model, cfg
 
@@ -77,8 +87,6 @@ def load_hf_gpt2(folder: str | Path, dtype: torch.dtype | None = None):
 def export_hf_gpt2(model, out: str | Path, tokenizer=None) -> Path:
     """Write `model` as a folder `transformers.GPT2LMHeadModel.from_pretrained` loads with equal logits, and
     `tokenizer` (a byte-level BPE with GPT-2's regex) as files `AutoTokenizer.from_pretrained` loads."""
-    from safetensors.torch import save_file
-
     cfg: ModelConfig = model.config
     if cfg.n_classes is not None:
         raise UserError(f"this is a classifier (n_classes={cfg.n_classes}): its head maps to classes, not to the "
@@ -105,9 +113,7 @@ def export_hf_gpt2(model, out: str | Path, tokenizer=None) -> Path:
         "bos_token_id": eot, "eos_token_id": eot,
         "torch_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    atomic_write_text(out / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    write_hf_folder(out, tensors, hf_config)
     if tokenizer is not None:
         write_hf_tokenizer(tokenizer, out, model_max_length=cfg.context_length)
     return out

@@ -8,7 +8,7 @@ output dimension and exporting splits it again — that is the only reshaping. E
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -16,8 +16,8 @@ import torch
 from llmscratch.checkpoint import assign_weights, raise_if_unfit
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError, read_json
-from llmscratch.fileio import atomic_write, atomic_write_text
-from llmscratch.weights.hf_gpt2 import _read_hf_tensors
+from llmscratch.runs import HF_CONFIG
+from llmscratch.weights.hf_gpt2 import _read_hf_tensors, write_hf_folder
 
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -83,15 +83,25 @@ def _family(cfg: ModelConfig) -> str:
     return "qwen3" if cfg.qk_norm else "llama"
 
 
+def _name_pairs(n_layers: int, present) -> Iterator[tuple[str, str]]:
+    """(our tensor name, the Hugging Face name) of every tensor but the fused q/k/v weight, for the tensors of
+    ours in `present` (a layer's optional ones, such as QK-norm, exist in some configurations only)."""
+    yield from _GLOBAL.items()
+    for i in range(n_layers):
+        for ours, theirs in _BLOCK.items():
+            if f"blocks.{i}.{ours}" in present:
+                yield f"blocks.{i}.{ours}", f"model.layers.{i}.{theirs}"
+
+
 def load_hf_llama(folder: str | Path, dtype: torch.dtype | None = None):
     """(model, config) from a Hugging Face Llama or Qwen3 folder, built on the meta device and filled in place.
     Missing/unexpected tensors and shape mismatches are collected and reported in one UserError."""
     from llmscratch.model import GPT
 
     folder = Path(folder)
-    cfg_file = folder / "config.json"
+    cfg_file = folder / HF_CONFIG
     if not cfg_file.is_file():
-        raise UserError(f"{folder}: no config.json; point at a Hugging Face model folder")
+        raise UserError(f"{folder}: no {HF_CONFIG}; point at a Hugging Face model folder")
     hf = read_json(cfg_file)
     cfg = config_from_hf(hf, str(cfg_file))
     tensors = _read_hf_tensors(folder)
@@ -111,26 +121,20 @@ def load_hf_llama(folder: str | Path, dtype: torch.dtype | None = None):
             return
         state[ours] = t.to(dtype).contiguous() if dtype is not None else t.contiguous()
 
-    for ours, theirs in _GLOBAL.items():
+    for ours, theirs in _name_pairs(cfg.n_layers, expected):
         take(ours, [theirs])
     for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        for ours, theirs in _BLOCK.items():
-            if f"blocks.{i}.{ours}" in expected:
-                take(f"blocks.{i}.{ours}", [p + theirs])
-        take(f"blocks.{i}.attn.qkv.weight", [f"{p}{n}.weight" for n in _QKV])
+        take(f"blocks.{i}.attn.qkv.weight", [f"model.layers.{i}.{n}.weight" for n in _QKV])
     if not cfg.tie_embeddings:
         take("lm_head.weight", ["lm_head.weight"])
     unexpected = sorted(set(tensors) - used - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
-    raise_if_unfit(f"{folder}: weights do not fit config.json", mismatched, missing, unexpected)
+    raise_if_unfit(f"{folder}: weights do not fit {HF_CONFIG}", mismatched, missing, unexpected)
     assign_weights(model, state)
     return model.eval(), cfg
 
 
 def export_hf_llama(model, out: str | Path) -> Path:
     """Write `model` (a Llama- or Qwen3-configured GPT) as a folder `transformers` loads with equal logits."""
-    from safetensors.torch import save_file
-
     cfg: ModelConfig = model.config
     if cfg.n_classes is not None:
         raise UserError(f"this is a classifier (n_classes={cfg.n_classes}); export the base model instead")
@@ -138,15 +142,11 @@ def export_hf_llama(model, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tensors = {theirs: ours[k] for k, theirs in _GLOBAL.items()}
+    tensors = {theirs: ours[k] for k, theirs in _name_pairs(cfg.n_layers, ours)}
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        for k, theirs in _BLOCK.items():
-            if f"blocks.{i}.{k}" in ours:
-                tensors[p + theirs] = ours[f"blocks.{i}.{k}"]
         pieces = ours[f"blocks.{i}.attn.qkv.weight"].split([q_dim, kv_dim, kv_dim])
-        tensors.update({f"{p}{n}.weight": t for n, t in zip(_QKV, pieces)})
+        tensors.update({f"model.layers.{i}.{n}.weight": t for n, t in zip(_QKV, pieces)})
     if not cfg.tie_embeddings:
         tensors["lm_head.weight"] = ours["lm_head.weight"]
     tensors = {k: v.contiguous() for k, v in tensors.items()}
@@ -164,6 +164,5 @@ def export_hf_llama(model, out: str | Path) -> Path:
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings, **rope,
         "torch_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
     }
-    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    atomic_write_text(out / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    write_hf_folder(out, tensors, hf_config)
     return out

@@ -3,7 +3,7 @@
 into our checkpoint folder.
 
 Files go to `cache_dir()/hf/<repo>/` (or `cache_dir()/openai/gpt-2/<size>/`) through the one downloader,
-`llmscratch.data.corpora.download`: resumable `.part` files, a progress bar, and size/sha256 checks against
+`llmscratch.download.download`: resumable `.part` files, a progress bar, and size/sha256 checks against
 what the server states (the hub sends each LFS file's sha256 and size on its redirect to the CDN). A file in
 the cache under its real name has passed those checks, so a second run (or one with `HF_HUB_OFFLINE=1`)
 converts without the network.
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmscratch.errors import UserError
+from llmscratch.runs import HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_INDEX, TOKENIZER, check_new_folder
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,8 @@ SOURCES = ("hf", "openai")
 HF_ENDPOINT = "https://huggingface.co"
 OPENAI_ENDPOINT = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 # Small files first: without network the first request fails before anything large is attempted.
-HF_FILES = ("config.json", "vocab.json", "merges.txt", "model.safetensors")
-HF_CHAT_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json")  # Llama, Qwen
-INDEX = "model.safetensors.index.json"
+HF_FILES = (HF_CONFIG, "vocab.json", "merges.txt", HF_WEIGHTS)
+HF_CHAT_FILES = (HF_CONFIG, "generation_config.json", "tokenizer_config.json", TOKENIZER)  # Llama, Qwen
 OPENAI_FILES = ("hparams.json", "encoder.json", "vocab.bpe", "checkpoint", "model.ckpt.index",
                 "model.ckpt.data-00000-of-00001")  # model.ckpt.meta (the TF graph) is not needed
 CONNECT_TIMEOUT = 5.0  # seconds: a machine without network should hear so at once
@@ -69,7 +69,7 @@ def offline() -> bool:
 
 
 def cache_folder(name: str, source: str = "hf") -> Path:
-    from llmscratch.data.corpora import cache_dir
+    from llmscratch.download import cache_dir
 
     m = model_info(name)
     return cache_dir() / "hf" / m.hf_repo if source == "hf" else cache_dir() / "openai" / "gpt-2" / m.openai_size
@@ -91,8 +91,9 @@ def _files(m: Pretrained, folder: Path, source: str) -> list[str]:
     if m.family == "gpt2":
         return list(HF_FILES)
     if not m.sharded:
-        return [*HF_CHAT_FILES, "model.safetensors"]
-    return [*HF_CHAT_FILES, INDEX, *(_shards(folder / INDEX) if (folder / INDEX).is_file() else [])]
+        return [*HF_CHAT_FILES, HF_WEIGHTS]
+    index = folder / HF_WEIGHTS_INDEX
+    return [*HF_CHAT_FILES, HF_WEIGHTS_INDEX, *(_shards(index) if index.is_file() else [])]
 
 
 def fetch(name: str, source: str = "hf", endpoint: str | None = None, progress: bool = True) -> Path:
@@ -101,7 +102,7 @@ def fetch(name: str, source: str = "hf", endpoint: str | None = None, progress: 
     `endpoint` replaces the server (a mirror); for the hub it defaults to $HF_ENDPOINT, then huggingface.co.
     $HF_TOKEN, when set, is sent to the hub as a bearer token. With HF_HUB_OFFLINE=1 only the cache is used.
     """
-    from llmscratch.data.corpora import download
+    from llmscratch.download import download
 
     m = model_info(name)
     if source not in SOURCES:
@@ -138,7 +139,7 @@ def fetch(name: str, source: str = "hf", endpoint: str | None = None, progress: 
 def download_pretrained(name: str, out: str | Path, source: str = "hf", endpoint: str | None = None,
                         dtype: str = "fp32", progress: bool = True):
     """Fetch `name` (see `fetch`) and convert it into our checkpoint folder `out`; returns the model."""
-    from llmscratch.weights.convert import check_new_folder, from_hf, from_openai
+    from llmscratch.weights.convert import from_hf, from_openai
 
     model_info(name)
     check_new_folder(out)  # before a multi-GB download, not after

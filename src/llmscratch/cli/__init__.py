@@ -1,0 +1,80 @@
+"""The `llmscratch` command line: one verb per pipeline stage.
+
+Every verb takes `--config FILE.yaml` (keys = option names with underscores) and, where a run has training
+settings, dotted overrides such as `--train.lr 3e-4`. User mistakes end as one line on stderr and exit 2.
+
+Each verb lives in a module of this package as a `Verb`: the function that adds its options beside the handler
+that runs it. `VERBS` below lists them in the order `llmscratch --help` shows; a `Group` holds the verbs under
+one name (`llmscratch convert from-hf`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from llmscratch.cli import evaluation, finetuning, inference, pretraining, weights
+from llmscratch.cli.base import Group, Verb
+from llmscratch.errors import UserError
+
+VERBS: dict[str, Verb | Group] = {
+    "tokenizer": pretraining.TOKENIZER,
+    "prepare": pretraining.PREPARE,
+    "pretrain": pretraining.PRETRAIN,
+    "generate": inference.GENERATE,
+    "info": inference.INFO,
+    "download": weights.DOWNLOAD,
+    "convert": weights.CONVERT,
+    "finetune": finetuning.FINETUNE,
+    "lora": weights.LORA,
+    "classify": inference.CLASSIFY,
+    "data": evaluation.DATA,
+    "eval": evaluation.EVAL,
+    "quickstart": pretraining.QUICKSTART,
+}
+
+
+def build_parser(argv: list[str] | None = None):
+    """The command line. Building it imports no PyTorch, so `--help` and mistakes answer at once; and a verb's
+    options are added only when `argv` names it (all of them when `argv` is None, for the full parser): the
+    other verbs need only their names and descriptions, for the lists of `--help`."""
+    from jsonargparse import set_parsing_settings
+
+    from llmscratch.cli.parser import Parser, add_group, add_verb
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # TrainConfig field docstrings → --help
+    named = None if argv is None else set(argv)
+    root = Parser(prog="llmscratch", description="Build, train and sample a GPT from scratch. "
+                  "Start with `llmscratch quickstart`.")
+    root.add_argument("--version", action="version", version=_version())
+    verbs = root.add_subcommands(dest="verb", required=True)
+    for name, entry in VERBS.items():
+        if isinstance(entry, Verb):
+            add_verb(verbs, name, f"llmscratch {name}", entry, named is None or name in named)
+            continue
+        actions = add_group(verbs, name, entry.description, entry.summary)
+        for action, verb in entry.verbs.items():
+            add_verb(actions, action, f"llmscratch {name} {action}", verb, named is None or {name, action} <= named)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser(argv).parse_args(argv)
+        entry, options = VERBS[args.verb], getattr(args, args.verb)
+        if isinstance(entry, Group):
+            entry, options = entry.verbs[options.action], getattr(options, options.action)
+        entry.run(options)
+    except UserError as exc:
+        sys.stderr.write(f"llmscratch: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("llmscratch: interrupted\n")
+        return 130
+    return 0
+
+
+def _version() -> str:
+    from llmscratch import __version__
+
+    return f"llmscratch {__version__}"

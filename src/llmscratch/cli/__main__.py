@@ -1,0 +1,7 @@
+"""`python -m llmscratch.cli`: the `llmscratch` command."""
+
+import sys
+
+from llmscratch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""What the verb modules of the command line share: the entries of its table of verbs (`Verb`, `Group`), help
+texts and options used by several verbs (`--device`/`--dtype`, `--no-progress`), and the `--train.*` options of
+the training verbs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+CORPUS_HELP = "a named corpus (pydocs, the-verdict, tinyshakespeare), a text file, a folder or a glob"
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One verb: `description` is its `--help` text and its line in the list of its parent; `parser(p)` adds its
+    options to its parser `p`; `run(a)` does the work, given the parsed options `a`."""
+
+    description: str
+    parser: Callable[[Any], None]
+    run: Callable[[Any], None]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Verbs under one name (`llmscratch convert from-hf`): `description` heads the group's `--help`, `summary` is
+    its line in `llmscratch --help`."""
+
+    description: str
+    summary: str
+    verbs: dict[str, Verb]
+
+
+def device_options(p, dtype_default: str | None = None, dtype_help: str | None = None) -> None:
+    """`--device`, and `--dtype` after it when `dtype_default` is given (the verbs that run a model differ on its
+    default, and so on its help)."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    if dtype_default is not None:
+        p.add_argument("--dtype", default=dtype_default, help=dtype_help)
+
+
+def progress_option(p, help: str = "no progress bar") -> None:
+    """`--no-progress` (`help` says "bars" where a verb shows several)."""
+    p.add_argument("--no-progress", action="store_true", help=help)
+
+
+def train_options(p, skip: Iterable[str] = ("progress",), defaults=None) -> None:
+    """`--train.*`: every TrainConfig field but `skip` (its docstring as help), with the values of the TrainConfig
+    `defaults` as defaults (the dataclass's own when None)."""
+    from llmscratch.train.config import TrainConfig
+
+    skip = set(skip)
+    p.add_class_arguments(TrainConfig, "train", skip=skip)
+    if defaults is not None:
+        p.set_defaults({f"train.{k}": v for k, v in dataclasses.asdict(defaults).items() if k not in skip})
+
+
+def run_summary(train_result, out, files: list[str] | None = None) -> str:
+    """The last lines of a training verb: where the run stopped and why, its validation loss, and the files now
+    in `out` (as written: a LoRA run leaves an adapter, not full weights)."""
+    from llmscratch import runs
+
+    note = {"time": " (time budget reached)", "interrupt": " (interrupted; resume with --resume)"}.get(
+        train_result.stopped_early, "")
+    val = f", val loss {train_result.val_loss:.3f}" if train_result.val_loss is not None else ""
+    files = files if files is not None else runs.written_files(out)
+    return (f"stopped at step {train_result.step}{note}: {train_result.tokens:,} tokens{val}. Files in {out}/: "
+            f"{', '.join(files)}")
+
+
+def _train_config(a):
+    """The TrainConfig of a training verb's parsed `--train.*` options (and `--no-progress`)."""
+    from llmscratch.train.config import TrainConfig
+
+    return TrainConfig(**{k: v for k, v in vars(a.train).items() if not k.startswith("__")},
+                       progress=not a.no_progress)

@@ -1,0 +1,38 @@
+"""The jsonargparse parser the command line is built of (imported when a command line is parsed, not before)."""
+
+from __future__ import annotations
+
+import sys
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from llmscratch.cli.base import Verb
+
+
+class Parser(ArgumentParser):
+    """Parse errors as one line on stderr and exit code 2, like every other user mistake."""
+
+    def error(self, message, *args, **kwargs):
+        # jsonargparse's messages span lines ('Parser key "x":' then the reason): fold them into one.
+        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        text = text[:400] or "invalid arguments"
+        prog = self.prog.replace(" [options]", "")
+        sys.stderr.write(f"llmscratch: error: {text} (see `{prog} --help`)\n")
+        sys.exit(2)
+
+
+def add_verb(subcommands, name: str, prog: str, verb: Verb, with_options: bool) -> None:
+    """Add `verb` as `name` to `subcommands`: a parser with `--config`, and the verb's own options when
+    `with_options` (else only its name and description, enough for the lists of `--help`)."""
+    p = Parser(prog=prog, description=verb.description)
+    p.add_argument("--config", action=ActionConfigFile, help="YAML file of option values (keys use underscores)")
+    subcommands.add_subcommand(name, p, help=verb.description)
+    if with_options:
+        verb.parser(p)
+
+
+def add_group(subcommands, name: str, description: str, summary: str):
+    """Add a group of verbs as `name` to `subcommands`; returns the subcommands its verbs go into."""
+    p = Parser(prog=f"llmscratch {name}", description=description)
+    subcommands.add_subcommand(name, p, help=summary)
+    return p.add_subcommands(dest="action", required=True)

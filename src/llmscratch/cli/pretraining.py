@@ -1,0 +1,122 @@
+"""Verbs from text to a pretrained model: `tokenizer train`, `prepare`, `pretrain`, and `quickstart`, which runs
+them all on the embedded corpus."""
+
+from __future__ import annotations
+
+from llmscratch.cli.base import (
+    CORPUS_HELP,
+    Group,
+    Verb,
+    _train_config,
+    device_options,
+    progress_option,
+    run_summary,
+    train_options,
+)
+
+
+# --- tokenizer train --------------------------------------------------------------------------------------
+def _tokenizer_train_parser(p) -> None:
+    p.add_argument("--data", required=True, help=CORPUS_HELP)
+    p.add_argument("--vocab-size", type=int, default=4096, help="target vocabulary size incl. special tokens")
+    p.add_argument("--out", type=str, required=True, help="folder to write tokenizer.json into")
+
+
+def cmd_tokenizer_train(a) -> None:
+    from llmscratch.data import load_corpus
+    from llmscratch.runs import check_out_dir
+    from llmscratch.tokenizer import BPETokenizer
+
+    docs = load_corpus(a.data)
+    check_out_dir(a.out)
+    tok = BPETokenizer.train(docs, a.vocab_size)
+    tok.save(a.out)
+    print(f"trained a {tok.vocab_size}-token BPE on {a.data}; saved to {a.out}")
+
+
+TOKENIZER = Group("Tokenizer tools.", "train a byte-level BPE tokenizer from scratch", {
+    "train": Verb("Train a byte-level BPE tokenizer (GPT-2's pre-tokenizer) on a corpus.", _tokenizer_train_parser,
+                  cmd_tokenizer_train),
+})
+
+
+# --- prepare ----------------------------------------------------------------------------------------------
+def _prepare_parser(p) -> None:
+    p.add_argument("--data", required=True, help=CORPUS_HELP)
+    p.add_argument("--tokenizer", default="gpt2", help="a tokenizer folder, or `gpt2` (tiktoken's GPT-2 BPE)")
+    p.add_argument("--out", required=True, help="folder for train.bin, val.bin, meta.json and the tokenizer")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of random chunks held out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val chunk draw")
+
+
+def cmd_prepare(a) -> None:
+    from llmscratch.runs import check_out_dir
+    from llmscratch.tokenizer import load_tokenizer
+    from llmscratch.train.pretrain import prepare
+
+    tok = load_tokenizer(a.tokenizer)
+    check_out_dir(a.out)
+    meta = prepare(a.data, tok, a.out, val_fraction=a.val_fraction, seed=a.seed)
+    print(f"wrote {meta.train_tokens:,} train and {meta.val_tokens:,} val tokens ({meta.dtype}) to {a.out}")
+
+
+PREPARE = Verb("Tokenize a corpus into train.bin/val.bin token files (uint16/uint32 memmaps).", _prepare_parser,
+               cmd_prepare)
+
+
+# --- pretrain ---------------------------------------------------------------------------------------------
+def _pretrain_parser(p) -> None:
+    from llmscratch.config import PRESETS
+
+    p.add_argument("--model", default=None,
+                   help=f"preset: {', '.join(PRESETS)} (default: gpt-mini; with --resume, the run's own)")
+    p.add_argument("--data", default="pydocs", help=CORPUS_HELP + ", or a folder made by `prepare`")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or `gpt2` (default: the prepared folder's, else gpt2)")
+    p.add_argument("--out", required=True, help="run folder (model files, checkpoints/, metrics.csv, loss.png)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out (with the run's model: --model, "
+                        "--context-length or --dropout that differ from it are refused)")
+    p.add_argument("--overwrite", action="store_true", help="replace a training run already in --out")
+    p.add_argument("--context-length", type=int, default=None, help="override the preset's context length")
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--sample-prompt", default="The", help="prompt of the periodic samples")
+    progress_option(p)
+    train_options(p)
+
+
+def cmd_pretrain(a) -> None:
+    from llmscratch.train.pretrain import run_pretrain
+
+    cfg = _train_config(a)
+    r = run_pretrain(a.model, a.data, a.out, a.tokenizer, a.resume, cfg, a.context_length, a.dropout,
+                     a.sample_prompt, progress=not a.no_progress, overwrite=a.overwrite)
+    print(run_summary(r, a.out))
+
+
+PRETRAIN = Verb("Pretrain a GPT with next-token prediction; checkpoints, metrics.csv and loss.png go to --out.",
+                _pretrain_parser, cmd_pretrain)
+
+
+# --- quickstart -------------------------------------------------------------------------------------------
+def _quickstart_parser(p) -> None:
+    p.add_argument("--minutes", type=float, default=4.0, help="pretraining time budget")
+    p.add_argument("--out", default="runs/quickstart", help="run folder")
+    p.add_argument("--model", default="gpt-tiny",
+                   help="preset to train (gpt-tiny learns the most per CPU-minute; gpt-mini is ~3x slower)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    device_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    progress_option(p, "no progress bars")
+
+
+def cmd_quickstart(a) -> None:
+    from llmscratch.train.pretrain import quickstart
+
+    quickstart(a.out, a.minutes, a.vocab_size, a.model, a.device, overwrite=a.overwrite,
+               progress=not a.no_progress)
+
+
+QUICKSTART = Verb("Offline end to end on the embedded pydocs corpus: tokenizer, data, a small GPT pretrained for "
+                  "a few minutes, samples before/after, loss vs the unigram baseline.", _quickstart_parser,
+                  cmd_quickstart)

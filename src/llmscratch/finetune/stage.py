@@ -1,0 +1,183 @@
+"""The skeleton every fine-tuning stage follows, so that classify, instruct and DPO differ only in their data,
+model head and loss:
+
+    guards → load the base → (LoRA) → batch source → train → finish
+
+    stage = Stage("instruct", checkpoint, out, train_cfg, resume=..., overwrite=..., lora=...)  # guards
+    model, tok = stage.load_base()                       # a language model (or any, with lm_only=False)
+    stage.apply_lora(model)                              # no-op without LoRA settings
+    cfg = stage.steps_for_epochs(epochs, batches)        # a copy: the caller's TrainConfig is never changed
+    result = stage.train(model, batches, cfg, tok, hparams, loss_fn=...)
+    files = stage.finish(model, tok, result)             # adapter folder with LoRA; the files in `out`
+
+Every stage returns a `StageResult`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmscratch import runs
+from llmscratch.errors import UserError
+from llmscratch.train.config import TrainConfig
+
+
+@dataclass
+class StageResult:
+    """What every training stage returns: where its output went, how training ended, what was written, and the
+    stage's own report (`metrics`: classify's accuracy per split, DPO's validation metrics before and after...)."""
+
+    out: Path
+    train: object  # llmscratch.train.trainer.TrainResult
+    files: list[str]
+    n_train: int = 0
+    n_val: int = 0
+    n_test: int = 0
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def adapter(self) -> bool:
+        """Whether `out` holds a LoRA adapter (with its base, not full weights)."""
+        return runs.ADAPTER_CONFIG in self.files and runs.WEIGHTS not in self.files
+
+
+def steps_for_epochs(epochs: float, batches_per_epoch: int, grad_accum: int) -> int:
+    """Optimizer updates that cover `epochs` passes over the training batches."""
+    return max(1, math.ceil(epochs * batches_per_epoch / max(1, grad_accum)))
+
+
+def check_max_length(max_length: int | None, context: int) -> int:
+    """`--max-length`, defaulting to the model's context length; UserError when out of (0, context]."""
+    if max_length is None:
+        return context
+    if max_length <= 0:
+        raise UserError(f"--max-length must be positive, got {max_length}")
+    if max_length > context:
+        raise UserError(f"--max-length {max_length} exceeds the model's context length {context}; "
+                        f"use at most {context}")
+    return max_length
+
+
+def check_epochs(epochs: float | None) -> None:
+    if epochs is not None and epochs <= 0:
+        raise UserError(f"--epochs must be positive, got {epochs}")
+
+
+class Stage:
+    """One fine-tuning run into `out`: checks the output folder up front (before any data or model is read),
+    then gives the steps every stage shares."""
+
+    def __init__(self, name: str, checkpoint: str | Path, out: str | Path, train_cfg: TrainConfig, *,
+                 resume: bool = False, overwrite: bool = False, lora=None, log: Callable[[str], None] = print):
+        self.name, self.checkpoint, self.out = name, checkpoint, Path(out)
+        self.cfg, self.resume, self.lora, self.log = train_cfg, resume, lora, log
+        train_cfg.check()  # a bad setting is reported before any data or model is read
+        if lora is not None:
+            lora.check()
+        self.replace = runs.check_run_folder(self.out, resume, overwrite)
+        self.base_folder = runs.find_model_folder(checkpoint)
+
+    # --- the model ----------------------------------------------------------------------------------------
+    def load_base(self, lm_only: bool = True):
+        """(model, tokenizer) of the base checkpoint; a classifier is refused where a language model is needed."""
+        from llmscratch.checkpoint import load
+
+        model, tok = load(self.base_folder)
+        if lm_only and model.config.n_classes is not None:
+            raise UserError(f"{self.checkpoint}: a classifier checkpoint; {self.name} needs a language model")
+        return model, tok
+
+    def apply_lora(self, model, trainable: tuple[str, ...] = ()) -> None:
+        """Swap the chosen linears for LoRA layers (the base frozen; `trainable` modules trained in full)."""
+        if self.lora is None:
+            return
+        from llmscratch.lora import apply_lora, lora_report
+
+        s = self.lora
+        self.lora_applied = apply_lora(model, s.targets, s.rank, s.alpha, s.dropout, trainable=trainable,
+                                       seed=self.cfg.seed)  # a LoRAApplied: finish() saves its `trainable` too
+        self.log(str(lora_report(model)))
+
+    def lora_hparams(self) -> dict:
+        s = self.lora
+        return {} if s is None else {"lora": {"rank": s.rank, "alpha": s.alpha, "targets": s.targets,
+                                              "dropout": s.dropout}}
+
+    # --- training -----------------------------------------------------------------------------------------
+    def steps_for_epochs(self, epochs: float | None, batches_per_epoch: int, **changes) -> TrainConfig:
+        """A copy of the run's TrainConfig whose max_steps covers `epochs` (None: keep max_steps), with
+        `changes`; the caller's config is never modified."""
+        cfg = self.cfg
+        if epochs is not None:
+            changes["max_steps"] = steps_for_epochs(epochs, batches_per_epoch, cfg.grad_accum)
+        return dataclasses.replace(cfg, **changes)
+
+    def train(self, model, batches, cfg: TrainConfig, tokenizer, hparams: dict,
+              before: Callable[[Path], None] | None = None, **train_kwargs):
+        """Create (or clear, with --overwrite) `out`, call `before(out)` for files the checkpoints need to find
+        in their run folder (a prompt style, label names), and train; a failed start removes what it made."""
+        from llmscratch.train.trainer import train
+
+        created = runs.check_out_dir(self.out)
+        if self.replace:  # only now that the data and the model are known to be good
+            runs.clear_run(self.out)
+        hparams = {"stage": self.name, "base": str(self.checkpoint), **hparams, **self.lora_hparams()}
+        with runs.removed_on_failure(self.out, created):
+            if before is not None:
+                before(self.out)
+            return train(model, batches, cfg, self.out, tokenizer=tokenizer, resume=self.resume, hparams=hparams,
+                         **train_kwargs)
+
+    def finish(self, model, tokenizer, result) -> list[str]:
+        """With LoRA, leave the adapter alone in `out` (the full weights are dropped; checkpoints/ keeps the
+        resumable state). Returns the names of the files now in `out`."""
+        if self.lora is not None:
+            from llmscratch.lora import finish_adapter_run
+
+            finish_adapter_run(self.out, model, self.base_folder, tokenizer, trainable=self.lora_applied.trainable)
+            self.log(f"saved the adapter alone to {self.out}; `llmscratch generate` loads it as it is, "
+                     f"`llmscratch lora merge {self.out} MERGED_DIR` merges it into a full checkpoint")
+        return runs.written_files(self.out)
+
+    def result(self, train_result, n_train: int, n_val: int, n_test: int, metrics: dict | None = None,
+               files: list[str] | None = None) -> StageResult:
+        return StageResult(self.out, train_result, files if files is not None else runs.written_files(self.out),
+                           n_train, n_val, n_test, metrics or {})
+
+
+def files_message(out: Path, files: list[str]) -> str:
+    return f"files in {out}/: {', '.join(files)}"
+
+
+# --- answering the test split (instruct, DPO) --------------------------------------------------------------
+def answer_test_split(result, model, tokenizer, style, test_records: list[dict], out: Path, max_new_tokens: int,
+                      progress: bool, log) -> Path | None:
+    """After an instruction (or preference) tuning run: answer the test records into `out/test_responses.json`
+    unless training was interrupted. Returns the file's path, or None when none was written."""
+    from llmscratch.runs import TEST_RESPONSES
+
+    if result.stopped_early == "interrupt" or not test_records:
+        return None
+    responses = out / TEST_RESPONSES
+    write_responses(model, tokenizer, style, test_records, responses, max_new_tokens, progress=progress)
+    log(f"wrote {len(test_records)} test-set responses to {responses}")
+    return responses
+
+
+def write_responses(model, tokenizer, style, records: list[dict], path: Path, max_new_tokens: int,
+                    progress: bool = True, batch_size: int = 16) -> list[dict]:
+    """Answer each record greedily and write the records with a `model_response` field as a JSON list."""
+    from llmscratch.fileio import atomic_write_text
+    from llmscratch.generate import generate_batch
+
+    model.eval()
+    texts = generate_batch(model, tokenizer, [style.prompt(r) for r in records], max_new_tokens=max_new_tokens,
+                           stop=style.stop, batch_size=batch_size, progress=progress)
+    answered = [{**r, "model_response": style.clean(t)} for r, t in zip(records, texts)]
+    atomic_write_text(path, json.dumps(answered, indent=2, ensure_ascii=False) + "\n")
+    return answered
