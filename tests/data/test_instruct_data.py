@@ -59,7 +59,8 @@ def test_messages_one_record_per_assistant_turn(tmp_path):
 
 
 @pytest.mark.parametrize("name,text,needle", [
-    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', "bad.jsonl:2: not valid JSON"),
+    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n',
+     "bad.jsonl:2: not valid JSON"),
     ("bad.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction" "a"}\n]', "bad.json:3: not valid JSON"),
     ("d.jsonl", '{"instruction": "a"}\n', "d.jsonl:1: missing key 'output'"),
     ("d.jsonl", '{"instruction": "  ", "output": "x"}\n', "d.jsonl:1: empty 'instruction'"),

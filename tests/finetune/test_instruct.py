@@ -115,7 +115,7 @@ def test_messages_data_and_resume(base, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content,args,needle", [
-    ('{"instruction": "a", "output": "b"}\n{"instruction": \n', [], "data.jsonl:2: malformed JSON"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": \n', [], "data.jsonl:2: not valid JSON"),
     ('{"instruction": "a"}\n', [], "data.jsonl:1: missing key 'output'"),
     ('{"instruction": "", "output": "b"}\n', [], "data.jsonl:1: empty 'instruction'"),
     (None, ["--max-length", 999], "--max-length 999 exceeds the model's context length 256"),

@@ -15,8 +15,11 @@ __all__ = ["parse_json_items", "read_json_items", "read_json_objects", "read_tex
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
-def read_text_file(path: Path) -> str:
-    """The file's text as UTF-8 (a leading BOM dropped, CRLF turned into LF); UserError if it is not."""
+def read_text_file(path: Path, missing: str | None = None) -> str:
+    """The file's text as UTF-8 (a leading BOM dropped, CRLF turned into LF); UserError if it is not. `missing`:
+    the error's advice when there is no such file."""
+    if missing is not None and not path.is_file():
+        raise UserError(f"{path}: {missing}")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -57,18 +60,18 @@ def _loads(text: str, path: Path, line: int | None = None, advice: str = "") -> 
             from None
 
 
-def read_json_items(path: Path, hint: str | None = None) -> list[tuple[str, object]]:
+def read_json_items(path: Path, hint: str | None = None, missing: str | None = None) -> list[tuple[str, object]]:
     """`parse_json_items` of the file at `path`: JSONL by extension (.jsonl, .ndjson), a JSON list for .json, and
-    for any other name whichever the text is (a JSON list starts with '[')."""
-    text = read_text_file(path)
+    for any other name whichever the text is (a JSON list starts with '['). `missing`: see `read_text_file`."""
+    text = read_text_file(path, missing)
     suffix = path.suffix.lower()
     jsonl = suffix in JSONL_SUFFIXES or (suffix != ".json" and not text.lstrip().startswith("["))
     return parse_json_items(path, text, jsonl, hint)
 
 
-def read_json_objects(path: Path, hint: str | None = None) -> list[tuple[str, dict]]:
+def read_json_objects(path: Path, hint: str | None = None, missing: str | None = None) -> list[tuple[str, dict]]:
     """`read_json_items`, each of which must be a JSON object."""
-    items = read_json_items(path, hint)
+    items = read_json_items(path, hint, missing)
     for where, obj in items:
         if not isinstance(obj, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")

@@ -52,9 +52,9 @@ def load_preferences(src: str | Path) -> list[dict]:
     """Preference records from a JSON list or JSONL file (see the module docstring); bad input → UserError
     naming the file and the line (JSONL) or record number (JSON list)."""
     path = Path(src)
-    if not path.is_file():
-        raise UserError(f"--data {src}: no such file; give a JSON list or JSONL of {_FORMATS} records")
-    records = [preference_record(obj, where) for where, obj in read_json_objects(path, f"use a list of {_FORMATS}")]
+    items = read_json_objects(path, f"use a list of {_FORMATS}",
+                              missing=f"no such file; give a JSON list or JSONL of {_FORMATS} records")
+    records = [preference_record(obj, where) for where, obj in items]
     if not records:
         raise UserError(f"{path}: no records; it needs at least one prompt with a chosen and a rejected answer")
     return records

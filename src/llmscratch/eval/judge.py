@@ -127,10 +127,8 @@ def read_responses(path: str | Path, response_key: str) -> list[dict]:
     """Records to judge: a JSON list (or JSONL) of objects with `instruction`, `output` and the answer."""
     from llmscratch.data.files import read_json_objects
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: responses file not found (e.g. the test_responses.json of finetune instruct)")
-    records = read_json_objects(path)
+    records = read_json_objects(Path(path), missing="responses file not found (e.g. the test_responses.json of "
+                                "finetune instruct)")
     for where, r in records:
         for key in ("instruction", "output", response_key):
             if not isinstance(r.get(key), str):
