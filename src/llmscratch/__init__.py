@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 from llmscratch._lazy import make_lazy
 
 __version__ = "0.1.0"
-__all__ = ["GPT", "PRESETS", "ModelConfig", "UserError", "generate", "load", "save_model", "stream"]
+__all__ = ["GPT", "PRESETS", "ModelConfig", "ModelOptions", "UserError", "generate", "load", "save_model", "stream"]
 
-_HOMES = {"GPT": "llmscratch.model", "PRESETS": "llmscratch.config", "ModelConfig": "llmscratch.config",
+_HOMES = {"GPT": "llmscratch.model", "ModelOptions": "llmscratch.model",
+          "PRESETS": "llmscratch.config", "ModelConfig": "llmscratch.config",
           "UserError": "llmscratch.errors", "generate": "llmscratch.generate", "stream": "llmscratch.generate",
           "load": "llmscratch.checkpoint", "save_model": "llmscratch.checkpoint"}
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from llmscratch.config import PRESETS, ModelConfig
     from llmscratch.errors import UserError
     from llmscratch.generate import generate, stream
-    from llmscratch.model import GPT
+    from llmscratch.model import GPT, ModelOptions
 
 
 make_lazy(__name__, _HOMES)

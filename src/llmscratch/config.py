@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmscratch.errors import UserError, read_json
+from llmscratch.errors import UserError, read_json_object
 
 
 @dataclass
@@ -107,12 +107,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: config file not found")
-        data = read_json(path)
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: expected a JSON object of model config fields")
+        data = read_json_object(path, "config file not found", "a JSON object of model config fields")
         return cls.from_dict(data, source=str(path))
 
     @classmethod

@@ -23,3 +23,15 @@ def read_json(path: str | Path, hint: str = "") -> object:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc}){hint}") from None
+
+
+def read_json_object(path: str | Path, missing: str, expected: str) -> dict:
+    """The JSON object in the file at `path`; a `UserError` naming the file, with `missing` when there is no
+    such file and `expected` (what the object should hold) when it is valid JSON but not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {missing}")
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected {expected}")
+    return data

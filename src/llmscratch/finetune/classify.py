@@ -37,7 +37,7 @@ from llmscratch.finetune.stage import Stage, StageResult, files_message
 from llmscratch.runtime import autocast_dtype, resolve_device
 from llmscratch.train.batches import ExampleBatches
 from llmscratch.train.config import TrainConfig
-from llmscratch.train.metrics import pyplot, save_figure
+from llmscratch.train.metrics import save_figure, subplots
 
 # ---------------------------------------------------------------------------------------------------------
 # the model
@@ -131,12 +131,9 @@ def evaluate_classifier(model, examples: list[Encoded], pad_id: int, n_classes: 
             "confusion": confusion.tolist()}
 
 
-def plot_confusion(confusion: list[list[int]], labels: list[str], out_png: Path, title: str) -> Path | None:
-    plt = pyplot()
-    if plt is None:
-        return None
+def plot_confusion(confusion: list[list[int]], labels: list[str], out_png: Path, title: str) -> Path:
     k = len(labels)
-    fig, ax = plt.subplots(figsize=(1.2 * k + 2.5, 1.2 * k + 2))
+    fig, ax = subplots(figsize=(1.2 * k + 2.5, 1.2 * k + 2))
     ax.imshow(confusion, cmap="Blues")
     peak = max(max(row) for row in confusion) or 1
     for i in range(k):
@@ -153,12 +150,9 @@ def plot_confusion(confusion: list[list[int]], labels: list[str], out_png: Path,
 
 def plot_accuracy(history: list[dict], out_png: Path) -> Path | None:
     """Train/validation accuracy after each epoch (the book's figure 6.17)."""
-    plt = pyplot()
-    if plt is None:
-        return None
     if not history:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h["train_accuracy"] for h in history], "o-",
             label=f"train accuracy (first {history[-1]['train_n']} examples)")

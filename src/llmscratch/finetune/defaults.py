@@ -30,11 +30,10 @@ class ClassifyDefaults:
 
 
 @dataclass(frozen=True)
-class InstructDefaults:
-    """`finetune instruct` (the book's chapter 7)."""
+class RecordSplitDefaults:
+    """What the stages trained on records (instruct, DPO) share: the train/val/test split of the records and the
+    longest answer generated for the test split."""
 
-    prompt_style: str = "alpaca"
-    epochs: float = 2.0
     val_fraction: float = 0.05
     test_fraction: float = 0.10
     split_seed: int = 123
@@ -42,15 +41,20 @@ class InstructDefaults:
 
 
 @dataclass(frozen=True)
-class DPODefaults:
+class InstructDefaults(RecordSplitDefaults):
+    """`finetune instruct` (the book's chapter 7)."""
+
+    prompt_style: str = "alpaca"
+    epochs: float = 2.0
+
+
+@dataclass(frozen=True)
+class DPODefaults(RecordSplitDefaults):
     """`finetune dpo` (the book's chapter-7 bonus)."""
 
     beta: float = 0.1
     label_smoothing: float = 0.0
     epochs: float = 1.0
-    val_fraction: float = 0.05
-    test_fraction: float = 0.10
-    split_seed: int = 123
     max_new_tokens: int = 128
     samples: int = 3
 

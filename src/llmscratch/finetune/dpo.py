@@ -34,7 +34,7 @@ from llmscratch.finetune.defaults import DPO, dpo_train_config
 from llmscratch.finetune.stage import Stage, StageResult, answer_test_split, check_epochs, check_max_length
 from llmscratch.train.batches import ExampleBatches
 from llmscratch.train.config import TrainConfig
-from llmscratch.train.metrics import pyplot, read_metrics, save_figure
+from llmscratch.train.metrics import read_metrics, save_figure, subplots
 from llmscratch.train.trainer import unpack_loss
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,15 +176,12 @@ def evaluate_pairs(model, pairs: list, loss_fn: DPOLoss, collate, batch_size: in
 
 def plot_dpo(metrics_csv: str | Path, out_png: str | Path) -> Path | None:
     """DPO loss, reward margin and reward accuracy against steps (train: running means; val: evaluations)."""
-    plt = pyplot()
-    if plt is None:
-        return None
     rows = read_metrics(metrics_csv)
     train_rows = [r for r in rows if r["kind"] == "train" and r.get("train_reward_margin")]
     eval_rows = [r for r in rows if r["kind"] == "eval" and r.get("val_reward_margin")]
     if not train_rows and not eval_rows:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = subplots(1, 3, figsize=(13, 3.8))
     panels = (("loss", "DPO loss"), ("reward_margin", "reward margin (chosen − rejected)"),
               ("reward_accuracy", "reward accuracy"))
     for ax, (key, title) in zip(axes, panels):

@@ -32,7 +32,11 @@ def can_pack(model: nn.Module) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     ops = torch.ops.mkldnn
-    return hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+    if not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
+        return False
+    # oneDNN's bf16 linear needs AVX-512 (BW, VL, DQ) or AMX; without them the reorder fails, and the plain
+    # `F.linear` path is the one that runs.
+    return p.dtype != torch.bfloat16 or bool(getattr(ops, "_is_mkldnn_bf16_supported", lambda: False)())
 
 
 try:  # the overload itself, looked up once: ~3 µs a call less than through `torch.ops.mkldnn._linear_pointwise`

@@ -72,16 +72,13 @@ def read_metrics(path: str | Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def pyplot():
-    """matplotlib's pyplot on its file-only backend (Agg), or None when matplotlib is not installed: plots are
-    extras, never a reason for a run to fail."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
+def subplots(*args, **kwargs):
+    """`matplotlib.pyplot.subplots(...)` on the file-only Agg backend (no display needed): (figure, axes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
 
 
 def save_figure(fig, out_png: str | Path) -> Path:
@@ -99,15 +96,12 @@ def plot_losses(metrics_csv: str | Path, out_png: str | Path,
                 ylabel: str = "cross-entropy loss (nats)") -> Path | None:
     """Train/val loss against steps, with tokens seen on a second x-axis (the book's figure 5.12).
 
-    Returns None when matplotlib is missing or there is nothing to plot."""
-    plt = pyplot()
-    if plt is None:
-        return None
+    Returns None when there is nothing to plot."""
     rows = [r for r in read_metrics(metrics_csv) if r["kind"] == "eval" and r["val_loss"]]
     train_rows = [r for r in read_metrics(metrics_csv) if r["kind"] == "train" and r["train_loss"]]
     if not rows and not train_rows:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     if train_rows:
         ax.plot([int(r["step"]) for r in train_rows], [float(r["train_loss"]) for r in train_rows],
                 label="train loss (running)", alpha=0.5)

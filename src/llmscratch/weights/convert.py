@@ -28,16 +28,19 @@ def _tokenizer(folder: Path, override: str | None, source: str):
     raise UserError(f"{folder}: no {source}; pass --tokenizer gpt2 or a tokenizer folder")
 
 
-def _save_converted(out: Path, model, tokenizer, source: Path, name: str | None) -> Path:
+def _save_converted(out: Path, loaded, tokenizer, source: Path, name: str | None):
+    """Write a converted model — `loaded`, a loader's (model, its config) — with `tokenizer` into the new folder
+    `out`; returns the model."""
     from llmscratch.checkpoint import save_model
 
+    model = loaded[0]
     if name:
         model.config.name = name
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}; "
                         "pass the matching --tokenizer")
-    return write_folder(out, lambda tmp: save_model(tmp, model, tokenizer,
-                                                    hyperparameters={"converted_from": str(source)}))
+    write_folder(out, lambda tmp: save_model(tmp, model, tokenizer, hyperparameters={"converted_from": str(source)}))
+    return model
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -75,12 +78,9 @@ def from_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None, d
             tok = llama3_tokenizer(hf_dir)  # Meta's tiktoken-format file (no chat template in it)
         else:
             raise UserError(f"{hf_dir}: no {TOKENIZER} or tokenizer.model; pass --tokenizer (a tokenizer folder)")
-        model, _ = load_hf_llama(hf_dir, dtype=_dtype(dtype))
-    else:
-        tok = _tokenizer(hf_dir, tokenizer, "vocab.json + merges.txt")
-        model, _ = load_hf_gpt2(hf_dir, dtype=_dtype(dtype))
-    _save_converted(out, model, tok, hf_dir, name)
-    return model
+        return _save_converted(out, load_hf_llama(hf_dir, dtype=_dtype(dtype)), tok, hf_dir, name)
+    tok = _tokenizer(hf_dir, tokenizer, "vocab.json + merges.txt")
+    return _save_converted(out, load_hf_gpt2(hf_dir, dtype=_dtype(dtype)), tok, hf_dir, name)
 
 
 def from_openai(tf_dir: str | Path, out: str | Path, tokenizer: str | None = None, dtype: str = "fp32",
@@ -90,9 +90,7 @@ def from_openai(tf_dir: str | Path, out: str | Path, tokenizer: str | None = Non
 
     tf_dir, out = Path(tf_dir), check_new_folder(out)
     tok = _tokenizer(tf_dir, tokenizer, "encoder.json + vocab.bpe")
-    model, _ = load_openai_gpt2(tf_dir, dtype=_dtype(dtype))
-    _save_converted(out, model, tok, tf_dir, name)
-    return model
+    return _save_converted(out, load_openai_gpt2(tf_dir, dtype=_dtype(dtype)), tok, tf_dir, name)
 
 
 def to_hf(checkpoint: str | Path, out: str | Path) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from llmscratch.config import ModelConfig
-from llmscratch.errors import UserError, read_json
+from llmscratch.errors import UserError, read_json_object
 from llmscratch.weights.gpt2_layout import fill_gpt, name_map
 
 HPARAMS = "hparams.json"
@@ -236,11 +236,8 @@ def config_from_hparams(folder: Path) -> ModelConfig:
     """Our ModelConfig from OpenAI's `hparams.json` (n_vocab, n_ctx, n_embd, n_head, n_layer)."""
     path = folder / HPARAMS
     fields = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
-    if not path.is_file():
-        raise UserError(f"{path}: missing; OpenAI's GPT-2 folder has hparams.json beside model.ckpt.index")
-    h = read_json(path)
-    if not isinstance(h, dict):
-        raise UserError(f"{path}: expected a JSON object with {', '.join(fields)}")
+    h = read_json_object(path, "missing; OpenAI's GPT-2 folder has hparams.json beside model.ckpt.index",
+                         f"a JSON object with {', '.join(fields)}")
     missing = [k for k in fields if k not in h]
     if missing:
         raise UserError(f"{path}: missing field {missing[0]!r} (needs {', '.join(fields)})")
