@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 MINUTES ?= 4
 
-.PHONY: quickstart test lint bench clean
+.PHONY: quickstart test notebooks lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ quickstart: $(VENV)/.stamp-base
 
 test: $(VENV)/.stamp-test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# Every chapter notebook, top to bottom on a fresh kernel; fails on the first error (notebooks/execute.py).
+notebooks: $(VENV)/.stamp-notebooks
+	HF_HUB_OFFLINE=1 $(PY) notebooks/execute.py
 
 lint: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff check src tests benchmarks

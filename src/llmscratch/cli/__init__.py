@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from llmscratch.cli import evaluation, finetuning, inference, pretraining, weights
+from llmscratch.cli import evaluation, finetuning, inference, inspecting, pretraining, weights
 from llmscratch.cli.base import Group, Verb
 from llmscratch.errors import UserError
 
@@ -27,6 +27,7 @@ VERBS: dict[str, Verb | Group] = {
     "finetune": finetuning.FINETUNE,
     "lora": weights.LORA,
     "classify": inference.CLASSIFY,
+    "inspect": inspecting.INSPECT,
     "data": evaluation.DATA,
     "eval": evaluation.EVAL,
     "quickstart": pretraining.QUICKSTART,

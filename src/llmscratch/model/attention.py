@@ -95,11 +95,9 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x (B, T, d) → (B, T, d). `input_pos`: absolute position of x[:, 0] when decoding with the KV cache —
-        an int, or a 0-dim tensor for the static-shape (compilable) path. `rope`: (cos, sin) of the T positions
-        for rotary embeddings (model/rope.py), None for a model with learned position embeddings."""
+    def _heads(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+        """q (B, nh, T, hs), k and v (B, nkv, T, hs) of x (B, T, d): the fused projection split into heads, with
+        QK-norm and the rotation applied where the model has them."""
         B, T, _ = x.shape
         hs, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
         kernels = None
@@ -117,6 +115,27 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    @torch.no_grad()
+    def attention_weights(self, x: torch.Tensor,
+                          rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The causal attention weights softmax(Q Kᵀ / √d) of x (B, T, d) as this layer computes them: (B, nh, T,
+        T), each row summing to 1 — for pictures; the forward pass never materialises them (SDPA)."""
+        q, k, _ = self._heads(x, rope)
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, T, hs)
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, T)
+        causal = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=x.device).tril()
+        return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+
+    def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, T, d) → (B, T, d). `input_pos`: absolute position of x[:, 0] when decoding with the KV cache —
+        an int, or a 0-dim tensor for the static-shape (compilable) path. `rope`: (cos, sin) of the T positions
+        for rotary embeddings (model/rope.py), None for a model with learned position embeddings."""
+        B, T, _ = x.shape
+        hs, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
+        q, k, v = self._heads(x, rope)
 
         mask, is_causal = None, True
         if isinstance(input_pos, torch.Tensor):

@@ -82,12 +82,13 @@ def subplots(*args, **kwargs):
 
 
 def save_figure(fig, out_png: str | Path) -> Path:
-    """Lay out, write as PNG and close `fig`; returns the file's path."""
+    """Lay out, write as PNG (whatever the file's suffix: a temporary name works) and close `fig`; returns the
+    file's path."""
     import matplotlib.pyplot as plt
 
     out_png = Path(out_png)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    fig.savefig(out_png, dpi=110, format="png")
     plt.close(fig)
     return out_png
 
