@@ -73,23 +73,21 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def subplots(*args, **kwargs):
-    """`matplotlib.pyplot.subplots(...)` on the file-only Agg backend (no display needed): (figure, axes)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """(figure, axes) as `matplotlib.pyplot.subplots(...)` makes them, but on a bare `Figure` that no pyplot
+    backend manages: saving needs no display, and drawing one never switches the backend of the program that
+    called (a notebook keeps its inline figures)."""
+    from matplotlib.figure import Figure
 
-    return plt.subplots(*args, **kwargs)
+    figsize = kwargs.pop("figsize", None)
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def save_figure(fig, out_png: str | Path) -> Path:
-    """Lay out, write as PNG (whatever the file's suffix: a temporary name works) and close `fig`; returns the
-    file's path."""
-    import matplotlib.pyplot as plt
-
+    """Lay out and write `fig` as PNG (whatever the file's suffix: a temporary name works); returns the path."""
     out_png = Path(out_png)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110, format="png")
-    plt.close(fig)
     return out_png
 
 
