@@ -326,7 +326,7 @@ def generate_batch(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_
     share one: the model has no padding mask, so a left-padded row would attend to its pads. With greedy
     decoding (temperature 0) each result equals `generate(model, tokenizer, prompt, ...)` for that prompt.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     if batch_size <= 0:
         raise UserError(f"batch size must be positive, got {batch_size}")

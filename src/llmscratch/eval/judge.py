@@ -149,7 +149,7 @@ def judge_file(responses: str | Path, client: ChatClient, response_key: str = "m
     """Score every record of `responses`; the records with `score` and `judge_reply` go to `out` (default:
     `<name>.scores.json` beside the input), rewritten atomically after each record so an interrupted run
     keeps what it has."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from llmscratch.fileio import atomic_write_text
 

@@ -419,7 +419,7 @@ class _EpochAccuracy:
         self.history.append({"step": step, "epoch": round(step * self.cfg.grad_accum / self.per_epoch, 2),
                              "train_accuracy": tr["accuracy"], "val_accuracy": va["accuracy"], "train_n": tr["n"]})
         if self.progress:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
             tqdm.write(f"epoch {self.history[-1]['epoch']:g}: train accuracy {tr['accuracy']:.1%}, "
                        f"val accuracy {va['accuracy']:.1%}")
 

@@ -137,7 +137,7 @@ class DPOLoss:
 def precompute_reference(model, pairs: list, collate, batch_size: int = 16, amp_dtype=None, device="cpu",
                          average: bool = False, progress: bool = True) -> None:
     """Score every pair with `model` (the reference, in eval mode) once and store the log-probs on the pairs."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     device = torch.device(device)
     with _eval_mode(model):

@@ -21,7 +21,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import regex
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from llmscratch.errors import UserError
 from llmscratch.tokenizer.base import RankedBPE

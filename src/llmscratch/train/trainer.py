@@ -356,7 +356,7 @@ class _Run:
     compiling: bool  # until the first step ends: torch.compile makes it take tens of seconds
 
     def __post_init__(self):
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         self.amp_dtype = autocast_dtype(self.cfg.precision, self.device)
         self.flops_per_token = flops_per_token(self.model.config) if hasattr(self.model, "config") else None
