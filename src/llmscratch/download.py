@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from llmscratch.errors import UserError
+from llmscratch.errors import UserError, one_line
 from llmscratch.fileio import sha256_of
 
 __all__ = ["cache_dir", "download"]
@@ -34,11 +34,6 @@ def cache_dir() -> Path:
     if xdg := os.environ.get("XDG_CACHE_HOME"):
         return Path(xdg).expanduser() / "llmscratch"
     return Path.home() / ".cache" / "llmscratch"
-
-
-def one_line(reason: object) -> str:
-    """`reason` (an exception, a server's message) as one line of an error message; "unknown error" if empty."""
-    return " ".join(str(reason).split()) or "unknown error"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,6 +15,13 @@ class UserError(Exception):
     """A mistake the user can fix (bad path, unknown preset, malformed file...)."""
 
 
+def one_line(reason: object, empty: str = "unknown error") -> str:
+    """`reason` (an exception, a server's message, bytes) as one line of an error message; `empty` if blank."""
+    if isinstance(reason, bytes):
+        reason = reason.decode("utf-8", "replace")
+    return " ".join(str(reason).split()) or empty
+
+
 def read_json(path: str | Path, hint: str = "") -> object:
     """The parsed contents of the JSON file at `path`; a `UserError` naming the file when it is not valid JSON
     (or not UTF-8), with `hint` (what to do) after the parser's message. Callers check the file exists and

@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmscratch.download import one_line
-from llmscratch.errors import UserError
+from llmscratch.errors import UserError, one_line
 
 __all__ = ["parse_json_items", "read_json_items", "read_json_objects", "read_text_file", "string_field"]
 

@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmscratch.errors import UserError
+from llmscratch.errors import UserError, one_line
 
 # The book's judge prompt, with the record rendered as its Alpaca instruction (without "### Response:").
 JUDGE_TEMPLATE = ("Given the input `{input}` and correct output `{output}`, score the model response "
@@ -73,17 +73,17 @@ class ChatClient:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     payload = response.read()
             except urllib.error.HTTPError as exc:
-                detail = _one_line(exc.read().decode("utf-8", "replace"))[:200]
+                detail = one_line(exc.read(), empty="")[:200]
                 if exc.code in (408, 429) or exc.code >= 500:
                     last = f"HTTP {exc.code} {exc.reason}"
                     continue
                 raise UserError(f"{self.endpoint}: HTTP {exc.code} {exc.reason} ({detail}); check --model "
                                 f"{self.model!r} and --url") from None
             except urllib.error.URLError as exc:
-                last = _one_line(exc.reason)
+                last = one_line(exc.reason, empty="")
                 continue
             except (TimeoutError, OSError) as exc:  # read timeouts, resets
-                last = f"{type(exc).__name__}: {_one_line(exc)}"
+                last = f"{type(exc).__name__}: {one_line(exc, empty='')}"
                 continue
             try:
                 reply = json.loads(payload)["choices"][0]["message"]["content"]
@@ -91,7 +91,7 @@ class ChatClient:
                     raise TypeError
                 return reply
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
-                last = f"the reply is not an OpenAI chat completion: {_one_line(payload[:120])}"
+                last = f"the reply is not an OpenAI chat completion: {one_line(payload[:120], empty='')}"
                 continue
         raise UserError(f"judge endpoint {self.endpoint} failed after {self.retries + 1} tries ({last}); is the "
                         f"server running (e.g. `ollama serve`) and does it serve --model {self.model!r}?")
@@ -107,12 +107,6 @@ def chat_endpoint(url: str) -> str:
     if url.endswith("/v1"):
         return url + "/chat/completions"
     return url + "/v1/chat/completions"
-
-
-def _one_line(value) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return " ".join(str(value).split())
 
 
 @dataclass
