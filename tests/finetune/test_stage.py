@@ -120,14 +120,23 @@ def test_overwrite_replaces_a_run_and_is_required_to(stage, base, records, tmp_p
     assert_user_error(code, err, "--resume and --overwrite")
 
 
-def test_classify_with_lora_names_the_adapter_files_and_classifies_from_the_adapter(base, tmp_path, capsys):
+def classify_argv(base, data, out) -> list:
+    """A two-step `finetune classify` run (the fixtures' spam set, one evaluation)."""
+    return ["finetune", "classify", base, "--data", data, "--out", out, "--max-steps", 2, "--train.eval_every", 2,
+            "--train.eval_batches", 1, "--no-progress"]
+
+
+@pytest.fixture
+def spam(tmp_path):
     data = tmp_path / "spam.tsv"
     data.write_text("".join(f"{label}\t{text}\n" for label, text in
                             [("spam", "win free cash prize now"), ("ham", "see you at lunch today")] * 20))
+    return data
+
+
+def test_classify_with_lora_names_the_adapter_files_and_classifies_from_the_adapter(base, spam, tmp_path, capsys):
     out = tmp_path / "clf"
-    code, stdout, err = run(["finetune", "classify", base, "--data", data, "--out", out, "--max-steps", 2,
-                             "--train.eval_every", 2, "--train.eval_batches", 1, "--no-progress",
-                             "--lora-rank", 2, "--lora-targets", "attn"], capsys)
+    code, stdout, err = run([*classify_argv(base, spam, out), "--lora-rank", 2, "--lora-targets", "attn"], capsys)
     assert code == 0, err
     files_line = next(line for line in stdout.splitlines() if line.startswith("files in"))
     assert "adapter.safetensors" in files_line and "labels.json" in files_line
@@ -137,14 +146,9 @@ def test_classify_with_lora_names_the_adapter_files_and_classifies_from_the_adap
     assert [line.split("\t")[0] in ("spam", "ham") for line in stdout.strip().splitlines()] == [True, True]
 
 
-def test_classify_reads_labels_from_the_run_of_a_step_folder(base, tmp_path, capsys):
-    data = tmp_path / "spam.tsv"
-    data.write_text("".join(f"{label}\t{text}\n" for label, text in
-                            [("spam", "win free cash prize now"), ("ham", "see you at lunch today")] * 20))
+def test_classify_reads_labels_from_the_run_of_a_step_folder(base, spam, tmp_path, capsys):
     out = tmp_path / "clf"
-    code, _, err = run(["finetune", "classify", base, "--data", data, "--out", out, "--max-steps", 2,
-                        "--train.eval_every", 2, "--train.eval_batches", 1, "--train.save_every", 2,
-                        "--no-progress"], capsys)
+    code, _, err = run([*classify_argv(base, spam, out), "--train.save_every", 2], capsys)
     assert code == 0, err
     step = out / "checkpoints" / "step-0000002"
     assert not (step / "labels.json").exists()
