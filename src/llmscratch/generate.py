@@ -7,12 +7,13 @@ is kept as the reference the cached path is tested against.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from llmscratch.errors import UserError
+from llmscratch.model.attention import RowPositions
 from llmscratch.tokenizer.base import Tokenizer
 
 
@@ -217,7 +218,7 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
         model.train(was_training)
 
 
-class _TextStream:
+class TextStream:
     """The text of a growing list of generated token ids, decoded incrementally, and how much of it `stream`
     may show: text is held back while it ends in an incomplete UTF-8 character (decoded as U+FFFD) or could
     still be the start of a stop string, so the pieces joined equal the decoded ids exactly.
@@ -291,11 +292,11 @@ def stream(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100, 
 
     Text is held back while it ends in an incomplete UTF-8 character (decoded as U+FFFD) or could still be
     the start of a stop string, so the pieces joined equal the final text exactly; each token decodes only the
-    few latest ids (`_TextStream`). `compile`: see `generate_ids`.
+    few latest ids (`TextStream`). `compile`: see `generate_ids`.
     """
     ids = tokenizer.encode(prompt)
     eos = tokenizer.eos_id if stop_at_eos else None
-    text = _TextStream(tokenizer, stop)
+    text = TextStream(tokenizer, stop)
     for nxt in generate_ids(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, eos,
                             seed, use_cache, compile=compile):
         token = int(nxt[0])
@@ -316,54 +317,195 @@ def generate(model, tokenizer: Tokenizer, prompt: str, **kwargs) -> str:
     return "".join(stream(model, tokenizer, prompt, **kwargs))
 
 
+class Row:
+    """One sequence of a `DecodeBatch`: its token ids (the prompt, then each token generated) and how its next
+    tokens are drawn. `key`: whatever the caller uses to know the row (a request, an index)."""
+
+    def __init__(self, prompt_ids: Sequence[int], temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, key=None):
+        if len(prompt_ids) == 0:
+            raise UserError("the prompt is empty: give at least one token")
+        self.ids = [int(i) for i in prompt_ids]
+        self.n_prompt = len(self.ids)
+        self.temperature, self.top_k, self.top_p, self.seed, self.key = temperature, top_k, top_p, seed, key
+        self.generator: torch.Generator | None = None  # made on the model's device when the row is admitted
+        self.cached = 0  # how many of the row's window positions the cache holds (0: it must be filled)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.ids[self.n_prompt:]
+
+
+class DecodeBatch:
+    """Continuous batching: sequences of any lengths decoded together in the model's one KV cache.
+
+    Each row of the cache holds one sequence at positions 0, 1, ... of its own (`RowPositions`, model/attention.py):
+    learned position embeddings and RoPE see every row at its true positions, and each row attends to its own keys
+    only. `add` queues a row; `step` admits queued rows while there is room (their prompts are processed together,
+    right-padded), then produces one token for every active row; `remove` takes a row out at once, moving the last
+    row's cache into its place so the active rows stay rows 0..n-1 of the cache, read without a copy.
+
+    A row whose window would pass the context length slides, as `generate_ids` does: from then on its last
+    `context_length` tokens are processed again at every step. So with greedy decoding every row gets the tokens
+    it would get decoded alone (up to floating-point rounding: a batched matmul may sum in another order).
+    Sampled rows draw from their own generator (seeded by `Row.seed`), so their tokens do not depend on which
+    other rows share the batch either.
+    """
+
+    def __init__(self, model, max_rows: int, max_len: int | None = None):
+        if max_rows <= 0:
+            raise UserError(f"batch size must be positive, got {max_rows}")
+        self.model, self.max_rows = model, max_rows
+        self.ctx = model.config.context_length
+        self.device = next(model.parameters()).device
+        self.active: list[Row] = []  # cache row i holds active[i]
+        self.waiting: deque[Row] = deque()
+        self.was_training = model.training
+        model.eval()
+        model.setup_kv_cache(max_rows, min(self.ctx, max_len or 256))
+
+    def add(self, row: Row) -> None:
+        self.waiting.append(row)
+
+    @torch.inference_mode()  # the cache may hold inference tensors (grown in `step`)
+    def remove(self, row: Row) -> None:
+        """Take `row` out of the batch (finished, or its client left), freeing its place for a waiting one."""
+        if row in self.waiting:
+            self.waiting.remove(row)
+            return
+        i = self.active.index(row)
+        last = len(self.active) - 1
+        if i != last:  # the last row moves into the gap: the active rows stay rows 0..n-1 of the cache
+            self.model.move_kv_row(last, i, self.active[last].cached)
+            self.active[i] = self.active[last]
+        self.active.pop()
+
+    def __len__(self) -> int:
+        return len(self.active) + len(self.waiting)
+
+    def close(self) -> None:
+        """Free the model's KV cache (the model is left as it was found: eval or training mode)."""
+        self.active.clear()
+        self.waiting.clear()
+        self.model.clear_kv_cache()
+        self.model.train(self.was_training)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Row, int]]:
+        """Admit waiting rows while there is room; then one new token for every active row, appended to its
+        `ids` and returned as (row, token) pairs in the order of the active rows."""
+        while self.waiting and len(self.active) < self.max_rows:
+            row = self.waiting.popleft()
+            if row.seed is not None:
+                row.generator = torch.Generator(device=self.device)
+                row.generator.manual_seed(row.seed)
+            row.cached = 0
+            self.active.append(row)
+        if not self.active:
+            return []
+        # A row in the cache takes its one new token; a new row, or one whose window slid, is (re)filled.
+        fill = [i for i, r in enumerate(self.active) if r.cached == 0 or len(r.ids) > self.ctx]
+        fill_set = set(fill)
+        decode = [i for i in range(len(self.active)) if i not in fill_set]
+        need = max(min(len(r.ids), self.ctx) for r in self.active)
+        cache_len = self.model.blocks[0].attn.kv_cache.max_len
+        if need > cache_len:  # grow by doubling: a few copies over a long generation, never past the context
+            self.model.resize_kv_cache(max(need, 2 * cache_len))
+        logits = torch.empty(len(self.active), self.model.lm_head.out_features, device=self.device)
+        if decode:
+            logits[decode] = self._decode(decode).to(logits.dtype)
+        if fill:
+            logits[fill] = self._fill(fill).to(logits.dtype)
+        tokens = self._sample(logits)
+        for row, token in zip(self.active, tokens):
+            row.ids.append(token)
+        return list(zip(self.active, tokens))
+
+    def _decode(self, rows: list[int]) -> torch.Tensor:
+        """Next-token logits (n, V) of the rows of the cache `rows`, each fed its newest token."""
+        active = [self.active[i] for i in rows]
+        idx = torch.tensor([[r.ids[-1]] for r in active], device=self.device)  # (n, 1)
+        at = RowPositions.make([r.cached for r in active], 1, rows, self.device)
+        logits = self.model(idx, input_pos=at)[:, -1]
+        for r in active:
+            r.cached += 1
+        return logits
+
+    def _fill(self, rows: list[int]) -> torch.Tensor:
+        """Next-token logits (n, V) of the cache `rows` whose windows are processed whole, right-padded to the
+        longest: padding sits after a row's tokens, where its causal attention never looks."""
+        windows = [self.active[i].ids[-self.ctx:] for i in rows]
+        width = max(len(w) for w in windows)
+        idx = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for b, w in enumerate(windows):
+            idx[b, :len(w)] = torch.tensor(w)
+        at = RowPositions.make([0] * len(rows), width, rows, self.device)
+        x = self.model.features(idx, input_pos=at)  # (n, width, d)
+        last = torch.tensor([len(w) - 1 for w in windows], device=self.device)
+        logits = self.model.lm_head(x[torch.arange(len(rows), device=self.device), last])  # (n, V)
+        for i, w in zip(rows, windows):
+            self.active[i].cached = len(w)
+        return logits
+
+    def _sample(self, logits: torch.Tensor) -> list[int]:
+        """One token per active row: greedy rows all at once, sampled rows each with its own settings."""
+        tokens = logits.max(dim=-1).indices.tolist()  # greedy, as `sample_next` picks it
+        for i, r in enumerate(self.active):
+            if r.temperature > 0:
+                tokens[i] = int(sample_next(logits[i:i + 1], r.temperature, r.top_k, r.top_p, r.generator)[0])
+        return tokens
+
+
 def generate_batch(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 100,
                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                    seed: int | None = None, stop: Sequence[str] = (), stop_at_eos: bool = True,
-                   batch_size: int = 32, use_cache: bool = True, progress: bool = False) -> list[str]:
-    """The continuations of many prompts, in order (evaluation sets, test-set responses).
+                   batch_size: int = 32, progress: bool = False) -> list[str]:
+    """The continuations of many prompts, in order (evaluation sets, test-set responses), decoded `batch_size` at a
+    time through a `DecodeBatch`: prompts of any lengths share the batch, a row leaves as soon as it ends (eos, a
+    stop string, `max_new_tokens`) and the next prompt takes its place.
 
-    Prompts with the same number of tokens decode together as one batch. Prompts of different lengths never
-    share one: the model has no padding mask, so a left-padded row would attend to its pads. With greedy
-    decoding (temperature 0) each result equals `generate(model, tokenizer, prompt, ...)` for that prompt.
+    With greedy decoding (temperature 0) each result equals `generate(model, tokenizer, prompt, ...)` for that
+    prompt. With sampling and a `seed`, prompt i draws from a generator seeded `seed + i`.
     """
     from tqdm import tqdm
 
-    if batch_size <= 0:
-        raise UserError(f"batch size must be positive, got {batch_size}")
     eos = tokenizer.eos_id if stop_at_eos else None
     encoded = [tokenizer.encode(p) for p in prompts]
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, ids in enumerate(encoded):
-        by_length[len(ids)].append(i)
     results: list[str] = [""] * len(prompts)
-    with tqdm(total=len(prompts), disable=not progress, desc="generate", unit="prompt", dynamic_ncols=True) as bar:
-        for _, members in sorted(by_length.items()):
-            for start in range(0, len(members), batch_size):
-                chunk = members[start:start + batch_size]
-                rows: list[list[int]] = [[] for _ in chunk]
-                texts = [_TextStream(tokenizer, stop) for _ in chunk]  # where a stop string appears
-                finished = [False] * len(chunk)
-                prompt_ids = torch.tensor([encoded[i] for i in chunk])  # (B, T): equal lengths
-                for nxt in generate_ids(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, eos_id=eos, seed=seed, use_cache=use_cache):
-                    for r, token in enumerate(nxt.tolist()):
-                        if finished[r]:
-                            continue
-                        if eos is not None and token == eos:
-                            finished[r] = True
-                            continue
-                        rows[r].append(token)
-                        if stop:
-                            texts[r].add(token)
-                            finished[r] = texts[r].stopped
-                    if all(finished):
-                        break
-                for i, row in zip(chunk, rows):
-                    text = tokenizer.decode(row)
-                    cut = _first_stop(text, stop)
-                    results[i] = text if cut is None else text[:cut]
-                bar.update(len(chunk))
+    if not prompts or max_new_tokens <= 0:
+        return results
+    longest = max(len(ids) for ids in encoded)
+    batch = DecodeBatch(model, min(batch_size, len(prompts)), max_len=longest + max_new_tokens)
+    texts: dict[int, TextStream] = {}
+    # Longest prompts first: rows admitted together have similar lengths, so little padding is processed.
+    for i in sorted(range(len(prompts)), key=lambda i: -len(encoded[i])):
+        batch.add(Row(encoded[i], temperature, top_k, top_p, None if seed is None else seed + i, key=i))
+        texts[i] = TextStream(tokenizer, stop)
+    try:
+        with tqdm(total=len(prompts), disable=not progress, desc="generate", unit="prompt",
+                  dynamic_ncols=True) as bar:
+            while len(batch):
+                for row, token in batch.step():
+                    text, ended = texts[row.key], token == eos
+                    if not ended:
+                        text.add(token)
+                        ended = text.stopped or len(row.generated) >= max_new_tokens
+                    if ended:
+                        results[row.key] = _finished_text(tokenizer, row.generated, eos, stop)
+                        batch.remove(row)
+                        bar.update(1)
+    finally:
+        batch.close()
     return results
+
+
+def _finished_text(tokenizer: Tokenizer, generated: list[int], eos: int | None, stop: Sequence[str]) -> str:
+    """The text of a row's generated ids, without the eos token that ended it and cut before a stop string."""
+    if generated and eos is not None and generated[-1] == eos:
+        generated = generated[:-1]
+    text = tokenizer.decode(generated)
+    cut = _first_stop(text, stop)
+    return text if cut is None else text[:cut]
 
 
 def _first_stop(text: str, stop: Sequence[str]) -> int | None:

@@ -8,6 +8,7 @@ cache; MHA is the special case n_kv_heads == n_heads, so one class serves both.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,39 @@ def attention_reference(q, k, v, mask: torch.Tensor | None = None, is_causal: bo
     return weights @ v  # (B, nh, Tq, hs)
 
 
+@dataclass(frozen=True)
+class RowPositions:
+    """Where each row of a batch sits in the KV cache when its rows are at different positions: the batched
+    decoding of `llmscratch.generate.DecodeBatch`, where prompts of different lengths share one cache and each
+    row joins, advances and leaves on its own.
+
+    Row b of the input (B, T) is cache row `rows[b]` and its tokens take positions `positions[b]` (B, T) — their
+    absolute positions, for the position embeddings or RoPE, and their slots in that cache row. Each query sees
+    the keys of its own row up to its own position (`mask`, (B, 1, T, length)), so a row never reads another's
+    tokens, stale entries past its end, or the padding of a shorter prompt batched with longer ones (padding goes
+    on the right, after a row's real tokens, where causal attention never looks back at it). Build with `make`.
+    """
+
+    positions: torch.Tensor  # (B, T) long
+    rows: torch.Tensor  # (B,) long: the cache rows
+    first_row: int | None  # rows == first_row + arange(B) when not None: the cache is read as a view, not copied
+    length: int  # keys attended over: cache slots [0, length)
+    mask: torch.Tensor  # (B, 1, T, length) bool, True where a query may see a key
+
+    @staticmethod
+    def make(starts: list[int], n_tokens: int, rows: list[int] | None = None,
+             device: torch.device | None = None) -> RowPositions:
+        """Row b's `n_tokens` tokens at positions starts[b], starts[b] + 1, ... in cache row rows[b] (default: b)."""
+        rows = list(range(len(starts))) if rows is None else list(rows)
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows))) if rows else True
+        positions = torch.tensor(starts, dtype=torch.long, device=device)[:, None] + torch.arange(
+            n_tokens, device=device)  # (B, T)
+        length = max(starts) + n_tokens
+        mask = torch.arange(length, device=device) <= positions[:, :, None]  # (B, T, length)
+        return RowPositions(positions, torch.tensor(rows, dtype=torch.long, device=device),
+                            rows[0] if contiguous and rows else None, length, mask[:, None])
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values of one attention layer for `max_len` positions.
 
@@ -51,25 +85,41 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.size(2)
 
-    def update(self, pos: int | torch.Tensor, k: torch.Tensor,
+    def update(self, pos: int | torch.Tensor | RowPositions, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nkv, T, hs) at positions [pos, pos + T).
 
         With `pos` an int, return the filled prefix (its length varies). With `pos` a 0-dim tensor on the
         cache's device — the static-shape path that `torch.compile` and CUDA graphs need — write with
-        `index_copy_` and return the whole buffers; the caller masks the unfilled tail.
+        `index_copy_` and return the whole buffers; the caller masks the unfilled tail. With `RowPositions`, each
+        row at its own positions (batched decoding of rows that joined at different times).
         """
         if isinstance(pos, torch.Tensor):
             idx = pos + torch.arange(k.size(2), device=k.device)
             self.k.index_copy_(2, idx, k)
             self.v.index_copy_(2, idx, v)
             return self.k, self.v
+        if isinstance(pos, RowPositions):
+            return self._update_rows(pos, k, v)
         end = pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; cannot write up to {end}")
         self.k[:, :, pos:end] = k
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def _update_rows(self, at: RowPositions, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nkv, T, hs) at each row's own positions; return the rows' keys and values over the first
+        `at.length` slots, (B, nkv, length, hs)."""
+        if at.length > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot write up to {at.length}")
+        # Two index tensors, (B, 1) rows and (B, T) positions, broadcast to (B, T) entries of (nkv, hs) each.
+        self.k[at.rows[:, None], :, at.positions] = k.transpose(1, 2)
+        self.v[at.rows[:, None], :, at.positions] = v.transpose(1, 2)
+        if at.first_row is not None:
+            rows = slice(at.first_row, at.first_row + k.size(0))
+            return self.k[rows, :, :at.length], self.v[rows, :, :at.length]
+        return self.k[at.rows, :, :at.length], self.v[at.rows, :, :at.length]
 
 
 class CausalSelfAttention(nn.Module):
@@ -128,17 +178,21 @@ class CausalSelfAttention(nn.Module):
         causal = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=x.device).tril()
         return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
 
-    def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | RowPositions | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, T, d) → (B, T, d). `input_pos`: absolute position of x[:, 0] when decoding with the KV cache —
-        an int, or a 0-dim tensor for the static-shape (compilable) path. `rope`: (cos, sin) of the T positions
+        an int, a 0-dim tensor for the static-shape (compilable) path, or `RowPositions` for rows at positions
+        of their own. `rope`: (cos, sin) of the T positions
         for rotary embeddings (model/rope.py), None for a model with learned position embeddings."""
         B, T, _ = x.shape
         hs, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
         q, k, v = self._heads(x, rope)
 
         mask, is_causal = None, True
-        if isinstance(input_pos, torch.Tensor):
+        if isinstance(input_pos, RowPositions):
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, length, hs)
+            mask, is_causal = input_pos.mask, False
+        elif isinstance(input_pos, torch.Tensor):
             # Static shapes: attend over the whole cache, masking keys after each query's own position.
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, max_len, hs)
             q_pos = input_pos + torch.arange(T, device=x.device)

@@ -34,9 +34,10 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None = None
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos and sin (T, head_dim) of the rotation angles of `positions` (T,), each half repeated twice."""
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim): pair i and i + head_dim/2 share an angle
+    """cos and sin (..., head_dim) of the rotation angles of `positions` (...,) — (T,) or per row (B, T) —
+    each half repeated twice."""
+    angles = positions.float()[..., None] * inv_freq  # (..., head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., head_dim): pair i and i + head_dim/2 share an angle
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

@@ -10,7 +10,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from llmscratch.config import ModelConfig
-from llmscratch.model.attention import CausalSelfAttention, KVCache
+from llmscratch.model.attention import CausalSelfAttention, KVCache, RowPositions
 from llmscratch.model.layers import GELUMLP, SwiGLUMLP, make_norm
 from llmscratch.model.loss import lm_head_cross_entropy
 from llmscratch.model.options import ModelOptions
@@ -34,7 +34,7 @@ class Block(nn.Module):
         else:
             self.mlp = GELUMLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout, options)
 
-    def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | RowPositions | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), input_pos, rope)
         x = x + self.mlp(self.norm2(x))
@@ -57,7 +57,8 @@ class GPT(nn.Module):
     the GELU or SwiGLU feed-forward net, learned position embeddings or RoPE, and QK-norm (config.py).
 
     `model(idx)` maps token ids (B, T) to next-token logits (B, T, vocab_size). For cached decoding call
-    `setup_kv_cache(batch_size, max_len)` once, then pass `input_pos` (the absolute position of idx[:, 0]).
+    `setup_kv_cache(batch_size, max_len)` once, then pass `input_pos` (the absolute position of idx[:, 0]), or
+    `RowPositions` (model/attention.py) when the rows are at different positions.
 
     `options` (model/options.py) choose how it computes — activation checkpointing, the bf16 residual stream,
     the Triton kernels — never what: the model keeps a copy, which its layers share, and `set_options` changes.
@@ -112,14 +113,19 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def features(self, idx: torch.Tensor, input_pos: int | torch.Tensor | None = None,
+    def features(self, idx: torch.Tensor, input_pos: int | torch.Tensor | RowPositions | None = None,
                  one_block_graph: bool = False) -> torch.Tensor:
         """The final-norm hidden states (B, T, d_model) that the LM head (or a classification head) reads.
 
         `one_block_graph`: under torch.compile, compile one block and run its graph for all of them (a CPU
         decoding step compiles in ~5 s instead of ~20 s for GPT-2 124M: generate.py); outside it, no effect."""
         B, T = idx.shape
-        if isinstance(input_pos, torch.Tensor):  # static-shape decoding: no host sync for a bounds check
+        if isinstance(input_pos, RowPositions):  # rows at positions of their own (batched decoding)
+            pos = input_pos.positions  # (B, T)
+            if input_pos.length > self.config.context_length:
+                raise ValueError(f"sequence of {input_pos.length} positions exceeds context_length "
+                                 f"{self.config.context_length}")
+        elif isinstance(input_pos, torch.Tensor):  # static-shape decoding: no host sync for a bounds check
             pos = input_pos + torch.arange(T, device=idx.device)
         else:
             start = input_pos or 0
@@ -132,7 +138,9 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
         else:
-            rope = rope_cos_sin(pos, self.inverse_frequencies(idx.device), x.dtype)
+            rope = rope_cos_sin(pos, self.inverse_frequencies(idx.device), x.dtype)  # (T, hs) or (B, T, hs)
+            if pos.dim() == 2:
+                rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hs): broadcast over the heads
         x = self.drop(x)
         if self.options.low_precision_residual and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -146,7 +154,7 @@ class GPT(nn.Module):
                 x = block(x, input_pos, rope)
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, input_pos: int | torch.Tensor | None = None,
+    def forward(self, idx: torch.Tensor, input_pos: int | torch.Tensor | RowPositions | None = None,
                 targets: torch.Tensor | None = None, last_only: bool = False,
                 one_block_graph: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) — or, given `targets` (B, T), the mean next-token cross-entropy, computed by
@@ -191,6 +199,25 @@ class GPT(nn.Module):
                     and old.k.dtype == dtype and old.k.device == device):
                 continue
             a.kv_cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, dtype, device)
+
+    def resize_kv_cache(self, max_len: int) -> None:
+        """Give every layer's cache room for `max_len` positions (at most the context), keeping what it holds."""
+        max_len = min(max_len, self.config.context_length)
+        for block in self.blocks:
+            old = block.attn.kv_cache
+            keep = min(old.max_len, max_len)
+            new = KVCache(old.k.size(0), max_len, old.k.size(1), old.k.size(3), old.k.dtype, old.k.device)
+            new.k[:, :, :keep] = old.k[:, :, :keep]
+            new.v[:, :, :keep] = old.v[:, :, :keep]
+            block.attn.kv_cache = new
+
+    def move_kv_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cached positions of batch row `src` to row `dst`, in every layer (a batched
+        decoder closing the gap a finished row left)."""
+        for block in self.blocks:
+            cache = block.attn.kv_cache
+            cache.k[dst, :, :length] = cache.k[src, :, :length]
+            cache.v[dst, :, :length] = cache.v[src, :, :length]
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
