@@ -1,0 +1,274 @@
+"""The continuous-batching engine behind `llmscratch serve`.
+
+One scheduler thread owns the model. It decodes every active request together, one token per request per step
+(`llmscratch.generate.DecodeBatch`): new requests join at a step boundary, finished or abandoned ones leave at
+once and free their place for a waiting one. The HTTP side lives on an asyncio event loop in another thread and
+never runs the model: `submit` queues a request and returns a `Request`, whose `events()` yield the text as the
+scheduler produces it (handed over with `loop.call_soon_threadsafe`). PyTorch releases the GIL inside its
+kernels, so the event loop keeps answering while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. temperature 0 is greedy; `seed` makes sampling reproducible (each request has
+    its own generator, so its tokens do not depend on the requests it shares the batch with)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """A piece of a request's output. The last event has `finish_reason` set ("stop": end-of-text or a stop
+    string; "length": max_tokens or the context is full; "error": the engine failed, `error` says how)."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class Busy(Exception):
+    """The queue of waiting requests is full: retry after `retry_after` seconds (HTTP 429 with Retry-After)."""
+
+    def __init__(self, waiting: int, retry_after: int = 1):
+        super().__init__(f"the server is busy: {waiting} requests are waiting; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Request:
+    """One submitted request. `events()` yields its output as it is made; `cancel()` (a client that left) takes it
+    out of the batch at the next step boundary."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
+                 loop: asyncio.AbstractEventLoop | None):
+        self.id = next(Request._ids)
+        self.engine, self.prompt_ids, self.params = engine, list(prompt_ids), params
+        self.loop = loop
+        self.queue: asyncio.Queue[Event] | None = asyncio.Queue() if loop is not None else None
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished = False
+        self.row = None  # its DecodeBatch row, once the scheduler has taken it
+        self.text = None  # its llmscratch.generate.TextStream
+
+    def _emit(self, event: Event) -> None:
+        if self.loop is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The request's events up to and including the one with a finish_reason."""
+        while True:
+            event = await self.queue.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        self.engine.cancel(self)
+
+
+class Engine:
+    """The scheduler: `max_batch` requests decoded together, at most `max_queue` waiting behind them."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64):
+        from llmscratch.errors import UserError
+
+        if max_batch <= 0 or max_queue < 0:
+            raise UserError(f"--max-batch must be positive and --max-queue at least 0 (got {max_batch}, {max_queue})")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.ctx = model.config.context_length
+        self._lock = threading.Condition()
+        self._incoming: deque[Request] = deque()  # submitted, not yet seen by the scheduler
+        self._cancelled: set[Request] = set()
+        self._requests: set[Request] = set()  # in the batch (decoding or waiting for a place)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.stats = _Stats()
+
+    # --- the event-loop side --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="llmscratch-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               loop: asyncio.AbstractEventLoop | None = None) -> Request:
+        """Queue a request (thread-safe); raises `Busy` when `max_queue` requests already wait for a place."""
+        request = Request(self, prompt_ids, params, loop if loop is not None else _running_loop())
+        with self._lock:
+            if len(self._incoming) + len(self._requests) >= self.max_batch + self.max_queue:
+                self.stats.rejected += 1
+                raise Busy(self.waiting())
+            self._incoming.append(request)
+            self.stats.requests += 1
+            self._lock.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        with self._lock:
+            if not request.finished:
+                self._cancelled.add(request)
+                self._lock.notify()
+
+    def waiting(self) -> int:
+        """Requests queued for a place in the batch."""
+        return len(self._incoming) + max(0, len(self._requests) - self.max_batch)
+
+    def active(self) -> int:
+        return min(len(self._requests), self.max_batch)
+
+    def metrics(self) -> dict:
+        return self.stats.snapshot(active=self.active(), waiting=self.waiting(), max_batch=self.max_batch)
+
+    # --- the scheduler thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        from llmscratch.generate import DecodeBatch
+
+        batch = DecodeBatch(self.model, self.max_batch)
+        try:
+            while self._take_work(batch):
+                try:
+                    pairs = batch.step()
+                except Exception as exc:  # noqa: BLE001 - fail the requests of this step, keep serving
+                    self._fail_all(batch, f"{type(exc).__name__}: {exc}")
+                    continue
+                now = time.perf_counter()
+                self.stats.tokens(len(pairs), now)
+                for row, token in pairs:
+                    self._advance(batch, row.key, token, now)
+        finally:
+            self._fail_all(batch, "the server is shutting down")
+            batch.close()
+
+    def _take_work(self, batch) -> bool:
+        """Move new and cancelled requests in and out of the batch; wait while there is nothing to do. False once
+        the engine is stopping."""
+        from llmscratch.generate import Row, TextStream
+
+        with self._lock:
+            while not self._stopping and not self._incoming and not self._cancelled and not len(batch):
+                self._lock.wait(timeout=1.0)
+            if self._stopping:
+                return False
+            while self._incoming:
+                request = self._incoming.popleft()
+                p = request.params
+                request.row = Row(request.prompt_ids, p.temperature, p.top_k, p.top_p, p.seed, key=request)
+                request.text = TextStream(self.tokenizer, p.stop)
+                self._requests.add(request)
+                batch.add(request.row)
+            for request in self._cancelled:
+                if request in self._requests:
+                    self.stats.cancelled += 1
+                    self._finish(batch, request, Event("", "cancelled"))
+            self._cancelled.clear()
+        return True
+
+    def _advance(self, batch, request: Request, token: int, now: float) -> None:
+        """Take a request's new token: its text so far goes out, and the request ends on end-of-text, a stop
+        string, max_tokens or a full context."""
+        if request.first_token_at is None:
+            request.first_token_at = now
+            self.stats.first_token(now - request.submitted)
+        row, eos = request.row, self.tokenizer.eos_id
+        if token == eos:
+            self._finish(batch, request, self._last(request, request.text.finish(), "stop", drop_last=True))
+            return
+        piece = request.text.add(token)
+        if request.text.stopped:
+            self._finish(batch, request, self._last(request, piece, "stop"))
+        elif len(row.generated) >= request.params.max_tokens or len(row.ids) >= self.ctx:
+            self._finish(batch, request, self._last(request, piece + request.text.finish(), "length"))
+        elif piece:
+            request._emit(Event(piece))
+
+    def _last(self, request: Request, text: str, reason: str, drop_last: bool = False) -> Event:
+        completion = len(request.row.generated) - (1 if drop_last else 0)  # end-of-text is not part of the answer
+        return Event(text, reason, len(request.prompt_ids), completion)
+
+    def _finish(self, batch, request: Request, event: Event) -> None:
+        request.finished = True
+        self._requests.discard(request)
+        batch.remove(request.row)
+        if event.finish_reason in ("stop", "length"):
+            self.stats.completed += 1  # before the event goes out: whoever reads it then sees the count
+        request._emit(event)
+
+    def _fail_all(self, batch, message: str) -> None:
+        with self._lock:
+            for request in list(self._requests):
+                self.stats.failed += 1
+                self._finish(batch, request, Event("", "error", error=message))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _Stats:
+    """Counters for /metrics: requests by outcome, tokens generated (and their rate over the last 10 s), and the
+    time to first token of recent requests."""
+
+    WINDOW = 10.0  # seconds of the tokens/s figure
+
+    def __init__(self):
+        self.requests = self.completed = self.cancelled = self.failed = self.rejected = 0
+        self.generated = 0
+        self.started = time.perf_counter()
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+        self._ttft: deque[float] = deque(maxlen=1000)
+
+    def tokens(self, n: int, now: float) -> None:
+        self.generated += n
+        self._recent.append((now, n))
+        while self._recent and self._recent[0][0] < now - self.WINDOW:
+            self._recent.popleft()
+
+    def first_token(self, seconds: float) -> None:
+        self._ttft.append(seconds)
+
+    def snapshot(self, **gauges) -> dict:
+        now = time.perf_counter()
+        recent = [(t, n) for t, n in self._recent if t >= now - self.WINDOW]
+        span = min(self.WINDOW, now - self.started)
+        ttft = sorted(self._ttft)
+        return {"requests_total": self.requests, "requests_completed": self.completed,
+                "requests_cancelled": self.cancelled, "requests_failed": self.failed,
+                "requests_rejected": self.rejected, "tokens_generated_total": self.generated,
+                "tokens_per_second": sum(n for _, n in recent) / span if span > 0 else 0.0,
+                "time_to_first_token_p50_seconds": ttft[len(ttft) // 2] if ttft else None,
+                "time_to_first_token_p95_seconds": ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))] if ttft else None,
+                "uptime_seconds": now - self.started, **gauges}
