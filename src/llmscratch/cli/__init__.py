@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from llmscratch.cli import evaluation, finetuning, inference, inspecting, pretraining, weights
+from llmscratch.cli import chatting, evaluation, finetuning, inference, inspecting, pretraining, serving, weights
 from llmscratch.cli.base import Group, Verb
 from llmscratch.errors import UserError
 
@@ -21,6 +21,8 @@ VERBS: dict[str, Verb | Group] = {
     "prepare": pretraining.PREPARE,
     "pretrain": pretraining.PRETRAIN,
     "generate": inference.GENERATE,
+    "chat": chatting.CHAT,
+    "serve": serving.SERVE,
     "info": inference.INFO,
     "download": weights.DOWNLOAD,
     "convert": weights.CONVERT,

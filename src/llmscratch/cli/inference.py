@@ -43,29 +43,19 @@ def _generate_parser(p) -> None:
 
 
 def cmd_generate(a) -> None:
-    from llmscratch import runs
-    from llmscratch.checkpoint import load
     from llmscratch.generate import stream
-    from llmscratch.lora import load_merged
-    from llmscratch.model.packed import pack_for_cpu_inference
-    from llmscratch.prompts import load_style
-    from llmscratch.runtime import inference_dtype, resolve_device
+    from llmscratch.prompts import strip_leading_space
 
     if a.compile and a.no_kv_cache:
         raise UserError("--compile compiles the KV-cached decoding step: drop --no-kv-cache, or --compile")
-    device = resolve_device(a.device)
-    adapter = runs.is_adapter_only(a.checkpoint)
-    load_fn = load_merged if adapter else load  # an adapter: base + adapter, merged in memory
-    model, tok = load_fn(a.checkpoint, device=device, dtype=inference_dtype(a.dtype, device))
-    if not a.no_pack:
-        pack_for_cpu_inference(model)  # CPU only; a no-op elsewhere
+    model, tok = load_for_inference(a.checkpoint, a.device, a.dtype, pack=not a.no_pack)
     # An instruction-tuned checkpoint: wrap the request in its prompt style, stop at its end of turn, and
     # print only the answer.
-    style = None if a.raw or a.chat else load_style(Path(a.checkpoint) if adapter
-                                                     else runs.find_model_folder(a.checkpoint))
+    style = None if a.raw or a.chat else saved_style(a.checkpoint)
     prompt, shown, stop = a.prompt, a.prompt, list(a.stop or ())
     if a.chat:  # the model's own chat template (a Hugging Face tokenizer folder: Llama 3, Qwen3)
-        prompt, shown, stop = _chat_prompt(a, tok), "", stop + [tok.decode([i]) for i in tok.stop_ids]
+        chat = _chat_prompt(a, tok)
+        prompt, shown, stop = chat.text, "", stop + list(chat.stop)
     elif style is not None:
         prompt, shown, stop = style.wrap(a.prompt), "", stop + list(style.stop)
     if a.compile:  # a wait of seconds before the first token: say why
@@ -75,7 +65,7 @@ def cmd_generate(a) -> None:
                     top_k=a.top_k or None, top_p=a.top_p, seed=a.seed, stop=stop,
                     use_cache=not a.no_kv_cache, compile=a.compile)
     if style is not None or a.chat:
-        pieces = _strip_leading_space(pieces)
+        pieces = strip_leading_space(pieces)
     if a.stream:
         sys.stdout.write(shown)
         for piece in pieces:
@@ -86,26 +76,44 @@ def cmd_generate(a) -> None:
         print(shown + "".join(pieces))
 
 
-def _chat_prompt(a, tok) -> str:
-    """`--prompt` (after `--system`, if any) as a user turn in the tokenizer's chat template, ready for the answer;
-    the tokenizer's stop ids (<|eot_id|>, <|im_end|>, ...) end it."""
-    if not callable(getattr(tok, "apply_chat_template", None)) or not tok.chat_template:
+def load_for_inference(checkpoint: str, device: str = "auto", dtype: str = "auto", pack: bool = True):
+    """(model, tokenizer) ready to generate, from a checkpoint folder, a training run folder, or a LoRA adapter
+    folder (its base and adapter merged in memory): what `generate` and `chat` run. `device`, `dtype`: the
+    `--device`/`--dtype` names; `pack`: oneDNN-packed linears on a CPU (faster decoding; a no-op elsewhere)."""
+    from llmscratch import runs
+    from llmscratch.checkpoint import load
+    from llmscratch.lora import load_merged
+    from llmscratch.model.packed import pack_for_cpu_inference
+    from llmscratch.runtime import inference_dtype, resolve_device
+
+    device = resolve_device(device)
+    load_fn = load_merged if runs.is_adapter_only(checkpoint) else load
+    model, tok = load_fn(checkpoint, device=device, dtype=inference_dtype(dtype, device))
+    if pack:
+        pack_for_cpu_inference(model)
+    return model, tok
+
+
+def saved_style(checkpoint: str):
+    """The prompt style `checkpoint` (as `load_for_inference` takes it) was fine-tuned in, or None."""
+    from llmscratch import runs
+    from llmscratch.prompts import load_style
+
+    return load_style(Path(checkpoint) if runs.is_adapter_only(checkpoint) else runs.find_model_folder(checkpoint))
+
+
+def _chat_prompt(a, tok):
+    """`--prompt` (after `--system`, if any) as a user turn in the tokenizer's chat template, ready for the answer:
+    a `ChatPrompt` whose stop strings are the tokenizer's stop ids (<|eot_id|>, <|im_end|>, ...)."""
+    from llmscratch.prompts import chat_format
+
+    template = chat_format(tok, None)
+    if template.kind != "template":
         raise UserError(f"{a.checkpoint}: --chat needs a tokenizer with a chat template (a Llama/Qwen model "
                         "converted from its Hugging Face folder); use --prompt alone")
     messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
         {"role": "user", "content": a.prompt}]
-    return tok.apply_chat_template(messages, add_generation_prompt=True)
-
-
-def _strip_leading_space(pieces):
-    """The pieces of an answer without the whitespace a model may put before its first word."""
-    started = False
-    for piece in pieces:
-        if not started:
-            piece = piece.lstrip()
-            started = bool(piece)
-        if piece:
-            yield piece
+    return template.render(messages)
 
 
 GENERATE = Verb("Generate text from a checkpoint folder.", _generate_parser, cmd_generate)

@@ -104,13 +104,13 @@ class HFTokenizer(Tokenizer):
             raise UserError(f"token id {bad[0]} is outside this tokenizer's {self._vocab_size} ids")
         return self._tok.decode(ids, skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages`, as the model's chat template formats it."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
+        """The prompt text for `messages`, as the model's chat template formats it. `variables`: more template
+        variables, as `transformers` passes its extra keyword arguments (Qwen3's `enable_thinking=False`)."""
         if not self.chat_template:
             raise UserError(f"{self.folder}: this tokenizer has no chat template (tokenizer_config.json)")
-        return render_chat_template(self.chat_template, messages, add_generation_prompt,
-                                    bos_token=self.bos_token or "", eos_token=_token_text(self.config.get("eos_token"))
-                                    or "")
+        tokens = {"bos_token": self.bos_token or "", "eos_token": _token_text(self.config.get("eos_token")) or ""}
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, **{**tokens, **variables})
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

@@ -1,0 +1,253 @@
+"""Serving throughput on the CPU: `llmscratch serve` (continuous batching) against one-request-at-a-time decoding
+and against `transformers serve` (with and without its `--continuous-batching`), on the same weights, same run.
+
+A GPT-2-124M-shaped model with random weights (seeded) and the GPT-2 tokenizer is saved as our checkpoint and
+exported with `llmscratch convert to-hf` for the peer. Each server runs as its own process on loopback; for each
+concurrency (1, 8, 32 clients by default) that many streaming clients start together on `/v1/completions`, each
+with its own prompt (~20 tokens), asking for --new-tokens (64) greedy tokens. Reported per server and
+concurrency: aggregate tokens/s (every client's tokens over the wall time from the first request to the last
+`[DONE]`), and the p50/p95 time to first token (request sent → first text chunk). Tokens are counted from the
+stream's usage chunk where the server sends one, else from its text chunks.
+
+Servers (--servers, comma-separated):
+  ours          llmscratch serve --max-batch 32 (continuous batching)
+  ours-serial   llmscratch serve --max-batch 1: one request decoded at a time, the others queued
+  hf            transformers serve (its default: requests served one at a time)
+  hf-cb         transformers serve --continuous-batching (paged attention, batched)
+each at every --dtypes (fp32, bf16).
+
+    .venv/bin/python benchmarks/serve.py [--clients 1,8,32] [--new-tokens 64] [--dtypes fp32,bf16]
+        [--servers ours,ours-serial,hf,hf-cb] [--gpt2-dir ../shared/data/gpt2] [--work DIR]
+
+Needs the `serve` extra (fastapi, uvicorn), httpx, and transformers ≥ 5 (for `transformers serve`: its serving
+extra is fastapi + uvicorn too). Targets at 32 clients (issue 22): ours ≥ 5× ours-serial aggregate tokens/s,
+≥ 2× the peer's best configuration, p50 time to first token ≤ 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import _common as C  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+TARGET_VS_SERIAL, TARGET_VS_PEER, TARGET_TTFT = 5.0, 2.0, 1.0
+TOPICS = ["the history of the printing press", "how bees find flowers", "a recipe for bread", "the rules of chess",
+          "why the sky is blue", "the life of a star", "how a bicycle works", "the first computers"]
+
+
+def make_weights(work: Path, gpt2_dir: Path) -> tuple[Path, Path]:
+    """Our checkpoint of a random GPT-2 124M (seeded) with the GPT-2 tokenizer, and its transformers export."""
+    from llmscratch import GPT, ModelConfig
+    from llmscratch.checkpoint import save_model
+    from llmscratch.tokenizer.gpt2 import gpt2_tokenizer
+    from llmscratch.weights.convert import to_hf
+
+    ours, hf = work / "gpt2-random", work / "gpt2-random-hf"
+    if not (ours / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        save_model(ours, GPT(ModelConfig.from_preset("gpt2-124m")), gpt2_tokenizer(gpt2_dir))
+    if not hf.is_dir():
+        print(to_hf(ours, hf), flush=True)
+    return ours, hf
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(kind: str, dtype: str, ours: Path, hf: Path, port: int) -> tuple[list[str], str]:
+    """The command line of a server, and the model name its requests give."""
+    if kind.startswith("ours"):
+        batch = "1" if kind == "ours-serial" else "32"
+        return [str(VENV_BIN / "llmscratch"), "serve", str(ours), "--port", str(port), "--max-batch", batch,
+                "--max-queue", "64", "--dtype", dtype], ours.name
+    hf_dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    cmd = [str(VENV_BIN / "transformers"), "serve", str(hf), "--port", str(port), "--host", "127.0.0.1",
+           "--dtype", hf_dtype, "--device", "cpu", "--log-level", "warning"]
+    if kind == "hf-cb":
+        cmd.append("--continuous-batching")
+    return cmd, str(hf)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server did not answer on {url} within {timeout:.0f} s")
+
+
+async def one_client(client, url: str, model: str, prompt: str, new_tokens: int) -> dict:
+    """One streaming completion: time to first text chunk, tokens, whether it ended with [DONE]."""
+    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first, chunks, usage, done, error = None, 0, None, False, None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                return {"error": f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"}
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if chunk.get("error"):
+                    error = str(chunk["error"])[:200]
+                if chunk.get("usage"):
+                    usage = chunk["usage"].get("completion_tokens")
+                for choice in chunk.get("choices") or ():
+                    if choice.get("text"):
+                        chunks += 1
+                        first = first or time.perf_counter()
+    except Exception as exc:  # noqa: BLE001 - a failed client is counted, not fatal
+        error = f"{type(exc).__name__}: {exc}"
+    end = time.perf_counter()
+    return {"ttft": (first - start) if first else None, "tokens": usage if usage is not None else chunks,
+            "done": done, "error": error, "end": end}
+
+
+async def run_load(url: str, model: str, clients: int, new_tokens: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        prompts = [f"Client {i} writes about {TOPICS[i % len(TOPICS)]}. It begins like this:" for i in range(clients)]
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_client(client, url, model, p, new_tokens) for p in prompts))
+    wall = max((r.get("end", start) for r in results), default=start) - start
+    ttfts = sorted(r["ttft"] for r in results if r.get("ttft") is not None)
+    errors = [r["error"] for r in results if r.get("error") or not r.get("done")]
+    tokens = sum(r.get("tokens", 0) for r in results)
+    return {"clients": clients, "tokens": tokens, "wall": wall, "tok_s": tokens / wall if wall > 0 else 0.0,
+            "ttft_p50": statistics.median(ttfts) if ttfts else None,
+            "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] if ttfts else None,
+            "errors": len(errors), "first_error": errors[0] if errors else None}
+
+
+def bench_server(kind: str, dtype: str, ours: Path, hf: Path, clients: list[int], new_tokens: int) -> list[dict]:
+    port = free_port()
+    cmd, model = server_command(kind, dtype, ours, hf, port)
+    url = f"http://127.0.0.1:{port}"
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    rows = []
+    try:
+        wait_ready(url, proc)
+        asyncio.run(run_load(url, model, 1, 8))  # warm-up: first-request costs (allocation, lazy imports)
+        for n in clients:
+            row = asyncio.run(run_load(url, model, n, new_tokens))
+            row.update(server=kind, dtype=dtype)
+            rows.append(row)
+            print(f"  {kind:12s} {dtype} {n:3d} clients: {row['tok_s']:7.1f} tok/s, ttft p50 "
+                  f"{_s(row['ttft_p50'])} p95 {_s(row['ttft_p95'])}, {row['errors']} errors"
+                  + (f" ({row['first_error']})" if row["errors"] else ""), flush=True)
+    except RuntimeError as exc:
+        log.seek(0)
+        tail = log.read()[-1500:].decode(errors="replace")
+        print(f"  {kind} {dtype}: {exc}\n{tail}", flush=True)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return rows
+
+
+def _s(seconds: float | None) -> str:
+    return f"{seconds:.2f} s" if seconds is not None else "n/a"
+
+
+def summary(rows: list[dict], top: int) -> list[str]:
+    """The targets at `top` clients: ours against ours-serial and against the peer's best configuration."""
+    at = {(r["server"], r["dtype"]): r for r in rows if r["clients"] == top}
+    lines = []
+    for dtype in sorted({d for _, d in at}):
+        ours, serial = at.get(("ours", dtype)), at.get(("ours-serial", dtype))
+        if ours is None:
+            continue
+        if serial is not None and serial["tok_s"] > 0:
+            ratio = ours["tok_s"] / serial["tok_s"]
+            lines.append(f"{dtype}: ours / ours-serial at {top} clients = {ratio:.1f}x (target ≥ {TARGET_VS_SERIAL}x)")
+        lines.append(f"{dtype}: ours p50 time to first token at {top} clients = {_s(ours['ttft_p50'])} "
+                     f"(target ≤ {TARGET_TTFT} s)")
+    peers = [r for (kind, _), r in at.items() if kind.startswith("hf") and not r["errors"]]
+    mine = [r for (kind, _), r in at.items() if kind == "ours"]
+    if peers and mine:
+        best_peer = max(peers, key=lambda r: r["tok_s"])
+        best_ours = max(mine, key=lambda r: r["tok_s"])
+        lines.append(f"ours best ({best_ours['dtype']}, {best_ours['tok_s']:.1f} tok/s) / peer best "
+                     f"({best_peer['server']} {best_peer['dtype']}, {best_peer['tok_s']:.1f} tok/s) = "
+                     f"{best_ours['tok_s'] / best_peer['tok_s']:.2f}x (target ≥ {TARGET_VS_PEER}x)")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--servers", default="ours,ours-serial,hf,hf-cb")
+    p.add_argument("--gpt2-dir", default=str(ROOT.parent / "shared" / "data" / "gpt2"),
+                   help="folder with the GPT-2 tokenizer files (encoder.json, vocab.bpe)")
+    p.add_argument("--work", default=None, help="where the weights go (default: a temporary folder)")
+    a = p.parse_args()
+    C.require("httpx", "pip install httpx")
+    C.require("fastapi", "pip install -e '.[serve]'")
+    clients = [int(c) for c in a.clients.split(",")]
+    servers, dtypes = a.servers.split(","), a.dtypes.split(",")
+    if any(s.startswith("hf") for s in servers) and shutil.which("transformers", path=str(VENV_BIN)) is None:
+        sys.exit("error: `transformers serve` not found in this venv; pip install 'transformers>=5' fastapi uvicorn")
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="llmscratch-serve-bench-"))
+    ours, hf = make_weights(work, Path(a.gpt2_dir))
+    print(C.header("serve: aggregate tokens/s and time to first token, GPT-2 124M shapes (random weights), "
+                   f"{a.new_tokens} new tokens per client", torch.device("cpu")), flush=True)
+    rows = []
+    for dtype in dtypes:
+        for kind in servers:
+            rows += bench_server(kind, dtype, ours, hf, clients, a.new_tokens)
+    print("\n| server | dtype | clients | tokens/s | p50 TTFT | p95 TTFT | errors |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['server']} | {r['dtype']} | {r['clients']} | {r['tok_s']:.1f} | {_s(r['ttft_p50'])} | "
+              f"{_s(r['ttft_p95'])} | {r['errors']} |")
+    print()
+    for line in summary(rows, max(clients)):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""`llmscratch chat`: a conversation with a checkpoint in the terminal, or through a pipe.
+
+Each line read is one user message; the answer streams to stdout, and everything else (the format in use,
+command replies, notes) goes to stderr, so `printf 'hi\\nbye\\n' | llmscratch chat CKPT > answers.txt` keeps
+only the answers. The conversation is rendered by `llmscratch.prompts.chat_format`: the checkpoint's prompt
+style, else its tokenizer's chat template, else the plain User:/Assistant: format.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from llmscratch.cli.base import Verb, device_options
+
+COMMANDS = "/reset, /system [TEXT], /help, /quit"
+
+HELP = """\
+commands:
+  /reset          forget the conversation (the system message stays)
+  /system TEXT    set the system message and start over; /system alone removes it
+  /help           this text
+  /quit, /exit    leave (so does end of input, Ctrl-D)
+A line that starts with // sends the rest as a message beginning with /. Ctrl-C stops an answer (what was
+printed stays in the conversation); Ctrl-C at the prompt leaves.
+"""
+
+
+def _chat_parser(p) -> None:
+    from jsonargparse import ActionYesNo
+
+    p.add_argument("checkpoint", help="checkpoint folder, training run folder, or LoRA adapter folder (its base "
+                   "and adapter are merged in memory)")
+    p.add_argument("--system", default=None, help="system message to start with (`/system TEXT` changes it)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="longest answer in tokens; when the conversation and this much room no longer fit in the "
+                        "model's context (the room capped at half of it), the oldest turns are dropped")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (each answer)")
+    p.add_argument("--thinking", action=ActionYesNo(no_prefix="no-"), default=None,
+                   help="Qwen3 chat templates: think before answering, or not (--no-thinking); default: the "
+                        "template's own. Other formats ignore it")
+    device_options(p, dtype_default="auto",
+                   dtype_help="auto (bf16 on CUDA and bf16-capable CPUs, else fp32) | fp32 | bf16 | fp16")
+
+
+class Conversation:
+    """The messages of one chat: an optional system message, then user/assistant turns. `prompt` renders them
+    with `fmt`, dropping the oldest turns while the prompt is longer than `budget` tokens."""
+
+    def __init__(self, fmt, tokenizer, budget: int, system: str | None = None, thinking: bool | None = None):
+        self.fmt, self.tokenizer, self.budget, self.thinking = fmt, tokenizer, budget, thinking
+        self.system = system or None
+        self.turns: list[dict] = []
+        self.trimmed = False  # whether turns were ever dropped: said once, not at every turn after
+
+    def messages(self, user: str) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.turns + [{"role": "user", "content": user}]
+
+    def prompt(self, user: str):
+        """The `ChatPrompt` for the answer to `user`, after the turns so far (the oldest dropped to fit)."""
+        while True:
+            prompt = self.fmt.render(self.messages(user), self.thinking)
+            if not self.turns or len(self.tokenizer.encode(prompt.text)) <= self.budget:
+                return prompt
+            del self.turns[:2]  # one user message and its answer
+            if not self.trimmed:
+                self.trimmed = True
+                sys.stderr.write(f"llmscratch: the conversation outgrew the model's context ({self.budget} tokens "
+                                 "for the prompt); dropping its oldest turns from now on\n")
+
+    def add(self, user: str, answer: str) -> None:
+        self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+    def reset(self) -> None:
+        """Forget the turns; the system message stays."""
+        self.turns = []
+
+    def set_system(self, system: str | None) -> None:
+        """A new system message (None or "": none), and a new conversation under it."""
+        self.system, self.turns = system or None, []
+
+
+def cmd_chat(a) -> None:
+    from llmscratch.cli.inference import load_for_inference, saved_style
+    from llmscratch.prompts import chat_format
+
+    model, tok = load_for_inference(a.checkpoint, a.device, a.dtype)
+    fmt = chat_format(tok, saved_style(a.checkpoint))
+    context = model.config.context_length
+    budget = context - min(a.max_new_tokens, context // 2)  # leave the answer room, but never all of it
+    chat = Conversation(fmt, tok, budget, a.system, a.thinking)
+    sys.stderr.write(f"llmscratch: chatting in the {fmt.describe()}; type a message, or {COMMANDS}\n")
+    while (line := _read_line()) is not None:
+        if line.startswith("/") and not line.startswith("//"):
+            if not _command(line, chat):
+                return
+            continue
+        text = line[1:] if line.startswith("//") else line
+        if not text.strip():
+            continue
+        answer = _answer(model, tok, chat.prompt(text), a)
+        chat.add(text, answer)
+
+
+def _read_line() -> str | None:
+    """The next line typed, without its newline; None at end of input. Only a terminal gets a `you> ` prompt: from
+    a pipe, stdout holds the answers alone."""
+    if sys.stdin.isatty():
+        try:
+            return input("you> ")
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\r\n") if line else None
+
+
+def _command(line: str, chat: Conversation) -> bool:
+    """Run a /command; False when it ends the chat."""
+    name, _, rest = line.partition(" ")
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/reset":
+        chat.reset()
+        sys.stderr.write("llmscratch: conversation cleared\n")
+    elif name == "/system":
+        chat.set_system(rest.strip())
+        sys.stderr.write("llmscratch: " + ("system message set" if chat.system else "no system message") +
+                         "; conversation cleared\n")
+    elif name == "/help":
+        sys.stderr.write(HELP)
+    else:
+        sys.stderr.write(f"llmscratch: unknown command {name}; commands: {COMMANDS} (// sends a leading /)\n")
+    return True
+
+
+def _answer(model, tok, prompt, a) -> str:
+    """Stream the answer to `prompt` (a `ChatPrompt`) to stdout and return it. Ctrl-C ends it early: what was
+    printed is the answer."""
+    from llmscratch.generate import stream
+    from llmscratch.prompts import strip_leading_space
+
+    shown: list[str] = []
+    pieces = stream(model, tok, prompt.text, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                    top_k=a.top_k or None, top_p=a.top_p, seed=a.seed, stop=list(prompt.stop))
+    answer = strip_leading_space(pieces)
+    try:
+        for piece in answer:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            shown.append(piece)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        sys.stderr.write("llmscratch: answer stopped\n")
+        return "".join(shown)
+    finally:
+        answer.close()
+        pieces.close()  # ends the generation, which frees the KV cache
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(shown)
+
+
+CHAT = Verb("Chat with a checkpoint: a message a line on stdin (terminal or pipe), answers streamed to stdout; in "
+            "its prompt style, else its chat template, else plain User:/Assistant: lines. Commands: /reset (forget "
+            "the turns), /system [TEXT] (set or clear the system message, start over), /help, /quit or end of "
+            "input. Ctrl-C stops an answer; at the prompt, leaves.", _chat_parser, cmd_chat)

@@ -1,0 +1,139 @@
+"""`llmscratch serve`: a checkpoint behind an OpenAI-compatible HTTP API, with a web chat page at `/`.
+
+The model runs in the continuous-batching engine (`llmscratch.serve.engine`); the HTTP side is
+`llmscratch.serve.app` on uvicorn (the `serve` extra). The server listens on loopback unless `--host` says
+otherwise; the API key, when there is one, is read from an environment variable, never from the command line
+(which `ps` shows to every user of the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from llmscratch.cli.base import Verb, device_options
+from llmscratch.errors import UserError
+
+
+def _serve_parser(p) -> None:
+    from jsonargparse import ActionYesNo
+
+    p.add_argument("checkpoint", help="checkpoint folder, training run folder, or LoRA adapter folder (its base "
+                   "and adapter are merged in memory)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything but loopback lets other machines in (use --api-key-env)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (the ready line "
+                   "shows it)")
+    p.add_argument("--api-key-env", default=None,
+                   help="name of an environment variable holding the API key: /v1 requests must then send "
+                        "`Authorization: Bearer KEY`")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a place in the batch; past it, requests get 429 with Retry-After")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt in tokens (default: the model's context length - 1)")
+    p.add_argument("--max-tokens-cap", type=int, default=None,
+                   help="largest max_tokens a request may ask for (default: the model's context length)")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may take; then it is stopped (504, or an error event in a stream)")
+    p.add_argument("--model-name", default=None,
+                   help="the model's id in the API (default: the checkpoint folder's name)")
+    p.add_argument("--thinking", action=ActionYesNo(no_prefix="no-"), default=None,
+                   help="Qwen3 chat templates: think before answering, or not (--no-thinking), when a request does "
+                        "not say (its enable_thinking); default: the template's own. Other formats ignore it")
+    p.add_argument("--no-pack", action="store_true",
+                   help="on CPU, keep plain nn.Linear weights instead of oneDNN-packed ones (slower decoding)")
+    device_options(p, dtype_default="auto",
+                   dtype_help="auto (bf16 on CUDA and bf16-capable CPUs, else fp32) | fp32 | bf16 | fp16")
+
+
+def cmd_serve(a) -> None:
+    api_key = _api_key(a.api_key_env)
+    uvicorn = _serve_extra()
+    sock = _listen(a.host, a.port)  # before loading the model: a port in use fails at once
+    try:
+        import ipaddress
+
+        from llmscratch.cli.inference import load_for_inference, saved_style
+        from llmscratch.prompts import chat_format
+        from llmscratch.serve.app import Limits, create_app
+        from llmscratch.serve.engine import Engine
+
+        if api_key is None and not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+            sys.stderr.write(f"llmscratch: warning: listening on {a.host} without an API key: anyone who can reach "
+                             "this machine can use the model (see --api-key-env)\n")
+        model, tok = load_for_inference(a.checkpoint, a.device, a.dtype, pack=not a.no_pack)
+        fmt = chat_format(tok, saved_style(a.checkpoint))
+        name = a.model_name or Path(a.checkpoint).resolve().name
+        engine = Engine(model, tok, a.max_batch, a.max_queue)
+        limits = Limits(max_prompt_tokens=a.max_prompt_tokens, max_tokens_cap=a.max_tokens_cap,
+                        request_timeout=a.request_timeout)
+        url = _url(a.host, sock.getsockname()[1])
+        ready = (f"llmscratch: serving {name} (chat format: {fmt.describe()}) on {url} — web chat at /, API at "
+                 "/v1\n")
+        app = create_app(engine, tok, fmt, name, model.config.context_length, api_key=api_key, limits=limits,
+                         thinking=a.thinking, on_ready=lambda: (sys.stderr.write(ready), sys.stderr.flush()))
+        # Ctrl-C: requests in flight get a few seconds to finish, then they are cancelled and the engine stops.
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _api_key(variable: str | None) -> str | None:
+    """The API key held by environment variable `variable` (None: the server has no key)."""
+    if variable is None:
+        return None
+    key = os.environ.get(variable, "").strip()
+    if not key:
+        raise UserError(f"--api-key-env {variable}: the environment variable {variable} is unset or empty; set it "
+                        f"to the key clients must send (export {variable}=...)")
+    return key
+
+
+def _serve_extra():
+    """The uvicorn module, once FastAPI and uvicorn are known to be installed."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise UserError(f"llmscratch serve needs FastAPI and uvicorn ({exc.name} is missing): "
+                        "pip install 'llmscratch[serve]'") from None
+    return uvicorn
+
+
+def _listen(host: str, port: int):
+    """A socket bound to `host`:`port` and listening (port 0: a free one). Clients that connect before the server
+    has started wait in its backlog."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # rebinding right after a restart (TIME_WAIT)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use: stop what listens there, or pick another "
+                            "--port (0: any free one)") from None
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+SERVE = Verb("Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+             "/v1/models; streaming; continuous batching) with a web chat page at /, /health and /metrics. Needs "
+             "the serve extra: pip install 'llmscratch[serve]'.", _serve_parser, cmd_serve)
