@@ -48,6 +48,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+EXTRA = os.environ.get("OURS_EXTRA", "").split()
 TARGET_VS_SERIAL, TARGET_VS_PEER, TARGET_TTFT = 5.0, 2.0, 1.0
 TOPICS = ["the history of the printing press", "how bees find flowers", "a recipe for bread", "the rules of chess",
           "why the sky is blue", "the life of a star", "how a bicycle works", "the first computers"]
@@ -80,7 +81,7 @@ def server_command(kind: str, dtype: str, ours: Path, hf: Path, port: int) -> tu
     if kind.startswith("ours"):
         batch = "1" if kind == "ours-serial" else "32"
         return [str(VENV_BIN / "llmscratch"), "serve", str(ours), "--port", str(port), "--max-batch", batch,
-                "--max-queue", "64", "--dtype", dtype], ours.name
+                "--max-queue", "64", "--dtype", dtype] + EXTRA, ours.name
     hf_dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     cmd = [str(VENV_BIN / "transformers"), "serve", str(hf), "--port", str(port), "--host", "127.0.0.1",
            "--dtype", hf_dtype, "--device", "cpu", "--log-level", "warning"]
@@ -106,7 +107,8 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None
 
 
 async def one_client(client, url: str, model: str, prompt: str, new_tokens: int) -> dict:
-    """One streaming completion: time to first text chunk, tokens, whether it ended with [DONE]."""
+    """One streaming completion: time to first text chunk, tokens, whether it ended (with [DONE] or a chunk with a
+    finish_reason)."""
     body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -128,6 +130,7 @@ async def one_client(client, url: str, model: str, prompt: str, new_tokens: int)
                 if chunk.get("usage"):
                     usage = chunk["usage"].get("completion_tokens")
                 for choice in chunk.get("choices") or ():
+                    done = done or bool(choice.get("finish_reason"))  # `transformers serve` sends no [DONE]
                     if choice.get("text"):
                         chunks += 1
                         first = first or time.perf_counter()

@@ -126,3 +126,39 @@ def test_empty_prompt_and_bad_batch_size():
         Row([])
     with pytest.raises(UserError, match="batch size"):
         DecodeBatch(_model("gpt-micro"), max_rows=0)
+
+
+@pytest.mark.parametrize("preset,chunk", [("gpt-micro", 4), ("qwen3-micro", 4), ("llama-micro", 20)])
+def test_prompts_in_small_chunks_equal_decoding_alone(preset, chunk):
+    """Chunked prefill: `chunk` prompt tokens a step, shared by the new rows (with 20, rows fed 9, 2 and 9 tokens
+    in one call), prompts split across steps while the rows already decoding go on; a row's first token comes
+    the step its last chunk goes in."""
+    model = _model(preset)
+    prompts = _prompts(model.config.vocab_size, [9, 2, 13, 5], seed=6)
+    batch = DecodeBatch(model, max_rows=4, prefill_tokens=chunk)
+    rows = [Row(p) for p in prompts]
+    for r in rows:
+        batch.add(r)
+    first = batch.step()
+    assert [r for r, _ in first] == ([] if chunk == 4 else rows[:2])  # rows whose whole prompt went in
+    for _ in range(25):
+        batch.step()
+    batch.close()
+    for p, r in zip(prompts, rows):
+        n = len(r.generated)
+        assert n >= 15 and r.generated == _alone(model, p, n)
+
+
+def test_padding_of_rows_fed_fewer_tokens_is_not_written():
+    """Rows fed 3 and 1 tokens in one call: the padded slots of the short row keep what the cache held."""
+    model = _model("llama-micro")
+    at = RowPositions.make([5, 0], [1, 3])
+    assert at.positions.tolist() == [[5, 5, 5], [0, 1, 2]] and at.real.tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert at.length == 6
+    with torch.no_grad():
+        model.setup_kv_cache(2, 16)
+        cache = model.blocks[0].attn.kv_cache
+        cache.k[0, :, 6:8] = 7.0
+        model(torch.tensor([[1, 0, 0], [4, 5, 6]]), input_pos=at)
+        assert bool((cache.k[0, :, 6:8] == 7.0).all()) and not bool((cache.k[0, :, 5] == 0).all())
+        model.clear_kv_cache()

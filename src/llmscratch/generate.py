@@ -341,21 +341,28 @@ class DecodeBatch:
 
     Each row of the cache holds one sequence at positions 0, 1, ... of its own (`RowPositions`, model/attention.py):
     learned position embeddings and RoPE see every row at its true positions, and each row attends to its own keys
-    only. `add` queues a row; `step` admits queued rows while there is room (their prompts are processed together,
-    right-padded), then produces one token for every active row; `remove` takes a row out at once, moving the last
-    row's cache into its place so the active rows stay rows 0..n-1 of the cache, read without a copy.
+    only. `add` queues a row; `step` admits queued rows while there is room, then feeds every active row: a row in
+    the cache its newest token, a new row its prompt. `remove` takes a row out at once, moving the last row's cache
+    into its place so the active rows stay rows 0..n-1 of the cache, read without a copy.
+
+    Prompts are processed in chunks of at most `prefill_tokens` tokens a step, all new rows together (chunked
+    prefill): a long prompt, or many arriving at once, delays the other rows' next tokens by one chunk's work, not
+    by all of it, and the first new rows get their first token sooner. A row whose prompt needs several chunks
+    yields its first token at the step its last chunk goes in.
 
     A row whose window would pass the context length slides, as `generate_ids` does: from then on its last
-    `context_length` tokens are processed again at every step. So with greedy decoding every row gets the tokens
+    `context_length` tokens are processed again at every token. So with greedy decoding every row gets the tokens
     it would get decoded alone (up to floating-point rounding: a batched matmul may sum in another order).
     Sampled rows draw from their own generator (seeded by `Row.seed`), so their tokens do not depend on which
     other rows share the batch either.
     """
 
-    def __init__(self, model, max_rows: int, max_len: int | None = None):
+    def __init__(self, model, max_rows: int, max_len: int | None = None, prefill_tokens: int = 256):
         if max_rows <= 0:
             raise UserError(f"batch size must be positive, got {max_rows}")
-        self.model, self.max_rows = model, max_rows
+        if prefill_tokens <= 0:
+            raise UserError(f"prefill chunk must be positive, got {prefill_tokens}")
+        self.model, self.max_rows, self.prefill_tokens = model, max_rows, prefill_tokens
         self.ctx = model.config.context_length
         self.device = next(model.parameters()).device
         self.active: list[Row] = []  # cache row i holds active[i]
@@ -390,10 +397,14 @@ class DecodeBatch:
         self.model.clear_kv_cache()
         self.model.train(self.was_training)
 
+    def _window(self, row: Row) -> list[int]:
+        """The tokens the cache must hold for the row's next token: all of them, or the last `context_length`."""
+        return row.ids[-self.ctx:]
+
     @torch.inference_mode()
     def step(self) -> list[tuple[Row, int]]:
-        """Admit waiting rows while there is room; then one new token for every active row, appended to its
-        `ids` and returned as (row, token) pairs in the order of the active rows."""
+        """Admit waiting rows while there is room; feed every active row (its newest token, or the next chunk of
+        its prompt); return (row, token) for each row that got a new token, appended to its `ids` too."""
         while self.waiting and len(self.active) < self.max_rows:
             row = self.waiting.popleft()
             if row.seed is not None:
@@ -403,26 +414,39 @@ class DecodeBatch:
             self.active.append(row)
         if not self.active:
             return []
-        # A row in the cache takes its one new token; a new row, or one whose window slid, is (re)filled.
-        fill = [i for i, r in enumerate(self.active) if r.cached == 0 or len(r.ids) > self.ctx]
-        fill_set = set(fill)
-        decode = [i for i in range(len(self.active)) if i not in fill_set]
-        need = max(min(len(r.ids), self.ctx) for r in self.active)
+        need = max(len(self._window(r)) for r in self.active)
         cache_len = self.model.blocks[0].attn.kv_cache.max_len
         if need > cache_len:  # grow by doubling: a few copies over a long generation, never past the context
             self.model.resize_kv_cache(max(need, 2 * cache_len))
-        logits = torch.empty(len(self.active), self.model.lm_head.out_features, device=self.device)
+        decode, chunks, budget = [], [], self.prefill_tokens
+        for i, r in enumerate(self.active):
+            todo = len(self._window(r)) - r.cached
+            if todo == 1:
+                decode.append(i)
+            elif budget > 0:
+                chunks.append((i, min(todo, budget)))
+                budget -= chunks[-1][1]
+        rows, logits = [], []
         if decode:
-            logits[decode] = self._decode(decode).to(logits.dtype)
-        if fill:
-            logits[fill] = self._fill(fill).to(logits.dtype)
-        tokens = self._sample(logits)
-        for row, token in zip(self.active, tokens):
+            rows.append(decode)
+            logits.append(self._decode(decode))
+        if chunks:
+            done, done_logits = self._fill(chunks)
+            if done:
+                rows.append(done)
+                logits.append(done_logits)
+        if not rows:
+            return []
+        stepped = [self.active[i] for part in rows for i in part]
+        tokens = self._sample(torch.cat(logits) if len(logits) > 1 else logits[0], stepped)
+        for row, token in zip(stepped, tokens):
             row.ids.append(token)
-        return list(zip(self.active, tokens))
+            if len(row.ids) > self.ctx:
+                row.cached = 0  # the window slid: every position changes, so it is processed again
+        return list(zip(stepped, tokens))
 
     def _decode(self, rows: list[int]) -> torch.Tensor:
-        """Next-token logits (n, V) of the rows of the cache `rows`, each fed its newest token."""
+        """Next-token logits (n, V) of the cache `rows`, each fed its newest token."""
         active = [self.active[i] for i in rows]
         idx = torch.tensor([[r.ids[-1]] for r in active], device=self.device)  # (n, 1)
         at = RowPositions.make([r.cached for r in active], 1, rows, self.device)
@@ -431,26 +455,33 @@ class DecodeBatch:
             r.cached += 1
         return logits
 
-    def _fill(self, rows: list[int]) -> torch.Tensor:
-        """Next-token logits (n, V) of the cache `rows` whose windows are processed whole, right-padded to the
-        longest: padding sits after a row's tokens, where its causal attention never looks."""
-        windows = [self.active[i].ids[-self.ctx:] for i in rows]
-        width = max(len(w) for w in windows)
-        idx = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
-        for b, w in enumerate(windows):
-            idx[b, :len(w)] = torch.tensor(w)
-        at = RowPositions.make([0] * len(rows), width, rows, self.device)
+    def _fill(self, chunks: list[tuple[int, int]]) -> tuple[list[int], torch.Tensor | None]:
+        """Feed each (cache row, n) its next n window tokens, right-padded to the longest; return the rows whose
+        window is now complete and their next-token logits (n_done, V)."""
+        pieces = [self._window(self.active[i])[self.active[i].cached:][:n] for i, n in chunks]
+        width = max(n for _, n in chunks)
+        idx = torch.zeros(len(chunks), width, dtype=torch.long, device=self.device)
+        for b, piece in enumerate(pieces):
+            idx[b, :len(piece)] = torch.tensor(piece)
+        rows = [i for i, _ in chunks]
+        at = RowPositions.make([self.active[i].cached for i in rows], [n for _, n in chunks], rows, self.device)
         x = self.model.features(idx, input_pos=at)  # (n, width, d)
-        last = torch.tensor([len(w) - 1 for w in windows], device=self.device)
-        logits = self.model.lm_head(x[torch.arange(len(rows), device=self.device), last])  # (n, V)
-        for i, w in zip(rows, windows):
-            self.active[i].cached = len(w)
-        return logits
+        done, last = [], []
+        for b, (i, n) in enumerate(chunks):
+            row = self.active[i]
+            row.cached += n
+            if row.cached == len(self._window(row)):
+                done.append(i)
+                last.append((b, n - 1))
+        if not done:
+            return [], None
+        b_idx, t_idx = (torch.tensor(v, device=self.device) for v in zip(*last))
+        return done, self.model.lm_head(x[b_idx, t_idx])  # (n_done, V)
 
-    def _sample(self, logits: torch.Tensor) -> list[int]:
-        """One token per active row: greedy rows all at once, sampled rows each with its own settings."""
+    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
+        """One token per row of `logits`: greedy rows all at once, sampled rows each with its own settings."""
         tokens = logits.max(dim=-1).indices.tolist()  # greedy, as `sample_next` picks it
-        for i, r in enumerate(self.active):
+        for i, r in enumerate(rows):
             if r.temperature > 0:
                 tokens[i] = int(sample_next(logits[i:i + 1], r.temperature, r.top_k, r.top_p, r.generator)[0])
         return tokens

@@ -31,6 +31,9 @@ def _serve_parser(p) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a place in the batch; past it, requests get 429 with Retry-After")
+    p.add_argument("--prefill-tokens", type=int, default=256,
+                   help="prompt tokens processed per decoding step, shared by the requests that just arrived: a "
+                        "long prompt delays the other streams by one such chunk at a time, not by all of it")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt in tokens (default: the model's context length - 1)")
     p.add_argument("--max-tokens-cap", type=int, default=None,
@@ -63,10 +66,11 @@ def cmd_serve(a) -> None:
         if api_key is None and not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
             sys.stderr.write(f"llmscratch: warning: listening on {a.host} without an API key: anyone who can reach "
                              "this machine can use the model (see --api-key-env)\n")
-        model, tok = load_for_inference(a.checkpoint, a.device, a.dtype, pack=not a.no_pack)
+        model, tok = load_for_inference(a.checkpoint, a.device, a.dtype, pack=False)  # the engine packs it
         fmt = chat_format(tok, saved_style(a.checkpoint))
         name = a.model_name or Path(a.checkpoint).resolve().name
-        engine = Engine(model, tok, a.max_batch, a.max_queue)
+        engine = Engine(model, tok, a.max_batch, a.max_queue, pack=not a.no_pack,
+                        prefill_tokens=a.prefill_tokens)
         limits = Limits(max_prompt_tokens=a.max_prompt_tokens, max_tokens_cap=a.max_tokens_cap,
                         request_timeout=a.request_timeout)
         url = _url(a.host, sock.getsockname()[1])

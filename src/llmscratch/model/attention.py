@@ -41,11 +41,12 @@ class RowPositions:
     decoding of `llmscratch.generate.DecodeBatch`, where prompts of different lengths share one cache and each
     row joins, advances and leaves on its own.
 
-    Row b of the input (B, T) is cache row `rows[b]` and its tokens take positions `positions[b]` (B, T) — their
-    absolute positions, for the position embeddings or RoPE, and their slots in that cache row. Each query sees
-    the keys of its own row up to its own position (`mask`, (B, 1, T, length)), so a row never reads another's
-    tokens, stale entries past its end, or the padding of a shorter prompt batched with longer ones (padding goes
-    on the right, after a row's real tokens, where causal attention never looks back at it). Build with `make`.
+    Row b of the input (B, T) is cache row `rows[b]`; its first `lengths[b]` tokens are real and take positions
+    `positions[b]` — their absolute positions, for the position embeddings or RoPE, and their slots in that cache
+    row. The rest of the row is padding (rows fed different numbers of tokens in one call): it is never written to
+    the cache, and its positions repeat the row's last real one so they stay inside the context. Each query sees
+    the keys of its own row up to its own position (`mask`, (B, 1, T, length)): never another row's tokens, nor
+    stale entries past its end. Build with `make`.
     """
 
     positions: torch.Tensor  # (B, T) long
@@ -53,19 +54,26 @@ class RowPositions:
     first_row: int | None  # rows == first_row + arange(B) when not None: the cache is read as a view, not copied
     length: int  # keys attended over: cache slots [0, length)
     mask: torch.Tensor  # (B, 1, T, length) bool, True where a query may see a key
+    real: torch.Tensor | None  # (B, T) bool, True for the real tokens; None when every token is real
 
     @staticmethod
-    def make(starts: list[int], n_tokens: int, rows: list[int] | None = None,
+    def make(starts: list[int], n_tokens: int | list[int], rows: list[int] | None = None,
              device: torch.device | None = None) -> RowPositions:
-        """Row b's `n_tokens` tokens at positions starts[b], starts[b] + 1, ... in cache row rows[b] (default: b)."""
+        """Row b's tokens at positions starts[b], starts[b] + 1, ... in cache row rows[b] (default: b);
+        `n_tokens`: how many tokens each row feeds (one number for all, or one per row)."""
         rows = list(range(len(starts))) if rows is None else list(rows)
-        contiguous = rows == list(range(rows[0], rows[0] + len(rows))) if rows else True
-        positions = torch.tensor(starts, dtype=torch.long, device=device)[:, None] + torch.arange(
-            n_tokens, device=device)  # (B, T)
-        length = max(starts) + n_tokens
+        lengths = [n_tokens] * len(starts) if isinstance(n_tokens, int) else list(n_tokens)
+        width = max(lengths)
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        start = torch.tensor(starts, dtype=torch.long, device=device)[:, None]  # (B, 1)
+        count = torch.tensor(lengths, dtype=torch.long, device=device)[:, None]  # (B, 1)
+        offsets = torch.arange(width, device=device)  # (T,)
+        positions = start + torch.minimum(offsets, count - 1)  # (B, T): padding repeats the last real position
+        length = max(s + n for s, n in zip(starts, lengths))
         mask = torch.arange(length, device=device) <= positions[:, :, None]  # (B, T, length)
+        real = None if min(lengths) == width else offsets < count  # (B, T)
         return RowPositions(positions, torch.tensor(rows, dtype=torch.long, device=device),
-                            rows[0] if contiguous and rows else None, length, mask[:, None])
+                            rows[0] if contiguous else None, length, mask[:, None], real)
 
 
 class KVCache(nn.Module):
@@ -113,11 +121,15 @@ class KVCache(nn.Module):
         `at.length` slots, (B, nkv, length, hs)."""
         if at.length > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; cannot write up to {at.length}")
-        # Two index tensors, (B, 1) rows and (B, T) positions, broadcast to (B, T) entries of (nkv, hs) each.
-        self.k[at.rows[:, None], :, at.positions] = k.transpose(1, 2)
-        self.v[at.rows[:, None], :, at.positions] = v.transpose(1, 2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, T, nkv, hs)
+        rows, positions = at.rows[:, None].expand_as(at.positions), at.positions  # (B, T) each
+        if at.real is not None:  # only the real tokens: padding must not overwrite the row's last real entry
+            rows, positions, k, v = rows[at.real], positions[at.real], k[at.real], v[at.real]
+        # Two index tensors (rows, positions) pick one (nkv, hs) entry each.
+        self.k[rows, :, positions] = k
+        self.v[rows, :, positions] = v
         if at.first_row is not None:
-            rows = slice(at.first_row, at.first_row + k.size(0))
+            rows = slice(at.first_row, at.first_row + at.rows.numel())
             return self.k[rows, :, :at.length], self.v[rows, :, :at.length]
         return self.k[at.rows, :, :at.length], self.v[at.rows, :, :at.length]
 
