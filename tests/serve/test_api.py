@@ -290,6 +290,8 @@ def test_port_in_use_is_a_user_error(tiny_checkpoint, capsys):
     ("--max-prompt-tokens", 512, "below the model's context length (512), got 512"),
     ("--request-timeout", -1, "--request-timeout must be positive"),
     ("--max-batch", 0, "--max-batch must be positive"),
+    ("--max-queue", -1, "--max-queue must be at least 0"),
+    ("--prefill-tokens", 0, "--prefill-tokens must be positive"),
 ])
 def test_bad_limit_is_a_user_error(tiny_checkpoint, capsys, option, value, needle):
     code, _, err = run(["serve", tiny_checkpoint, "--port", 0, "--dtype", "fp32", option, value], capsys)

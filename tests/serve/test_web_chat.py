@@ -4,6 +4,7 @@
 """
 
 import json
+import os
 import urllib.request
 from pathlib import Path
 
@@ -18,10 +19,19 @@ IDLE = '#messages[data-state="idle"]'
 
 @pytest.fixture
 def browser():
-    """A headless Chromium; skips when Playwright or the browser is missing."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    """A headless Chromium; skips when Playwright or the browser is missing — except under CI (.ci/run installs
+    both and sets LLMSCRATCH_REQUIRE_BROWSER=1), where their absence fails the test."""
+    required = os.environ.get("LLMSCRATCH_REQUIRE_BROWSER") == "1"
+    try:
+        from playwright import sync_api
+    except ImportError:
+        if required:
+            pytest.fail("LLMSCRATCH_REQUIRE_BROWSER=1 but playwright is not installed")
+        pytest.skip("playwright is not installed (pip install playwright; .ci/run does)")
     if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}")
+        if required:
+            pytest.fail(f"LLMSCRATCH_REQUIRE_BROWSER=1 but there is no Chromium at {CHROMIUM}")
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
     with sync_api.sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield chromium

@@ -357,7 +357,11 @@ class _Api:
 
     # --- a request, checked, becomes an engine job ---------------------------------------------------------
     def _model_card(self) -> dict:
-        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "llmscratch"}
+        # max_model_len (as vLLM names it): the context, prompt and answer together; max_tokens_cap: the largest
+        # max_tokens a request may ask (the web page keeps its setting within it).
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "llmscratch",
+                "max_model_len": self.engine.model.config.context_length,
+                "max_tokens_cap": self.limits.max_tokens_cap}
 
     def _check_model(self, model: str | None) -> None:
         if model and model != self.name:

@@ -85,17 +85,19 @@ class Request:
 class Engine:
     """The scheduler: `max_batch` requests decoded together, at most `max_queue` waiting behind them.
 
-    `prefill_tokens`: prompt tokens processed per step (`DecodeBatch`'s chunked prefill). `pack`: on a CPU, pack the model's linears for oneDNN (`llmscratch.model.packed`, laid out for `max_batch`
-    rows) from the scheduler thread itself, before its first step. Packed by another thread, the same weights
-    made a GPT-2 124M step at 32 rows ~30% slower on the 2-core CPU of benchmarks/RESULTS.md."""
+    `prefill_tokens`: prompt tokens processed per step (`DecodeBatch`'s chunked prefill). `pack`: on a CPU, pack
+    the model's linears for oneDNN (`llmscratch.model.packed`, laid out for `max_batch` rows) from the scheduler
+    thread itself, before its first step. Packed by another thread, the same weights made a GPT-2 124M step at 32
+    rows ~30% slower on the 2-core CPU of benchmarks/RESULTS.md."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, pack: bool = False,
                  prefill_tokens: int = 256):
         from llmscratch.errors import UserError
 
-        if max_batch <= 0 or max_queue < 0 or prefill_tokens <= 0:
-            raise UserError(f"--max-batch and --prefill-tokens must be positive and --max-queue at least 0 (got "
-                            f"{max_batch}, {prefill_tokens}, {max_queue})")
+        for name, value, least in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
+                                   ("--prefill-tokens", prefill_tokens, 1)):
+            if value < least:
+                raise UserError(f"{name} must be {'positive' if least else 'at least 0'}, got {value}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.pack, self.prefill_tokens = max_batch, max_queue, pack, prefill_tokens
         self.ctx = model.config.context_length
