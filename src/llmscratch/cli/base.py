@@ -40,6 +40,28 @@ def device_options(p, dtype_default: str | None = None, dtype_help: str | None =
         p.add_argument("--dtype", default=dtype_default, help=dtype_help)
 
 
+MODEL_FOLDER_HELP = ("checkpoint folder, training run folder, or LoRA adapter folder (its base and adapter are "
+                     "merged in memory)")
+
+
+def sampling_options(p, temperature: float, seed_help: str = "seed for reproducible sampling") -> None:
+    """`--temperature`, `--top-k`, `--top-p`, `--seed`: how the verbs that write text pick each token."""
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9")
+    p.add_argument("--seed", type=int, default=None, help=seed_help)
+
+
+def inference_options(p, pack: bool = True) -> None:
+    """`--no-pack` (where the verb offers it), then `--device` and `--dtype` as the verbs that run a model for text
+    share them (dtype auto)."""
+    if pack:
+        p.add_argument("--no-pack", action="store_true",
+                       help="on CPU, keep plain nn.Linear weights instead of oneDNN-packed ones (slower decoding)")
+    device_options(p, dtype_default="auto",
+                   dtype_help="auto (bf16 on CUDA and bf16-capable CPUs, else fp32) | fp32 | bf16 | fp16")
+
+
 def progress_option(p, help: str = "no progress bar") -> None:
     """`--no-progress` (`help` says "bars" where a verb shows several)."""
     p.add_argument("--no-progress", action="store_true", help=help)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from llmscratch.cli.base import Verb, device_options
+from llmscratch.cli.base import MODEL_FOLDER_HELP, Verb, inference_options, sampling_options
 
 COMMANDS = "/reset, /system [TEXT], /help, /quit"
 
@@ -28,21 +28,16 @@ printed stays in the conversation); Ctrl-C at the prompt leaves.
 def _chat_parser(p) -> None:
     from jsonargparse import ActionYesNo
 
-    p.add_argument("checkpoint", help="checkpoint folder, training run folder, or LoRA adapter folder (its base "
-                   "and adapter are merged in memory)")
+    p.add_argument("checkpoint", help=MODEL_FOLDER_HELP)
     p.add_argument("--system", default=None, help="system message to start with (`/system TEXT` changes it)")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="longest answer in tokens; when the conversation and this much room no longer fit in the "
                         "model's context (the room capped at half of it), the oldest turns are dropped")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (each answer)")
+    sampling_options(p, temperature=0.7, seed_help="seed for reproducible sampling (each answer)")
     p.add_argument("--thinking", action=ActionYesNo(no_prefix="no-"), default=None,
                    help="Qwen3 chat templates: think before answering, or not (--no-thinking); default: the "
                         "template's own. Other formats ignore it")
-    device_options(p, dtype_default="auto",
-                   dtype_help="auto (bf16 on CUDA and bf16-capable CPUs, else fp32) | fp32 | bf16 | fp16")
+    inference_options(p, pack=False)
 
 
 class Conversation:

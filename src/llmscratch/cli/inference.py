@@ -5,14 +5,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from llmscratch.cli.base import Verb, device_options
+from llmscratch.cli.base import MODEL_FOLDER_HELP, Verb, device_options, inference_options, sampling_options
 from llmscratch.errors import UserError
 
 
 # --- generate ---------------------------------------------------------------------------------------------
 def _generate_parser(p) -> None:
-    p.add_argument("checkpoint", help="checkpoint folder, training run folder, or LoRA adapter folder (its base "
-                   "and adapter are merged in memory)")
+    p.add_argument("checkpoint", help=MODEL_FOLDER_HELP)
     p.add_argument("--prompt", required=True,
                    help="text to continue; for an instruction-tuned checkpoint, the request (wrapped in its prompt "
                         "style, and only the answer is printed)")
@@ -23,10 +22,7 @@ def _generate_parser(p) -> None:
                         "folders) and stop at its end-of-turn tokens")
     p.add_argument("--system", default=None, help="with --chat: a system message before the user turn")
     p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    sampling_options(p, temperature=0.8)
     p.add_argument("--stop", type=str, action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole window every step")
@@ -36,10 +32,7 @@ def _generate_parser(p) -> None:
                         "around the packed weights, ~1.2x the default speed; compiling takes ~18 s the "
                         "first time on a machine, ~5 s once PyTorch's compile cache holds it (GPT-2 124M). Uses the "
                         "KV cache: not with --no-kv-cache")
-    p.add_argument("--no-pack", action="store_true",
-                   help="on CPU, keep plain nn.Linear weights instead of oneDNN-packed ones (slower decoding)")
-    device_options(p, dtype_default="auto",
-                   dtype_help="auto (bf16 on CUDA and bf16-capable CPUs, else fp32) | fp32 | bf16 | fp16")
+    inference_options(p)
 
 
 def cmd_generate(a) -> None:

@@ -12,15 +12,14 @@ import os
 import sys
 from pathlib import Path
 
-from llmscratch.cli.base import Verb, device_options
+from llmscratch.cli.base import MODEL_FOLDER_HELP, Verb, inference_options
 from llmscratch.errors import UserError
 
 
 def _serve_parser(p) -> None:
     from jsonargparse import ActionYesNo
 
-    p.add_argument("checkpoint", help="checkpoint folder, training run folder, or LoRA adapter folder (its base "
-                   "and adapter are merged in memory)")
+    p.add_argument("checkpoint", help=MODEL_FOLDER_HELP)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but loopback lets other machines in (use --api-key-env)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (the ready line "
@@ -45,10 +44,7 @@ def _serve_parser(p) -> None:
     p.add_argument("--thinking", action=ActionYesNo(no_prefix="no-"), default=None,
                    help="Qwen3 chat templates: think before answering, or not (--no-thinking), when a request does "
                         "not say (its enable_thinking); default: the template's own. Other formats ignore it")
-    p.add_argument("--no-pack", action="store_true",
-                   help="on CPU, keep plain nn.Linear weights instead of oneDNN-packed ones (slower decoding)")
-    device_options(p, dtype_default="auto",
-                   dtype_help="auto (bf16 on CUDA and bf16-capable CPUs, else fp32) | fp32 | bf16 | fp16")
+    inference_options(p)
 
 
 def cmd_serve(a) -> None:
