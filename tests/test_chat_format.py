@@ -113,7 +113,7 @@ def test_precedence_style_then_template_then_plain(template_folder, tmp_path, ti
     ({"role": "user", "content": "hi"}, "messages must be a non-empty list"),
     (["hi"], "messages[0] must be an object with 'role' and 'content'"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "tool", "content": "c"}],
-     "messages[2].role must be one of system, user, assistant, got 'tool'"),
+     "messages[2].role must be one of system, user, assistant (or developer), got 'tool'"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
      "messages[1]: the last message must be from the user, got assistant"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
@@ -127,6 +127,14 @@ def test_malformed_messages_are_one_line_user_errors(messages, needle):
         with pytest.raises(UserError) as info:
             fmt.render(messages)
         assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_developer_message_is_a_system_message():
+    """OpenAI's newer clients send the system prompt with role "developer"."""
+    fmt = chat_format(None, None)
+    said = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert fmt.render(said) == fmt.render([{**said[0], "role": "system"}, said[1]])
+    assert fmt.render(said).text.startswith("Be brief.\n\n")
 
 
 def test_a_template_gets_the_turns_as_they_are(template_folder):

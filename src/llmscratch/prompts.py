@@ -208,9 +208,12 @@ def _checked_messages(messages: object) -> list[tuple[int, str, str]]:
         at = f"messages[{i}]"
         if not isinstance(message, dict) or "content" not in message:
             raise UserError(f"{at} must be an object with 'role' and 'content'")
-        if message.get("role") not in _ROLES:
-            raise UserError(f"{at}.role must be one of {', '.join(_ROLES)}, got {message.get('role')!r}")
-        checked.append((i, message["role"], _content_text(message["content"], at)))
+        role = message.get("role")
+        if role == "developer":  # OpenAI's newer name for the system role
+            role = "system"
+        if role not in _ROLES:
+            raise UserError(f"{at}.role must be one of {', '.join(_ROLES)} (or developer), got {role!r}")
+        checked.append((i, role, _content_text(message["content"], at)))
     if checked[-1][1] != "user":
         raise UserError(f"messages[{len(checked) - 1}]: the last message must be from the user, "
                         f"got {checked[-1][1]}")
