@@ -329,3 +329,57 @@ def test_bad_config_json_in_checkpoint(tmp_path, cfg):
     _edit_config(tmp_path, emb_dim=32)
     with pytest.raises(UserError, match="emb_dim"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_or_inf_weights_are_refused_at_load_naming_file_and_tensor(tmp_path, cfg, bad, dtype):
+    model = _randomised(cfg).to(dtype)
+    with torch.no_grad():
+        model.blocks[1].mlp.fc.weight[3, 5] = bad
+    save_model(tmp_path, model)
+    with pytest.raises(UserError) as err:
+        load_model(tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / WEIGHTS}: tensor blocks.1.mlp.fc.weight holds NaN/Inf values")
+    assert "corrupt or training diverged" in message and "\n" not in message
+
+
+def test_finite_weights_and_integer_tensors_pass_the_check(tmp_path):
+    from llmscratch.checkpoint import check_finite
+
+    check_finite({"w": torch.randn(5, 3), "n": torch.tensor([2**31 - 1]), "empty": torch.zeros(0)}, "x")
+    big = torch.zeros((1 << 24) + 7)  # the last slice of a tensor longer than one check slice is checked too
+    big[-1] = float("nan")
+    with pytest.raises(UserError, match="x: tensor big holds NaN/Inf"):
+        check_finite({"big": big}, "x")
+
+
+# --- file names read from files stay inside their folder (fileio.safe_child) ---------------------------------
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "a/../../outside.bin", "/etc/passwd", "..\\outside.bin",
+                                  "C:\\x.bin", "C:x.bin", "", ".", "a\0b", 7, None])
+def test_safe_child_refuses_names_that_leave_the_folder(tmp_path, name):
+    from llmscratch.fileio import safe_child
+
+    with pytest.raises(UserError) as err:
+        safe_child(tmp_path, name, tmp_path / "index.json")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'index.json'}: ") and repr(name) in message and "\n" not in message
+
+
+def test_safe_child_follows_file_links_but_not_folder_links_out(tmp_path):
+    from llmscratch.fileio import safe_child
+
+    folder, elsewhere = tmp_path / "model", tmp_path / "elsewhere"
+    (folder / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (elsewhere / "blob").write_bytes(b"x")
+    (folder / "linked.bin").symlink_to(elsewhere / "blob")  # Hugging Face's cache: snapshot files link to blobs
+    (folder / "out").symlink_to(elsewhere, target_is_directory=True)
+    assert safe_child(folder, "a.bin", "idx") == folder / "a.bin"
+    assert safe_child(folder, "sub/./b.bin", "idx") == folder / "sub" / "b.bin"
+    assert safe_child(folder, "linked.bin", "idx").read_bytes() == b"x"
+    with pytest.raises(UserError, match="idx: file name 'out/blob' leads outside .* through a symlinked folder"):
+        safe_child(folder, "out/blob", "idx")

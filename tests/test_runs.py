@@ -54,7 +54,8 @@ def test_new_step_folder_appears_only_when_complete(tmp_path):
             (tmp / runs.WEIGHTS).write_bytes(b"partial")
             raise RuntimeError("disk full")
     assert not runs.step_folder(tmp_path, 7).exists()
-    assert list((tmp_path / "checkpoints").iterdir()) == []  # the temporary folder is gone too
+    # the temporary folder is gone too, and so is the checkpoints/ folder made for it
+    assert not (tmp_path / "checkpoints").exists()
     with runs.new_step_folder(tmp_path, 7) as tmp:
         (tmp / runs.WEIGHTS).write_bytes(b"whole")
     assert (runs.step_folder(tmp_path, 7) / runs.WEIGHTS).read_bytes() == b"whole"
@@ -139,6 +140,96 @@ def test_write_folder_builds_under_a_temporary_name(tmp_path):
     assert not out.exists() and os.listdir(tmp_path) == []
     runs.write_folder(out, lambda tmp: (tmp / "a").write_text("1"))
     assert (out / "a").read_text() == "1"
-    with pytest.raises(UserError, match="not an empty folder"):
+    with pytest.raises(UserError, match="not empty.*--overwrite"):
         runs.write_folder(out, lambda tmp: None)
     assert runs.written_files(out) == ["a"]
+
+
+def test_write_folder_overwrite_replaces_only_what_it_writes(tmp_path):
+    out = tmp_path / "made"
+    out.mkdir()
+    (out / "a").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    (out / "sub").mkdir()
+    (out / "sub" / "x").write_text("old")
+
+    def write(tmp):
+        (tmp / "a").write_text("new")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "y").write_text("new")
+
+    runs.write_folder(out, write, overwrite=True)
+    assert (out / "a").read_text() == "new" and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "sub").iterdir()) == ["y"]  # a folder it writes is replaced whole
+    assert [p.name for p in tmp_path.iterdir()] == ["made"]  # no temporary left beside it
+
+
+def test_an_input_is_never_an_output(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "data.txt").write_text("keep")
+    for guard in (lambda: runs.check_out_folder(src, overwrite=True, inputs=(src,)),
+                  lambda: runs.check_run_folder(src, resume=False, overwrite=True, inputs=(None, str(src))),
+                  lambda: runs.check_out_file(src / "data.txt", overwrite=True, inputs=(src / "data.txt",))):
+        with pytest.raises(UserError, match="input"):
+            guard()
+    # a file the verb writes that would land on an input is refused before anything is replaced
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("input")
+    (out / "other").write_text("x")
+    with pytest.raises(UserError, match="input"):
+        runs.write_folder(out, lambda tmp: [(tmp / n).write_text("new") for n in ("other", "tokenizer.json")],
+                          overwrite=True, inputs=(out / "tokenizer.json",))
+    assert (out / "tokenizer.json").read_text() == "input" and (out / "other").read_text() == "x"
+
+
+def test_check_out_file(tmp_path):
+    with pytest.raises(UserError, match="is a folder"):
+        runs.check_out_file(tmp_path, overwrite=True)
+    f = tmp_path / "x.json"
+    f.write_text("{}")
+    with pytest.raises(UserError, match="already exists.*--overwrite"):
+        runs.check_out_file(f)
+    assert runs.check_out_file(f, overwrite=True) == f
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(UserError, match="symbolic link"):
+        runs.check_out_file(loop, overwrite=True)
+
+
+def test_run_folder_guard_refuses_a_non_empty_folder_without_overwrite(tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / runs.WEIGHTS).write_bytes(b"weights")
+    with pytest.raises(UserError, match="--overwrite"):
+        runs.check_run_folder(out, resume=False)
+    assert runs.check_run_folder(out, resume=False, overwrite=True) is True
+    assert runs.check_run_folder(tmp_path / "new", resume=False) is False
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_removes_temporaries_of_an_interrupted_save(tmp_path):
+    step = runs.step_folder(tmp_path, 2)
+    step.mkdir(parents=True)
+    (step / runs.TRAIN_STATE).write_bytes(b"state")
+    stale = step.parent / ".step-0000004.abc123"
+    stale.mkdir()
+    (stale / runs.WEIGHTS).write_bytes(b"half")
+    runs.check_run_folder(tmp_path, resume=True)
+    assert not stale.exists() and step.is_dir()
+
+
+def test_removed_on_failure_removes_only_what_the_run_added(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    before = runs.check_out_dir(tmp_path)
+    with pytest.raises(RuntimeError):
+        with runs.removed_on_failure(tmp_path, before):
+            (tmp_path / runs.METRICS_CSV).write_text("step\n")
+            raise RuntimeError("bad data")
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+    fresh = tmp_path / "a" / "b"
+    with pytest.raises(RuntimeError):
+        with runs.removed_on_failure(fresh, runs.check_out_dir(fresh)):
+            raise RuntimeError("bad data")
+    assert not fresh.exists()

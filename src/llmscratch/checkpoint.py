@@ -14,12 +14,12 @@ import torch
 import yaml
 
 from llmscratch.config import ModelConfig
-from llmscratch.errors import UserError
+from llmscratch.errors import UserError, one_line
 from llmscratch.fileio import atomic_write
 from llmscratch.runs import CONFIG, HPARAMS, WEIGHTS, find_model_folder
 
-__all__ = ["CONFIG", "HPARAMS", "WEIGHTS", "assign_weights", "check_state_dict", "find_model_folder", "load",
-           "load_model", "load_state_dict", "model_state", "raise_if_unfit", "save_model"]
+__all__ = ["CONFIG", "HPARAMS", "WEIGHTS", "assign_weights", "check_finite", "check_state_dict", "find_model_folder",
+           "load", "load_model", "load_state_dict", "model_state", "raise_if_unfit", "save_model"]
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -61,10 +61,28 @@ def load_state_dict(file: Path, device="cpu") -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise UserError(f"{file}: weights file missing; the checkpoint folder is incomplete")
     try:
-        return load_file(str(file), device=str(device))
+        state = load_file(str(file), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{file}: cannot read weights ({exc}); the file is truncated or not safetensors — "
+        raise UserError(f"{file}: cannot read weights ({one_line(exc)}); the file is truncated or not safetensors — "
                         "re-save or re-download the checkpoint") from None
+    check_finite(state, file)
+    return state
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """UserError naming `source` and the first floating tensor that holds a NaN or an infinity.
+
+    A model with one NaN weight produces NaN logits everywhere; saying so at load beats a loss of nan or
+    garbage text later. Checked in slices of 16M elements, so the scratch mask stays small for any tensor.
+    """
+    for name, t in tensors.items():
+        if not t.is_floating_point() or t.is_meta:
+            continue
+        flat = t.reshape(-1)
+        if not all(bool(torch.isfinite(part).all()) for part in flat.split(1 << 24)):
+            raise UserError(f"{source}: tensor {name} holds NaN/Inf values; the checkpoint is corrupt or training "
+                            "diverged — use an earlier checkpoint (checkpoints/step-*), lower the learning rate, or "
+                            "re-download the weights")
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

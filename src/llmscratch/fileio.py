@@ -1,4 +1,5 @@
-"""Atomic file writes (the one place that knows the temp-file-and-rename dance) and file digests."""
+"""Atomic file writes (the one place that knows the temp-file-and-rename dance), file digests, and the check that
+a file name read from another file stays inside its folder."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from llmscratch.errors import UserError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -43,3 +46,26 @@ def sha256_of(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def safe_child(folder: str | Path, name: object, source: str | Path) -> Path:
+    """`folder / name` for a file name read from the file `source` (a shard index, a listing), checked to stay
+    inside `folder`; UserError naming `source` and `name` otherwise.
+
+    `name` must be a non-empty relative path without `..` (as a POSIX or a Windows path: a name written on one
+    system is read on the other) and no folder on its way may lead out of `folder` through a symlink. The file
+    itself may be a symlink: Hugging Face's cache links every file of a snapshot folder into its blobs/ folder.
+    """
+    folder = Path(folder)
+    if not isinstance(name, str) or "\0" in name or not PurePosixPath(name).parts:
+        raise UserError(f"{source}: {name!r} is not a file name; the file is damaged: re-download or fix it")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.anchor or ".." in posix.parts or ".." in windows.parts:
+        raise UserError(f"{source}: file name {name!r} points outside {folder} (absolute, or with '..'); only "
+                        "names inside the folder are read or written — the file is damaged or not trustworthy")
+    child = folder / posix
+    root = folder.resolve()
+    if not child.parent.resolve().is_relative_to(root):
+        raise UserError(f"{source}: file name {name!r} leads outside {folder} through a symlinked folder; "
+                        "only names inside the folder are read or written")
+    return child

@@ -553,3 +553,11 @@ def _stop_prefix_start(text: str, stop: Sequence[str]) -> int:
                 start = min(start, len(text) - n)
                 break
     return start
+
+
+def check_new_tokens(max_new_tokens: int, model, flag: str = "--max-new-tokens") -> None:
+    """Refuse more new tokens than the model's context holds: past it generation slides its window along, one
+    full forward per token, for as long as asked."""
+    if max_new_tokens > model.config.context_length:
+        raise UserError(f"{flag} {max_new_tokens}: more than the model's context length "
+                        f"{model.config.context_length}; use at most {model.config.context_length}")

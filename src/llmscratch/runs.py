@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -113,10 +113,21 @@ def holds_run(folder: str | Path) -> bool:
     return (Path(folder) / CHECKPOINTS).is_dir()
 
 
+def _missing_top(path: Path) -> Path | None:
+    """The outermost ancestor of `path` (or `path` itself) that does not exist yet, or None when it exists."""
+    top = None
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            break
+        top = candidate
+    return top
+
+
 @contextmanager
 def _temp_beside(final: Path, suffix: str = "") -> Iterator[Path]:
     """A new temporary folder beside `final` (on the same file system, so one rename moves it into place),
-    removed again when the body fails or is interrupted."""
+    removed again — with any parent folders made for it — when the body fails or is interrupted."""
+    made = _missing_top(final.parent)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent))
@@ -127,7 +138,23 @@ def _temp_beside(final: Path, suffix: str = "") -> Iterator[Path]:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
         raise
+
+
+def remove_stale_temps(folder: str | Path, name: str) -> None:
+    """Remove the temporary folders and files an interrupted write of `folder/name` left beside it (the
+    `.NAME.*` entries `_temp_beside` and `fileio.atomic_write` create): a kill during a checkpoint save would
+    otherwise leave a whole model's bytes behind under a hidden name, never cleaned."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for stale in folder.glob(f".{name}.*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -209,79 +236,181 @@ def written_files(folder: str | Path) -> list[str]:
     return sorted(p.name + ("/" if p.is_dir() else "") for p in Path(folder).iterdir() if not p.name.startswith("."))
 
 
-# --- guards for output folders ------------------------------------------------------------------------------
-def check_out_dir(out: str | Path) -> bool:
-    """Create `out` if needed and check it is writable; returns True when this call created it."""
+# --- guards for outputs -------------------------------------------------------------------------------------
+# One rule for every verb that writes: its output must be new (absent, or an empty folder), or be the run being
+# resumed, or the user passed --overwrite — which replaces only the files that verb writes and never deletes
+# any other. An input is never an output. Each guard runs before any work starts.
+
+def _listing(folder: Path) -> list[str]:
+    """The names in `folder`, hidden temporaries of interrupted writes left out."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_not_input(out: str | Path, inputs: Iterable[str | Path | None], flag: str = "--out") -> None:
+    """Refuse an output path that is one of the command's inputs (the same file or folder, links followed)."""
     out = Path(out)
-    created = not out.exists()
+    for given in inputs:
+        if given is not None and _same_path(out, Path(given)):
+            raise UserError(f"{flag} {out}: is also this command's input {given}; write to another path (inputs "
+                            "are never overwritten)")
+
+
+def _check_writable_path(path: Path, flag: str) -> None:
+    """Fail now, not after the work, when `path` cannot be written: a symlink loop, or a nearest existing
+    folder that is not writable."""
+    try:
+        path.resolve(strict=False)
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop on Python < 3.13
+        raise UserError(f"{flag} {path}: a symbolic link loop; choose another path") from None
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{flag} {path}: a broken or looping symbolic link; choose another path")
+    parent = next((p for p in (path if path.is_dir() else path.parent, *path.parents) if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {parent} is not writable (permission denied); choose a folder you can "
+                        "write to")
+
+
+def check_out_folder(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = (),
+                     flag: str = "--out") -> Path:
+    """The guard of a verb that writes a folder in one go: `out` as a Path, after checking it is absent or an
+    empty folder — or, with `overwrite`, any folder (the verb then replaces its own files there, see
+    `write_folder`) — that it is none of `inputs`, and that it can be written."""
+    out = Path(out)
+    check_not_input(out, inputs, flag)
+    _check_writable_path(out, flag)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out}: exists and is not a folder; choose a folder path")
+    if out.is_dir() and _listing(out) and not overwrite:
+        raise UserError(f"{flag} {out}: already exists and is not empty; choose a new folder, or pass --overwrite "
+                        "to replace the files this command writes there (other files are kept)")
+    return out
+
+
+
+def check_out_file(path: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = (),
+                   flag: str = "--out") -> Path:
+    """The guard of a verb that writes one file: absent, or replaced with `overwrite`; never a folder, never one
+    of `inputs`, and writable. The file itself is written later with `fileio.atomic_write`."""
+    path = Path(path)
+    check_not_input(path, inputs, flag)
+    _check_writable_path(path, flag)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file path")
+    if path.exists() and not overwrite:
+        raise UserError(f"{flag} {path}: already exists; choose a new file name, or pass --overwrite to replace it")
+    return path
+
+
+def write_folder(out: str | Path, write: Callable[[Path], None], overwrite: bool = False,
+                 inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Run `write(tmp)` on a fresh temporary folder beside `out`, then move the result into place: a new or empty
+    `out` becomes the folder in one rename; with `overwrite`, each file written replaces the one of its name in
+    `out` and every other file there is kept. On any failure the temporary folder is removed and `out` is left
+    as it was. (Guards as `check_out_folder`.)"""
+    inputs = list(inputs)
+    out = check_out_folder(out, overwrite, inputs)
+    remove_stale_temps(out.parent, out.name)
+    with _temp_beside(out, ".tmp") as tmp:
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+        if not out.is_dir() or not any(out.iterdir()):
+            if out.is_dir():
+                out.rmdir()
+            os.rename(tmp, out)
+            return out
+        written = sorted(tmp.iterdir())
+        for new in written:  # checked in full before anything is replaced
+            check_not_input(out / new.name, inputs)
+        for new in written:
+            old = out / new.name
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            os.replace(new, old)
+        tmp.rmdir()
+    return out
+
+
+def check_out_dir(out: str | Path) -> frozenset[str] | None:
+    """Create `out` if needed and check it is writable; returns the names it held before (None when this call
+    created it), for `removed_on_failure`."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder; choose another path")
+    before = frozenset(p.name for p in out.iterdir()) if out.is_dir() else None
+    made = _missing_top(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
         raise UserError(f"--out {out}: not writable ({exc.strerror}); choose a folder you can write to") from None
-    return created
+    return before
 
 
 @contextmanager
-def removed_on_failure(out: str | Path, created: bool) -> Iterator[None]:
-    """Run the body; if it fails or is interrupted, remove `out` again when this run created it and it holds no
-    resumable checkpoint yet, so a failed start leaves nothing half-written behind (`--resume` needs one)."""
+def removed_on_failure(out: str | Path, before: frozenset[str] | None) -> Iterator[None]:
+    """Run the body; if it fails or is interrupted before the run saved a resumable checkpoint, remove what it
+    added to `out` (all of `out` when `check_out_dir` created it; else the names not in `before`), so a failed
+    start leaves nothing half-written behind (`--resume` needs a checkpoint)."""
     try:
         yield
     except BaseException:
-        if created and latest_checkpoint(out) is None:
-            shutil.rmtree(out, ignore_errors=True)
+        out = Path(out)
+        if latest_checkpoint(out) is None and out.is_dir():
+            if before is None:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for p in out.iterdir():
+                    if p.name not in before:
+                        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
         raise
 
 
-def check_run_folder(out: str | Path, resume: bool, overwrite: bool = False) -> bool:
-    """The guard every training stage runs before reading data: with `resume`, `out` must hold a resumable
-    checkpoint; without it, `out` must not hold a run unless `overwrite` (then the old run is replaced once
-    the new one is known to start: see `clear_run`). Returns whether an existing run is to be replaced."""
+def check_run_folder(out: str | Path, resume: bool, overwrite: bool = False,
+                     inputs: Iterable[str | Path | None] = ()) -> bool:
+    """The guard every training stage runs before reading data. `out` is never one of `inputs`. With `resume`,
+    `out` must hold a resumable checkpoint (stale temporaries of an interrupted save are removed). Without it,
+    `out` must be absent or empty unless `overwrite`: then the old run's checkpoints and history are removed
+    once the new run is known to start (`clear_run`), and the files the run writes replace theirs; other files
+    stay. Returns whether `out` holds files the run replaces."""
     out = Path(out)
+    check_not_input(out, inputs)
+    _check_writable_path(out, "--out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder; choose a folder path")
     if resume:
         if overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
         if latest_checkpoint(out) is None:
             raise UserError(f"--resume: no checkpoint with {TRAIN_STATE} under {out / CHECKPOINTS}; start "
                             "without --resume")
+        remove_stale_temps(out / CHECKPOINTS, "step-*")
         return False
-    if holds_run(out):
-        if not overwrite:
-            raise UserError(f"--out {out}: already holds a training run; pass --resume to continue it, "
-                            "--overwrite to replace it, or choose another folder")
-        return True
-    return False
+    if not out.is_dir() or not _listing(out):
+        return False
+    if not overwrite:
+        what = "a training run; pass --resume to continue it," if holds_run(out) else \
+            f"files ({', '.join(_listing(out)[:4])}); pass"
+        raise UserError(f"--out {out}: already holds {what} --overwrite to replace what this run writes (other "
+                        "files are kept), or choose a new folder")
+    return True
 
 
 def clear_run(out: str | Path) -> None:
     """Remove a previous run's checkpoints and history from `out` (for `--overwrite`), keeping other files."""
     out = Path(out)
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    (out / METRICS_CSV).unlink(missing_ok=True)
-
-
-def check_new_folder(out: str | Path) -> Path:
-    """`out` as a Path, after checking it is free: absent or an empty folder (UserError otherwise)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not an empty folder; choose a new output folder or remove "
-                        "this one")
-    return out
-
-
-def write_folder(out: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp)` on a fresh temporary folder beside `out`, then rename it to `out` (which must be free,
-    see `check_new_folder`). On any failure the temporary folder is removed and `out` is left as it was."""
-    out = check_new_folder(out)
-    with _temp_beside(out, ".tmp") as tmp:
-        write(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is meant to be shared
-        if out.is_dir():
-            out.rmdir()  # empty, as checked
-        os.rename(tmp, out)
-    return out
+    for name in (METRICS_CSV, LOSS_PLOT):
+        (out / name).unlink(missing_ok=True)

@@ -433,6 +433,44 @@ def test_load_glob(tmp_path):
     assert load_corpus(str(tmp_path / "x*.txt")) == ["x1.txt", "x2.txt"]
 
 
+def _self_linked_tree(root: Path) -> Path:
+    """root/d: a.txt, sub/b.md, a file link to a.txt, and two folder links back to d (a loop, twice over)."""
+    d = root / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("alpha")
+    (d / "sub" / "b.md").write_text("beta")
+    (d / "alias.txt").symlink_to(d / "a.txt")
+    (d / "loop").symlink_to(d, target_is_directory=True)
+    (d / "sub" / "up").symlink_to(d, target_is_directory=True)
+    return d
+
+
+@pytest.mark.timeout(60) if hasattr(pytest.mark, "timeout") else (lambda f: f)
+@pytest.mark.parametrize("pattern", ["d/**/*.txt", "d/**", "**/*.[tm][xd]*", "d/*/*.txt", "d/**/sub/*.md"])
+def test_globs_through_self_links_read_each_file_once(tmp_path, monkeypatch, pattern):
+    """A folder linked into itself: the standard `**` walks it ~40 levels deep (two such links: for ever)."""
+    monkeypatch.chdir(tmp_path)
+    _self_linked_tree(tmp_path)
+    files = resolve_source(pattern)
+    assert len({p.resolve() for p in files}) == len(files)
+    expected = {"d/a.txt": "alpha", "d/sub/b.md": "beta"}
+    wanted = {k: v for k, v in expected.items() if Path(k).match(pattern.replace("**/", "").replace("/**", "/*"))
+              or "**" in pattern}
+    texts = sorted(load_corpus(pattern))
+    assert texts == sorted(v for k, v in expected.items() if k in wanted or k.endswith(Path(pattern).suffix)) \
+        or set(texts) <= set(expected.values())
+    assert "alpha" in texts or pattern.endswith(".md")
+
+
+def test_folder_with_self_links_reads_each_file_once_and_follows_other_linked_folders(tmp_path):
+    d = _self_linked_tree(tmp_path)
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "c.txt").write_text("gamma")
+    (d / "more").symlink_to(tmp_path / "more", target_is_directory=True)
+    assert resolve_source(d) == [d / "a.txt", d / "more" / "c.txt", d / "sub" / "b.md"]
+    assert load_corpus(d) == ["alpha", "gamma", "beta"]
+
+
 def test_corpus_name_wins_over_a_same_named_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("pydocs").write_text("local")

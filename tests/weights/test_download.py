@@ -300,3 +300,29 @@ def test_gated_and_openai_only_messages(tmp_path, capsys):
         server.close()
     assert code == 2 and "gated" in err and "HF_TOKEN" in err and err.count("\n") == 1
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("shard", ["../../../escaped.safetensors", "/tmp/escaped.safetensors"])
+def test_an_index_naming_files_outside_the_cache_writes_nothing_there(tmp_path, capsys, shard):
+    """A hub index is untrusted text: its shard names are where files are written, so they must stay inside
+    the model's cache folder."""
+    from clitools import assert_user_error
+
+    prefix = "/Qwen/Qwen3-1.7B/resolve/main"
+    server = FakeHub()
+    server.files = {f"{prefix}/{f}": b"{}" for f in hub.HF_CHAT_FILES}
+    server.files[f"{prefix}/{runs.HF_WEIGHTS_INDEX}"] = (b'{"weight_map": {"a": "ok.safetensors", "b": "%s"}}'
+                                                          % shard.encode())
+    server.files[f"{prefix}/ok.safetensors"] = b"x"
+    before = set(tmp_path.rglob("*"))
+    try:
+        code, _, err = _cli(["download", "qwen3-1.7b", "--out", tmp_path / "ours", "--endpoint", server.base,
+                             "--no-progress"], capsys)
+    finally:
+        server.close()
+    index = hub.cache_folder("qwen3-1.7b") / runs.HF_WEIGHTS_INDEX
+    assert_user_error(code, err, f"{index}: file name {shard!r} points outside")
+    assert not any("escaped" in path for path, _ in server.requests)  # not even asked for
+    assert not list(tmp_path.rglob("escaped*")) and not Path("/tmp/escaped.safetensors").exists()
+    new_files = {p for p in set(tmp_path.rglob("*")) - before if not p.is_dir()}
+    assert new_files and all(p.is_relative_to(hub.cache_folder("qwen3-1.7b")) for p in new_files), new_files

@@ -225,3 +225,92 @@ def test_to_hf_refuses_a_classifier_and_a_used_folder(tmp_path, capsys):
     code, _, err = _cli(["convert", "to-hf", tmp_path / "lm", tmp_path / "used"], capsys)
     assert code == 2 and "not an empty folder" in err
     assert [p.name for p in (tmp_path / "used").iterdir()] == ["keep.txt"]
+
+
+# --- untrusted contents: shard names, pickles, NaN ---------------------------------------------------------
+def _sharded_copy(tmp_path, shard_name: str):
+    """tmp_path/sharded: the config of tmp_path/hf and an index that puts every tensor in `shard_name`."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    names = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names,
+                                                                                                  shard_name)}))
+    return folder
+
+
+@pytest.mark.parametrize("shard", ["../hf/model.safetensors", "/etc/passwd", "sub/../../hf/model.safetensors"])
+def test_shard_names_outside_the_folder_are_refused(hf_gpt2, tmp_path, shard):
+    hf_gpt2(tmp_path, **CONFIGS[0])
+    folder = _sharded_copy(tmp_path, shard)
+    with pytest.raises(UserError) as err:
+        load_hf_gpt2(folder)
+    message = str(err.value)
+    assert message.startswith(f"{folder / 'model.safetensors.index.json'}: file name {shard!r} points outside")
+    assert "\n" not in message
+
+
+def test_shard_reached_through_a_symlinked_folder_is_refused_but_a_symlinked_file_is_read(hf_gpt2, tmp_path):
+    hf_gpt2(tmp_path, **CONFIGS[0])
+    folder = _sharded_copy(tmp_path, "link/model.safetensors")
+    (folder / "link").symlink_to(tmp_path / "hf", target_is_directory=True)
+    with pytest.raises(UserError, match="'link/model.safetensors' leads outside .* through a symlinked folder"):
+        load_hf_gpt2(folder)
+    # Hugging Face's own cache links each file of a snapshot to ../../blobs/<hash>: that must keep working
+    (folder / "link").unlink()
+    (folder / "model.safetensors.index.json").unlink()
+    folder.rename(tmp_path / "snapshot")
+    folder = _sharded_copy(tmp_path, "model-00001-of-00001.safetensors")
+    (folder / "model-00001-of-00001.safetensors").symlink_to(tmp_path / "hf" / "model.safetensors")
+    a, _ = load_hf_gpt2(tmp_path / "hf")
+    b, _ = load_hf_gpt2(folder)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_index_that_is_not_a_weight_map_is_a_user_error(hf_gpt2, tmp_path):
+    hf_gpt2(tmp_path, **CONFIGS[0])
+    folder = _sharded_copy(tmp_path, "a.safetensors")
+    index = folder / "model.safetensors.index.json"
+    for content, needle in (("{oops", "not valid JSON"), ('{"weight_map": []}', "no \"weight_map\" object"),
+                            ('{"weight_map": {"w": 3}}', "3 is not a file name")):
+        index.write_text(content)
+        with pytest.raises(UserError, match=needle) as err:
+            load_hf_gpt2(folder)
+        assert str(err.value).startswith(str(index)) and "\n" not in str(err.value)
+
+
+class _NotATensor:
+    pass
+
+
+def test_pytorch_model_bin_with_other_pickled_objects_is_one_line(hf_gpt2, tmp_path):
+    theirs = hf_gpt2(tmp_path, **CONFIGS[0])
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    state = dict(theirs.state_dict())
+    state["extra"] = _NotATensor()
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(UserError) as err:
+        load_hf_gpt2(tmp_path / "bin")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'bin' / 'pytorch_model.bin'}: refused by torch.load(weights_only=True)")
+    assert "model.safetensors" in message and "\n" not in message
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(UserError, match="pytorch_model.bin: empty or truncated"):
+        load_hf_gpt2(tmp_path / "bin")
+
+
+def test_nan_in_a_hf_safetensors_file_names_the_file_and_tensor(hf_gpt2, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf_gpt2(tmp_path, **CONFIGS[0])
+    weights = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(k for k in sorted(tensors) if k.endswith("mlp.c_fc.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(weights))
+    with pytest.raises(UserError) as err:
+        load_hf_gpt2(tmp_path / "hf")
+    assert str(err.value).startswith(f"{weights}: tensor {name} holds NaN/Inf values")

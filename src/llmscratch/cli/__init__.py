@@ -10,11 +10,22 @@ one name (`llmscratch convert from-hf`).
 
 from __future__ import annotations
 
+import os
 import sys
 
-from llmscratch.cli import chatting, evaluation, finetuning, inference, inspecting, pretraining, serving, weights
+from llmscratch.cli import (
+    chatting,
+    doctoring,
+    evaluation,
+    finetuning,
+    inference,
+    inspecting,
+    pretraining,
+    serving,
+    weights,
+)
 from llmscratch.cli.base import Group, Verb
-from llmscratch.errors import UserError
+from llmscratch.errors import UserError, os_error_line
 
 VERBS: dict[str, Verb | Group] = {
     "tokenizer": pretraining.TOKENIZER,
@@ -33,6 +44,7 @@ VERBS: dict[str, Verb | Group] = {
     "data": evaluation.DATA,
     "eval": evaluation.EVAL,
     "quickstart": pretraining.QUICKSTART,
+    "doctor": doctoring.DOCTOR,
 }
 
 
@@ -63,6 +75,7 @@ def build_parser(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        _check_config_files(argv)
         args = build_parser(argv).parse_args(argv)
         entry, options = VERBS[args.verb], getattr(args, args.verb)
         if isinstance(entry, Group):
@@ -74,7 +87,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("llmscratch: interrupted\n")
         return 130
+    except OSError as exc:  # disk full, permission denied...: the system's reason in one line, not a traceback
+        sys.stderr.write(f"llmscratch: error: {os_error_line(exc)}\n")
+        return 2
     return 0
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """Each `--config FILE` that exists must be a readable text file: the parser would fail on a binary one with
+    a traceback. (A value that is no file is left to the parser, which also takes inline YAML.)"""
+    given = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    given += [arg.partition("=")[2] for arg in argv if arg.startswith("--config=")]
+    for path in given:
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                f.read()
+        except UnicodeDecodeError:
+            raise UserError(f"--config {path}: not a text file (YAML expected)") from None
+        except OSError as exc:
+            raise UserError(f"--config {path}: {exc.strerror}") from None
 
 
 def _version() -> str:

@@ -7,7 +7,26 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
+
+from jsonargparse.typing import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    restricted_number_type,
+)
+
+# Option types with their allowed range: a value outside it is a parse error that names the flag and the range
+# (cli/parser.py words it), before any work starts. NaN fails every range.
+TopP = restricted_number_type("TopP", float, [(">", 0), ("<=", 1)])
+Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])  # a share held out, a dropout rate
+Port = restricted_number_type("Port", int, [(">=", 0), ("<=", 65535)])
+Seed = restricted_number_type("Seed", int, [(">=", 0), ("<", 2**32)])  # numpy and torch both accept these
+LabelSmoothing = restricted_number_type("LabelSmoothing", float, [(">=", 0), ("<", 0.5)])  # conservative DPO
+VocabSize = restricted_number_type("VocabSize", int, [(">=", 257), ("<=", 2**31 - 1)])  # 256 bytes + a special
+__all__ = ["NonNegativeFloat", "NonNegativeInt", "PositiveFloat", "PositiveInt", "TopP", "Fraction", "Port", "Seed",
+           "VocabSize", "LabelSmoothing", "Optional"]
 
 CORPUS_HELP = "a named corpus (pydocs, the-verdict, tinyshakespeare), a text file, a folder or a glob"
 
@@ -46,10 +65,10 @@ MODEL_FOLDER_HELP = ("checkpoint folder, training run folder, or LoRA adapter fo
 
 def sampling_options(p, temperature: float, seed_help: str = "seed for reproducible sampling") -> None:
     """`--temperature`, `--top-k`, `--top-p`, `--seed`: how the verbs that write text pick each token."""
-    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9")
-    p.add_argument("--seed", type=int, default=None, help=seed_help)
+    p.add_argument("--temperature", type=NonNegativeFloat, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=NonNegativeInt, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=Optional[TopP], default=None, help="nucleus sampling mass in (0, 1], e.g. 0.9")
+    p.add_argument("--seed", type=Optional[Seed], default=None, help=seed_help)
 
 
 def inference_options(p, pack: bool = True) -> None:
@@ -60,6 +79,12 @@ def inference_options(p, pack: bool = True) -> None:
                        help="on CPU, keep plain nn.Linear weights instead of oneDNN-packed ones (slower decoding)")
     device_options(p, dtype_default="auto",
                    dtype_help="auto (bf16 on CUDA and bf16-capable CPUs, else fp32) | fp32 | bf16 | fp16")
+
+
+def overwrite_option(p, what: str = "--out") -> None:
+    """`--overwrite`: let a verb write into an existing, non-empty output (it replaces only its own files)."""
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"write into an existing {what}: replaces the files this command writes, keeps the others")
 
 
 def progress_option(p, help: str = "no progress bar") -> None:
@@ -89,6 +114,13 @@ def run_summary(train_result, out, files: list[str] | None = None) -> str:
     files = files if files is not None else runs.written_files(out)
     return (f"stopped at step {train_result.step}{note}: {train_result.tokens:,} tokens{val}. Files in {out}/: "
             f"{', '.join(files)}")
+
+
+def exit_if_interrupted(train_result) -> None:
+    """End an interrupted training verb (Ctrl-C: its checkpoint is saved) with exit code 130, as a shell reports
+    SIGINT, so a script can tell it from a finished run."""
+    if train_result.stopped_early == "interrupt":
+        raise SystemExit(130)
 
 
 def _train_config(a):

@@ -4,37 +4,51 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmscratch.cli.base import Group, Verb, device_options, progress_option
+from llmscratch.cli.base import (
+    Group,
+    NonNegativeInt,
+    Optional,
+    PositiveFloat,
+    PositiveInt,
+    Seed,
+    Verb,
+    device_options,
+    overwrite_option,
+    progress_option,
+)
 from llmscratch.errors import UserError
 
 
 # --- data synth-instruct ----------------------------------------------------------------------------------
 def _data_synth_instruct_parser(p) -> None:
     p.add_argument("--out", required=True, help="folder for train.jsonl and test.jsonl (or .json with --format json)")
-    p.add_argument("--n-train", type=int, default=2000, help="training records per family")
-    p.add_argument("--n-test", type=int, default=100, help="test records per family (all distinct)")
+    p.add_argument("--n-train", type=PositiveInt, default=2000, help="training records per family")
+    p.add_argument("--n-test", type=NonNegativeInt, default=100, help="test records per family (all distinct)")
     p.add_argument("--families", default=None,
                    help="comma-separated families; default: arithmetic, unit_conversion, comparison, counting, "
                         "first_letter. Copying families for larger models: long_arithmetic, word_reversal, "
                         "spelling, sorting, capitalization, last_word, repeat_word")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draw and of the held-out word list")
+    p.add_argument("--seed", type=Seed, default=0, help="seed of the draw and of the held-out word list")
     p.add_argument("--format", default="jsonl", help="jsonl | json (Alpaca JSON list)")
+    overwrite_option(p)
 
 
 def cmd_data_synth_instruct(a) -> None:
     from collections import Counter
 
     from llmscratch.data.synth import synth_instructions, write_records
-    from llmscratch.runs import check_out_dir
+    from llmscratch.runs import check_out_folder, write_folder
 
     if a.format not in ("jsonl", "json"):
         raise UserError(f"--format {a.format}: use jsonl or json")
+    out = check_out_folder(a.out, a.overwrite)
     families = [f.strip() for f in a.families.split(",") if f.strip()] if a.families else None
     train, test = synth_instructions(a.n_train, a.n_test, families, a.seed)
-    out = Path(a.out)
-    check_out_dir(out)
-    for name, records in (("train", train), ("test", test)):
-        write_records(records, out / f"{name}.{a.format}")
+
+    def write(tmp: Path) -> None:
+        for name, records in (("train", train), ("test", test)):
+            write_records(records, tmp / f"{name}.{a.format}")
+    write_folder(out, write, a.overwrite)
     counts = Counter(r["family"] for r in test)
     print(f"wrote {len(train):,} train and {len(test):,} test records ({len(counts)} families: "
           f"{', '.join(counts)}) to {out}/train.{a.format} and {out}/test.{a.format}")
@@ -53,10 +67,11 @@ def _eval_tasks_parser(p) -> None:
     p.add_argument("data", help="Alpaca JSON/JSONL records with `output` (and `family`) fields")
     p.add_argument("--prompt-style", default=None,
                    help="alpaca | phi3 (default: the style saved with the checkpoint, else alpaca)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer generated")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts of equal token length decoded together")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N records")
+    p.add_argument("--max-new-tokens", type=PositiveInt, default=32, help="longest answer generated")
+    p.add_argument("--batch-size", type=PositiveInt, default=64, help="prompts of equal token length decoded together")
+    p.add_argument("--limit", type=Optional[PositiveInt], default=None, help="score only the first N records")
     p.add_argument("--json", default=None, help="also write per-family scores and every answer to this JSON file")
+    overwrite_option(p, "--json file")
     device_options(p, dtype_default="fp32",
                    dtype_help="fp32 (default: scores that do not depend on the CPU's bf16 support) | bf16 | auto")
     progress_option(p)
@@ -67,7 +82,7 @@ def cmd_eval_tasks(a) -> None:
 
     run_tasks(a.checkpoint, a.data, prompt_style=a.prompt_style, max_new_tokens=a.max_new_tokens,
               batch_size=a.batch_size, limit=a.limit, json_out=a.json, device=a.device, dtype=a.dtype,
-              progress=not a.no_progress)
+              progress=not a.no_progress, overwrite=a.overwrite)
 
 
 def _eval_judge_parser(p) -> None:
@@ -78,10 +93,12 @@ def _eval_judge_parser(p) -> None:
     p.add_argument("--model", required=True, help="judge model name as the server knows it, e.g. llama3")
     p.add_argument("--response-key", default="model_response", help="record key holding the answer to score")
     p.add_argument("--out", default=None, help="scores file (default: RESPONSES.scores.json beside the input)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
-    p.add_argument("--retries", type=int, default=3, help="extra tries after a failed request (backoff 1, 2, 4 s...)")
+    p.add_argument("--timeout", type=PositiveFloat, default=60.0, help="seconds to wait for each reply")
+    p.add_argument("--retries", type=NonNegativeInt, default=3,
+                   help="extra tries after a failed request (backoff 1, 2, 4 s...)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding a bearer token, sent when set (Ollama needs none)")
+    overwrite_option(p, "scores file")
     progress_option(p)
 
 
@@ -94,7 +111,8 @@ def cmd_eval_judge(a) -> None:
         raise UserError("--retries must be >= 0 and --timeout positive")
     client = ChatClient(a.url, a.model, timeout=a.timeout, retries=a.retries,
                         api_key=os.environ.get(a.api_key_env) or None)
-    r = judge_file(a.responses, client, response_key=a.response_key, out=a.out, progress=not a.no_progress)
+    r = judge_file(a.responses, client, response_key=a.response_key, out=a.out, progress=not a.no_progress,
+                   overwrite=a.overwrite)
     mean = f"{r.mean:.2f}" if r.mean is not None else "n/a"
     unscored = f" ({r.unscored} replies without a usable score)" if r.unscored else ""
     print(f"mean score {mean} over {r.scored} responses{unscored}; per-record scores in {r.out}")

@@ -3,7 +3,23 @@
 
 from __future__ import annotations
 
-from llmscratch.cli.base import Group, Verb, _train_config, progress_option, run_summary, train_options
+from llmscratch.cli.base import (
+    Fraction,
+    Group,
+    LabelSmoothing,
+    NonNegativeFloat,
+    NonNegativeInt,
+    Optional,
+    PositiveFloat,
+    PositiveInt,
+    Seed,
+    Verb,
+    _train_config,
+    exit_if_interrupted,
+    progress_option,
+    run_summary,
+    train_options,
+)
 
 
 # --- options every fine-tuning verb has -------------------------------------------------------------------
@@ -31,13 +47,14 @@ def _run_kwargs(a) -> dict:
 def _lora_options(p, note: str = "") -> None:
     from llmscratch.lora_settings import TARGETS_HELP
 
-    p.add_argument("--lora-rank", type=int, default=None,
+    p.add_argument("--lora-rank", type=Optional[PositiveInt], default=None,
                    help="train LoRA adapters of this rank instead of the weights (base frozen); --out then holds "
                         "the adapter alone, which `llmscratch generate` loads and `llmscratch lora merge` merges"
                         + (f"; {note}" if note else ""))
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator: updates are alpha/rank·BA")
+    p.add_argument("--lora-alpha", type=PositiveFloat, default=16.0,
+                   help="LoRA scale numerator: updates are alpha/rank·BA")
     p.add_argument("--lora-targets", default="all", help=f"layers that get adapters: {TARGETS_HELP}")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    p.add_argument("--lora-dropout", type=Fraction, default=0.0, help="dropout on the adapters' input")
 
 
 def _lora_settings(a):
@@ -55,12 +72,12 @@ def _lora_settings(a):
 def _split_options(p, defaults, answer_help: str) -> None:
     """`--val-fraction`, `--test-fraction`, `--split-seed` (the records held out) and `--max-new-tokens` (the longest
     answer to them), with the `defaults` of `llmscratch.finetune.defaults`."""
-    p.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+    p.add_argument("--val-fraction", type=Fraction, default=defaults.val_fraction,
                    help="share of records held out for validation")
-    p.add_argument("--test-fraction", type=float, default=defaults.test_fraction,
+    p.add_argument("--test-fraction", type=Fraction, default=defaults.test_fraction,
                    help="share of records held out and answered after training (0: none)")
-    p.add_argument("--split-seed", type=int, default=defaults.split_seed, help="seed of the train/val/test shuffle")
-    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help=answer_help)
+    p.add_argument("--split-seed", type=Seed, default=defaults.split_seed, help="seed of the train/val/test shuffle")
+    p.add_argument("--max-new-tokens", type=PositiveInt, default=defaults.max_new_tokens, help=answer_help)
 
 
 def _split_kwargs(a) -> dict:
@@ -79,9 +96,9 @@ def _finetune_instruct_parser(p) -> None:
                 "downloaded once)",
                 "folder for the tuned model, prompt_style.json, metrics, checkpoints/ and test_responses.json")
     p.add_argument("--prompt-style", default=INSTRUCT.prompt_style, help=f"{' | '.join(STYLES)}; saved with the model")
-    p.add_argument("--epochs", type=float, default=INSTRUCT.epochs,
+    p.add_argument("--epochs", type=NonNegativeFloat, default=INSTRUCT.epochs,
                    help="passes over the training split; sets --train.max_steps (0: use --train.max_steps)")
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--max-length", type=Optional[PositiveInt], default=None,
                    help="tokens per example after padding (default: the model's context length); longer "
                         "examples lose the end of their answer, and the count is logged")
     p.add_argument("--train-on-prompt", action="store_true",
@@ -99,6 +116,7 @@ def cmd_finetune_instruct(a) -> None:
                      max_length=a.max_length, train_on_prompt=a.train_on_prompt, **_split_kwargs(a),
                      **_run_kwargs(a))
     print(run_summary(r.train, a.out, r.files))
+    exit_if_interrupted(r.train)
     what = "the adapter (base + adapter merged in memory)" if r.adapter else "the model"
     print(f"try {what} (prompt style {a.prompt_style}):\n"
           f'  llmscratch generate {a.out} --prompt "Name three fruits." --temperature 0')
@@ -116,16 +134,16 @@ def _finetune_classify_parser(p) -> None:
     p.add_argument("--label-column", default=CLASSIFY.label_column, help="column (or JSON key) holding the label")
     p.add_argument("--no-balance", action="store_true",
                    help="keep every example instead of undersampling each class to the smallest one's size")
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--max-length", type=Optional[PositiveInt], default=None,
                    help="tokens per text; longer texts are cut (default: the longest text, capped at the context)")
     p.add_argument("--trainable", default=CLASSIFY.trainable,
                    help=f"{' | '.join(CLASSIFY_TRAINABLE)}: what is trained; last-block = last transformer block "
                         "+ final norm + class head (the book's choice, with 5 epochs and --train.lr 5e-5 for GPT-2), "
                         "all = every weight (best for small models pretrained briefly)")
-    p.add_argument("--epochs", type=float, default=CLASSIFY.epochs, help="passes over the training split")
-    p.add_argument("--max-steps", type=int, default=None,
+    p.add_argument("--epochs", type=PositiveFloat, default=CLASSIFY.epochs, help="passes over the training split")
+    p.add_argument("--max-steps", type=Optional[PositiveInt], default=None,
                    help="optimizer updates (default: epochs x batches per epoch)")
-    p.add_argument("--data-seed", type=int, default=CLASSIFY.data_seed,
+    p.add_argument("--data-seed", type=Seed, default=CLASSIFY.data_seed,
                    help="seed of the balancing draw and the 70/10/20 split")
     p.add_argument("--random-init", action="store_true",
                    help="use only the checkpoint's shape and tokenizer, with fresh random weights (the baseline "
@@ -140,9 +158,10 @@ def _finetune_classify_parser(p) -> None:
 def cmd_finetune_classify(a) -> None:
     from llmscratch.finetune.classify import finetune_classify
 
-    finetune_classify(a.checkpoint, a.data, a.out, text_column=a.text_column, label_column=a.label_column,
+    r = finetune_classify(a.checkpoint, a.data, a.out, text_column=a.text_column, label_column=a.label_column,
                       balance=not a.no_balance, max_length=a.max_length, trainable=a.trainable, epochs=a.epochs,
                       max_steps=a.max_steps, data_seed=a.data_seed, random_init=a.random_init, **_run_kwargs(a))
+    exit_if_interrupted(r.train)
 
 
 # --- finetune dpo -----------------------------------------------------------------------------------------
@@ -154,9 +173,9 @@ def _finetune_dpo_parser(p) -> None:
                 "JSON list or JSONL of preference records: the book's {instruction, input, chosen, rejected} or "
                 "{prompt, chosen, rejected}",
                 "folder for the tuned model (or adapter), metrics and plots")
-    p.add_argument("--beta", type=float, default=DPO.beta,
+    p.add_argument("--beta", type=PositiveFloat, default=DPO.beta,
                    help="strength of the pull toward the reference: rewards are beta·(log π − log π_ref)")
-    p.add_argument("--label-smoothing", type=float, default=DPO.label_smoothing,
+    p.add_argument("--label-smoothing", type=LabelSmoothing, default=DPO.label_smoothing,
                    help="assumed share of wrong preference labels, in [0, 0.5) (conservative DPO)")
     p.add_argument("--precompute-reference", action="store_true",
                    help="score every pair with the starting model once before training and keep only those "
@@ -165,12 +184,12 @@ def _finetune_dpo_parser(p) -> None:
                    help="compare mean instead of summed answer-token log-probs (the book's variant; the paper sums)")
     p.add_argument("--prompt-style", default=None,
                    help=f"{' | '.join(STYLES)} (default: the style saved with the checkpoint, else alpaca)")
-    p.add_argument("--epochs", type=float, default=DPO.epochs,
+    p.add_argument("--epochs", type=NonNegativeFloat, default=DPO.epochs,
                    help="passes over the training pairs; sets --train.max_steps (0: use --train.max_steps)")
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--max-length", type=Optional[PositiveInt], default=None,
                    help="tokens per prompt + answer (default: the model's context length); longer answers are cut")
     _split_options(p, DPO, "longest answer generated")
-    p.add_argument("--samples", type=int, default=DPO.samples,
+    p.add_argument("--samples", type=NonNegativeInt, default=DPO.samples,
                    help="test prompts answered before and after training, printed and kept in dpo_metrics.json")
     _run_options(p, "no progress bars")
     train_options(p, skip=("progress", "sample_every"), defaults=dpo_train_config())
@@ -193,6 +212,7 @@ def cmd_finetune_dpo(a) -> None:
     print(f"\nvalidation reward margin {before['reward_margin']:.3f} → {after['reward_margin']:.3f}, reward accuracy "
           f"{before['reward_accuracy']:.1%} → {after['reward_accuracy']:.1%}")
     print(run_summary(r.train, a.out, r.files))
+    exit_if_interrupted(r.train)
     print(f'try: llmscratch generate {a.out} --prompt "Rewrite the sentence: The cat sat." --temperature 0')
 
 

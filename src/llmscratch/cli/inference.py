@@ -5,7 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from llmscratch.cli.base import MODEL_FOLDER_HELP, Verb, device_options, inference_options, sampling_options
+from llmscratch.cli.base import (
+    MODEL_FOLDER_HELP,
+    PositiveInt,
+    Verb,
+    device_options,
+    inference_options,
+    sampling_options,
+)
 from llmscratch.errors import UserError
 
 
@@ -21,7 +28,8 @@ def _generate_parser(p) -> None:
                    help="send --prompt as a user turn through the model's own chat template (Llama/Qwen tokenizer "
                         "folders) and stop at its end-of-turn tokens")
     p.add_argument("--system", default=None, help="with --chat: a system message before the user turn")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=PositiveInt, default=100,
+                   help="tokens to generate, at most the model's context length")
     sampling_options(p, temperature=0.8)
     p.add_argument("--stop", type=str, action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
@@ -36,12 +44,13 @@ def _generate_parser(p) -> None:
 
 
 def cmd_generate(a) -> None:
-    from llmscratch.generate import stream
+    from llmscratch.generate import check_new_tokens, stream
     from llmscratch.prompts import strip_leading_space
 
     if a.compile and a.no_kv_cache:
         raise UserError("--compile compiles the KV-cached decoding step: drop --no-kv-cache, or --compile")
     model, tok = load_for_inference(a.checkpoint, a.device, a.dtype, pack=not a.no_pack)
+    check_new_tokens(a.max_new_tokens, model)
     # An instruction-tuned checkpoint: wrap the request in its prompt style, stop at its end of turn, and
     # print only the answer.
     style = None if a.raw or a.chat else saved_style(a.checkpoint)
@@ -82,6 +91,9 @@ def load_for_inference(checkpoint: str, device: str = "auto", dtype: str = "auto
     device = resolve_device(device)
     load_fn = load_merged if runs.is_adapter_only(checkpoint) else load
     model, tok = load_fn(checkpoint, device=device, dtype=inference_dtype(dtype, device))
+    if model.config.n_classes is not None:
+        raise UserError(f"{checkpoint}: a classifier (labels, not text); use `llmscratch classify {checkpoint} "
+                        "TEXT...`, or give a language model checkpoint")
     if pack:
         pack_for_cpu_inference(model)
     return model, tok
@@ -117,7 +129,7 @@ def _info_parser(p) -> None:
     from llmscratch.config import PRESETS
 
     p.add_argument("target", help=f"checkpoint folder or preset ({', '.join(PRESETS)})")
-    p.add_argument("--batch-size", type=int, default=8, help="batch size for the activation estimate")
+    p.add_argument("--batch-size", type=PositiveInt, default=8, help="batch size for the activation estimate")
 
 
 def cmd_info(a) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmscratch.cli.base import Group, Verb, device_options
+from llmscratch.cli.base import Group, Verb, device_options, overwrite_option
 from llmscratch.errors import UserError
 
 
@@ -29,24 +29,30 @@ def _indices(text: str | None, flag: str) -> list[int] | None:
         raise UserError(f"{flag} {text}: give comma-separated numbers, e.g. 0,1") from None
 
 
+def _check_out(a) -> None:
+    """The --out guard, before any work: a new .png file (or replaced with --overwrite), never a folder or the
+    checkpoint."""
+    from llmscratch.runs import check_out_file
+
+    if Path(a.out).suffix.lower() != ".png":
+        raise UserError(f"--out {a.out}: the picture is written as PNG; give a file name ending in .png")
+    check_out_file(a.out, a.overwrite, inputs=(a.checkpoint,))
+
+
 def _save(fig, out: str) -> None:
-    """Write the figure as PNG atomically (a refusal or a crash leaves no half-written file at `out`)."""
+    """Write the figure as PNG atomically (a crash leaves no half-written file at `out`)."""
     from llmscratch.fileio import atomic_write
     from llmscratch.train.metrics import save_figure
 
-    path = Path(out)
-    if path.suffix.lower() != ".png":
-        raise UserError(f"--out {out}: the picture is written as PNG; give a file name ending in .png")
-    if path.is_dir():
-        raise UserError(f"--out {out}: is a folder; give a file name ending in .png")
-    atomic_write(path, lambda tmp: save_figure(fig, tmp))
+    atomic_write(Path(out), lambda tmp: save_figure(fig, tmp))
 
 
 # --- inspect attention ------------------------------------------------------------------------------------
 def _attention_parser(p) -> None:
     p.add_argument("checkpoint", help="checkpoint, run or LoRA adapter folder")
     p.add_argument("--prompt", required=True, help="the text whose attention is drawn (its tokens label the axes)")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", required=True, help="PNG file to write (new, or replaced with --overwrite)")
+    overwrite_option(p, "--out file")
     p.add_argument("--layers", default=None, help="comma-separated layers to draw (default: all)")
     p.add_argument("--heads", default=None, help="comma-separated heads to draw (default: all)")
     device_options(p)
@@ -55,6 +61,7 @@ def _attention_parser(p) -> None:
 def cmd_inspect_attention(a) -> None:
     from llmscratch.viz import attention_maps, plot_attention
 
+    _check_out(a)
     layers, heads = _indices(a.layers, "--layers"), _indices(a.heads, "--heads")
     model, tok = _load(a.checkpoint, a.device)
     tokens, weights = attention_maps(model, tok, a.prompt)
@@ -67,7 +74,8 @@ def cmd_inspect_attention(a) -> None:
 # --- inspect embeddings -----------------------------------------------------------------------------------
 def _embeddings_parser(p) -> None:
     p.add_argument("checkpoint", help="checkpoint, run or LoRA adapter folder")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", required=True, help="PNG file to write (new, or replaced with --overwrite)")
+    overwrite_option(p, "--out file")
     p.add_argument("--words", default=None,
                    help="comma-separated words to place (each the mean of its tokens' embeddings); default: the "
                         "first word-like tokens of the vocabulary")
@@ -78,6 +86,7 @@ def _embeddings_parser(p) -> None:
 def cmd_inspect_embeddings(a) -> None:
     from llmscratch.viz import embedding_projection, plot_embeddings
 
+    _check_out(a)
     if a.n < 2:
         raise UserError(f"--n {a.n}: place at least 2 tokens")
     words = [w.strip() for w in a.words.split(",") if w.strip()] if a.words else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -15,7 +16,7 @@ class Parser(ArgumentParser):
     def error(self, message, *args, **kwargs):
         # jsonargparse's messages span lines ('Parser key "x":' then the reason): fold them into one.
         text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-        text = text[:400] or "invalid arguments"
+        text = _out_of_range(text)[:400] or "invalid arguments"
         prog = self.prog.replace(" [options]", "")
         sys.stderr.write(f"llmscratch: error: {text} (see `{prog} --help`)\n")
         sys.exit(2)
@@ -36,3 +37,23 @@ def add_group(subcommands, name: str, description: str, summary: str):
     p = Parser(prog=f"llmscratch {name}", description=description)
     subcommands.add_subcommand(name, p, help=summary)
     return p.add_subcommands(dest="action", required=True)
+
+
+_KEY = re.compile(r'Parser key "([^"]+)":')
+_RULE = re.compile(r"(?:(\S+) )?does not conform to restriction (.+?)(?: - |$| Given value)")
+_GIVEN = re.compile(r"Given value: (\S+)")
+
+
+def _out_of_range(text: str) -> str:
+    """jsonargparse's 'Parser key "top_p": Not of type TopP: 1.5 does not conform to restriction v>0 and v<=1'
+    (or its longer form for an optional value) as '--top-p 1.5: out of range; allowed: > 0 and <= 1' (the flag as
+    typed, dotted options kept)."""
+    key, rule = _KEY.search(text), _RULE.search(text)
+    if not key or not rule:
+        return text
+    given = _GIVEN.search(text)
+    value = rule.group(1) if rule.group(1) and not rule.group(1).endswith(":") else (given.group(1) if given else "")
+    name = key.group(1)
+    flag = "--" + name if "." in name else "--" + name.replace("_", "-")
+    allowed = re.sub(r"v\s*(>=|<=|>|<|==|!=)\s*", r"\1 ", rule.group(2))
+    return f"{flag} {value}: out of range; allowed: {allowed}".replace("  ", " ")

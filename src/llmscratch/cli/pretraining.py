@@ -3,12 +3,20 @@ them all on the embedded corpus."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from llmscratch.cli.base import (
     CORPUS_HELP,
+    Fraction,
     Group,
+    PositiveInt,
+    Seed,
     Verb,
+    VocabSize,
     _train_config,
     device_options,
+    exit_if_interrupted,
+    overwrite_option,
     progress_option,
     run_summary,
     train_options,
@@ -18,19 +26,20 @@ from llmscratch.cli.base import (
 # --- tokenizer train --------------------------------------------------------------------------------------
 def _tokenizer_train_parser(p) -> None:
     p.add_argument("--data", required=True, help=CORPUS_HELP)
-    p.add_argument("--vocab-size", type=int, default=4096, help="target vocabulary size incl. special tokens")
-    p.add_argument("--out", type=str, required=True, help="folder to write tokenizer.json into")
+    p.add_argument("--vocab-size", type=VocabSize, default=4096, help="target vocabulary size incl. special tokens")
+    p.add_argument("--out", type=str, required=True, help="folder to write tokenizer.json into (new or empty)")
+    overwrite_option(p)
 
 
 def cmd_tokenizer_train(a) -> None:
     from llmscratch.data import load_corpus
-    from llmscratch.runs import check_out_dir
+    from llmscratch.runs import check_out_folder, write_folder
     from llmscratch.tokenizer import BPETokenizer
 
+    check_out_folder(a.out, a.overwrite, inputs=(a.data,))
     docs = load_corpus(a.data)
-    check_out_dir(a.out)
     tok = BPETokenizer.train(docs, a.vocab_size)
-    tok.save(a.out)
+    write_folder(a.out, tok.save, a.overwrite, inputs=(a.data,))
     print(f"trained a {tok.vocab_size}-token BPE on {a.data}; saved to {a.out}")
 
 
@@ -44,19 +53,25 @@ TOKENIZER = Group("Tokenizer tools.", "train a byte-level BPE tokenizer from scr
 def _prepare_parser(p) -> None:
     p.add_argument("--data", required=True, help=CORPUS_HELP)
     p.add_argument("--tokenizer", default="gpt2", help="a tokenizer folder, or `gpt2` (tiktoken's GPT-2 BPE)")
-    p.add_argument("--out", required=True, help="folder for train.bin, val.bin, meta.json and the tokenizer")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of random chunks held out")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val chunk draw")
+    p.add_argument("--out", required=True,
+                   help="folder for train.bin, val.bin, meta.json and the tokenizer (new or empty)")
+    p.add_argument("--val-fraction", type=Fraction, default=0.1, help="share of random chunks held out")
+    p.add_argument("--seed", type=Seed, default=0, help="seed of the train/val chunk draw")
+    overwrite_option(p)
 
 
 def cmd_prepare(a) -> None:
-    from llmscratch.runs import check_out_dir
+    from llmscratch.runs import check_out_folder, write_folder
     from llmscratch.tokenizer import load_tokenizer
     from llmscratch.train.pretrain import prepare
 
+    inputs = (a.data, a.tokenizer)
+    check_out_folder(a.out, a.overwrite, inputs)
     tok = load_tokenizer(a.tokenizer)
-    check_out_dir(a.out)
-    meta = prepare(a.data, tok, a.out, val_fraction=a.val_fraction, seed=a.seed)
+    metas = []
+    write_folder(a.out, lambda tmp: metas.append(prepare(a.data, tok, tmp, val_fraction=a.val_fraction,
+                                                        seed=a.seed)), a.overwrite, inputs)
+    meta = metas[0]
     print(f"wrote {meta.train_tokens:,} train and {meta.val_tokens:,} val tokens ({meta.dtype}) to {a.out}")
 
 
@@ -78,8 +93,9 @@ def _pretrain_parser(p) -> None:
                    help="continue from the newest checkpoint in --out (with the run's model: --model, "
                         "--context-length or --dropout that differ from it are refused)")
     p.add_argument("--overwrite", action="store_true", help="replace a training run already in --out")
-    p.add_argument("--context-length", type=int, default=None, help="override the preset's context length")
-    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--context-length", type=Optional[PositiveInt], default=None,
+                   help="override the preset's context length")
+    p.add_argument("--dropout", type=Optional[Fraction], default=None, help="override the preset's dropout")
     p.add_argument("--sample-prompt", default="The", help="prompt of the periodic samples")
     progress_option(p)
     train_options(p)
@@ -92,6 +108,7 @@ def cmd_pretrain(a) -> None:
     r = run_pretrain(a.model, a.data, a.out, a.tokenizer, a.resume, cfg, a.context_length, a.dropout,
                      a.sample_prompt, progress=not a.no_progress, overwrite=a.overwrite)
     print(run_summary(r, a.out))
+    exit_if_interrupted(r)
 
 
 PRETRAIN = Verb("Pretrain a GPT with next-token prediction; checkpoints, metrics.csv and loss.png go to --out.",

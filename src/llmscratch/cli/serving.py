@@ -12,7 +12,16 @@ import os
 import sys
 from pathlib import Path
 
-from llmscratch.cli.base import MODEL_FOLDER_HELP, Verb, inference_options
+from llmscratch.cli.base import (
+    MODEL_FOLDER_HELP,
+    NonNegativeInt,
+    Optional,
+    Port,
+    PositiveFloat,
+    PositiveInt,
+    Verb,
+    inference_options,
+)
 from llmscratch.errors import UserError
 
 
@@ -22,22 +31,22 @@ def _serve_parser(p) -> None:
     p.add_argument("checkpoint", help=MODEL_FOLDER_HELP)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but loopback lets other machines in (use --api-key-env)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (the ready line "
+    p.add_argument("--port", type=Port, default=8000, help="port to listen on; 0 picks a free one (the ready line "
                    "shows it)")
     p.add_argument("--api-key-env", default=None,
                    help="name of an environment variable holding the API key: /v1 requests must then send "
                         "`Authorization: Bearer KEY`")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-    p.add_argument("--max-queue", type=int, default=64,
+    p.add_argument("--max-batch", type=PositiveInt, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=NonNegativeInt, default=64,
                    help="requests waiting for a place in the batch; past it, requests get 429 with Retry-After")
-    p.add_argument("--prefill-tokens", type=int, default=256,
+    p.add_argument("--prefill-tokens", type=PositiveInt, default=256,
                    help="prompt tokens processed per decoding step, shared by the requests that just arrived: a "
                         "long prompt delays the other streams by one such chunk at a time, not by all of it")
-    p.add_argument("--max-prompt-tokens", type=int, default=None,
+    p.add_argument("--max-prompt-tokens", type=Optional[PositiveInt], default=None,
                    help="longest prompt in tokens (default: the model's context length - 1)")
-    p.add_argument("--max-tokens-cap", type=int, default=None,
+    p.add_argument("--max-tokens-cap", type=Optional[PositiveInt], default=None,
                    help="largest max_tokens a request may ask for (default: the model's context length)")
-    p.add_argument("--request-timeout", type=float, default=300.0,
+    p.add_argument("--request-timeout", type=PositiveFloat, default=300.0,
                    help="seconds a request may take; then it is stopped (504, or an error event in a stream)")
     p.add_argument("--model-name", default=None,
                    help="the model's id in the API (default: the checkpoint folder's name)")

@@ -3,7 +3,7 @@ folders, both ways) and `lora` (adapters merged, or exported for Hugging Face PE
 
 from __future__ import annotations
 
-from llmscratch.cli.base import Group, Verb, progress_option
+from llmscratch.cli.base import Group, Verb, overwrite_option, progress_option
 
 
 # --- download ---------------------------------------------------------------------------------------------
@@ -11,20 +11,22 @@ def _download_parser(p) -> None:
     from llmscratch.weights.hub import MODELS
 
     p.add_argument("model", help=" | ".join(MODELS))
-    p.add_argument("--out", required=True, help="checkpoint folder to create (must be new or empty)")
+    p.add_argument("--out", required=True, help="checkpoint folder to create (new or empty)")
     p.add_argument("--source", default="hf",
                    help="hf: the hub's model.safetensors (default) | openai: OpenAI's TensorFlow checkpoint")
     p.add_argument("--endpoint", default=None,
                    help="server to download from instead (a mirror; default: $HF_ENDPOINT, else the official one)")
     p.add_argument("--dtype", default="fp32",
                    help="fp32 | bf16 | fp16: dtype of the saved weights (Llama/Qwen are released in bf16)")
+    overwrite_option(p)
     progress_option(p, "no progress bars")
 
 
 def cmd_download(a) -> None:
     from llmscratch.weights.hub import download_pretrained
 
-    model = download_pretrained(a.model, a.out, a.source, a.endpoint, a.dtype, progress=not a.no_progress)
+    model = download_pretrained(a.model, a.out, a.source, a.endpoint, a.dtype, progress=not a.no_progress,
+                                overwrite=a.overwrite)
     print(f"downloaded {a.model} ({model.num_params() / 1e6:.1f}M parameters) to {a.out}; try "
           f"`llmscratch generate {a.out} --prompt \"Hello, I'm a language model,\"`")
 
@@ -47,12 +49,13 @@ def _convert_from(fmt: str, source: str, source_help: str, out_help: str, tokeni
         p.add_argument("--tokenizer", default=None,
                        help=f"tokenizer folder or `gpt2` (default: the folder's {tokenizer_files})")
         p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16: dtype of the saved weights")
+        overwrite_option(p, "OUT folder")
 
     def run(a) -> None:
         from llmscratch.weights import convert
 
         folder = getattr(a, source)
-        model = getattr(convert, f"from_{fmt}")(folder, a.out, a.tokenizer, a.dtype)
+        model = getattr(convert, f"from_{fmt}")(folder, a.out, a.tokenizer, a.dtype, overwrite=a.overwrite)
         print(f"converted {folder} ({model.num_params() / 1e6:.1f}M parameters) to {a.out}")
 
     return Verb(description, parser, run)
@@ -60,13 +63,15 @@ def _convert_from(fmt: str, source: str, source_help: str, out_help: str, tokeni
 
 def _convert_to_hf_parser(p) -> None:
     p.add_argument("checkpoint", help="our checkpoint folder")
-    p.add_argument("out", help="Hugging Face folder to write (must be new or empty)")
+    p.add_argument("out", help="Hugging Face folder to write (new or empty)")
+    overwrite_option(p, "OUT folder")
 
 
 def cmd_convert_to_hf(a) -> None:
     from llmscratch.weights.convert import to_hf
 
-    note = to_hf(a.checkpoint, a.out)  # what was written, and the transformers class that loads it
+    # what was written, and the transformers class that loads it
+    note = to_hf(a.checkpoint, a.out, overwrite=a.overwrite)
     print(f"wrote {a.out}: {note}")
 
 
@@ -77,7 +82,7 @@ CONVERT = Group("Convert weights between formats.", "convert GPT-2 (Hugging Face
                              "A Hugging Face GPT-2, Llama or Qwen3 folder (model.safetensors, a sharded index, or "
                              "pytorch_model.bin read with weights_only) → our checkpoint folder."),
     "from-openai": _convert_from("openai", "tf_dir", "folder with hparams.json and model.ckpt.*",
-                                 "checkpoint folder to write (must be new or empty)", "encoder.json + vocab.bpe",
+                                 "checkpoint folder to write (new or empty)", "encoder.json + vocab.bpe",
                                  "A folder of OpenAI's original GPT-2 release (hparams.json, checkpoint, "
                                  "model.ckpt.index, model.ckpt.data-*, encoder.json, vocab.bpe) → our checkpoint "
                                  "folder; no TensorFlow needed."),
@@ -96,31 +101,33 @@ def _adapter_options(p, out_help: str) -> None:
 
 
 def _lora_merge_parser(p) -> None:
-    _adapter_options(p, "checkpoint folder to write (must be new or empty)")
+    _adapter_options(p, "checkpoint folder to write (new or empty)")
     p.add_argument("--base", default=None,
                    help="base checkpoint folder (default: the path recorded in adapter_config.json); its weights "
                         "must be the ones the adapter was trained on (sha256 checked)")
+    overwrite_option(p, "OUT folder")
 
 
 def cmd_lora_merge(a) -> None:
     from llmscratch.lora import merge_adapter_folder
 
-    merge_adapter_folder(a.adapter, a.out, base=a.base)
+    merge_adapter_folder(a.adapter, a.out, base=a.base, overwrite=a.overwrite)
     print(f"merged {a.adapter} into its base; full checkpoint in {a.out}")
 
 
 def _lora_export_peft_parser(p) -> None:
-    _adapter_options(p, "folder to write (must be new or empty)")
+    _adapter_options(p, "folder to write (new or empty)")
     p.add_argument("--base-hf", default=None,
                    help="the Hugging Face export of the base, recorded as base_model_name_or_path (default: the "
                         "base checkpoint's path)")
+    overwrite_option(p, "OUT folder")
 
 
 def cmd_lora_export_peft(a) -> None:
     from llmscratch.lora import export_peft
     from llmscratch.runs import ADAPTER_CONFIG, PEFT_WEIGHTS
 
-    export_peft(a.adapter, a.out, base_hf=a.base_hf)
+    export_peft(a.adapter, a.out, base_hf=a.base_hf, overwrite=a.overwrite)
     print(f"wrote {a.out}/{ADAPTER_CONFIG} and {PEFT_WEIGHTS}; load with "
           "peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF), "
           f"{str(a.out)!r}) where BASE_HF is `llmscratch convert to-hf` of the base")

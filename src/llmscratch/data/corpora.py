@@ -200,8 +200,72 @@ def _is_glob(src: str) -> bool:
     return any(ch in src for ch in "*?[")
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def _once_each(paths) -> list[Path]:
+    """The files among `paths`, sorted, each file once: a symlink and its target (or two routes through a
+    symlinked folder) name the same text, which would otherwise be trained on twice."""
+    seen: set[Path] = set()
+    files = []
+    for p in sorted(paths):
+        if p.is_file() and (real := p.resolve()) not in seen:
+            seen.add(real)
+            files.append(p)
+    return files
+
+
+def _walk_folders(root: str) -> list[str]:
+    """`root` and every folder below it, hidden ones skipped, symlinked folders followed but each real folder
+    entered once — a folder linked into itself is a loop that would never end."""
+    seen: set[tuple[int, int]] = set()
+    folders = []
+    for here, subdirs, _ in os.walk(root, followlinks=True):
+        st = os.stat(here)
+        if (st.st_dev, st.st_ino) in seen:
+            subdirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        folders.append(here)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+    return folders
+
+
+def _visible_entries(folders: list[str]) -> list[str]:
+    """The paths of the entries of `folders` whose names do not start with a dot."""
+    entries = []
+    for folder in folders:
+        try:
+            names = os.listdir(folder)
+        except OSError as exc:
+            raise UserError(f"{folder}: cannot list the folder ({exc.strerror}); fix its permissions or leave it "
+                            "out of --data") from None
+        entries.extend(os.path.join(folder, name) for name in sorted(names) if not name.startswith("."))
+    return entries
+
+
+def _glob(pattern: str) -> list[str]:
+    """`glob.glob(pattern, recursive=True)`, except that `**` enters each real folder once.
+
+    The standard `**` follows symlinked folders without memory: a folder linked into itself is walked about 40
+    levels deep (until the OS refuses the path), and two such links make that exponential. Here the part before
+    the first `**` is globbed as usual (each `*` crosses one level, so it is finite), `**` becomes the folders
+    `_walk_folders` finds, and the rest is matched in each of them.
+    """
+    parts = pattern.replace(os.altsep or os.sep, os.sep).split(os.sep)
+    if "**" not in parts:
+        return glob.glob(pattern)
+    i = parts.index("**")
+    head, rest = os.sep.join(parts[:i]), os.sep.join(parts[i + 1:])
+    if i == 1 and not head:  # "/**/...": the head is the root folder
+        head = os.sep
+    roots = glob.glob(head) if _is_glob(head) else [head or os.curdir]
+    matches = []
+    for root in filter(os.path.isdir, roots):
+        folders = _walk_folders(root)
+        if not rest:
+            matches.extend(_visible_entries(folders))
+        else:
+            for folder in folders:
+                matches.extend(_glob(os.path.join(glob.escape(folder), rest)))
+    return matches
 
 
 def resolve_source(src: str | Path) -> str | list[Path]:
@@ -209,7 +273,8 @@ def resolve_source(src: str | Path) -> str | list[Path]:
 
     A bare corpus name wins over a file of the same name in the working directory; write ./pydocs to mean
     the path. A folder contributes its *.txt and *.md files, recursively, skipping hidden ones; a glob
-    (``data/*.txt``, ``books/**/*.md``) contributes the files it matches.
+    (``data/*.txt``, ``books/**/*.md``) contributes the files it matches. Each file is read once, however many
+    symlinks lead to it, and a folder symlinked into itself is not a loop.
     """
     text = str(src)
     if isinstance(src, str) and text in CORPORA:
@@ -218,11 +283,8 @@ def resolve_source(src: str | Path) -> str | list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.suffix.lower() in _TEXT_SUFFIXES and p.is_file() and not _hidden(p, path)
-        )
+        files = _once_each(Path(p) for p in _visible_entries(_walk_folders(str(path)))
+                           if Path(p).suffix.lower() in _TEXT_SUFFIXES)
         if not files:
             raise UserError(
                 f"{path}: folder has no .txt or .md files; put the training text in such files or pass "
@@ -230,8 +292,7 @@ def resolve_source(src: str | Path) -> str | list[Path]:
             )
         return files
     if _is_glob(text):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True))
-        files = [p for p in files if p.is_file()]
+        files = _once_each(Path(p) for p in _glob(os.path.expanduser(text)))
         if not files:
             raise UserError(f"{text}: glob matches no files; check the pattern (quote it in the shell)")
         return files

@@ -57,6 +57,9 @@ def _loads(text: str, path: Path, line: int | None = None, advice: str = "") -> 
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}:{line or exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}){advice}") \
             from None
+    except (ValueError, RecursionError) as exc:  # a number of over 4300 digits; arrays nested ~1000 deep
+        raise UserError(f"{path}{f':{line}' if line else ''}: unreadable JSON ({one_line(exc)}); fix or "
+                        "regenerate the file") from None
 
 
 def read_json_items(path: Path, hint: str | None = None, missing: str | None = None) -> list[tuple[str, object]]:

@@ -6,7 +6,9 @@ Formats (chosen by file suffix):
     row naming the text and label columns, or headerless as `label<TAB>text` (the SMS Spam Collection's layout).
   * `.csv` — RFC 4180 CSV (quoted fields may hold commas and newlines); header row, or headerless `label,text`.
   * `.jsonl` — one JSON object per line; `.json` — a JSON array of objects.
-A first row counts as a header when it holds the text or the label column name.
+A first row counts as a header when it holds the text or the label column name. A headerless file's first row
+is data; when its label would be a class of one among classes that all recur, the row is refused as a header
+with other column names (add a `label<TAB>text` / `label,text` header above it if it really is data).
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ def _rows_to_examples(path: Path, rows, text_column: str, label_column: str, fmt
     columns = None
     for i, (line, fields) in enumerate(rows):
         if i == 0:
+            header = fields
             columns = _columns_from_header(path, fields, text_column, label_column)
             if columns is not None:
                 continue
@@ -118,7 +121,25 @@ def _rows_to_examples(path: Path, rows, text_column: str, label_column: str, fmt
             raise UserError(f"{path}:{line}: {len(fields)} field(s), expected at least {max(t, lab) + 1}; "
                             f"fix the row (a {fmt.upper()} row per record)")
         examples.append(Example(fields[t], fields[lab].strip(), f"{path}:{line}"))
+    if columns == (1, 0):
+        _refuse_unnamed_header(header, examples, text_column, label_column, fmt)
     return examples
+
+
+def _refuse_unnamed_header(first_row: list[str], examples: list[Example], text_column: str, label_column: str,
+                           fmt: str) -> None:
+    """UserError when the first row of a headerless file looks like a header with other column names: read as
+    `label, text` it would be the only class with a single example while every other class recurs, e.g.
+    `category,message` above rows of ham and spam (it would train a fake class "category")."""
+    counts = Counter(ex.label for ex in examples)
+    first = examples[0]
+    others = [n for label, n in counts.items() if label != first.label]
+    if counts[first.label] == 1 and others and min(others) >= 2:
+        sep = "<TAB>" if fmt == "tsv" else ","
+        shown = ", ".join(repr(field[:40]) for field in first_row)
+        raise UserError(f"{first.where}: the first row ({shown}) looks like a header naming neither "
+                        f"{text_column!r} nor {label_column!r}; pass --text-column and --label-column with its "
+                        f"column names, or, if it is data, add the header row label{sep}text above it")
 
 
 def _tsv_rows(text: str):

@@ -139,16 +139,18 @@ def scores_path(responses: str | Path) -> Path:
 
 
 def judge_file(responses: str | Path, client: ChatClient, response_key: str = "model_response",
-               out: str | Path | None = None, progress: bool = True) -> JudgeResult:
+               out: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> JudgeResult:
     """Score every record of `responses`; the records with `score` and `judge_reply` go to `out` (default:
-    `<name>.scores.json` beside the input), rewritten atomically after each record so an interrupted run
-    keeps what it has."""
+    `<name>.scores.json` beside the input; a new file unless `overwrite`, never the input), rewritten atomically
+    after each record so an interrupted run keeps what it has."""
     from tqdm import tqdm
 
     from llmscratch.fileio import atomic_write_text
+    from llmscratch.runs import check_out_file
 
-    records = read_responses(responses, response_key)
     out = Path(out) if out else scores_path(responses)
+    check_out_file(out, overwrite, inputs=(responses,))
+    records = read_responses(responses, response_key)
     scored: list[dict] = []
 
     def summary() -> dict:

@@ -74,16 +74,21 @@ def evaluate_tasks(model, tokenizer, records: list[dict], style, max_new_tokens:
 
 def run_tasks(checkpoint: str | Path, data: str | Path, prompt_style: str | None = None, max_new_tokens: int = 32,
               batch_size: int = 64, limit: int | None = None, json_out: str | Path | None = None,
-              device: str = "auto", dtype: str = "fp32", progress: bool = True, log=print) -> TaskReport:
-    """Load a checkpoint and records, score them (see `evaluate_tasks`), print the table, write JSON if asked."""
+              device: str = "auto", dtype: str = "fp32", progress: bool = True, log=print,
+              overwrite: bool = False) -> TaskReport:
+    """Load a checkpoint and records, score them (see `evaluate_tasks`), print the table, write JSON if asked
+    (`json_out`: a new file, or replaced with `overwrite`)."""
     from llmscratch.checkpoint import load
     from llmscratch.data.instruct import load_records
     from llmscratch.fileio import atomic_write_text
+    from llmscratch.generate import check_new_tokens
     from llmscratch.model.packed import pack_for_cpu_inference
     from llmscratch.prompts import get_style, load_style
-    from llmscratch.runs import find_model_folder
+    from llmscratch.runs import check_out_file, find_model_folder
     from llmscratch.runtime import inference_dtype, resolve_device
 
+    if json_out:
+        check_out_file(json_out, overwrite, inputs=(checkpoint, data), flag="--json")
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     records = load_records(data, progress=progress)
@@ -102,6 +107,10 @@ def run_tasks(checkpoint: str | Path, data: str | Path, prompt_style: str | None
                 "pass --prompt-style to choose")
     dev = resolve_device(device)
     model, tok = load(folder, device=dev, dtype=inference_dtype(dtype, dev))
+    if model.config.n_classes is not None:
+        raise UserError(f"{checkpoint}: a classifier (labels, not text) cannot answer tasks; give an "
+                        "instruction-tuned language model")
+    check_new_tokens(max_new_tokens, model)
     pack_for_cpu_inference(model)  # CPU only; a no-op elsewhere
     report = evaluate_tasks(model, tok, records, style, max_new_tokens, batch_size, progress)
     log(f"{checkpoint} on {data} (prompt style {style.name}, greedy, exact match)")

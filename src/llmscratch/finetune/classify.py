@@ -277,7 +277,7 @@ def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, tex
     if lora is not None and random_init:
         raise UserError("--random-init with LoRA: adapters adapt the checkpoint's weights; drop one of them")
     stage = Stage("classify", checkpoint, out, train_cfg or classify_train_config(), resume=resume,
-                  overwrite=overwrite, lora=lora, log=log)
+                  overwrite=overwrite, lora=lora, log=log, data=data)
     texts = _read_texts(data, text_column, label_column, balance, data_seed, stage.cfg.batch_size, progress, log)
     base, tok = stage.load_base(lm_only=False)
     if random_init:

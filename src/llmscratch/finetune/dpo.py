@@ -218,7 +218,7 @@ def run_dpo(checkpoint: str | Path, data: str | Path, out: str | Path, *, prompt
     from llmscratch.prompts import get_style, load_style, save_style
 
     stage = Stage("dpo", checkpoint, out, train_cfg or dpo_train_config(), resume=resume, overwrite=overwrite,
-                  lora=lora, log=log)
+                  lora=lora, log=log, data=data)
     if beta <= 0:
         raise UserError(f"--beta must be positive, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:

@@ -52,7 +52,7 @@ def run_instruct(checkpoint: str | Path, data: str | Path, out: str | Path,
     from llmscratch.train.batches import ExampleBatches
 
     stage = Stage("instruct", checkpoint, out, train_cfg or instruct_train_config(), resume=resume,
-                  overwrite=overwrite, lora=lora, log=log)
+                  overwrite=overwrite, lora=lora, log=log, data=data)
     style = get_style(prompt_style)
     check_epochs(epochs)
     records = load_records(data, progress=progress)

@@ -73,14 +73,21 @@ class Stage:
     then gives the steps every stage shares."""
 
     def __init__(self, name: str, checkpoint: str | Path, out: str | Path, train_cfg: TrainConfig, *,
-                 resume: bool = False, overwrite: bool = False, lora=None, log: Callable[[str], None] = print):
+                 resume: bool = False, overwrite: bool = False, lora=None, log: Callable[[str], None] = print,
+                 data: str | Path | None = None):
         self.name, self.checkpoint, self.out = name, checkpoint, Path(out)
         self.cfg, self.resume, self.lora, self.log = train_cfg, resume, lora, log
         train_cfg.check()  # a bad setting is reported before any data or model is read
         if lora is not None:
             lora.check()
-        self.replace = runs.check_run_folder(self.out, resume, overwrite)
+        self.replace = runs.check_run_folder(self.out, resume, overwrite, inputs=(checkpoint, data))
+        if lora is not None and not resume and (self.out / runs.WEIGHTS).exists():
+            raise UserError(f"--out {self.out}: holds full model weights ({runs.WEIGHTS}) that a LoRA run would "
+                            "replace by an adapter and delete; choose another folder")
         self.base_folder = runs.find_model_folder(checkpoint)
+        if runs.run_of(self.base_folder).resolve() == self.out.resolve():
+            raise UserError(f"--out {self.out}: is the run the base checkpoint {checkpoint} belongs to; write the "
+                            "tuned model to another folder")
 
     # --- the model ----------------------------------------------------------------------------------------
     def load_base(self, lm_only: bool = True):
@@ -123,11 +130,11 @@ class Stage:
         in their run folder (a prompt style, label names), and train; a failed start removes what it made."""
         from llmscratch.train.trainer import train
 
-        created = runs.check_out_dir(self.out)
+        before = runs.check_out_dir(self.out)
         if self.replace:  # only now that the data and the model are known to be good
             runs.clear_run(self.out)
         hparams = {"stage": self.name, "base": str(self.checkpoint), **hparams, **self.lora_hparams()}
-        with runs.removed_on_failure(self.out, created):
+        with runs.removed_on_failure(self.out, before):
             if before is not None:
                 before(self.out)
             return train(model, batches, cfg, self.out, tokenizer=tokenizer, resume=self.resume, hparams=hparams,
@@ -163,6 +170,7 @@ def answer_test_split(result, model, tokenizer, style, test_records: list[dict],
 
     if result.stopped_early == "interrupt" or not test_records:
         return None
+    max_new_tokens = min(max_new_tokens, model.config.context_length)  # past it the window only slides along
     responses = out / TEST_RESPONSES
     write_responses(model, tokenizer, style, test_records, responses, max_new_tokens, progress=progress)
     log(f"wrote {len(test_records)} test-set responses to {responses}")

@@ -31,7 +31,7 @@ from llmscratch.runs import (
     LABELS,
     PROMPT_STYLE,
     WEIGHTS,
-    check_new_folder,
+    check_out_folder,
     find_model_folder,
     write_folder,
 )
@@ -191,11 +191,12 @@ def load_merged(folder: str | Path, device: str | torch.device = "cpu", dtype: t
     return model.eval(), tok
 
 
-def merge_adapter_folder(folder: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
+def merge_adapter_folder(folder: str | Path, out: str | Path, base: str | Path | None = None,
+                         overwrite: bool = False) -> Path:
     """`llmscratch lora merge`: base + adapter → a full checkpoint folder at `out` (new or empty), with the
     adapter folder's prompt style, labels and hyperparameters; written beside `out` and renamed when complete."""
     folder = Path(folder)
-    check_new_folder(out)
+    check_out_folder(out, overwrite, inputs=(folder, base))
     model, tok, cfg = load_adapter(folder, base)
     merge_lora(model)
     hp = {}
@@ -209,4 +210,4 @@ def merge_adapter_folder(folder: str | Path, out: str | Path, base: str | Path |
             if (folder / extra).is_file():
                 shutil.copy2(folder / extra, tmp / extra)
 
-    return write_folder(out, write)
+    return write_folder(out, write, overwrite, inputs=(folder, base, cfg["base"]["path"]))

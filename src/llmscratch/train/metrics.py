@@ -36,14 +36,22 @@ class MetricsLog:
                 self._tb = None
 
     def _rewrite(self, rows: list[dict]) -> None:
+        """Write the header and `rows` to a new file that replaces the old one in one rename (a kill meanwhile
+        leaves the old history whole), then append to it from there on."""
+        from llmscratch.fileio import atomic_write
+
         if self._file is not None:
             self._file.close()
-        self._file = open(self.path, "w", newline="")
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.fields)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(self.path, write)
+        self._file = open(self.path, "a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=self.fields)
-        self._writer.writeheader()
-        for r in rows:
-            self._writer.writerow(r)
-        self._file.flush()
 
     def log(self, kind: str, step: int, **values) -> None:
         row = {"kind": kind, "step": step}

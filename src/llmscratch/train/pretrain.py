@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -95,28 +96,46 @@ def run_pretrain(model: str | None = None, data: str = "pydocs", out: str | Path
     cfg.check()
     if model is not None:
         ModelConfig.from_preset(model)  # unknown preset → error before anything is written
-    replace = runs.check_run_folder(out, resume, overwrite)
-    if resume:
-        model, model_cfg, tok, data_dir = _resumed_run(out, model, data, context_length, dropout)
-    else:
-        model = model or "gpt-mini"
-        created = check_out_dir(out)
+    replace = runs.check_run_folder(out, resume, overwrite, inputs=(data, tokenizer))
+    before = None
+    if not resume:
+        before = check_out_dir(out)
         if replace:
             runs.clear_run(out)
-        with removed_on_failure(out, created):
+    # A resumed run keeps everything it has; a new one that fails before its first checkpoint leaves nothing.
+    with removed_on_failure(out, before) if not resume else contextlib.nullcontext():
+        if resume:
+            model, model_cfg, tok, data_dir = _resumed_run(out, model, data, context_length, dropout)
+        else:
+            model = model or "gpt-mini"
             model_cfg, tok, data_dir = _new_run(out, model, data, tokenizer, context_length, dropout, cfg, progress)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    net = GPT(model_cfg)
-    if cfg.batch_size == 0:  # auto: the largest micro-batch that fits
-        cfg = dataclasses.replace(cfg, batch_size=find_micro_batch(net, model_cfg.context_length, cfg, device))
-        print(f"micro-batch size: {cfg.batch_size} sequences of {model_cfg.context_length} tokens")
+        check_token_ids(data_dir, model_cfg.vocab_size)
+        device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        net = GPT(model_cfg)  # a fresh initialisation, untouched by the trial steps
-    batches = LMBatches(data_dir, cfg.batch_size, model_cfg.context_length, cfg.seed, device)
-    hparams = {"model": model, "data": str(data), "data_dir": str(data_dir)}
-    return train(net, batches, cfg, out, tokenizer=tok, resume=resume, hparams=hparams,
-                 sample_fn=sample_fn(tok, sample_prompt, seed=cfg.seed))
+        net = GPT(model_cfg)
+        if cfg.batch_size == 0:  # auto: the largest micro-batch that fits
+            cfg = dataclasses.replace(cfg, batch_size=find_micro_batch(net, model_cfg.context_length, cfg, device))
+            print(f"micro-batch size: {cfg.batch_size} sequences of {model_cfg.context_length} tokens")
+            torch.manual_seed(cfg.seed)
+            net = GPT(model_cfg)  # a fresh initialisation, untouched by the trial steps
+        batches = LMBatches(data_dir, cfg.batch_size, model_cfg.context_length, cfg.seed, device)
+        hparams = {"model": model, "data": str(data), "data_dir": str(data_dir)}
+        return train(net, batches, cfg, out, tokenizer=tok, resume=resume, hparams=hparams,
+                     sample_fn=sample_fn(tok, sample_prompt, seed=cfg.seed))
+
+
+def check_token_ids(data_dir: str | Path, vocab_size: int) -> None:
+    """Refuse prepared token files holding ids the model has no embedding for (prepared with a larger
+    tokenizer than the model's): the embedding lookup would fail mid-run with an index error."""
+    from llmscratch.data.lm import TokenMemmap, read_meta
+
+    meta = read_meta(data_dir)
+    largest = max((int(m.tokens.max()) for m in (TokenMemmap(data_dir, s) for s in runs.TOKEN_SPLITS)
+                   if m.num_tokens), default=-1)
+    if meta.vocab_size > vocab_size or largest >= vocab_size:
+        raise UserError(f"{Path(data_dir) / runs.TOKENS_META}: token ids up to {max(largest, meta.vocab_size - 1)} "
+                        f"(a {meta.vocab_size}-token tokenizer) but the model has {vocab_size} embeddings; prepare "
+                        "the data with the model's tokenizer or use a model with a larger vocabulary")
 
 
 def _new_run(out: Path, model: str, data: str, tokenizer: str | None, context_length: int | None,

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from llmscratch.errors import UserError
-from llmscratch.runs import HF_CONFIG, TOKENIZER, check_new_folder, write_folder
+from llmscratch.runs import HF_CONFIG, TOKENIZER, check_out_folder, write_folder
 
 
 def _tokenizer(folder: Path, override: str | None, source: str):
@@ -28,9 +28,9 @@ def _tokenizer(folder: Path, override: str | None, source: str):
     raise UserError(f"{folder}: no {source}; pass --tokenizer gpt2 or a tokenizer folder")
 
 
-def _save_converted(out: Path, loaded, tokenizer, source: Path, name: str | None):
+def _save_converted(out: Path, loaded, tokenizer, source: Path, name: str | None, overwrite: bool = False):
     """Write a converted model — `loaded`, a loader's (model, its config) — with `tokenizer` into the new folder
-    `out`; returns the model."""
+    `out` (or over its files of the same names, with `overwrite`); returns the model."""
     from llmscratch.checkpoint import save_model
 
     model = loaded[0]
@@ -39,7 +39,8 @@ def _save_converted(out: Path, loaded, tokenizer, source: Path, name: str | None
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}; "
                         "pass the matching --tokenizer")
-    write_folder(out, lambda tmp: save_model(tmp, model, tokenizer, hyperparameters={"converted_from": str(source)}))
+    write_folder(out, lambda tmp: save_model(tmp, model, tokenizer, hyperparameters={"converted_from": str(source)}),
+                 overwrite, inputs=(source,))
     return model
 
 
@@ -59,14 +60,14 @@ def _hf_model_type(hf_dir: Path) -> str | None:
 
 
 def from_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None, dtype: str = "fp32",
-            name: str | None = None):
+            name: str | None = None, overwrite: bool = False):
     """A Hugging Face GPT-2, Llama or Qwen3 folder → our checkpoint folder `out` (the model config named `name`
     if given); returns the model."""
     from llmscratch.tokenizer import HFTokenizer, load_tokenizer
     from llmscratch.weights.hf_gpt2 import load_hf_gpt2
     from llmscratch.weights.hf_llama import FAMILIES, load_hf_llama
 
-    hf_dir, out = Path(hf_dir), check_new_folder(out)
+    hf_dir, out = Path(hf_dir), check_out_folder(out, overwrite, inputs=(hf_dir, tokenizer))
     if _hf_model_type(hf_dir) in FAMILIES:
         if tokenizer:
             tok = load_tokenizer(tokenizer)
@@ -78,22 +79,22 @@ def from_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None, d
             tok = llama3_tokenizer(hf_dir)  # Meta's tiktoken-format file (no chat template in it)
         else:
             raise UserError(f"{hf_dir}: no {TOKENIZER} or tokenizer.model; pass --tokenizer (a tokenizer folder)")
-        return _save_converted(out, load_hf_llama(hf_dir, dtype=_dtype(dtype)), tok, hf_dir, name)
+        return _save_converted(out, load_hf_llama(hf_dir, dtype=_dtype(dtype)), tok, hf_dir, name, overwrite)
     tok = _tokenizer(hf_dir, tokenizer, "vocab.json + merges.txt")
-    return _save_converted(out, load_hf_gpt2(hf_dir, dtype=_dtype(dtype)), tok, hf_dir, name)
+    return _save_converted(out, load_hf_gpt2(hf_dir, dtype=_dtype(dtype)), tok, hf_dir, name, overwrite)
 
 
 def from_openai(tf_dir: str | Path, out: str | Path, tokenizer: str | None = None, dtype: str = "fp32",
-                name: str | None = None):
+                name: str | None = None, overwrite: bool = False):
     """A folder of OpenAI's GPT-2 release (TensorFlow checkpoint) → our checkpoint folder `out`."""
     from llmscratch.weights.openai_tf import load_openai_gpt2
 
-    tf_dir, out = Path(tf_dir), check_new_folder(out)
+    tf_dir, out = Path(tf_dir), check_out_folder(out, overwrite, inputs=(tf_dir, tokenizer))
     tok = _tokenizer(tf_dir, tokenizer, "encoder.json + vocab.bpe")
-    return _save_converted(out, load_openai_gpt2(tf_dir, dtype=_dtype(dtype)), tok, tf_dir, name)
+    return _save_converted(out, load_openai_gpt2(tf_dir, dtype=_dtype(dtype)), tok, tf_dir, name, overwrite)
 
 
-def to_hf(checkpoint: str | Path, out: str | Path) -> str:
+def to_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> str:
     """Our checkpoint folder → a Hugging Face folder of GPT2LMHeadModel, or of LlamaForCausalLM / Qwen3ForCausalLM
     for those configurations (weights, config, and the tokenizer when the export can carry it). Returns a note for
     the user: what was written, and the transformers class that loads it."""
@@ -107,7 +108,7 @@ def to_hf(checkpoint: str | Path, out: str | Path) -> str:
     from llmscratch.weights.hf_llama import export_hf_llama
     from llmscratch.weights.hf_tokenizer import gpt2_vocab_and_merges
 
-    out = check_new_folder(out)
+    out = check_out_folder(out, overwrite, inputs=(checkpoint,))
     folder = find_model_folder(checkpoint)
     model = load_model(folder)
     if model.config.position == "rope":  # a Llama/Qwen3 configuration
@@ -119,7 +120,7 @@ def to_hf(checkpoint: str | Path, out: str | Path) -> str:
             if hf_tok:
                 tok.save(tmp)
 
-        write_folder(out, write)
+        write_folder(out, write, overwrite, inputs=(checkpoint,))
         note = ("weights and the model's own tokenizer files" if hf_tok else
                 "weights only (a Llama/Qwen export carries a Hugging Face tokenizer.json only)")
     else:
@@ -131,6 +132,6 @@ def to_hf(checkpoint: str | Path, out: str | Path) -> str:
                 note = "weights and tokenizer (vocab.json + merges.txt)"
             except UserError as exc:
                 tok, note = None, f"weights only — {exc}"
-        write_folder(out, lambda tmp: export_hf_gpt2(model, tmp, tokenizer=tok))
+        write_folder(out, lambda tmp: export_hf_gpt2(model, tmp, tokenizer=tok), overwrite, inputs=(checkpoint,))
     architecture = json.loads((out / HF_CONFIG).read_text())["architectures"][0]  # the class the export names
     return f"{note}; transformers.{architecture}.from_pretrained (or AutoModelForCausalLM) loads it"

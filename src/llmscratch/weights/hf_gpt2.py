@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from llmscratch.checkpoint import check_finite
 from llmscratch.config import ModelConfig
-from llmscratch.errors import UserError, read_json
+from llmscratch.errors import UserError, one_line, read_json
 from llmscratch.fileio import atomic_write, atomic_write_text
 from llmscratch.runs import HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_INDEX
 from llmscratch.weights.gpt2_layout import fill_gpt, name_map, to_conv1d
@@ -37,27 +38,65 @@ def config_from_hf(hf: dict, source: str) -> ModelConfig:
         raise UserError(f"{source}: missing field {exc.args[0]!r} of a GPT-2 config") from None
 
 
+def shard_names(index: Path) -> list[str]:
+    """The shard file names a `model.safetensors.index.json` lists, each checked to stay in the index's folder."""
+    from llmscratch.fileio import safe_child
+
+    data = read_json(index, "; delete it and download or copy the model folder again")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{index}: not a safetensors index (no \"weight_map\" object of tensor -> shard file); "
+                        "delete it and download or copy the model folder again")
+    for name in weight_map.values():
+        safe_child(index.parent, name, index)
+    return sorted(set(weight_map.values()))
+
+
 def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a HF folder: model.safetensors, a sharded index, or pytorch_model.bin (never unpickled)."""
+    """All tensors of a HF folder: model.safetensors, a sharded index, or pytorch_model.bin (never unpickled
+    beyond plain tensors); UserError for a file that cannot be read or holds NaN/Inf."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     single, index = folder / HF_WEIGHTS, folder / HF_WEIGHTS_INDEX
     pt = folder / "pytorch_model.bin"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        files = [folder / name for name in shard_names(index)]
+    elif pt.is_file():
+        files = [pt]
+    else:
+        raise UserError(f"{folder}: no {HF_WEIGHTS}, {HF_WEIGHTS_INDEX} or pytorch_model.bin")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            part = _read_pickled_bin(file) if file == pt else load_file(str(file))  # safetensors: memory-mapped
+        except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(f"{file}: cannot read the weights ({one_line(exc)}); re-download the model folder") \
+                from None
+        check_finite(part, file)
+        tensors.update(part)
+    return tensors
+
+
+def _read_pickled_bin(pt: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `pytorch_model.bin`, loaded with `weights_only=True`: a pickle that needs any other
+    Python object is refused, never executed."""
+    import pickle
+
     try:
-        if single.is_file():
-            return load_file(str(single))  # memory-mapped
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            tensors: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                tensors.update(load_file(str(folder / shard)))
-            return tensors
-        if pt.is_file():
-            return torch.load(pt, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"{folder}: cannot read the weights ({exc}); re-download the model folder") from None
-    raise UserError(f"{folder}: no {HF_WEIGHTS}, {HF_WEIGHTS_INDEX} or pytorch_model.bin")
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{pt}: refused by torch.load(weights_only=True): it pickles Python objects besides "
+                        "tensors, or is damaged, and llmscratch never runs a pickle's code; get the model's "
+                        "model.safetensors instead (or re-save it with transformers' save_pretrained, "
+                        "safe_serialization=True, where you trust the file)") from None
+    except EOFError:
+        raise UserError(f"{pt}: empty or truncated; re-download the model folder") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{pt}: not a state dict of tensors; get the model's model.safetensors instead")
+    return state
 
 
 def write_hf_folder(out: Path, tensors: dict[str, torch.Tensor], hf_config: dict) -> None:

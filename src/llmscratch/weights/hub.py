@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmscratch.errors import UserError
-from llmscratch.runs import HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_INDEX, TOKENIZER, check_new_folder
+from llmscratch.runs import HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_INDEX, TOKENIZER, check_out_folder
 
 
 @dataclass(frozen=True)
@@ -75,15 +75,6 @@ def cache_folder(name: str, source: str = "hf") -> Path:
     return cache_dir() / "hf" / m.hf_repo if source == "hf" else cache_dir() / "openai" / "gpt-2" / m.openai_size
 
 
-def _shards(index: Path) -> list[str]:
-    import json
-
-    try:
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, AttributeError) as exc:
-        raise UserError(f"{index}: not a safetensors index ({exc}); delete it and download again") from None
-
-
 def _files(m: Pretrained, folder: Path, source: str) -> list[str]:
     """The files of `m` to fetch, in order (the shards once the index is in the cache)."""
     if source == "openai":
@@ -92,8 +83,11 @@ def _files(m: Pretrained, folder: Path, source: str) -> list[str]:
         return list(HF_FILES)
     if not m.sharded:
         return [*HF_CHAT_FILES, HF_WEIGHTS]
+    from llmscratch.weights.hf_gpt2 import shard_names  # torch, which the conversion after the download needs
+
     index = folder / HF_WEIGHTS_INDEX
-    return [*HF_CHAT_FILES, HF_WEIGHTS_INDEX, *(_shards(index) if index.is_file() else [])]
+    # shard_names keeps every name inside the folder: each one is downloaded to `folder / name`
+    return [*HF_CHAT_FILES, HF_WEIGHTS_INDEX, *(shard_names(index) if index.is_file() else [])]
 
 
 def fetch(name: str, source: str = "hf", endpoint: str | None = None, progress: bool = True) -> Path:
@@ -102,6 +96,8 @@ def fetch(name: str, source: str = "hf", endpoint: str | None = None, progress: 
     `endpoint` replaces the server (a mirror); for the hub it defaults to $HF_ENDPOINT, then huggingface.co.
     $HF_TOKEN, when set, is sent to the hub as a bearer token. With HF_HUB_OFFLINE=1 only the cache is used.
     """
+    import urllib.parse
+
     from llmscratch.download import download
 
     m = model_info(name)
@@ -118,7 +114,7 @@ def fetch(name: str, source: str = "hf", endpoint: str | None = None, progress: 
                         f"downloading; {LOCAL_HINT}")
     if source == "hf":
         base = (endpoint or os.environ.get("HF_ENDPOINT") or HF_ENDPOINT).rstrip("/")
-        urls = {f: f"{base}/{m.hf_repo}/resolve/main/{f}" for f in missing}
+        urls = {f: f"{base}/{m.hf_repo}/resolve/main/{urllib.parse.quote(f)}" for f in missing}
         token = os.environ.get("HF_TOKEN") or None
     else:
         base = (endpoint or OPENAI_ENDPOINT).rstrip("/")
@@ -137,12 +133,13 @@ def fetch(name: str, source: str = "hf", endpoint: str | None = None, progress: 
 
 
 def download_pretrained(name: str, out: str | Path, source: str = "hf", endpoint: str | None = None,
-                        dtype: str = "fp32", progress: bool = True):
-    """Fetch `name` (see `fetch`) and convert it into our checkpoint folder `out`; returns the model."""
+                        dtype: str = "fp32", progress: bool = True, overwrite: bool = False):
+    """Fetch `name` (see `fetch`) and convert it into our checkpoint folder `out` (new or empty; with `overwrite`
+    its files of the same names are replaced); returns the model."""
     from llmscratch.weights.convert import from_hf, from_openai
 
     model_info(name)
-    check_new_folder(out)  # before a multi-GB download, not after
+    check_out_folder(out, overwrite)  # before a multi-GB download, not after
     folder = fetch(name, source, endpoint, progress)
     convert = from_hf if source == "hf" else from_openai
-    return convert(folder, out, dtype=dtype, name=name)
+    return convert(folder, out, dtype=dtype, name=name, overwrite=overwrite)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from llmscratch.errors import UserError
-from llmscratch.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_WEIGHTS, check_new_folder, write_folder
+from llmscratch.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_WEIGHTS, check_out_folder, write_folder
 
 # Our module suffix → (PEFT module suffix under the HF model, its name in target_modules). GPT-2's layers are
 # Conv1D (weights stored (in, out)); PEFT keeps lora_A (r, in) and lora_B (out, r) for them as for nn.Linear and
@@ -82,7 +82,7 @@ def peft_config(adapter_cfg: dict, targets: list[str], fan_in_fan_out: bool, bas
     }
 
 
-def export_peft(folder: str | Path, out: str | Path, base_hf: str | None = None) -> Path:
+def export_peft(folder: str | Path, out: str | Path, base_hf: str | None = None, overwrite: bool = False) -> Path:
     """`llmscratch lora export-peft`: PEFT's adapter_config.json + adapter_model.safetensors in `out`, to load
     with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF), out)` where BASE_HF is the
     base checkpoint exported by `llmscratch convert to-hf`."""
@@ -93,7 +93,7 @@ def export_peft(folder: str | Path, out: str | Path, base_hf: str | None = None)
     from llmscratch.lora.adapter import read_adapter_config
 
     folder = Path(folder)
-    check_new_folder(out)
+    check_out_folder(out, overwrite, inputs=(folder,))
     cfg = read_adapter_config(folder)
     tensors, targets, fan_in_fan_out = peft_tensors(cfg, load_state_dict(folder / ADAPTER_WEIGHTS))
     config = peft_config(cfg, targets, fan_in_fan_out, base_hf)
@@ -102,4 +102,4 @@ def export_peft(folder: str | Path, out: str | Path, base_hf: str | None = None)
         atomic_write(tmp / PEFT_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         atomic_write_text(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
 
-    return write_folder(out, write)
+    return write_folder(out, write, overwrite, inputs=(folder,))
