@@ -383,3 +383,11 @@ def test_safe_child_follows_file_links_but_not_folder_links_out(tmp_path):
     assert safe_child(folder, "linked.bin", "idx").read_bytes() == b"x"
     with pytest.raises(UserError, match="idx: file name 'out/blob' leads outside .* through a symlinked folder"):
         safe_child(folder, "out/blob", "idx")
+
+
+def test_finite_values_whose_sum_overflows_pass_the_check():
+    from llmscratch.checkpoint import check_finite
+
+    check_finite({"huge": torch.full((4,), 3e38), "half": torch.full((3,), 60000.0, dtype=torch.float16)}, "x")
+    with pytest.raises(UserError, match="x: tensor mixed holds NaN/Inf"):
+        check_finite({"mixed": torch.tensor([float("inf"), float("-inf")])}, "x")

@@ -204,10 +204,18 @@ def test_quickstart_end_to_end_small(tmp_path, capsys):
     assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "data" / "train.bin").is_file()
     assert "sample before training" in stdout and "sample after training" in stdout
     assert "unigram cross-entropy" in stdout and "next, try:" in stdout
+    assert "model: gpt-micro" in stdout and "chosen with --model" in stdout  # the output says why
     # a second run into the same folder needs --overwrite, and nothing is lost without it
+    weights = (out / "model.safetensors").read_bytes()
     code, _, err = run(["quickstart", "--minutes", "0.05", "--out", out], capsys)
     assert_user_error(code, err, "--overwrite")
-    assert (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").read_bytes() == weights
+    # with it, the run's files are replaced and a file the quickstart did not write stays as it was
+    (out / "notes.txt").write_text("mine")
+    code, stdout, err = run(["quickstart", "--minutes", "0.05", "--vocab-size", 300, "--model", "gpt-micro",
+                             "--out", out, "--no-progress", "--overwrite"], capsys)
+    assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
 
 
 def test_wrong_type_names_the_option_and_value(capsys):

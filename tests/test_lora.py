@@ -461,7 +461,7 @@ def test_lora_export_peft_cli_writes_peft_files(adapted, tmp_path, capsys):
     (["finetune", "instruct", "{base}", "--data", "{tmp}/d.jsonl", "--out", "{tmp}/o", "--lora-rank", 2,
       "--lora-targets", "nonsense"], "'nonsense' matches no linear layer"),
     (["finetune", "instruct", "{base}", "--data", "{tmp}/d.jsonl", "--out", "{tmp}/o", "--lora-rank", 0],
-     "--lora-rank must be positive"),
+     "--lora-rank 0: out of range; allowed: > 0"),
 ])
 def test_bad_input_exits_2_with_one_line(cli_base, tmp_path, capsys, argv, needle):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 3))
@@ -481,6 +481,20 @@ def test_adapter_file_that_does_not_fit_its_config_is_a_user_error(adapted):
     with pytest.raises(UserError, match=r"does not fit adapter_config.json — 1 shape mismatch.*blocks.1.mlp.fc.lora_B"
                                         r".*1 missing tensor\(s\), first: blocks.0.attn.qkv.lora_A"):
         load_adapter(folder)
+
+
+def test_nan_in_an_adapter_is_refused_at_load_in_one_line(adapted, capsys):
+    from safetensors.torch import save_file
+
+    _, folder, _ = adapted
+    weights = folder / "adapter.safetensors"
+    tensors = load_file(str(weights))
+    tensors["blocks.1.mlp.fc.lora_B"][0, 0] = float("nan")
+    save_file(tensors, str(weights))
+    with pytest.raises(UserError, match=r"adapter.safetensors: tensor blocks.1.mlp.fc.lora_B holds NaN/Inf values"):
+        load_adapter(folder)
+    code, _, err = run(["generate", folder, "--prompt", "Hi", "--max-new-tokens", 2], capsys)
+    assert_user_error(code, err, f"{weights}: tensor blocks.1.mlp.fc.lora_B holds NaN/Inf values")
 
 
 def test_old_import_paths_keep_working():

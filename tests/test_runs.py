@@ -216,8 +216,11 @@ def test_resume_removes_temporaries_of_an_interrupted_save(tmp_path):
     stale = step.parent / ".step-0000004.abc123"
     stale.mkdir()
     (stale / runs.WEIGHTS).write_bytes(b"half")
+    half_final = tmp_path / ".model.safetensors.x1y2.tmp"  # fileio.atomic_write's temporary name
+    half_final.write_bytes(b"half")
+    (tmp_path / ".mine").write_text("a hidden file of the user's")
     runs.check_run_folder(tmp_path, resume=True)
-    assert not stale.exists() and step.is_dir()
+    assert not stale.exists() and not half_final.exists() and step.is_dir() and (tmp_path / ".mine").exists()
 
 
 def test_removed_on_failure_removes_only_what_the_run_added(tmp_path):

@@ -73,10 +73,12 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:
     """UserError naming `source` and the first floating tensor that holds a NaN or an infinity.
 
     A model with one NaN weight produces NaN logits everywhere; saying so at load beats a loss of nan or
-    garbage text later. Checked in slices of 16M elements, so the scratch mask stays small for any tensor.
+    garbage text later. A tensor's sum is finite exactly when all its values are, unless finite values overflow
+    it; only a non-finite sum (10x cheaper than a mask) is checked element by element, in slices of 16M so the
+    scratch mask stays small.
     """
     for name, t in tensors.items():
-        if not t.is_floating_point() or t.is_meta:
+        if not t.is_floating_point() or t.is_meta or bool(torch.isfinite(t.sum(dtype=torch.float32))):
             continue
         flat = t.reshape(-1)
         if not all(bool(torch.isfinite(part).all()) for part in flat.split(1 << 24)):
@@ -139,4 +141,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     from llmscratch.tokenizer import load_tokenizer
 
     folder = find_model_folder(path)
-    return load_model(folder, device, dtype), load_tokenizer(folder)
+    model, tok = load_model(folder, device, dtype), load_tokenizer(folder)
+    if tok.vocab_size > model.config.vocab_size:  # its ids past the embedding table would crash mid-run
+        raise UserError(f"{folder}: the tokenizer has {tok.vocab_size} ids but the model only "
+                        f"{model.config.vocab_size} embeddings; the folder mixes files of different models")
+    return model, tok

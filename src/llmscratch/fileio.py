@@ -3,8 +3,10 @@ a file name read from another file stays inside its folder."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -26,9 +28,29 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         write(Path(tmp))
         os.chmod(tmp, 0o644)  # after writing: some writers (safetensors) replace the file they are given
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        fault = None if isinstance(exc, (OSError, KeyboardInterrupt, SystemExit)) else _os_fault(exc, path)
         Path(tmp).unlink(missing_ok=True)
+        if fault is not None:
+            raise fault from exc
         raise
+
+
+def _os_fault(exc: BaseException, path: Path) -> OSError | None:
+    """The operating-system fault behind a writer's own exception, as an OSError for `path`, or None. Native
+    writers hide it: safetensors says "...I/O error: No space left on device (os error 28)", and torch.save on
+    a full disk only "unexpected pos 704 vs 598" — so a disk found full while the temporary file still holds
+    its bytes is taken as the reason."""
+    found = re.search(r"os error (\d+)", str(exc))
+    code = int(found.group(1)) if found else None
+    if code is None:
+        try:
+            stat = os.statvfs(path.parent)
+        except OSError:
+            return None
+        free = stat.f_bfree if os.geteuid() == 0 else stat.f_bavail  # root may fill the reserved blocks too
+        code = errno.ENOSPC if free * stat.f_frsize < 1 << 20 else None
+    return OSError(code, os.strerror(code), str(path)) if code is not None else None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -555,9 +555,15 @@ def _stop_prefix_start(text: str, stop: Sequence[str]) -> int:
     return start
 
 
-def check_new_tokens(max_new_tokens: int, model, flag: str = "--max-new-tokens") -> None:
-    """Refuse more new tokens than the model's context holds: past it generation slides its window along, one
-    full forward per token, for as long as asked."""
-    if max_new_tokens > model.config.context_length:
-        raise UserError(f"{flag} {max_new_tokens}: more than the model's context length "
-                        f"{model.config.context_length}; use at most {model.config.context_length}")
+def check_new_tokens(max_new_tokens: int | None, model, default: int = 100,
+                     flag: str = "--max-new-tokens") -> int:
+    """The number of tokens to generate: `max_new_tokens`, or when None `default` capped at the model's context
+    length. More than the context is refused: past it generation slides its window along, one full forward
+    per token, for as long as asked."""
+    context = model.config.context_length
+    if max_new_tokens is None:
+        return min(default, context)
+    if max_new_tokens > context:
+        raise UserError(f"{flag} {max_new_tokens}: more than the model's context length {context}; use at most "
+                        f"{context}")
+    return max_new_tokens

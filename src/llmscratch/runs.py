@@ -397,6 +397,8 @@ def check_run_folder(out: str | Path, resume: bool, overwrite: bool = False,
             raise UserError(f"--resume: no checkpoint with {TRAIN_STATE} under {out / CHECKPOINTS}; start "
                             "without --resume")
         remove_stale_temps(out / CHECKPOINTS, "step-*")
+        for name in (WEIGHTS, CONFIG, TOKENIZER, HPARAMS, METRICS_CSV, LOSS_PLOT):  # a kill mid final save
+            remove_stale_temps(out, name)
         return False
     if not out.is_dir() or not _listing(out):
         return False

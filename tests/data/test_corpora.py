@@ -445,21 +445,15 @@ def _self_linked_tree(root: Path) -> Path:
     return d
 
 
-@pytest.mark.timeout(60) if hasattr(pytest.mark, "timeout") else (lambda f: f)
-@pytest.mark.parametrize("pattern", ["d/**/*.txt", "d/**", "**/*.[tm][xd]*", "d/*/*.txt", "d/**/sub/*.md"])
-def test_globs_through_self_links_read_each_file_once(tmp_path, monkeypatch, pattern):
-    """A folder linked into itself: the standard `**` walks it ~40 levels deep (two such links: for ever)."""
+@pytest.mark.parametrize(("pattern", "texts"), [("d/**/*.txt", ["alpha"]), ("d/**", ["alpha", "beta"]),
+                                               ("**/*.md", ["beta"]), ("d/*/*.txt", ["alpha"]),
+                                               ("d/**/sub/*.md", ["beta"])])
+def test_globs_through_self_links_read_each_file_once(tmp_path, monkeypatch, pattern, texts):
+    """Folders linked into themselves: the standard `**` walks such a loop ~40 levels deep, and two of them
+    for ever; a file and a link to it are one document."""
     monkeypatch.chdir(tmp_path)
     _self_linked_tree(tmp_path)
-    files = resolve_source(pattern)
-    assert len({p.resolve() for p in files}) == len(files)
-    expected = {"d/a.txt": "alpha", "d/sub/b.md": "beta"}
-    wanted = {k: v for k, v in expected.items() if Path(k).match(pattern.replace("**/", "").replace("/**", "/*"))
-              or "**" in pattern}
-    texts = sorted(load_corpus(pattern))
-    assert texts == sorted(v for k, v in expected.items() if k in wanted or k.endswith(Path(pattern).suffix)) \
-        or set(texts) <= set(expected.values())
-    assert "alpha" in texts or pattern.endswith(".md")
+    assert load_corpus(pattern) == texts
 
 
 def test_folder_with_self_links_reads_each_file_once_and_follows_other_linked_folders(tmp_path):

@@ -226,8 +226,8 @@ def test_finetune_dpo_with_lora_resumes_and_generates(base, data, tmp_path, caps
 
 
 @pytest.mark.parametrize("args, content, needle", [
-    (["--beta", 0], None, "--beta must be positive"),
-    (["--label-smoothing", 0.5], None, "--label-smoothing must be in [0, 0.5)"),
+    (["--beta", 0], None, "--beta 0: out of range; allowed: > 0"),
+    (["--label-smoothing", 0.5], None, "--label-smoothing 0.5: out of range; allowed: >= 0 and < 0.5"),
     ([], '{"prompt": "x", "chosen": "a", "rejected": "b"}\n{"prompt": "y"\n', "prefs.jsonl:2"),
     ([], '{"prompt": "x", "chosen": "a"}\n', "missing key 'rejected'"),
     (["--train.batch_size", 64], None, "fewer than one batch"),

@@ -121,7 +121,7 @@ def test_messages_data_and_resume(base, tmp_path, capsys):
     (None, ["--max-length", 999], "--max-length 999 exceeds the model's context length 256"),
     (None, ["--prompt-style", "chatml"], "unknown prompt style 'chatml'"),
     (None, ["--resume"], "--resume: no checkpoint"),
-    (None, ["--epochs", "-1"], "--epochs must be positive"),
+    (None, ["--epochs", "-1"], "--epochs -1: out of range; allowed: >= 0"),
     (None, ["--train.batch_size", 64], "fewer than one batch of 64"),
 ])
 def test_bad_input_exits_2_with_one_line(base, tmp_path, capsys, content, args, needle):

@@ -286,12 +286,12 @@ def test_port_in_use_is_a_user_error(tiny_checkpoint, capsys):
 
 
 @pytest.mark.parametrize("option, value, needle", [
-    ("--max-prompt-tokens", 0, "--max-prompt-tokens must be positive"),
+    ("--max-prompt-tokens", 0, "--max-prompt-tokens 0: out of range; allowed: > 0"),
     ("--max-prompt-tokens", 512, "below the model's context length (512), got 512"),
-    ("--request-timeout", -1, "--request-timeout must be positive"),
-    ("--max-batch", 0, "--max-batch must be positive"),
-    ("--max-queue", -1, "--max-queue must be at least 0"),
-    ("--prefill-tokens", 0, "--prefill-tokens must be positive"),
+    ("--request-timeout", -1, "--request-timeout -1: out of range; allowed: > 0"),
+    ("--max-batch", 0, "--max-batch 0: out of range; allowed: > 0"),
+    ("--max-queue", -1, "--max-queue -1: out of range; allowed: >= 0"),
+    ("--prefill-tokens", 0, "--prefill-tokens 0: out of range; allowed: > 0"),
 ])
 def test_bad_limit_is_a_user_error(tiny_checkpoint, capsys, option, value, needle):
     code, _, err = run(["serve", tiny_checkpoint, "--port", 0, "--dtype", "fp32", option, value], capsys)

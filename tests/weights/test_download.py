@@ -228,7 +228,7 @@ def test_used_out_folder_is_refused_before_downloading(tmp_path, capsys, monkeyp
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "notes.txt").write_text("keep")
     code, _, err = _cli(["download", "gpt2-124m", "--out", tmp_path / "m"], capsys)
-    assert code == 2 and "not an empty folder" in err
+    assert code == 2 and "not empty" in err
 
 
 def test_openai_source_downloads_the_tensorflow_files(hf_folder, openai_writer, tmp_path, capsys):

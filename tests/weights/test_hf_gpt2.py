@@ -223,7 +223,7 @@ def test_to_hf_refuses_a_classifier_and_a_used_folder(tmp_path, capsys):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "keep.txt").write_text("mine")
     code, _, err = _cli(["convert", "to-hf", tmp_path / "lm", tmp_path / "used"], capsys)
-    assert code == 2 and "not an empty folder" in err
+    assert code == 2 and "not empty" in err
     assert [p.name for p in (tmp_path / "used").iterdir()] == ["keep.txt"]
 
 

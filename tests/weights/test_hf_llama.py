@@ -163,5 +163,5 @@ def test_chat_without_a_template_is_a_user_error(tmp_path, prepared, capsys):
 
     tok = load_tokenizer(prepared)
     save_model(tmp_path / "m", GPT(ModelConfig.from_preset("llama-micro", vocab_size=tok.vocab_size)), tok)
-    code, _, err = _cli(["generate", tmp_path / "m", "--chat", "--prompt", "hi"], capsys)
+    code, _, err = _cli(["generate", tmp_path / "m", "--chat", "--prompt", "hi", "--max-new-tokens", 8], capsys)
     assert code == 2 and "chat template" in err

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         _check_config_files(argv)
-        args = build_parser(argv).parse_args(argv)
+        args = _plain_numbers(build_parser(argv).parse_args(argv))
         entry, options = VERBS[args.verb], getattr(args, args.verb)
         if isinstance(entry, Group):
             entry, options = entry.verbs[options.action], getattr(options, options.action)
@@ -91,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"llmscratch: error: {os_error_line(exc)}\n")
         return 2
     return 0
+
+
+def _plain_numbers(args):
+    """The parsed options with ranged numbers (cli/base.py's types, subclasses of int and float) as plain ints
+    and floats, so that they print, compare and serialise (hyperparameters.yaml) like any other number."""
+    for key, value in list(args.items()):
+        if isinstance(value, (int, float)) and type(value) not in (int, float, bool):
+            args[key] = float(value) if isinstance(value, float) else int(value)
+    return args
 
 
 def _check_config_files(argv: list[str]) -> None:

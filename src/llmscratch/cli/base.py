@@ -81,10 +81,13 @@ def inference_options(p, pack: bool = True) -> None:
                    dtype_help="auto (bf16 on CUDA and bf16-capable CPUs, else fp32) | fp32 | bf16 | fp16")
 
 
-def overwrite_option(p, what: str = "--out") -> None:
-    """`--overwrite`: let a verb write into an existing, non-empty output (it replaces only its own files)."""
+def overwrite_option(p, what: str = "--out", run: bool = False) -> None:
+    """`--overwrite`: let a verb write into an existing, non-empty output (it replaces only its own files; `run`:
+    a training verb, which also removes an earlier run's checkpoints and history there)."""
+    mine = "the run's files (an earlier run's checkpoints/ and metrics.csv go)" if run else \
+        "the files this command writes"
     p.add_argument("--overwrite", action="store_true",
-                   help=f"write into an existing {what}: replaces the files this command writes, keeps the others")
+                   help=f"write into an existing, non-empty {what}: replaces {mine}; every other file stays")
 
 
 def progress_option(p, help: str = "no progress bar") -> None:

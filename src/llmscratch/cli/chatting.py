@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from llmscratch.cli.base import MODEL_FOLDER_HELP, PositiveInt, Verb, inference_options, sampling_options
+from llmscratch.cli.base import MODEL_FOLDER_HELP, Optional, PositiveInt, Verb, inference_options, sampling_options
 
 COMMANDS = "/reset, /system [TEXT], /help, /quit"
 
@@ -30,9 +30,10 @@ def _chat_parser(p) -> None:
 
     p.add_argument("checkpoint", help=MODEL_FOLDER_HELP)
     p.add_argument("--system", default=None, help="system message to start with (`/system TEXT` changes it)")
-    p.add_argument("--max-new-tokens", type=PositiveInt, default=256,
-                   help="longest answer in tokens; when the conversation and this much room no longer fit in the "
-                        "model's context (the room capped at half of it), the oldest turns are dropped")
+    p.add_argument("--max-new-tokens", type=Optional[PositiveInt], default=None,
+                   help="longest answer in tokens (default: 256, at most the context length); when the "
+                        "conversation and this much room no longer fit in the model's context (the room capped at "
+                        "half of it), the oldest turns are dropped")
     sampling_options(p, temperature=0.7, seed_help="seed for reproducible sampling (each answer)")
     p.add_argument("--thinking", action=ActionYesNo(no_prefix="no-"), default=None,
                    help="Qwen3 chat templates: think before answering, or not (--no-thinking); default: the "
@@ -84,7 +85,7 @@ def cmd_chat(a) -> None:
     from llmscratch.prompts import chat_format
 
     model, tok = load_for_inference(a.checkpoint, a.device, a.dtype)
-    check_new_tokens(a.max_new_tokens, model)
+    a.max_new_tokens = check_new_tokens(a.max_new_tokens, model, default=256)
     fmt = chat_format(tok, saved_style(a.checkpoint))
     context = model.config.context_length
     budget = context - min(a.max_new_tokens, context // 2)  # leave the answer room, but never all of it

@@ -16,6 +16,7 @@ from llmscratch.cli.base import (
     Verb,
     _train_config,
     exit_if_interrupted,
+    overwrite_option,
     progress_option,
     run_summary,
     train_options,
@@ -34,7 +35,7 @@ def _io_options(p, checkpoint: str, data: str, out: str) -> None:
 def _run_options(p, progress: str) -> None:
     """`--resume`, `--overwrite` and `--no-progress` (help `progress`) of a fine-tuning run."""
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace a training run already in --out")
+    overwrite_option(p, run=True)
     progress_option(p, progress)
 
 

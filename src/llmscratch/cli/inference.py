@@ -7,6 +7,7 @@ from pathlib import Path
 
 from llmscratch.cli.base import (
     MODEL_FOLDER_HELP,
+    Optional,
     PositiveInt,
     Verb,
     device_options,
@@ -28,8 +29,9 @@ def _generate_parser(p) -> None:
                    help="send --prompt as a user turn through the model's own chat template (Llama/Qwen tokenizer "
                         "folders) and stop at its end-of-turn tokens")
     p.add_argument("--system", default=None, help="with --chat: a system message before the user turn")
-    p.add_argument("--max-new-tokens", type=PositiveInt, default=100,
-                   help="tokens to generate, at most the model's context length")
+    p.add_argument("--max-new-tokens", type=Optional[PositiveInt], default=None,
+                   help="tokens to generate, at most the model's context length (default: 100, or the context "
+                        "length if shorter)")
     sampling_options(p, temperature=0.8)
     p.add_argument("--stop", type=str, action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
@@ -50,7 +52,7 @@ def cmd_generate(a) -> None:
     if a.compile and a.no_kv_cache:
         raise UserError("--compile compiles the KV-cached decoding step: drop --no-kv-cache, or --compile")
     model, tok = load_for_inference(a.checkpoint, a.device, a.dtype, pack=not a.no_pack)
-    check_new_tokens(a.max_new_tokens, model)
+    max_new_tokens = check_new_tokens(a.max_new_tokens, model, default=100)
     # An instruction-tuned checkpoint: wrap the request in its prompt style, stop at its end of turn, and
     # print only the answer.
     style = None if a.raw or a.chat else saved_style(a.checkpoint)
@@ -63,7 +65,7 @@ def cmd_generate(a) -> None:
     if a.compile:  # a wait of seconds before the first token: say why
         sys.stderr.write("llmscratch: compiling the decoding step (a few seconds; up to ~20 s the first time on a "
                          "machine)\n")
-    pieces = stream(model, tok, prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+    pieces = stream(model, tok, prompt, max_new_tokens=max_new_tokens, temperature=a.temperature,
                     top_k=a.top_k or None, top_p=a.top_p, seed=a.seed, stop=stop,
                     use_cache=not a.no_kv_cache, compile=a.compile)
     if style is not None or a.chat:

@@ -41,19 +41,30 @@ def add_group(subcommands, name: str, description: str, summary: str):
 
 _KEY = re.compile(r'Parser key "([^"]+)":')
 _RULE = re.compile(r"(?:(\S+) )?does not conform to restriction (.+?)(?: - |$| Given value)")
-_GIVEN = re.compile(r"Given value: (\S+)")
+_VALUE = re.compile(r"Given value: (\S+)|Got value: (\S+)|base 10: '([^']*)'|to float: '([^']*)'")
+_INTEGER = re.compile(r"int\(\)|<class 'int'>|Int\b|Seed|Port|VocabSize")
 
 
 def _out_of_range(text: str) -> str:
-    """jsonargparse's 'Parser key "top_p": Not of type TopP: 1.5 does not conform to restriction v>0 and v<=1'
-    (or its longer form for an optional value) as '--top-p 1.5: out of range; allowed: > 0 and <= 1' (the flag as
-    typed, dotted options kept)."""
-    key, rule = _KEY.search(text), _RULE.search(text)
-    if not key or not rule:
+    """jsonargparse's messages about one option's value — 'Parser key "top_p": Not of type TopP: 1.5 does not
+    conform to restriction v>0 and v<=1', or a value that is no number — as '--top-p 1.5: out of range;
+    allowed: > 0 and <= 1' or '--seed 1.5: expected a whole number' (the flag as typed, dotted options kept)."""
+    key = _KEY.search(text)
+    if not key:
         return text
-    given = _GIVEN.search(text)
-    value = rule.group(1) if rule.group(1) and not rule.group(1).endswith(":") else (given.group(1) if given else "")
     name = key.group(1)
     flag = "--" + name if "." in name else "--" + name.replace("_", "-")
-    allowed = re.sub(r"v\s*(>=|<=|>|<|==|!=)\s*", r"\1 ", rule.group(2))
-    return f"{flag} {value}: out of range; allowed: {allowed}".replace("  ", " ")
+    rule = _RULE.search(text)
+    given = _VALUE.search(text)
+    value = next((g for g in given.groups() if g is not None), "") if given else ""
+    if rule:
+        if rule.group(1) and not rule.group(1).endswith(":"):
+            value = rule.group(1)
+        allowed = re.sub(r"v\s*(>=|<=|>|<|==|!=)\s*", r"\1 ", rule.group(2))
+        return f"{flag} {value}: out of range; allowed: {allowed}"
+    if "invalid literal" in text or "could not convert" in text or "Expected a <class" in text:
+        kind = "a whole number" if _INTEGER.search(text) else "a number"
+        if "<class 'bool'>" in text or "bool" in text.split("Expected a")[-1][:30]:
+            kind = "true or false"
+        return f"{flag} {value}: expected {kind}"
+    return text

@@ -92,7 +92,7 @@ def _pretrain_parser(p) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --out (with the run's model: --model, "
                         "--context-length or --dropout that differ from it are refused)")
-    p.add_argument("--overwrite", action="store_true", help="replace a training run already in --out")
+    overwrite_option(p, run=True)
     p.add_argument("--context-length", type=Optional[PositiveInt], default=None,
                    help="override the preset's context length")
     p.add_argument("--dropout", type=Optional[Fraction], default=None, help="override the preset's dropout")
@@ -119,16 +119,20 @@ PRETRAIN = Verb("Pretrain a GPT with next-token prediction; checkpoints, metrics
 def _quickstart_parser(p) -> None:
     p.add_argument("--minutes", type=float, default=4.0, help="pretraining time budget")
     p.add_argument("--out", default="runs/quickstart", help="run folder")
-    p.add_argument("--model", default="gpt-tiny",
-                   help="preset to train (gpt-tiny learns the most per CPU-minute; gpt-mini is ~3x slower)")
+    p.add_argument("--model", default="auto",
+                   help="auto (default): time a few training steps of gpt-tiny and gpt-mini here and train the "
+                        "largest that makes at least 3 passes over the corpus in --minutes (else gpt-tiny); or "
+                        "a preset to train")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
     device_options(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --out be a folder that is not empty: replace the files the quickstart writes there "
+                        "and keep the others")
     progress_option(p, "no progress bars")
 
 
 def cmd_quickstart(a) -> None:
-    from llmscratch.train.pretrain import quickstart
+    from llmscratch.train.quickstart import quickstart
 
     quickstart(a.out, a.minutes, a.vocab_size, a.model, a.device, overwrite=a.overwrite,
                progress=not a.no_progress)

@@ -101,13 +101,13 @@ def _columns_from_header(path: Path, header: list[str], text_column: str, label_
 def _rows_to_examples(path: Path, rows, text_column: str, label_column: str, fmt: str) -> list[Example]:
     """`rows` yields (line number, fields); the first decides header or headerless `label, text`."""
     examples: list[Example] = []
-    columns = None
+    columns, first_row = None, None
     for i, (line, fields) in enumerate(rows):
         if i == 0:
-            header = fields
             columns = _columns_from_header(path, fields, text_column, label_column)
             if columns is not None:
                 continue
+            first_row = fields
             if len(fields) != 2:
                 raise UserError(f"{path}:{line}: no header row naming columns {text_column!r} and "
                                 f"{label_column!r}, and {len(fields)} field(s) instead of the headerless "
@@ -115,14 +115,14 @@ def _rows_to_examples(path: Path, rows, text_column: str, label_column: str, fmt
                                 "--text-column/--label-column")
             columns = (1, 0)
         t, lab = columns
-        if columns == (1, 0) and fmt == "tsv" and len(fields) > 2:  # headerless: the text may hold tabs
+        if columns == (1, 0) and fmt == "tsv" and len(fields) > 2:  # label, then text: the text may hold tabs
             fields = [fields[0], "\t".join(fields[1:])]
         if len(fields) <= max(t, lab):
             raise UserError(f"{path}:{line}: {len(fields)} field(s), expected at least {max(t, lab) + 1}; "
                             f"fix the row (a {fmt.upper()} row per record)")
         examples.append(Example(fields[t], fields[lab].strip(), f"{path}:{line}"))
-    if columns == (1, 0):
-        _refuse_unnamed_header(header, examples, text_column, label_column, fmt)
+    if first_row is not None:
+        _refuse_unnamed_header(first_row, examples, text_column, label_column, fmt)
     return examples
 
 

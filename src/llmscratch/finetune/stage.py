@@ -130,11 +130,11 @@ class Stage:
         in their run folder (a prompt style, label names), and train; a failed start removes what it made."""
         from llmscratch.train.trainer import train
 
-        before = runs.check_out_dir(self.out)
+        held = runs.check_out_dir(self.out)
         if self.replace:  # only now that the data and the model are known to be good
             runs.clear_run(self.out)
         hparams = {"stage": self.name, "base": str(self.checkpoint), **hparams, **self.lora_hparams()}
-        with runs.removed_on_failure(self.out, before):
+        with runs.removed_on_failure(self.out, held):
             if before is not None:
                 before(self.out)
             return train(model, batches, cfg, self.out, tokenizer=tokenizer, resume=self.resume, hparams=hparams,

@@ -1,22 +1,19 @@
-"""Pretraining: corpus → tokenizer → token files → GPT → the one trainer. Also the offline quickstart."""
+"""Pretraining: corpus → tokenizer → token files → GPT → the one trainer. (The offline quickstart that runs it
+on the embedded corpus is `llmscratch.train.quickstart`.)"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-import shutil
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from llmscratch import runs
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
 from llmscratch.runs import check_out_dir, latest_checkpoint, removed_on_failure
-from llmscratch.runtime import autocast_dtype, resolve_device
+from llmscratch.runtime import resolve_device
 from llmscratch.train.trainer import TrainConfig, TrainResult, find_micro_batch, train
 
 
@@ -182,133 +179,3 @@ def _resumed_run(out: Path, model: str | None, data: str, context_length: int | 
                         f"{'these options' if len(conflicts) > 1 else 'this option'} or start a new run")
     data_dir = Path(data) if is_prepared(data) else out / runs.DATA
     return run_model, model_cfg, load_tokenizer(ckpt), data_dir
-
-
-def unigram_cross_entropy(data_dir: str | Path) -> float:
-    """Cross-entropy (nats/token) on val of the train split's token frequencies: the loss of a model that
-    ignores context. A language model has learned something real only once its val loss is clearly below."""
-    from llmscratch.data.lm import TokenMemmap
-
-    train_t = TokenMemmap(data_dir, "train").tokens
-    val_t = TokenMemmap(data_dir, "val").tokens
-    vocab = int(max(train_t.max(), val_t.max())) + 1
-    counts = np.bincount(np.asarray(train_t), minlength=vocab).astype(np.float64) + 0.5  # add-half smoothing
-    logp = np.log(counts / counts.sum())
-    return float(-logp[np.asarray(val_t)].mean())
-
-
-def estimate_step_seconds(model, batches: LMBatches, cfg: TrainConfig, n: int = 3) -> float:
-    """Time a few forward/backward passes (after one warm-up) to size a time-bounded run's schedule."""
-    from llmscratch.train.trainer import lm_loss
-
-    device = resolve_device(cfg.device)
-    amp = autocast_dtype(cfg.precision, device)
-    model.to(device).train()
-    gen_state = batches.generator.get_state()
-    times = []
-    for i in range(n + 1):
-        t0 = time.perf_counter()
-        for _ in range(cfg.grad_accum):
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss, _ = lm_loss(model, batches.next("train"))
-            loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t0)
-    model.zero_grad(set_to_none=True)
-    batches.generator.set_state(gen_state)
-    return sorted(times)[len(times) // 2]
-
-
-MAX_EPOCHS = 6  # quickstart's cap on passes over the corpus
-
-
-def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_size: int = 4096,
-               model: str = "gpt-tiny", device: str = "auto", seed: int = 1337, overwrite: bool = False,
-               progress: bool = True) -> dict:
-    """Offline end to end: train a BPE tokenizer on the embedded `pydocs` corpus, pretrain a small GPT for
-    `minutes`, and report the validation loss next to the corpus's unigram cross-entropy."""
-    from llmscratch.generate import generate
-    from llmscratch.model import GPT
-
-    out = Path(out)
-    if minutes <= 0:
-        raise UserError(f"--minutes must be positive, got {minutes}")
-    if runs.holds_run(out):
-        if not overwrite:
-            raise UserError(f"--out {out}: already holds a training run; pass --overwrite to replace it or "
-                            "choose another folder")
-        shutil.rmtree(out)
-    t0 = time.perf_counter()
-    with removed_on_failure(out, check_out_dir(out)):
-        tok, data_dir, meta, unigram = _quickstart_data(out, vocab_size, seed, progress)
-
-    dev = resolve_device(device)
-    precision = "bf16" if autocast_dtype("auto", dev) else "fp32"
-    model_cfg = ModelConfig.from_preset(model, vocab_size=tok.vocab_size)
-    cfg = TrainConfig(batch_size=16, lr=2e-3 if dev.type == "cpu" else 1e-3, warmup_steps=20,
-                      weight_decay=0.1, eval_every=50, eval_batches=8, log_every=10, save_every=100,
-                      keep_last=1, seed=seed, device=device, precision=precision, max_minutes=minutes,
-                      progress=progress)
-    batches = LMBatches(data_dir, cfg.batch_size, model_cfg.context_length, seed, dev)
-    torch.manual_seed(seed)
-    net = GPT(model_cfg)
-    prompt = "The module"
-    before = generate(net, tok, prompt, max_new_tokens=30, temperature=0.8, top_k=40, seed=seed)
-    print(f"      sample before training: {prompt}{before!r}", flush=True)
-    # Size the cosine schedule to the time budget, leaving ~10% for evaluations and checkpoints, but to at most
-    # MAX_EPOCHS passes over the data: a GPU gets through this small corpus in seconds, and past ~10 epochs
-    # the model memorises the training text and validation loss climbs again (benchmarks/RESULTS.md).
-    by_time = int(minutes * 60 * 0.9 / estimate_step_seconds(net, batches, cfg))
-    by_epochs = int(MAX_EPOCHS * meta.train_tokens / (cfg.batch_size * model_cfg.context_length))
-    cfg = dataclasses.replace(cfg, max_steps=max(20, min(by_time, by_epochs)))
-    print(f"[4/4] pretraining {model} ({net.num_params() / 1e6:.1f}M parameters) on {dev.type} in {precision} for "
-          f"~{minutes:g} min (~{cfg.max_steps} steps of {cfg.batch_size}×{model_cfg.context_length} tokens)...",
-          flush=True)
-    result = train(net, batches, cfg, out, tokenizer=tok,
-                   hparams={"model": model, "data": "pydocs", "data_dir": str(data_dir)},
-                   sample_fn=sample_fn(tok, prompt, seed=seed))
-    after = generate(net, tok, prompt, max_new_tokens=40, temperature=0.8, top_k=40, seed=seed)
-    print(f"\nsample after training: {prompt}{after!r}")
-    total_min = (time.perf_counter() - t0) / 60
-    _quickstart_report(out, result, unigram, total_min)
-    return {"val_loss": result.val_loss, "unigram": unigram, "steps": result.step, "tokens": result.tokens,
-            "minutes": total_min}
-
-
-def _quickstart_data(out: Path, vocab_size: int, seed: int, progress: bool):
-    """Steps 1-3: the embedded corpus, a BPE tokenizer trained on it, and its token files; returns (tokenizer,
-    token folder, their meta, the unigram cross-entropy of the validation split)."""
-    from llmscratch.data import load_corpus
-    from llmscratch.tokenizer import BPETokenizer, load_tokenizer
-
-    print("[1/4] loading the embedded corpus (Python standard library docs)...", flush=True)
-    documents = load_corpus("pydocs", progress=progress)
-    size_mb = sum(len(d) for d in documents) / 1e6
-    print(f"      {len(documents):,} documents, {size_mb:.2f} MB of text", flush=True)
-    print(f"[2/4] training a {vocab_size}-token byte-level BPE tokenizer from scratch...", flush=True)
-    bpe = BPETokenizer.train(documents, vocab_size, progress=progress)
-    bpe.save(out / "tokenizer")
-    tok = load_tokenizer(out / "tokenizer")  # the tiktoken-backed fast path of the same vocabulary
-    print("[3/4] tokenizing into train/val token files...", flush=True)
-    data_dir = out / runs.DATA
-    meta = prepare("pydocs", tok, data_dir, val_fraction=0.1, seed=seed, progress=progress)
-    unigram = unigram_cross_entropy(data_dir)
-    print(f"      {meta.train_tokens:,} train / {meta.val_tokens:,} val tokens; unigram cross-entropy "
-          f"{unigram:.3f} nats (the loss of a model that ignores context)", flush=True)
-    return tok, data_dir, meta, unigram
-
-
-def _quickstart_report(out: Path, result: TrainResult, unigram: float, total_min: float) -> None:
-    val = result.val_loss
-    verdict = (f"{unigram - val:.2f} nats better: it learned to use context" if val < unigram
-               else f"not below it ({val - unigram:.2f} nats above): train longer, e.g. --minutes 8")
-    print(f"final validation loss {val:.3f} nats (perplexity {math.exp(val):.1f}) vs unigram cross-entropy "
-          f"{unigram:.3f}: {verdict}")
-    print(f"done in {total_min:.1f} min: {result.step} steps, {result.tokens:,} tokens. Files in {out}/: "
-          f"{', '.join(runs.written_files(out))}")
-    print("\nnext, try:")
-    print(f'  llmscratch generate {out} --prompt "The module" --max-new-tokens 60 --temperature 0.8 --top-k 40')
-    print(f"  llmscratch info {out}")
-    print(f"  llmscratch pretrain --model gpt-mini --data tinyshakespeare --tokenizer {out} --out runs/shakespeare")

@@ -32,6 +32,7 @@ import torch
 from llmscratch import runs
 from llmscratch.checkpoint import save_model
 from llmscratch.errors import UserError
+from llmscratch.fileio import atomic_write
 from llmscratch.model.transformer import flops_per_token
 from llmscratch.runs import TRAIN_STATE, latest_checkpoint  # noqa: F401 (re-exported: the stages import them here)
 from llmscratch.runtime import autocast_dtype, cpu_memory_kept_for_reuse, peak_flops, resolve_device, tf32_matmuls
@@ -174,8 +175,9 @@ def save_checkpoint(out_dir: Path, model, tokenizer, optimizer, step: int, token
     into place), with the training state that `--resume` restores, then prune all but the `keep_last` newest."""
     with runs.new_step_folder(out_dir, step) as tmp:
         save_model(tmp, model, tokenizer, hparams)
-        torch.save({"step": step, "tokens": tokens, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-                    "data": batches.state_dict()}, tmp / runs.TRAIN_STATE)
+        state = {"step": step, "tokens": tokens, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+                 "data": batches.state_dict()}
+        atomic_write(tmp / runs.TRAIN_STATE, lambda p: torch.save(state, p))  # (a full disk: one clear OSError)
     runs.prune_checkpoints(out_dir, keep_last)
     return runs.step_folder(out_dir, step)
 
@@ -257,13 +259,15 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
           resume: bool = False, hparams: dict | None = None,
           sample_fn: Callable[[torch.nn.Module], str] | None = None,
           on_step: Callable[[int, float | None], None] | None = None, perplexity: bool = True,
-          loss_label: str = "cross-entropy loss (nats)") -> TrainResult:
+          loss_label: str = "cross-entropy loss (nats)",
+          lr_schedule: Callable[[int], float] | None = None) -> TrainResult:
     """Train `model` on `batches` and write checkpoints, metrics and plots under `out_dir`.
 
     `on_step(step, loss)` is called after every step: with the window's mean training loss on logging steps,
     None otherwise. `sample_fn(model)` is printed every `cfg.sample_every` steps. `perplexity`: report
     exp(val loss) — meaningful for next-token losses only (classification and DPO turn it off); `loss_label`
-    names the loss on the loss plot's y-axis."""
+    names the loss on the loss plot's y-axis. `lr_schedule(step)`: the learning rate of each step, in place of
+    cfg's warmup and cosine over max_steps (`schedule.lr_at`), e.g. one stretched to a time budget."""
     cfg.check()
     device = resolve_device(cfg.device)
     # Process-wide settings last exactly as long as training. On a CPU the run keeps freed memory for its next
@@ -273,11 +277,12 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
     tf32 = tf32_matmuls() if device.type == "cuda" else contextlib.nullcontext()
     with heap, tf32:
         return _train(model, batches, cfg, Path(out_dir), device, loss_fn, tokenizer, resume, hparams, sample_fn,
-                      on_step, perplexity, loss_label)
+                      on_step, perplexity, loss_label, lr_schedule)
 
 
 def _train(model, batches: BatchSource, cfg: TrainConfig, out_dir: Path, device: torch.device, loss_fn, tokenizer,
-           resume: bool, hparams: dict | None, sample_fn, on_step, perplexity: bool, loss_label: str) -> TrainResult:
+           resume: bool, hparams: dict | None, sample_fn, on_step, perplexity: bool, loss_label: str,
+           lr_schedule: Callable[[int], float] | None) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg, device)
@@ -287,7 +292,8 @@ def _train(model, batches: BatchSource, cfg: TrainConfig, out_dir: Path, device:
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     set_model_options(model, cfg, device)
     run = _Run(cfg, out_dir, model, torch.compile(model) if use_compile else model, optimizer, batches, loss_fn,
-               device, tokenizer, hparams, metrics, sample_fn, on_step, perplexity, step, tokens, use_compile)
+               device, tokenizer, hparams, metrics, sample_fn, on_step, perplexity, step, tokens, use_compile,
+               lr_schedule)
     try:
         run.loop()
     finally:
@@ -354,6 +360,7 @@ class _Run:
     step: int
     tokens: int
     compiling: bool  # until the first step ends: torch.compile makes it take tens of seconds
+    lr_schedule: Callable[[int], float] | None = None  # step -> lr; None: lr_at over cfg.max_steps
 
     def __post_init__(self):
         from tqdm import tqdm
@@ -402,7 +409,8 @@ class _Run:
         """One optimizer update: set the scheduled lr, forward and backward over grad_accum micro-batches,
         clip the gradients, step. The losses stay on the device."""
         cfg = self.cfg
-        self.lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        self.lr = (self.lr_schedule(self.step) if self.lr_schedule is not None
+                   else lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         for _ in range(cfg.grad_accum):
