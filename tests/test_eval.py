@@ -144,11 +144,16 @@ def test_cli_judge_end_to_end_and_server_down(tmp_path, capsys):
     srv = FakeJudge([completion("1")])
     dead = srv.url
     srv.server.server_close()
+    scores = path.with_name("test_responses.scores.json")
+    first = scores.read_bytes()
+    code = main(["eval", "judge", str(path), "--url", dead, "--model", "m", "--no-progress"])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err  # the earlier scores are not replaced unasked
     code = main(["eval", "judge", str(path), "--url", dead, "--model", "m", "--retries", "1", "--timeout", "2",
-                 "--no-progress"])
+                 "--no-progress", "--overwrite"])
     out, err = capsys.readouterr()
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "failed after 2 tries" in err and "ollama serve" in err
+    assert scores.read_bytes() == first  # nothing scored, nothing rewritten
     code = main(["eval", "judge", str(tmp_path / "missing.json"), "--model", "m"])
     assert code == 2 and "responses file not found" in capsys.readouterr().err
 

@@ -109,6 +109,7 @@ def _killed_and_resumed(data: Path, out: Path, during_save: bool, delay: float) 
     return left
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_model_bit_for_bit(prepared, tmp_path):
     window = _reference(prepared, tmp_path / "reference")
     want = (tmp_path / "reference" / "model.safetensors").read_bytes()
@@ -125,6 +126,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_model_bit
     assert any(temps for temps in left), "no kill landed during a checkpoint save"
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(prepared, tmp_path, capsys):
     from llmscratch.runs import latest_checkpoint, step_of
 

@@ -127,7 +127,7 @@ STYLES: dict[str, PromptStyle] = {s.name: s for s in (AlpacaStyle(), Phi3Style()
 
 def get_style(name: str) -> PromptStyle:
     if name not in STYLES:
-        raise UserError(f"unknown prompt style {name!r}; choose one of: {', '.join(STYLES)}")
+        raise UserError(f"--prompt-style {name}: unknown prompt style {name!r}; choose one of: {', '.join(STYLES)}")
     return STYLES[name]
 
 

@@ -379,12 +379,13 @@ def removed_on_failure(out: str | Path, before: frozenset[str] | None) -> Iterat
 
 
 def check_run_folder(out: str | Path, resume: bool, overwrite: bool = False,
-                     inputs: Iterable[str | Path | None] = ()) -> bool:
+                     inputs: Iterable[str | Path | None] = (), resumable: bool = True) -> bool:
     """The guard every training stage runs before reading data. `out` is never one of `inputs`. With `resume`,
     `out` must hold a resumable checkpoint (stale temporaries of an interrupted save are removed). Without it,
     `out` must be absent or empty unless `overwrite`: then the old run's checkpoints and history are removed
     once the new run is known to start (`clear_run`), and the files the run writes replace theirs; other files
-    stay. Returns whether `out` holds files the run replaces."""
+    stay. Returns whether `out` holds files the run replaces. (`resumable`: whether the verb has --resume, for
+    the message.)"""
     out = Path(out)
     check_not_input(out, inputs)
     _check_writable_path(out, "--out")
@@ -403,8 +404,9 @@ def check_run_folder(out: str | Path, resume: bool, overwrite: bool = False,
     if not out.is_dir() or not _listing(out):
         return False
     if not overwrite:
-        what = "a training run; pass --resume to continue it," if holds_run(out) else \
-            f"files ({', '.join(_listing(out)[:4])}); pass"
+        what = f"files ({', '.join(_listing(out)[:4])}); pass"
+        if holds_run(out):
+            what = "a training run; pass --resume to continue it," if resumable else "a training run; pass"
         raise UserError(f"--out {out}: already holds {what} --overwrite to replace what this run writes (other "
                         "files are kept), or choose a new folder")
     return True

@@ -62,7 +62,7 @@ def plot_attention(tokens: list[str], weights: torch.Tensor, layers: list[int] |
     for name, chosen, n in (("layer", layers, weights.size(0)), ("head", heads, weights.size(1))):
         bad = [i for i in chosen if not 0 <= i < n]
         if bad or not chosen:
-            raise UserError(f"{name}s {bad or chosen}: the model has {name}s 0..{n - 1}")
+            raise UserError(f"--{name}s {','.join(map(str, bad or chosen))}: the model has {name}s 0..{n - 1}")
     T = len(tokens)
     cell = max(1.6, min(4.0, 0.28 * T))
     fig, axes = subplots(len(layers), len(heads), figsize=(cell * len(heads) + 0.5, cell * len(layers) + 0.5),

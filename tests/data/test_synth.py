@@ -107,7 +107,7 @@ def test_seeded_and_default_families(data):
 def test_family_subset_and_bad_arguments():
     train, test = synth_instructions(n_train=5, n_test=3, families=["spelling"], seed=0)
     assert {r["family"] for r in train + test} == {"spelling"}
-    with pytest.raises(UserError, match="unknown task family poetry"):
+    with pytest.raises(UserError, match="--families poetry: unknown task family"):
         synth_instructions(families=["poetry"])
     with pytest.raises(UserError, match="must be positive"):
         synth_instructions(n_train=0)

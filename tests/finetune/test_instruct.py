@@ -154,4 +154,4 @@ def test_synth_instruct_cli(tmp_path, capsys):
     test = [json.loads(line) for line in (tmp_path / "synth" / "test.jsonl").read_text().splitlines()]
     assert len(train) == 20 and len(test) == 8 and {r["family"] for r in test} == {"spelling", "sorting"}
     code, _, err = run(["data", "synth-instruct", "--out", tmp_path / "s2", "--families", "poetry"], capsys)
-    assert code == 2 and "unknown task family poetry" in err
+    assert code == 2 and "--families poetry: unknown task family" in err

@@ -23,7 +23,7 @@ from llmscratch.errors import UserError
 def _data_synth_instruct_parser(p) -> None:
     p.add_argument("--out", required=True, help="folder for train.jsonl and test.jsonl (or .json with --format json)")
     p.add_argument("--n-train", type=PositiveInt, default=2000, help="training records per family")
-    p.add_argument("--n-test", type=NonNegativeInt, default=100, help="test records per family (all distinct)")
+    p.add_argument("--n-test", type=PositiveInt, default=100, help="test records per family (all distinct)")
     p.add_argument("--families", default=None,
                    help="comma-separated families; default: arithmetic, unit_conversion, comparison, counting, "
                         "first_letter. Copying families for larger models: long_arithmetic, word_reversal, "

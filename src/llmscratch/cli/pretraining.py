@@ -123,7 +123,7 @@ def _quickstart_parser(p) -> None:
                    help="auto (default): time a few training steps of gpt-tiny and gpt-mini here and train the "
                         "largest that makes at least 3 passes over the corpus in --minutes (else gpt-tiny); or "
                         "a preset to train")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    p.add_argument("--vocab-size", type=VocabSize, default=4096, help="BPE vocabulary size")
     device_options(p)
     p.add_argument("--overwrite", action="store_true",
                    help="let --out be a folder that is not empty: replace the files the quickstart writes there "

@@ -59,6 +59,7 @@ def _serve_parser(p) -> None:
 def cmd_serve(a) -> None:
     api_key = _api_key(a.api_key_env)
     uvicorn = _serve_extra()
+    _check_before_listening(a)
     sock = _listen(a.host, a.port)  # before loading the model: a port in use fails at once
     try:
         import ipaddress
@@ -88,6 +89,24 @@ def cmd_serve(a) -> None:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+
+
+def _check_before_listening(a) -> None:
+    """What can be checked without loading the model, checked before the port is taken: the device and dtype
+    names, and the limits against the context length in the checkpoint's config.json (an adapter folder's is
+    checked once its base is loaded)."""
+    from llmscratch import runs
+    from llmscratch.config import ModelConfig
+    from llmscratch.runtime import inference_dtype, resolve_device
+    from llmscratch.serve.app import Limits
+
+    inference_dtype(a.dtype, resolve_device(a.device))
+    if runs.is_adapter_only(a.checkpoint):
+        return
+    config = runs.find_model_folder(a.checkpoint) / runs.CONFIG
+    if config.is_file():
+        Limits(max_prompt_tokens=a.max_prompt_tokens, max_tokens_cap=a.max_tokens_cap,
+               request_timeout=a.request_timeout).for_context(ModelConfig.load(config).context_length)
 
 
 def _api_key(variable: str | None) -> str | None:

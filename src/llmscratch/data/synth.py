@@ -205,7 +205,7 @@ def synth_instructions(n_train: int = 2000, n_test: int = 100, families: list[st
     names = list(families or FAMILIES)
     unknown = [n for n in names if n not in _ALL]
     if unknown:
-        raise UserError(f"unknown task famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+        raise UserError(f"--families {','.join(unknown)}: unknown task famil{'y' if len(unknown) == 1 else 'ies'}; "
                         f"choose from {', '.join(_ALL)}")
     if n_train < 1 or n_test < 1:
         raise UserError(f"--n-train and --n-test must be positive, got {n_train} and {n_test}")

@@ -106,6 +106,13 @@ def read_adapter_config(folder: str | Path) -> dict:
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
         raise UserError(f"{path}: missing key(s) {', '.join(missing)}")
+    rank, alpha = cfg["rank"], cfg["alpha"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise UserError(f"{path}: rank {rank!r} is not a positive integer; the file is corrupt")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise UserError(f"{path}: alpha {alpha!r} is not a positive number; the file is corrupt")
+    if not isinstance(cfg["base"], dict) or not isinstance(cfg["base"].get("path"), str):
+        raise UserError(f"{path}: base must be an object with the base checkpoint's path; the file is corrupt")
     return cfg
 
 

@@ -61,6 +61,9 @@ class Limits:
         if filled.max_prompt_tokens >= context_length:  # the model would see only the prompt's last tokens
             raise UserError(f"--max-prompt-tokens must be below the model's context length ({context_length}), "
                             f"got {filled.max_prompt_tokens}")
+        if filled.max_tokens_cap > context_length:  # an answer ends where the context is full anyway
+            raise UserError(f"--max-tokens-cap {filled.max_tokens_cap}: more than the model's context length "
+                            f"{context_length}; use at most {context_length}")
         return filled
 
 

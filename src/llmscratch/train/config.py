@@ -8,9 +8,12 @@ and `--help` from it without importing PyTorch (seconds). Each field's docstring
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from llmscratch.errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -98,6 +101,9 @@ class TrainConfig:
             ("save_every", self.save_every >= 1, "must be at least 1 (steps between checkpoints)"),
             ("sample_every", self.sample_every >= 0, "must be 0 (no samples) or more"),
             ("keep_last", self.keep_last >= 0, "must be 0 (keep every checkpoint) or more"),
+            ("precision", self.precision in PRECISIONS, f"use one of {', '.join(PRECISIONS)}"),
+            ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)) is not None,
+             "not a device name; use auto, cpu, cuda, cuda:N or mps"),
         ]
         for name, ok, need in rules:
             if not ok:

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llmscratch import runs
@@ -179,3 +180,16 @@ def _resumed_run(out: Path, model: str | None, data: str, context_length: int | 
                         f"{'these options' if len(conflicts) > 1 else 'this option'} or start a new run")
     data_dir = Path(data) if is_prepared(data) else out / runs.DATA
     return run_model, model_cfg, load_tokenizer(ckpt), data_dir
+
+
+def unigram_cross_entropy(data_dir: str | Path) -> float:
+    """Cross-entropy (nats/token) on val of the train split's token frequencies: the loss of a model that
+    ignores context. A language model has learned something real only once its val loss is clearly below."""
+    from llmscratch.data.lm import TokenMemmap
+
+    train_t = TokenMemmap(data_dir, "train").tokens
+    val_t = TokenMemmap(data_dir, "val").tokens
+    vocab = int(max(train_t.max(), val_t.max())) + 1
+    counts = np.bincount(np.asarray(train_t), minlength=vocab).astype(np.float64) + 0.5  # add-half smoothing
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.asarray(val_t)].mean())

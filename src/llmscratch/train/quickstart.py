@@ -21,14 +21,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from llmscratch import runs
 from llmscratch.config import PRESETS, ModelConfig
 from llmscratch.errors import UserError
 from llmscratch.runtime import autocast_dtype, cpu_memory_kept_for_reuse, resolve_device
-from llmscratch.train.pretrain import LMBatches, prepare, sample_fn
+from llmscratch.train.pretrain import LMBatches, prepare, sample_fn, unigram_cross_entropy
 from llmscratch.train.schedule import lr_at
 from llmscratch.train.trainer import TrainConfig, TrainResult, build_optimizer, lm_loss, train
 
@@ -63,10 +62,10 @@ def epochs_in(tokens_per_s: float, budget_s: float, corpus_tokens: int) -> float
 
 def plan(tokens_per_s: dict[str, float], budget_s: float, corpus_tokens: int, step_tokens: int,
          forced: str | None = None) -> Plan:
-    """Choose the model to train from the measured `tokens_per_s` of each candidate (smallest model first; a
-    candidate missing from it was not measured, as a larger one than one found too slow): `forced` if given,
-    else the largest one making at least MIN_EPOCHS passes over the corpus in `budget_s`, else the smallest.
-    Its steps are those the budget buys, capped at MAX_EPOCHS passes (at least 1)."""
+    """Choose the model to train from the measured `tokens_per_s` of the candidates, smallest first (those larger
+    than the first one found too slow may be missing: they were not timed): `forced` if given, else the largest
+    one making at least MIN_EPOCHS passes over the corpus in `budget_s`, else the smallest. Its steps are those
+    the budget buys at its speed, capped at MAX_EPOCHS passes (at least 1). `step_tokens`: tokens per step."""
     names = list(tokens_per_s)
     passes = {m: epochs_in(tokens_per_s[m], budget_s, corpus_tokens) for m in names}
 
@@ -169,19 +168,6 @@ def choose_model(model: str, vocab_size: int, cfg: TrainConfig, budget_s: float,
     return plan(speeds, budget_s, corpus_tokens, step_tokens, forced=None if model == "auto" else model)
 
 
-def unigram_cross_entropy(data_dir: str | Path) -> float:
-    """Cross-entropy (nats/token) on val of the train split's token frequencies: the loss of a model that
-    ignores context. A language model has learned something real only once its val loss is clearly below."""
-    from llmscratch.data.lm import TokenMemmap
-
-    train_t = TokenMemmap(data_dir, "train").tokens
-    val_t = TokenMemmap(data_dir, "val").tokens
-    vocab = int(max(train_t.max(), val_t.max())) + 1
-    counts = np.bincount(np.asarray(train_t), minlength=vocab).astype(np.float64) + 0.5  # add-half smoothing
-    logp = np.log(counts / counts.sum())
-    return float(-logp[np.asarray(val_t)].mean())
-
-
 def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_size: int = 4096,
                model: str = "auto", device: str = "auto", seed: int = 1337, overwrite: bool = False,
                progress: bool = True) -> dict:
@@ -195,7 +181,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_
         raise UserError(f"--minutes {minutes}: must be a positive number of minutes, e.g. 4")
     if model != "auto" and model not in PRESETS:
         raise UserError(f"--model {model}: use auto or one of the presets {', '.join(PRESETS)}")
-    if runs.check_run_folder(out, resume=False, overwrite=overwrite):
+    if runs.check_run_folder(out, resume=False, overwrite=overwrite, resumable=False):
         runs.clear_run(out)
     t0 = time.perf_counter()
     # A failure before the first checkpoint removes what this run added to `out`.
@@ -231,7 +217,9 @@ def _pretrain(out: Path, tok, data_dir: Path, corpus_tokens: int, minutes: float
     # room for that evaluation (forward passes only, ~3x a training step's speed) and the save.
     final_s = 2 * cfg.eval_batches * cfg.batch_size * model_cfg.context_length / (3 * chosen.tokens_per_s) + 1.0
     train_s = max(budget_s - (time.perf_counter() - started) - final_s, 1.0)
-    cfg = dataclasses.replace(cfg, max_steps=chosen.cap_steps, max_minutes=train_s / 60)
+    # Warmup is at most a fifth of the run: on a slow machine 20 warmup steps would be most of it.
+    cfg = dataclasses.replace(cfg, max_steps=chosen.cap_steps, max_minutes=train_s / 60,
+                              warmup_steps=min(cfg.warmup_steps, max(1, chosen.steps // 5)))
     print(f"      pretraining on {dev.type} in {cfg.precision} for the remaining ~{train_s / 60:.1f} min (~"
           f"{chosen.steps} steps of {cfg.batch_size}×{model_cfg.context_length} tokens at the measured speed; "
           "re-planned as it runs)...", flush=True)

@@ -102,7 +102,7 @@ def fetch(name: str, source: str = "hf", endpoint: str | None = None, progress: 
 
     m = model_info(name)
     if source not in SOURCES:
-        raise UserError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+        raise UserError(f"--source {source}: unknown source; choose one of {', '.join(SOURCES)}")
     if source == "openai" and m.openai_size is None:
         raise UserError(f"--source openai has GPT-2 only; {name} comes from the Hugging Face hub (--source hf)")
     folder = cache_folder(name, source)
@@ -136,9 +136,17 @@ def download_pretrained(name: str, out: str | Path, source: str = "hf", endpoint
                         dtype: str = "fp32", progress: bool = True, overwrite: bool = False):
     """Fetch `name` (see `fetch`) and convert it into our checkpoint folder `out` (new or empty; with `overwrite`
     its files of the same names are replaced); returns the model."""
+    import torch
+
+    from llmscratch.runtime import inference_dtype
     from llmscratch.weights.convert import from_hf, from_openai
 
     model_info(name)
+    if source not in SOURCES:
+        raise UserError(f"--source {source}: unknown source; choose one of {', '.join(SOURCES)}")
+    if dtype == "auto":
+        raise UserError("--dtype auto: the saved weights need a fixed dtype; use fp32, bf16 or fp16")
+    inference_dtype(dtype, torch.device("cpu"))  # an unknown --dtype: refused now, not after the download
     check_out_folder(out, overwrite)  # before a multi-GB download, not after
     folder = fetch(name, source, endpoint, progress)
     convert = from_hf if source == "hf" else from_openai
