@@ -9,6 +9,7 @@ from llmscratch.cli.base import (
     CORPUS_HELP,
     Fraction,
     Group,
+    PositiveFloat,
     PositiveInt,
     Seed,
     Verb,
@@ -117,7 +118,7 @@ PRETRAIN = Verb("Pretrain a GPT with next-token prediction; checkpoints, metrics
 
 # --- quickstart -------------------------------------------------------------------------------------------
 def _quickstart_parser(p) -> None:
-    p.add_argument("--minutes", type=float, default=4.0, help="pretraining time budget")
+    p.add_argument("--minutes", type=PositiveFloat, default=4.0, help="pretraining time budget")
     p.add_argument("--out", default="runs/quickstart", help="run folder")
     p.add_argument("--model", default="auto",
                    help="auto (default): time a few training steps of gpt-tiny and gpt-mini here and train the "
@@ -125,17 +126,17 @@ def _quickstart_parser(p) -> None:
                         "a preset to train")
     p.add_argument("--vocab-size", type=VocabSize, default=4096, help="BPE vocabulary size")
     device_options(p)
-    p.add_argument("--overwrite", action="store_true",
-                   help="let --out be a folder that is not empty: replace the files the quickstart writes there "
-                        "and keep the others")
+    overwrite_option(p, run=True)
     progress_option(p, "no progress bars")
 
 
 def cmd_quickstart(a) -> None:
     from llmscratch.train.quickstart import quickstart
 
-    quickstart(a.out, a.minutes, a.vocab_size, a.model, a.device, overwrite=a.overwrite,
-               progress=not a.no_progress)
+    r = quickstart(a.out, a.minutes, a.vocab_size, a.model, a.device, overwrite=a.overwrite,
+                   progress=not a.no_progress)
+    if r["stopped_early"] == "interrupt":  # saved; 130 as for the other training verbs (exit_if_interrupted)
+        raise SystemExit(130)
 
 
 QUICKSTART = Verb("Offline end to end on the embedded pydocs corpus: tokenizer, data, a small GPT pretrained for "

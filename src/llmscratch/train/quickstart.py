@@ -192,7 +192,8 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, vocab_
     total_min = (time.perf_counter() - t0) / 60
     _quickstart_report(out, result, unigram, total_min, train_min, minutes)
     return {"val_loss": result.val_loss, "unigram": unigram, "model": chosen.model, "steps": result.step,
-            "tokens": result.tokens, "minutes": total_min, "train_minutes": train_min}
+            "tokens": result.tokens, "minutes": total_min, "train_minutes": train_min,
+            "stopped_early": result.stopped_early}
 
 
 def _pretrain(out: Path, tok, data_dir: Path, corpus_tokens: int, minutes: float, model: str, device: str,
