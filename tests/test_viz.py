@@ -61,7 +61,7 @@ def test_inspect_cli_writes_pngs_and_refuses_bad_requests(tok, tmp_path, capsys)
     assert code == 0, err
     assert (tmp_path / "emb.png").read_bytes()[:4] == b"\x89PNG"
     for argv, needle in ((["attention", ckpt, "--prompt", TEXT, "--out", tmp_path / "a.png", "--layers", "7"],
-                          "layers [7]"),
+                          "--layers 7: the model has layers 0..1"),
                          (["attention", ckpt, "--prompt", TEXT, "--out", tmp_path / "a.jpg"], "ending in .png"),
                          (["attention", ckpt, "--prompt", "", "--out", tmp_path / "a.png"], "empty"),
                          (["attention", ckpt, "--prompt", TEXT, "--out", tmp_path / "a.png", "--heads", "x"],
