@@ -108,7 +108,10 @@ def cmd_pretrain(a) -> None:
     cfg = _train_config(a)
     r = run_pretrain(a.model, a.data, a.out, a.tokenizer, a.resume, cfg, a.context_length, a.dropout,
                      a.sample_prompt, progress=not a.no_progress, overwrite=a.overwrite)
-    print(run_summary(r, a.out))
+    from llmscratch.train.distributed import ranks
+
+    if ranks().main:  # under torchrun every rank returns the same result
+        print(run_summary(r, a.out))
     exit_if_interrupted(r)
 
 

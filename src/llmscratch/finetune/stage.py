@@ -78,6 +78,11 @@ class Stage:
         self.name, self.checkpoint, self.out = name, checkpoint, Path(out)
         self.cfg, self.resume, self.lora, self.log = train_cfg, resume, lora, log
         train_cfg.check()  # a bad setting is reported before any data or model is read
+        from llmscratch.train.distributed import ranks
+
+        if ranks().active:
+            raise UserError(f"finetune {name} runs as one process for now; start it without torchrun (only "
+                            "`pretrain` trains data-parallel)")
         if lora is not None:
             lora.check()
         self.replace = runs.check_run_folder(self.out, resume, overwrite, inputs=(checkpoint, data))

@@ -15,6 +15,7 @@ from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
 from llmscratch.runs import check_out_dir, latest_checkpoint, removed_on_failure
 from llmscratch.runtime import resolve_device
+from llmscratch.train import distributed
 from llmscratch.train.trainer import TrainConfig, TrainResult, find_micro_batch, train
 
 
@@ -94,21 +95,27 @@ def run_pretrain(model: str | None = None, data: str = "pydocs", out: str | Path
     cfg.check()
     if model is not None:
         ModelConfig.from_preset(model)  # unknown preset → error before anything is written
-    replace = runs.check_run_folder(out, resume, overwrite, inputs=(data, tokenizer))
-    before = None
-    if not resume:
-        before = check_out_dir(out)
-        if replace:
-            runs.clear_run(out)
+    r = distributed.ranks()  # several under torchrun: rank 0 alone checks --out and tokenizes
+    if r.active:
+        distributed.setup(cfg.device)
+        distributed.check_global_batch(cfg.batch_size, r)
+    replace = distributed.on_main(lambda: runs.check_run_folder(out, resume, overwrite, inputs=(data, tokenizer)), r)
+    before = None if resume else distributed.on_main(lambda: _claim(out, replace), r)
     # A resumed run keeps everything it has; a new one that fails before its first checkpoint leaves nothing.
-    with removed_on_failure(out, before) if not resume else contextlib.nullcontext():
+    with removed_on_failure(out, before) if r.main and not resume else contextlib.nullcontext():
         if resume:
             model, model_cfg, tok, data_dir = _resumed_run(out, model, data, context_length, dropout)
         else:
             model = model or "gpt-mini"
-            model_cfg, tok, data_dir = _new_run(out, model, data, tokenizer, context_length, dropout, cfg, progress)
+            made = distributed.on_main(lambda: _new_run(out, model, data, tokenizer, context_length, dropout, cfg,
+                                                        progress), r)
+            if not r.main:  # read what rank 0 prepared
+                prepared = is_prepared(data)
+                made = _new_run(out, model, data if prepared else str(out / runs.DATA),
+                                tokenizer if prepared else None, context_length, dropout, cfg, False)
+            model_cfg, tok, data_dir = made
         check_token_ids(data_dir, model_cfg.vocab_size)
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg.device) if not r.active else distributed.setup(cfg.device)[1]
         torch.manual_seed(cfg.seed)
         net = GPT(model_cfg)
         if cfg.batch_size == 0:  # auto: the largest micro-batch that fits
@@ -118,8 +125,18 @@ def run_pretrain(model: str | None = None, data: str = "pydocs", out: str | Path
             net = GPT(model_cfg)  # a fresh initialisation, untouched by the trial steps
         batches = LMBatches(data_dir, cfg.batch_size, model_cfg.context_length, cfg.seed, device)
         hparams = {"model": model, "data": str(data), "data_dir": str(data_dir)}
-        return train(net, batches, cfg, out, tokenizer=tok, resume=resume, hparams=hparams,
-                     sample_fn=sample_fn(tok, sample_prompt, seed=cfg.seed))
+        result = train(net, batches, cfg, out, tokenizer=tok, resume=resume, hparams=hparams,
+                       sample_fn=sample_fn(tok, sample_prompt, seed=cfg.seed))
+    distributed.finish(r)
+    return result
+
+
+def _claim(out: Path, replace: bool) -> frozenset[str] | None:
+    """Create (or, to replace an earlier run, clear) the new run's folder; returns what it held before."""
+    before = check_out_dir(out)
+    if replace:
+        runs.clear_run(out)
+    return before
 
 
 def check_token_ids(data_dir: str | Path, vocab_size: int) -> None:

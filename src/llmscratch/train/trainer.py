@@ -35,8 +35,10 @@ from llmscratch.errors import UserError
 from llmscratch.fileio import atomic_write
 from llmscratch.model.transformer import flops_per_token
 from llmscratch.runs import TRAIN_STATE, latest_checkpoint  # noqa: F401 (re-exported: the stages import them here)
-from llmscratch.runtime import autocast_dtype, cpu_memory_kept_for_reuse, peak_flops, resolve_device, tf32_matmuls
+from llmscratch.runtime import autocast_dtype, cpu_memory_kept_for_reuse, peak_flops, tf32_matmuls
+from llmscratch.train import distributed
 from llmscratch.train.config import TrainConfig
+from llmscratch.train.distributed import Ranks
 from llmscratch.train.metrics import MetricsLog, plot_losses
 from llmscratch.train.schedule import lr_at
 
@@ -234,9 +236,11 @@ class _StopFlag:
 
 
 @torch.no_grad()
-def evaluate(model, batches: BatchSource, loss_fn, n_batches: int, amp_dtype, device) -> dict[str, float]:
+def evaluate(model, batches: BatchSource, loss_fn, n_batches: int, amp_dtype, device,
+             ranks: Ranks = distributed.SINGLE) -> dict[str, float]:
     """Mean loss over the same `n_batches` of each split every time (the source resets its eval stream):
-    {"train": loss, "val": loss}, plus "train_<name>" and "val_<name>" for each extra scalar of `loss_fn`."""
+    {"train": loss, "val": loss}, plus "train_<name>" and "val_<name>" for each extra scalar of `loss_fn`.
+    With several ranks each scores its share of every batch, and the means are averaged across them."""
     was_training = model.training
     model.eval()
     batches.reset_eval()
@@ -245,10 +249,12 @@ def evaluate(model, batches: BatchSource, loss_fn, n_batches: int, amp_dtype, de
         total, extra_totals = 0.0, {}
         for _ in range(n_batches):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, _, extras = unpack_loss(loss_fn(model, batches.next(f"eval_{split}")))
-            total += float(loss)
+                loss, _, extras = unpack_loss(loss_fn(model, distributed.shard(batches.next(f"eval_{split}"),
+                                                                               ranks)))
+            total += float(distributed.mean(loss.float(), ranks))
             for k, v in extras.items():
-                extra_totals[k] = extra_totals.get(k, 0.0) + float(v)
+                extra_totals[k] = extra_totals.get(k, 0.0) + float(distributed.mean(
+                    torch.as_tensor(v, device=device).float(), ranks))
         out[split] = total / max(1, n_batches)
         out.update({f"{split}_{k}": v / max(1, n_batches) for k, v in extra_totals.items()})
     model.train(was_training)
@@ -269,7 +275,7 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
     names the loss on the loss plot's y-axis. `lr_schedule(step)`: the learning rate of each step, in place of
     cfg's warmup and cosine over max_steps (`schedule.lr_at`), e.g. one stretched to a time budget."""
     cfg.check()
-    device = resolve_device(cfg.device)
+    ranks, device = distributed.setup(cfg.device)  # one process: the device cfg names
     # Process-wide settings last exactly as long as training. On a CPU the run keeps freed memory for its next
     # steps (runtime.cpu_memory_kept_for_reuse); the loop's own tensors — optimizer state, gradients — are
     # freed inside, so the trim on leaving returns them. On CUDA fp32 matrix products use TF32.
@@ -277,32 +283,44 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
     tf32 = tf32_matmuls() if device.type == "cuda" else contextlib.nullcontext()
     with heap, tf32:
         return _train(model, batches, cfg, Path(out_dir), device, loss_fn, tokenizer, resume, hparams, sample_fn,
-                      on_step, perplexity, loss_label, lr_schedule)
+                      on_step, perplexity, loss_label, lr_schedule, ranks)
 
 
 def _train(model, batches: BatchSource, cfg: TrainConfig, out_dir: Path, device: torch.device, loss_fn, tokenizer,
            resume: bool, hparams: dict | None, sample_fn, on_step, perplexity: bool, loss_label: str,
-           lr_schedule: Callable[[int], float] | None) -> TrainResult:
+           lr_schedule: Callable[[int], float] | None, ranks: Ranks = distributed.SINGLE) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg, device)
     hparams = {"train": dataclasses.asdict(cfg), **(hparams or {})}
     step, tokens = restore(out_dir, model, optimizer, batches, device) if resume else (0, 0)
-    metrics = MetricsLog(out_dir, resume_from_step=step if resume else None)
+    metrics = MetricsLog(out_dir, resume_from_step=step if resume else None) if ranks.main else _NoMetrics()
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     set_model_options(model, cfg, device)
-    run = _Run(cfg, out_dir, model, torch.compile(model) if use_compile else model, optimizer, batches, loss_fn,
-               device, tokenizer, hparams, metrics, sample_fn, on_step, perplexity, step, tokens, use_compile,
-               lr_schedule)
+    stepped = distributed.wrap(model, device, ranks)  # DDP when several ranks train
+    run = _Run(cfg, out_dir, model, torch.compile(stepped) if use_compile else stepped, optimizer, batches, loss_fn,
+               device, tokenizer, hparams, metrics, sample_fn if ranks.main else None, on_step, perplexity, step,
+               tokens, use_compile, lr_schedule, ranks)
     try:
         run.loop()
     finally:
         run.bar.close()
         metrics.close()
-    if run.last_saved == run.step:  # the final model and plot only when the last step was saved
+    if run.last_saved == run.step and ranks.main:  # the final model and plot only when the last step was saved
         save_model(out_dir, model, tokenizer, hparams)
         plot_losses(out_dir / runs.METRICS_CSV, out_dir / runs.LOSS_PLOT, ylabel=loss_label)
+    distributed.barrier(ranks)  # the other ranks return once the final files are written
     return run.result
+
+
+class _NoMetrics:
+    """The metrics of a rank other than 0: rank 0 alone writes the run's metrics.csv."""
+
+    def log(self, kind: str, step: int, **values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _Window:
@@ -324,10 +342,11 @@ class _Window:
             self.extras[k] = self.extras[k] + v if k in self.extras else v
         self.tokens += n_tokens
 
-    def means(self) -> tuple[float, dict[str, float]]:
-        """The window's mean loss per step and its extras' means as {"train_<name>": mean}."""
-        loss = float(self.loss) / self.steps  # the loop's only host sync
-        return loss, {f"train_{k}": float(v) / self.steps for k, v in self.extras.items()}
+    def means(self, ranks: Ranks = distributed.SINGLE) -> tuple[float, dict[str, float]]:
+        """The window's mean loss per step and its extras' means as {"train_<name>": mean}, averaged across
+        `ranks` when several train."""
+        loss = float(distributed.mean(self.loss, ranks)) / self.steps  # the loop's only host sync
+        return loss, {f"train_{k}": float(distributed.mean(v, ranks)) / self.steps for k, v in self.extras.items()}
 
     def restart(self, now: float) -> float:
         """Empty the window and start the next one at `now`; returns the tokens per second of the one ended."""
@@ -361,6 +380,7 @@ class _Run:
     tokens: int
     compiling: bool  # until the first step ends: torch.compile makes it take tens of seconds
     lr_schedule: Callable[[int], float] | None = None  # step -> lr; None: lr_at over cfg.max_steps
+    ranks: Ranks = distributed.SINGLE  # this process among torchrun's; rank 0 alone logs, shows progress and saves
 
     def __post_init__(self):
         from tqdm import tqdm
@@ -373,8 +393,9 @@ class _Run:
         self.lr = self.cfg.lr
         self.start = time.perf_counter()
         self.window = _Window(self.device)
-        self.bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=not self.cfg.progress, desc="train",
-                        unit="step", dynamic_ncols=True)
+        shown = self.cfg.progress and self.ranks.main
+        self.bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=not shown, desc="train", unit="step",
+                        dynamic_ncols=True)
         if self.compiling:
             self.bar.set_postfix_str("compiling the model (torch.compile) in the first step")
 
@@ -387,6 +408,9 @@ class _Run:
             while self.step < cfg.max_steps:
                 self.train_step()
                 out_of_time = cfg.max_minutes is not None and time.perf_counter() - self.start > cfg.max_minutes * 60
+                # every rank stops at the same step: when any of them was interrupted or ran out of time
+                out_of_time, stop.requested = distributed.any_of([out_of_time, stop.requested], self.device,
+                                                                 self.ranks)
                 stopping = self.step == cfg.max_steps or out_of_time or stop.requested
                 saving = self.step % cfg.save_every == 0 or stopping
                 # The loss is read back only when logging, and always before a save, so that a non-finite
@@ -413,13 +437,17 @@ class _Run:
                    else lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        for _ in range(cfg.grad_accum):
-            batch = self.batches.next("train")
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                loss, n, extras = unpack_loss(self.loss_fn(self.fwd_model, batch))
-            (loss / cfg.grad_accum).backward()
-            self.window.add(loss, extras, n, cfg.grad_accum)
-            self.tokens += n
+        for micro in range(cfg.grad_accum):
+            batch = distributed.shard(self.batches.next("train"), self.ranks)
+            # DDP averages the gradients across ranks in the last micro-step's backward only
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not self.ranks.active else self.fwd_model.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss, n, extras = unpack_loss(self.loss_fn(self.fwd_model, batch))
+                (loss / cfg.grad_accum).backward()
+            self.window.add(loss, extras, n * self.ranks.world, cfg.grad_accum)
+            self.tokens += n * self.ranks.world  # (every rank's share is as large: the global batch splits evenly)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -434,7 +462,7 @@ class _Run:
     def log(self) -> float:
         """Read back the window's mean training loss (raising TrainingDiverged when it is not finite), log it
         with its extras, throughput and MFU to the metrics and the progress bar, and return it."""
-        train_loss, extras = self.window.means()
+        train_loss, extras = self.window.means(self.ranks)
         if not math.isfinite(train_loss):
             good = runs.latest_checkpoint(self.out_dir)
             where = f"last good checkpoint: {good}" if good else "no checkpoint was written yet"
@@ -455,7 +483,8 @@ class _Run:
     def evaluate_and_log(self) -> None:
         """Evaluate on the same batches as every time, log the result and print it; a non-finite validation
         loss raises TrainingDiverged."""
-        ev = evaluate(self.model, self.batches, self.loss_fn, self.cfg.eval_batches, self.amp_dtype, self.device)
+        ev = evaluate(self.model, self.batches, self.loss_fn, self.cfg.eval_batches, self.amp_dtype, self.device,
+                      self.ranks)
         extras = {k: v for k, v in ev.items() if k not in ("train", "val")}
         val_ppl = math.exp(min(ev["val"], 50.0)) if self.perplexity else None
         self.metrics.log("eval", self.step, tokens=self.tokens, elapsed_s=round(time.perf_counter() - self.start, 2),
@@ -464,13 +493,16 @@ class _Run:
         self.result.history.append({"step": self.step, "train": ev["train"], "val": ev["val"], **extras})
         shown = "".join(f", {k} {v:.3f}" for k, v in extras.items() if k.startswith("val_"))
         ppl = f" (perplexity {val_ppl:.1f})" if self.perplexity else ""
-        self.bar.write(f"step {self.step}: train loss {ev['train']:.3f}, val loss {ev['val']:.3f}{ppl}{shown}")
+        if self.ranks.main:
+            self.bar.write(f"step {self.step}: train loss {ev['train']:.3f}, val loss {ev['val']:.3f}{ppl}{shown}")
         if not math.isfinite(ev["val"]):
             raise TrainingDiverged(f"validation loss became {ev['val']} at step {self.step}; stopping. "
                                    "Lower --lr and retry")
 
     def save(self) -> None:
-        """A resumable checkpoint of this step."""
-        save_checkpoint(self.out_dir, self.model, self.tokenizer, self.optimizer, self.step, self.tokens,
-                        self.batches, self.hparams, self.cfg.keep_last)
+        """A resumable checkpoint of this step, written by rank 0 (DDP keeps the model and optimizer the same on
+        every rank, and the data position is shared)."""
+        if self.ranks.main:
+            save_checkpoint(self.out_dir, self.model, self.tokenizer, self.optimizer, self.step, self.tokens,
+                            self.batches, self.hparams, self.cfg.keep_last)
         self.last_saved = self.step

@@ -1,0 +1,186 @@
+"""Data parallelism over the processes `torchrun` starts (PyTorch's own engine: `torch.distributed` + DDP).
+
+    torchrun --standalone --nproc_per_node 2 -m llmscratch pretrain --data ... --out ...
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in each process; `setup` joins them into one process group (NCCL
+on CUDA, one GPU per process; gloo on CPU). Every process then runs the same trainer on its own share of each
+batch:
+
+* the batch sources draw the *global* batch (`--train.batch_size` sequences) from the same seeded stream in every
+  process, and `shard` gives rank r its contiguous slice of rows — so no two ranks train on the same window in a
+  step, the data position is the same everywhere (a checkpoint resumes on any number of processes), and the run
+  computes the same losses as one process given the whole batch;
+* DDP averages the gradients across ranks in backward (skipped on the accumulation micro-steps but the last);
+  losses and evaluations are averaged with `mean`;
+* rank 0 alone logs, draws, samples and writes checkpoints.
+
+Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op and training runs as one process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+from llmscratch.errors import UserError
+
+TIMEOUT_ENV = "LLMSCRATCH_DIST_TIMEOUT_S"  # seconds a collective may wait for a silent rank (default 600)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run: `rank` of `world` processes, `local_rank` on its machine."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run's files and output (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        """Whether more than one process trains."""
+        return self.world > 1
+
+
+SINGLE = Ranks()  # one process: no torchrun
+
+
+def ranks() -> Ranks:
+    """This process's ranks as torchrun set them in the environment (one process when it did not)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    return Ranks(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup(device_name: str) -> tuple[Ranks, torch.device]:
+    """Join torchrun's process group (once) and return (ranks, this process's device): with CUDA, the GPU of its
+    local rank; otherwise the CPU. One process: (Ranks(), the device `device_name` resolves to)."""
+    import torch.distributed as dist
+
+    from llmscratch.runtime import resolve_device
+
+    r = ranks()
+    device = resolve_device(device_name)
+    if not r.active:
+        return r, device
+    if device.type == "cuda":
+        if torch.cuda.device_count() <= r.local_rank:
+            raise UserError(f"torchrun rank {r.rank}: local rank {r.local_rank} has no GPU (this machine has "
+                            f"{torch.cuda.device_count()}); start at most that many processes per node")
+        device = torch.device("cuda", r.local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"--train.device {device_name}: torchrun training runs on CUDA (NCCL) or the CPU (gloo)")
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return r, device
+
+
+def shard(batch, r: Ranks):
+    """Rank r's contiguous share of a global batch: the rows [r·B/world, (r+1)·B/world) of every tensor in
+    `batch` (a tensor, or tuples, lists and dicts of them, batch first). B must divide evenly."""
+    if not r.active:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        rows = batch.size(0)
+        if rows % r.world:
+            raise UserError(f"--train.batch_size {rows}: with {r.world} processes the global batch must divide "
+                            f"evenly; use a multiple of {r.world}")
+        per = rows // r.world
+        return batch[r.rank * per:(r.rank + 1) * per]
+    if isinstance(batch, dict):
+        return {k: shard(v, r) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(shard(v, r) for v in batch)
+    return batch
+
+
+def mean(value: torch.Tensor, r: Ranks) -> torch.Tensor:
+    """`value` averaged over the ranks (itself with one process)."""
+    if not r.active:
+        return value
+    import torch.distributed as dist
+
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / r.world
+
+
+def any_of(flags: list[bool], device: torch.device, r: Ranks) -> list[bool]:
+    """Each flag true on any rank (a stop request, a time limit reached), so that every rank stops together."""
+    if not r.active:
+        return flags
+    import torch.distributed as dist
+
+    t = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def barrier(r: Ranks) -> None:
+    if r.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def wrap(model: torch.nn.Module, device: torch.device, r: Ranks) -> torch.nn.Module:
+    """The model as the training steps call it: wrapped in DistributedDataParallel when several ranks train."""
+    if not r.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def on_main(work, r: Ranks):
+    """`work()` on rank 0 alone (the output-folder guards, tokenizing the corpus: what must happen once), then
+    every rank learns whether it failed: all stop with rank 0's one-line message if it did. Returns `work()`'s
+    result on rank 0, None on the others. One process: simply `work()`."""
+    if not r.active:
+        return work()
+    import torch.distributed as dist
+
+    result, box = None, [None]
+    if r.main:
+        try:
+            result = work()
+        except UserError as exc:
+            box[0] = str(exc)
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(box[0])
+    return result
+
+
+def check_global_batch(batch_size: int, r: Ranks) -> None:
+    """The global batch (`--train.batch_size`) must split evenly across the ranks; the automatic size (0) finds
+    one process's largest batch and is not offered to several."""
+    if not r.active:
+        return
+    if batch_size == 0:
+        raise UserError(f"--train.batch_size 0 (the largest that fits) is for one process; with {r.world} processes "
+                        "give the global batch, a multiple of the number of processes")
+    if batch_size % r.world:
+        raise UserError(f"--train.batch_size {batch_size}: the global batch must split evenly across {r.world} "
+                        f"processes; use a multiple of {r.world}")
+
+
+def finish(r: Ranks) -> None:
+    """Wait for every rank (rank 0 may still be writing the final checkpoint), then leave the process group."""
+    if not r.active:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # without it, about one run in seven aborts at exit (gloo)
+        dist.destroy_process_group()

@@ -1,0 +1,117 @@
+"""Data-parallel training under torchrun (CPU, gloo, 2 processes): the same losses as one process given the same
+global batch, resumable across process counts, each rank on its own rows of every batch."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmscratch.errors import UserError
+from llmscratch.train import distributed
+from llmscratch.train.distributed import Ranks
+
+STEPS = ["--model", "gpt-micro", "--train.max_steps", 6, "--train.batch_size", 4, "--train.eval_every", 3,
+         "--train.eval_batches", 2, "--train.log_every", 1, "--train.save_every", 3, "--train.keep_last", 2,
+         "--train.warmup_steps", 1, "--train.seed", 5, "--no-progress"]
+
+
+def _pretrain(nproc: int, out, data, *extra) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    argv = [*launcher, "-m", "llmscratch", "pretrain", "--data", str(data), "--out", str(out), *map(str, STEPS),
+            *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _losses(run) -> list[tuple[str, str, float, float | None]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [(r["kind"], r["step"], float(r["train_loss"]), float(r["val_loss"]) if r["val_loss"] else None)
+                for r in csv.DictReader(f)]
+
+
+def _assert_same_run(a, b) -> None:
+    la, lb = _losses(a), _losses(b)
+    assert [r[:2] for r in la] == [r[:2] for r in lb]
+    for ra, rb in zip(la, lb):
+        assert ra[2] == pytest.approx(rb[2], abs=2e-4), (ra, rb)
+        assert (ra[3] is None) == (rb[3] is None) and (ra[3] is None or ra[3] == pytest.approx(rb[3], abs=2e-4))
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def single_run(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "one"
+    _pretrain(1, out, prepared)
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_with_the_same_global_batch(prepared, single_run, tmp_path):
+    r = _pretrain(2, tmp_path / "two", prepared)
+    _assert_same_run(single_run, tmp_path / "two")
+    assert r.stdout.count("stopped at step 6") == 1  # rank 0 alone prints and writes
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_number_of_processes(prepared, single_run, tmp_path, first, then):
+    out = tmp_path / "run"
+    _pretrain(first, out, prepared)
+    shutil.rmtree(out / "checkpoints" / "step-0000006")  # as if stopped after step 3
+    _pretrain(then, out, prepared, "--resume")
+    _assert_same_run(single_run, out)
+
+
+def test_each_rank_gets_its_own_rows_of_every_batch():
+    x = torch.arange(8 * 3).view(8, 3)
+    batch = (x, {"y": x + 100})
+    parts = [distributed.shard(batch, Ranks(rank, 4, rank)) for rank in range(4)]
+    rows = torch.cat([p[0] for p in parts])
+    assert torch.equal(rows, x)  # together the whole global batch, each row exactly once
+    assert all(torch.equal(p[1]["y"], p[0] + 100) for p in parts)  # every tensor of a batch cut the same way
+    assert distributed.shard(batch, Ranks()) is batch
+    with pytest.raises(UserError, match="--train.batch_size 8: .*multiple of 3"):
+        distributed.shard(x, Ranks(0, 3, 0))
+
+
+def test_global_batch_rules():
+    distributed.check_global_batch(0, Ranks())  # one process: the automatic size is fine
+    with pytest.raises(UserError, match="--train.batch_size 0"):
+        distributed.check_global_batch(0, Ranks(0, 2, 0))
+    with pytest.raises(UserError, match="multiple of 2"):
+        distributed.check_global_batch(5, Ranks(1, 2, 1))
+
+
+def test_ranks_from_torchrun_environment(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.ranks() == Ranks() and distributed.ranks().main and not distributed.ranks().active
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    r = distributed.ranks()
+    assert (r.rank, r.world, r.local_rank, r.main, r.active) == (3, 4, 1, False, True)
+
+
+def test_finetuning_under_torchrun_is_refused_in_one_line(monkeypatch, tmp_path):
+    from llmscratch.finetune.stage import Stage
+    from llmscratch.train.config import TrainConfig
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="without torchrun"):
+        Stage("instruct", tmp_path / "ckpt", tmp_path / "out", TrainConfig())
+    assert not (tmp_path / "out").exists()
