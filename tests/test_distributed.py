@@ -24,8 +24,8 @@ STEPS = ["--model", "gpt-micro", "--train.max_steps", 6, "--train.batch_size", 4
 def _pretrain(nproc: int, out, data, *extra) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
-    argv = [*launcher, "-m", "llmscratch", "pretrain", "--data", str(data), "--out", str(out), *map(str, STEPS),
-            *extra]
+    argv = [*launcher, "-m", "llmscratch", "pretrain", "--data", str(data), "--out", str(out),
+            *map(str, [*STEPS, *extra])]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -53,28 +53,37 @@ def _assert_same_run(a, b) -> None:
 
 
 @pytest.fixture(scope="module")
-def single_run(prepared, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "one"
-    _pretrain(1, out, prepared)
-    return out
+def single_runs(prepared, tmp_path_factory):
+    """One-process reference runs, by gradient accumulation (made on first use)."""
+    made = {}
+
+    def get(accum: int):
+        if accum not in made:
+            made[accum] = tmp_path_factory.mktemp("ddp") / f"one-{accum}"
+            _pretrain(1, made[accum], prepared, "--train.grad_accum", accum)
+        return made[accum]
+    return get
 
 
 @pytest.mark.slow
-def test_two_processes_train_as_one_with_the_same_global_batch(prepared, single_run, tmp_path):
-    r = _pretrain(2, tmp_path / "two", prepared)
-    _assert_same_run(single_run, tmp_path / "two")
+@pytest.mark.parametrize("strategy, accum", [("ddp", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2)])
+def test_two_processes_train_as_one_with_the_same_global_batch(prepared, single_runs, tmp_path, strategy, accum):
+    out = tmp_path / "two"
+    r = _pretrain(2, out, prepared, "--train.strategy", strategy, "--train.grad_accum", accum)
+    _assert_same_run(single_runs(accum), out)
     assert r.stdout.count("stopped at step 6") == 1  # rank 0 alone prints and writes
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
-def test_a_checkpoint_resumes_on_another_number_of_processes(prepared, single_run, tmp_path, first, then):
+@pytest.mark.parametrize("first, then, strategy", [(2, 1, "ddp"), (1, 2, "fsdp")])
+def test_a_checkpoint_resumes_on_another_number_of_processes(prepared, single_runs, tmp_path, first, then,
+                                                              strategy):
     out = tmp_path / "run"
-    _pretrain(first, out, prepared)
+    _pretrain(first, out, prepared, "--train.strategy", strategy)
     shutil.rmtree(out / "checkpoints" / "step-0000006")  # as if stopped after step 3
-    _pretrain(then, out, prepared, "--resume")
-    _assert_same_run(single_run, out)
+    _pretrain(then, out, prepared, "--resume", "--train.strategy", strategy)
+    _assert_same_run(single_runs(1), out)
 
 
 def test_each_rank_gets_its_own_rows_of_every_batch():

@@ -22,16 +22,19 @@ __all__ = ["CONFIG", "HPARAMS", "WEIGHTS", "assign_weights", "check_finite", "ch
            "load", "load_model", "load_state_dict", "model_state", "raise_if_unfit", "save_model"]
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict to save: a tied LM head is dropped (it is the embedding; safetensors refuses aliases)."""
-    state = model.state_dict()
+def model_state(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict to save (`model`'s, or the `state` given for it, e.g. gathered from the shards of a
+    sharded run): a tied LM head is dropped (it is the embedding; safetensors refuses aliases)."""
+    state = dict(model.state_dict() if state is None else state)
     if getattr(model.config, "tie_embeddings", False):
         state.pop("lm_head.weight", None)
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def save_model(directory: str | Path, model, tokenizer=None, hyperparameters: dict | None = None) -> Path:
-    """Write the checkpoint files of `model` (and `tokenizer`) into `directory`."""
+def save_model(directory: str | Path, model, tokenizer=None, hyperparameters: dict | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the checkpoint files of `model` (and `tokenizer`) into `directory`; `state`: its weights when they are
+    not the model's own tensors (a sharded run gathers them first)."""
     from safetensors.torch import save_file
 
     from llmscratch.model.packed import is_packed
@@ -43,7 +46,7 @@ def save_model(directory: str | Path, model, tokenizer=None, hyperparameters: di
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create checkpoint folder {directory}: {exc.strerror}") from None
-    state = {k: v.cpu() for k, v in model_state(model).items()}
+    state = {k: v.cpu() for k, v in model_state(model, state).items()}
     atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     atomic_write(directory / CONFIG, model.config.save)
     if tokenizer is not None:

@@ -58,6 +58,8 @@ def _prepare_parser(p) -> None:
                    help="folder for train.bin, val.bin, meta.json and the tokenizer (new or empty)")
     p.add_argument("--val-fraction", type=Fraction, default=0.1, help="share of random chunks held out")
     p.add_argument("--seed", type=Seed, default=0, help="seed of the train/val chunk draw")
+    p.add_argument("--text-field", default="text", metavar="NAME",
+                   help="the field that holds the text in .jsonl records and the column in .parquet files")
     overwrite_option(p)
 
 
@@ -71,7 +73,7 @@ def cmd_prepare(a) -> None:
     tok = load_tokenizer(a.tokenizer)
     metas = []
     write_folder(a.out, lambda tmp: metas.append(prepare(a.data, tok, tmp, val_fraction=a.val_fraction,
-                                                        seed=a.seed)), a.overwrite, inputs)
+                                                        seed=a.seed, text_field=a.text_field)), a.overwrite, inputs)
     meta = metas[0]
     print(f"wrote {meta.train_tokens:,} train and {meta.val_tokens:,} val tokens ({meta.dtype}) to {a.out}")
 

@@ -70,6 +70,9 @@ class TrainConfig:
     cpu_heap_reuse: bool = True
     """on a CPU (Linux, glibc), keep freed memory for the next step instead of page-faulting it in again: ~1.3x
     faster steps with GPT-2's vocabulary; the process holds its peak memory until training ends"""
+    strategy: str = "ddp"
+    """under torchrun: ddp (every process holds the whole model) | fsdp (FSDP2: each holds a shard of the weights,
+    gradients and optimizer state; for models that do not fit one device)"""
     peak_tflops: float | None = None
     """accelerator peak for MFU; None = known GPUs only"""
     progress: bool = True
@@ -102,6 +105,7 @@ class TrainConfig:
             ("sample_every", self.sample_every >= 0, "must be 0 (no samples) or more"),
             ("keep_last", self.keep_last >= 0, "must be 0 (keep every checkpoint) or more"),
             ("precision", self.precision in PRECISIONS, f"use one of {', '.join(PRECISIONS)}"),
+            ("strategy", self.strategy in ("ddp", "fsdp"), "use ddp or fsdp"),
             ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)) is not None,
              "not a device name; use auto, cpu, cuda, cuda:N or mps"),
         ]

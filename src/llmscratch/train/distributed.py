@@ -133,13 +133,73 @@ def barrier(r: Ranks) -> None:
         dist.barrier()
 
 
-def wrap(model: torch.nn.Module, device: torch.device, r: Ranks) -> torch.nn.Module:
-    """The model as the training steps call it: wrapped in DistributedDataParallel when several ranks train."""
+def wrap(model: torch.nn.Module, device: torch.device, r: Ranks, strategy: str = "ddp",
+         amp_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model as the training steps call it, when several ranks train. `ddp`: a DistributedDataParallel
+    wrapper (every rank holds all weights). `fsdp`: FSDP2 — `fully_shard` each transformer block and then the
+    whole model, in place, so each rank holds 1/world of the weights, gradients and optimizer state, gathering a
+    block's weights just before it runs (with a mixed-precision policy: bf16 compute, fp32 gradient reduction,
+    under bf16 autocast). Call it before building the optimizer: FSDP2 replaces the parameters by sharded ones."""
     if not r.active:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype else None
+        kwargs = {"mp_policy": policy} if policy is not None else {}
+        for block in model.blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def gradient_sync(stepped: torch.nn.Module, on: bool, r: Ranks):
+    """A context for one micro-step's backward: gradients are averaged across ranks only when `on` (the last
+    micro-step of an accumulated step), saving the communication of the others."""
+    import contextlib
+
+    if not r.active or on:
+        if hasattr(stepped, "set_requires_gradient_sync"):  # FSDP2: sync again after skipped micro-steps
+            stepped.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if hasattr(stepped, "no_sync"):  # DDP
+        return stepped.no_sync()
+    stepped.set_requires_gradient_sync(False)
+    return contextlib.nullcontext()
+
+
+def full(state):
+    """`state` (a state dict, or an optimizer's, nested) with every sharded tensor (DTensor) gathered whole onto
+    the CPU — a collective under FSDP: every rank must call it, in the same order. Plain tensors pass as they
+    are, so one process and DDP get their state back unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, DTensor):
+        return state.full_tensor().cpu()
+    if isinstance(state, dict):
+        return {k: full(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(full(v) for v in state)
+    return state
+
+
+def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A whole optimizer state (as `full` saves it) cut to the shards of `optimizer`'s sharded parameters, so a
+    checkpoint written by any number of processes resumes under FSDP2. Plain parameters keep whole tensors."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    cut = {}
+    for index, entry in state["state"].items():
+        p = params[int(index)]
+        if isinstance(p, DTensor):
+            entry = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                     if isinstance(v, torch.Tensor) and v.shape == p.shape else v for k, v in entry.items()}
+        cut[index] = entry
+    return {**state, "state": cut}
 
 
 def on_main(work, r: Ranks):

@@ -61,13 +61,16 @@ is_prepared = runs.is_prepared_data
 
 
 def prepare(data: str, tokenizer, out: str | Path, val_fraction: float = 0.1, seed: int = 0,
-            progress: bool = True):
-    """Tokenize corpus `data` into `out` (train.bin, val.bin, meta.json) and save the tokenizer beside them."""
-    from llmscratch.data import load_corpus, prepare_tokens
+            progress: bool = True, text_field: str = "text"):
+    """Tokenize corpus `data` into `out` (train.bin, val.bin, meta.json) and save the tokenizer beside them. The
+    corpus is streamed (`iter_corpus`): memory stays bounded however large it is. `text_field`: the field that
+    holds the text in JSONL and parquet files."""
+    from llmscratch.data import prepare_tokens
+    from llmscratch.data.corpora import iter_corpus
 
-    documents = load_corpus(data, progress=progress)
-    meta = prepare_tokens(documents, tokenizer, out, val_fraction=val_fraction, seed=seed, source=str(data),
-                          progress=progress)
+    corpus = iter_corpus(data, text_field=text_field, progress=progress)
+    meta = prepare_tokens(corpus, tokenizer, out, val_fraction=val_fraction, seed=seed, source=str(data),
+                          progress=progress, size_bytes=corpus.nbytes)
     tokenizer.save(out)
     return meta
 

@@ -172,15 +172,18 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out_dir: Path, model, tokenizer, optimizer, step: int, tokens: int, batches: BatchSource,
-                    hparams: dict, keep_last: int) -> Path:
+                    hparams: dict, keep_last: int, ranks: Ranks = distributed.SINGLE) -> Path:
     """Write the run's step folder for `step` atomically (`runs.new_step_folder`: a temporary folder renamed
-    into place), with the training state that `--resume` restores, then prune all but the `keep_last` newest."""
-    with runs.new_step_folder(out_dir, step) as tmp:
-        save_model(tmp, model, tokenizer, hparams)
-        state = {"step": step, "tokens": tokens, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-                 "data": batches.state_dict()}
-        atomic_write(tmp / runs.TRAIN_STATE, lambda p: torch.save(state, p))  # (a full disk: one clear OSError)
-    runs.prune_checkpoints(out_dir, keep_last)
+    into place), with the training state that `--resume` restores, then prune all but the `keep_last` newest.
+    Every rank calls it (a sharded run gathers its weights and optimizer state whole); rank 0 writes."""
+    weights, optim = distributed.full(model.state_dict()), distributed.full(optimizer.state_dict())
+    if ranks.main:
+        with runs.new_step_folder(out_dir, step) as tmp:
+            save_model(tmp, model, tokenizer, hparams, state=weights)
+            state = {"step": step, "tokens": tokens, "optimizer": optim, "rng": _rng_state(),
+                     "data": batches.state_dict()}
+            atomic_write(tmp / runs.TRAIN_STATE, lambda p: torch.save(state, p))  # (a full disk: one clear OSError)
+        runs.prune_checkpoints(out_dir, keep_last)
     return runs.step_folder(out_dir, step)
 
 
@@ -192,9 +195,9 @@ def load_train_state(ckpt: Path) -> dict:
                         "delete this checkpoint folder to resume from an earlier one") from None
 
 
-def restore(out_dir: Path, model, optimizer, batches: BatchSource, device: torch.device) -> tuple[int, int]:
-    """Load the run's newest resumable checkpoint into the model, optimizer, data position and RNGs, so that
-    training continues exactly as if never stopped; returns its (step, tokens)."""
+def restore_weights(out_dir: Path, model, device: torch.device) -> Path:
+    """Load the weights of the run's newest resumable checkpoint into `model` (whole, before any sharding);
+    returns that checkpoint's folder for `restore_state`."""
     from llmscratch.checkpoint import check_state_dict, load_state_dict
 
     ckpt = runs.latest_checkpoint(out_dir)
@@ -204,8 +207,14 @@ def restore(out_dir: Path, model, optimizer, batches: BatchSource, device: torch
     state = load_state_dict(ckpt / runs.WEIGHTS, device=device)
     check_state_dict(model, state, str(ckpt))
     model.load_state_dict(state, strict=False)
+    return ckpt
+
+
+def restore_state(ckpt: Path, optimizer, batches: BatchSource) -> tuple[int, int]:
+    """Load the optimizer, data position and RNGs of checkpoint `ckpt`, so that training continues exactly as if
+    never stopped (on any number of processes); returns its (step, tokens)."""
     ts = load_train_state(ckpt)
-    optimizer.load_state_dict(ts["optimizer"])
+    optimizer.load_state_dict(distributed.shard_optimizer_state(ts["optimizer"], optimizer))
     batches.load_state_dict(ts["data"])
     _set_rng_state(ts["rng"])
     return int(ts["step"]), int(ts["tokens"])
@@ -291,24 +300,29 @@ def _train(model, batches: BatchSource, cfg: TrainConfig, out_dir: Path, device:
            lr_schedule: Callable[[int], float] | None, ranks: Ranks = distributed.SINGLE) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model.to(device).train()
+    ckpt = restore_weights(out_dir, model, device) if resume else None
+    set_model_options(model, cfg, device)
+    # Several ranks: DDP, or FSDP2 sharding `model` in place — before the optimizer sees its parameters.
+    stepped = distributed.wrap(model, device, ranks, cfg.strategy, autocast_dtype(cfg.precision, device))
     optimizer = build_optimizer(model, cfg, device)
     hparams = {"train": dataclasses.asdict(cfg), **(hparams or {})}
-    step, tokens = restore(out_dir, model, optimizer, batches, device) if resume else (0, 0)
+    step, tokens = restore_state(ckpt, optimizer, batches) if resume else (0, 0)
     metrics = MetricsLog(out_dir, resume_from_step=step if resume else None) if ranks.main else _NoMetrics()
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    set_model_options(model, cfg, device)
-    stepped = distributed.wrap(model, device, ranks)  # DDP when several ranks train
+    sharded = ranks.active and cfg.strategy == "fsdp"  # then generating a sample would need every rank
     run = _Run(cfg, out_dir, model, torch.compile(stepped) if use_compile else stepped, optimizer, batches, loss_fn,
-               device, tokenizer, hparams, metrics, sample_fn if ranks.main else None, on_step, perplexity, step,
-               tokens, use_compile, lr_schedule, ranks)
+               device, tokenizer, hparams, metrics, sample_fn if ranks.main and not sharded else None, on_step,
+               perplexity, step, tokens, use_compile, lr_schedule, ranks)
     try:
         run.loop()
     finally:
         run.bar.close()
         metrics.close()
-    if run.last_saved == run.step and ranks.main:  # the final model and plot only when the last step was saved
-        save_model(out_dir, model, tokenizer, hparams)
-        plot_losses(out_dir / runs.METRICS_CSV, out_dir / runs.LOSS_PLOT, ylabel=loss_label)
+    if run.last_saved == run.step:  # the final model and plot only when the last step was saved
+        weights = distributed.full(model.state_dict())  # (every rank: gathering shards is a collective)
+        if ranks.main:
+            save_model(out_dir, model, tokenizer, hparams, state=weights)
+            plot_losses(out_dir / runs.METRICS_CSV, out_dir / runs.LOSS_PLOT, ylabel=loss_label)
     distributed.barrier(ranks)  # the other ranks return once the final files are written
     return run.result
 
@@ -439,10 +453,8 @@ class _Run:
             group["lr"] = self.lr
         for micro in range(cfg.grad_accum):
             batch = distributed.shard(self.batches.next("train"), self.ranks)
-            # DDP averages the gradients across ranks in the last micro-step's backward only
-            last = micro == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not self.ranks.active else self.fwd_model.no_sync()
-            with sync:
+            # gradients are averaged across ranks in the last micro-step's backward only
+            with distributed.gradient_sync(self.fwd_model, micro == cfg.grad_accum - 1, self.ranks):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     loss, n, extras = unpack_loss(self.loss_fn(self.fwd_model, batch))
                 (loss / cfg.grad_accum).backward()
@@ -500,9 +512,8 @@ class _Run:
                                    "Lower --lr and retry")
 
     def save(self) -> None:
-        """A resumable checkpoint of this step, written by rank 0 (DDP keeps the model and optimizer the same on
-        every rank, and the data position is shared)."""
-        if self.ranks.main:
-            save_checkpoint(self.out_dir, self.model, self.tokenizer, self.optimizer, self.step, self.tokens,
-                            self.batches, self.hparams, self.cfg.keep_last)
+        """A resumable checkpoint of this step: whole weights and optimizer state (gathered from the shards under
+        FSDP), written by rank 0 — the data position is the same on every rank."""
+        save_checkpoint(self.out_dir, self.model, self.tokenizer, self.optimizer, self.step, self.tokens,
+                        self.batches, self.hparams, self.cfg.keep_last, self.ranks)
         self.last_saved = self.step
