@@ -124,3 +124,32 @@ def test_finetuning_under_torchrun_is_refused_in_one_line(monkeypatch, tmp_path)
     with pytest.raises(UserError, match="without torchrun"):
         Stage("instruct", tmp_path / "ckpt", tmp_path / "out", TrainConfig())
     assert not (tmp_path / "out").exists()
+
+
+HANG = """
+import sys, time
+import torch
+from llmscratch.errors import UserError
+from llmscratch.train import distributed
+r, _ = distributed.setup("cpu")
+try:
+    with distributed.peers_answer(r):
+        if r.rank == 1:
+            time.sleep(12)  # a rank that stops answering
+        distributed.mean(torch.ones(1), r)
+except UserError as exc:
+    print(f"rank {r.rank} one line: {exc}")
+    sys.exit(2)
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_stops_answering_ends_the_run_with_one_line(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(HANG)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{distributed.TIMEOUT_ENV: "3"})
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0
+    line = next(x for x in r.stdout.splitlines() if x.startswith("rank 0 one line:"))
+    assert "another training process stopped answering" in line and "3 s" in line

@@ -169,7 +169,36 @@ def test_resolve_device_accepts_auto_and_the_cpu():
     from llmscratch.runtime import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert resolve_device("auto") == torch.device(expected)
+
+
+@pytest.mark.parametrize("cuda, mps, picked", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_prefers_cuda_then_mps_then_the_cpu(monkeypatch, cuda, mps, picked):
+    import torch
+
+    from llmscratch.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto") == torch.device(picked)
+
+
+def test_mps_refuses_what_it_lacks_in_one_line(monkeypatch, tmp_path):
+    """No Mac here: MPS is pretended, and the trainer must refuse torch.compile there before touching the device."""
+    import torch
+
+    from llmscratch.config import ModelConfig
+    from llmscratch.errors import UserError
+    from llmscratch.model import GPT
+    from llmscratch.train.config import TrainConfig
+    from llmscratch.train.trainer import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with pytest.raises(UserError, match="torch.compile is not supported on MPS"):
+        train(GPT(ModelConfig.from_preset("gpt-micro")), None, TrainConfig(compile=True), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name, why", [("bogus", "not a device name"), ("cuda:x", "not a device name"),

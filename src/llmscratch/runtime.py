@@ -35,10 +35,13 @@ def _device_choices() -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` → CUDA when present, else CPU. A name that is not a device, or names one this machine lacks
-    (CUDA without a GPU, cuda:N past the last GPU, MPS off a Mac) → UserError listing the valid choices."""
+    """`auto` → CUDA when present, else Apple's MPS, else the CPU. A name that is not a device, or names one this
+    machine lacks (CUDA without a GPU, cuda:N past the last GPU, MPS off a Mac) → UserError listing the valid
+    choices."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError):

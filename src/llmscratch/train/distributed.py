@@ -19,15 +19,18 @@ Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op and trai
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 
-from llmscratch.errors import UserError
+from llmscratch.errors import UserError, one_line
 
 TIMEOUT_ENV = "LLMSCRATCH_DIST_TIMEOUT_S"  # seconds a collective may wait for a silent rank (default 600)
+_PEER_FAILURE = re.compile(r"timed out|connection (closed|reset)|gloo|nccl|broken pipe", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -159,8 +162,6 @@ def wrap(model: torch.nn.Module, device: torch.device, r: Ranks, strategy: str =
 def gradient_sync(stepped: torch.nn.Module, on: bool, r: Ranks):
     """A context for one micro-step's backward: gradients are averaged across ranks only when `on` (the last
     micro-step of an accumulated step), saving the communication of the others."""
-    import contextlib
-
     if not r.active or on:
         if hasattr(stepped, "set_requires_gradient_sync"):  # FSDP2: sync again after skipped micro-steps
             stepped.set_requires_gradient_sync(True)
@@ -233,6 +234,25 @@ def check_global_batch(batch_size: int, r: Ranks) -> None:
     if batch_size % r.world:
         raise UserError(f"--train.batch_size {batch_size}: the global batch must split evenly across {r.world} "
                         f"processes; use a multiple of {r.world}")
+
+
+@contextlib.contextmanager
+def peers_answer(r: Ranks):
+    """Run the body; when a collective fails because another process died or stopped answering (within
+    LLMSCRATCH_DIST_TIMEOUT_S), end with one line saying so instead of a backend traceback."""
+    if not r.active:
+        yield
+        return
+    import torch.distributed as dist
+
+    try:
+        yield
+    except RuntimeError as exc:  # NCCL raises DistError; gloo a plain RuntimeError ("Timed out waiting ...")
+        if not isinstance(exc, dist.DistError) and not _PEER_FAILURE.search(str(exc)):
+            raise
+        limit = os.environ.get(TIMEOUT_ENV, "600")
+        raise UserError(f"rank {r.rank}: another training process stopped answering or failed (waited up to "
+                        f"{limit} s, {TIMEOUT_ENV}): {one_line(exc)[:200]}; see the other ranks' output") from None
 
 
 def finish(r: Ranks) -> None:

@@ -105,7 +105,8 @@ def run_pretrain(model: str | None = None, data: str = "pydocs", out: str | Path
     replace = distributed.on_main(lambda: runs.check_run_folder(out, resume, overwrite, inputs=(data, tokenizer)), r)
     before = None if resume else distributed.on_main(lambda: _claim(out, replace), r)
     # A resumed run keeps everything it has; a new one that fails before its first checkpoint leaves nothing.
-    with removed_on_failure(out, before) if r.main and not resume else contextlib.nullcontext():
+    cleanup = removed_on_failure(out, before) if r.main and not resume else contextlib.nullcontext()
+    with cleanup, distributed.peers_answer(r):
         if resume:
             model, model_cfg, tok, data_dir = _resumed_run(out, model, data, context_length, dropout)
         else:

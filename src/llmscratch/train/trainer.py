@@ -285,6 +285,8 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
     cfg's warmup and cosine over max_steps (`schedule.lr_at`), e.g. one stretched to a time budget."""
     cfg.check()
     ranks, device = distributed.setup(cfg.device)  # one process: the device cfg names
+    if device.type == "mps" and cfg.compile:  # what MPS lacks ends in one line, before the run starts
+        raise UserError("--train.compile true: torch.compile is not supported on MPS (Apple GPUs); leave it off")
     # Process-wide settings last exactly as long as training. On a CPU the run keeps freed memory for its next
     # steps (runtime.cpu_memory_kept_for_reuse); the loop's own tensors — optimizer state, gradients — are
     # freed inside, so the trim on leaving returns them. On CUDA fp32 matrix products use TF32.
