@@ -116,13 +116,16 @@ def test_ranks_from_torchrun_environment(monkeypatch):
     assert (r.rank, r.world, r.local_rank, r.main, r.active) == (3, 4, 1, False, True)
 
 
-def test_finetuning_under_torchrun_is_refused_in_one_line(monkeypatch, tmp_path):
-    from llmscratch.finetune.stage import Stage
-    from llmscratch.train.config import TrainConfig
+def test_finetuning_under_torchrun_refuses_fsdp_in_one_line(monkeypatch, tmp_path, capsys):
+    """In torchrun's environment (the refusal comes before the processes' group is joined, so each process
+    exits with it at once): --train.strategy fsdp → exit code 2, one line, nothing written."""
+    from clitools import assert_user_error, run
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="without torchrun"):
-        Stage("instruct", tmp_path / "ckpt", tmp_path / "out", TrainConfig())
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    code, _, err = run(["finetune", "classify", tmp_path / "ckpt", "--data", tmp_path / "texts.tsv", "--out",
+                        tmp_path / "out", "--train.strategy", "fsdp"], capsys)
+    assert_user_error(code, err, "--train.strategy fsdp", "use --train.strategy ddp")
     assert not (tmp_path / "out").exists()
 
 
@@ -153,3 +156,103 @@ def test_a_rank_that_stops_answering_ends_the_run_with_one_line(tmp_path):
     assert r.returncode != 0
     line = next(x for x in r.stdout.splitlines() if x.startswith("rank 0 one line:"))
     assert "another training process stopped answering" in line and "3 s" in line
+
+
+# --- the fine-tuning verbs under torchrun ---------------------------------------------------------------------
+FT_STEPS = ["--train.batch_size", 4, "--train.eval_every", 2, "--train.eval_batches", 2, "--train.log_every", 1,
+            "--train.save_every", 2, "--train.warmup_steps", 1, "--train.seed", 3, "--no-progress"]
+
+
+def _finetune(nproc: int, verb: str, base, data, out, *extra) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    argv = [*launcher, "-m", "llmscratch", "finetune", verb, str(base), "--data", str(data), "--out", str(out),
+            *map(str, [*FT_STEPS, *extra])]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def ft_base(tmp_path_factory):
+    """A random gpt-micro checkpoint (context 256, room for a prompt style) with a byte-level tokenizer."""
+    from llmscratch.checkpoint import save_model
+    from llmscratch.config import ModelConfig
+    from llmscratch.model import GPT
+    from llmscratch.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train(["bytes"], 257, progress=False)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("gpt-micro", vocab_size=tok.vocab_size, context_length=256))
+    return save_model(tmp_path_factory.mktemp("ft-base") / "micro", model, tok, {"model": "gpt-micro"})
+
+
+def _files(run) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+
+
+@pytest.mark.slow
+def test_finetune_classify_on_two_processes_trains_as_one(ft_base, tmp_path):
+    """Classification averages its loss over texts, so 2 processes with the same global batch give one
+    process's losses (training and evaluation) and weights, within fp32 tolerance, and the same files."""
+    import random
+
+    rng = random.Random(0)
+    words = {"spam": ["win", "free", "cash", "prize"], "ham": ["see", "you", "lunch", "home"]}
+    rows = [(label, " ".join(rng.choice(words[label]) for _ in range(rng.randint(2, 8))))
+            for label in ("spam", "ham") * 20]  # 40 texts → 28 train / 4 val / 8 test
+    data = tmp_path / "texts.tsv"
+    data.write_text("".join(f"{label}\t{text}\n" for label, text in rows))
+    steps = ["--trainable", "all", "--max-steps", 4]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _finetune(1, "classify", ft_base, data, one, *steps)
+    r = _finetune(2, "classify", ft_base, data, two, *steps)
+    _assert_same_run(one, two)
+    assert _files(one) == _files(two)
+    assert r.stdout.count("test confusion matrix") == 1  # rank 0 alone reports
+
+
+@pytest.mark.slow
+def test_finetune_instruct_on_two_processes_writes_what_one_does(ft_base, tmp_path):
+    """Instruction tuning averages its loss over each rank's answer tokens, which two ranks' halves of a batch
+    share unevenly: its losses are not exactly one process's. Asserted: it runs, writes the same files (the
+    test-set answers by rank 0), reports once, and its losses are close to one process's (within 0.02 nats)."""
+    import json
+
+    records = [{"instruction": "Name a colour.", "input": "", "output": "blue"},
+               {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},
+               {"instruction": "Say hi.", "input": "", "output": "hi there"}] * 6
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps(rec) + "\n" for rec in records))
+    steps = ["--prompt-style", "phi3", "--epochs", 0, "--train.max_steps", 2, "--max-new-tokens", 3]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _finetune(1, "instruct", ft_base, data, one, *steps)
+    r = _finetune(2, "instruct", ft_base, data, two, *steps)
+    assert _files(one) == _files(two)
+    assert r.stdout.count("stopped at step 2") == 1
+    assert len(json.loads((two / "test_responses.json").read_text())) == len(
+        json.loads((one / "test_responses.json").read_text()))
+    la, lb = _losses(one), _losses(two)
+    assert [x[:2] for x in la] == [x[:2] for x in lb]
+    assert all(a[2] == pytest.approx(b[2], abs=0.02) for a, b in zip(la, lb)), (la, lb)
+
+
+def test_rank_batches_split_every_global_batch_evenly():
+    """Each rank's rows of a training batch together are one process's batch; a short last evaluation batch
+    is filled up to a multiple of the ranks; with own_rows each rank collates its own examples only."""
+    from llmscratch.finetune.stage import OwnRows, _RankBatches
+    from llmscratch.train.batches import ExampleBatches
+
+    train, val = list(range(10)), list(range(5))
+    one = ExampleBatches(train, val, list, 4, seed=1)
+    ranks = [_RankBatches(train, val, list, 4, 1, Ranks(k, 2, k), own_rows=True) for k in range(2)]
+    for _ in range(3):
+        whole = one.next("train")
+        parts = [b.next("train") for b in ranks]
+        assert all(isinstance(p, OwnRows) for p in parts)
+        assert parts[0].batch + parts[1].batch == whole and len(parts[0].batch) == 2
+    evals = [[b.next("eval_val").batch for _ in range(3)] for b in ranks]
+    assert [a + b for a, b in zip(*evals)] == [[0, 1, 2, 3], [4, 0], [0, 1, 2, 3]]
+    shared = _RankBatches(train, val, list, 4, 1, Ranks(0, 2, 0), own_rows=False)
+    assert shared.next("train") == ExampleBatches(train, val, list, 4, seed=1).next("train")  # shard() cuts it

@@ -58,6 +58,13 @@ def _lora_options(p, note: str = "") -> None:
     p.add_argument("--lora-dropout", type=Fraction, default=0.0, help="dropout on the adapters' input")
 
 
+def _speaks() -> bool:
+    """Whether this process prints the run's summary: rank 0 under torchrun, where every rank runs the verb."""
+    from llmscratch.train.distributed import ranks
+
+    return ranks().main
+
+
 def _lora_settings(a):
     """LoRASettings from the --lora-* flags, or None without --lora-rank."""
     if a.lora_rank is None:
@@ -116,6 +123,9 @@ def cmd_finetune_instruct(a) -> None:
     r = run_instruct(a.checkpoint, a.data, a.out, prompt_style=a.prompt_style, epochs=a.epochs or None,
                      max_length=a.max_length, train_on_prompt=a.train_on_prompt, **_split_kwargs(a),
                      **_run_kwargs(a))
+    if not _speaks():
+        exit_if_interrupted(r.train)
+        return
     print(run_summary(r.train, a.out, r.files))
     exit_if_interrupted(r.train)
     what = "the adapter (base + adapter merged in memory)" if r.adapter else "the model"
@@ -204,6 +214,9 @@ def cmd_finetune_dpo(a) -> None:
                 label_smoothing=a.label_smoothing, precompute=a.precompute_reference,
                 average_logprobs=a.average_logprobs, epochs=a.epochs or None, max_length=a.max_length,
                 n_samples=a.samples, **_split_kwargs(a), **_run_kwargs(a))
+    if not _speaks():  # the other ranks stop after training, with no report
+        exit_if_interrupted(r.train)
+        return
     before, after = r.metrics["before"], r.metrics["after"]
     for sample in r.metrics["samples"]:
         print(f"\n### {sample['instruction']}" + (f"\n{sample['input']}" if sample["input"] else ""))

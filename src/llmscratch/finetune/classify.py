@@ -34,8 +34,7 @@ from llmscratch.data.labelled import (
 from llmscratch.errors import UserError
 from llmscratch.finetune.defaults import CLASSIFY, CLASSIFY_TRAINABLE, classify_train_config
 from llmscratch.finetune.stage import Stage, StageResult, files_message
-from llmscratch.runtime import autocast_dtype, resolve_device
-from llmscratch.train.batches import ExampleBatches
+from llmscratch.runtime import autocast_dtype
 from llmscratch.train.config import TrainConfig
 from llmscratch.train.metrics import save_figure, subplots
 
@@ -59,8 +58,10 @@ def classification_loss(model, batch) -> tuple[torch.Tensor, int, dict]:
     """Mean cross-entropy of a (idx, lengths, labels) batch, the number of texts, and the batch accuracy as an
     extra scalar (logged as train_accuracy / val_accuracy in metrics.csv): the trainer's `loss_fn` (the book's
     calc_loss_batch and calc_accuracy_loader for chapter 6)."""
+    from llmscratch.train.distributed import run_as_forward
+
     idx, lengths, labels = batch
-    logits = class_logits(model, idx, lengths).float()
+    logits = run_as_forward(model, class_logits, idx, lengths).float()  # (through DDP's forward under torchrun)
     accuracy = (logits.detach().argmax(-1) == labels).float().mean()
     return F.cross_entropy(logits, labels), labels.numel(), {"accuracy": accuracy}
 
@@ -278,7 +279,9 @@ def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, tex
         raise UserError("--random-init with LoRA: adapters adapt the checkpoint's weights; drop one of them")
     stage = Stage("classify", checkpoint, out, train_cfg or classify_train_config(), resume=resume,
                   overwrite=overwrite, lora=lora, log=log, data=data)
-    texts = _read_texts(data, text_column, label_column, balance, data_seed, stage.cfg.batch_size, progress, log)
+    log, progress = stage.log, progress and stage.ranks.main  # under torchrun rank 0 alone speaks
+    texts = stage.main_first(lambda: _read_texts(data, text_column, label_column, balance, data_seed,
+                                                 stage.cfg.batch_size, progress, log))
     base, tok = stage.load_base(lm_only=False)
     if random_init:
         from llmscratch.model import GPT
@@ -292,10 +295,9 @@ def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, tex
     log(f"classifier: {model.num_params() / 1e6:.2f}M parameters, {n_trainable:,} trainable ({trainable}); "
         f"labels {texts.labels}")
 
-    device = resolve_device(stage.cfg.device)
+    device = stage.device
     pad = pad_token_id(tok)
-    batches = ExampleBatches(enc.splits["train"], enc.splits["val"], lambda b: collate_labelled(b, pad, device),
-                             stage.cfg.batch_size, seed=stage.cfg.seed)
+    batches = stage.batches(enc.splits["train"], enc.splits["val"], lambda b: collate_labelled(b, pad, device))
     per_epoch = batches.batches_per_epoch
     cfg = (stage.steps_for_epochs(None, per_epoch, max_steps=max_steps) if max_steps
            else stage.steps_for_epochs(epochs, per_epoch))
@@ -307,8 +309,12 @@ def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, tex
     log(f"training {cfg.max_steps} steps ({cfg.max_steps * cfg.grad_accum / per_epoch:.3g} epochs of {per_epoch} "
         f"batches of {cfg.batch_size}) on {device.type}")
     t_train = time.perf_counter()
+    # (the accuracy after each epoch is measured by rank 0 alone, which reports it)
     result = stage.train(model, batches, cfg, tok, hparams, before=lambda o: write_labels(o, texts.labels),
-                         loss_fn=classification_loss, on_step=tracker, perplexity=False)
+                         loss_fn=classification_loss, on_step=tracker if stage.ranks.main else None,
+                         perplexity=False)
+    if not stage.end_training():
+        return stage.result(result, *(len(enc.splits[k]) for k in ("train", "val", "test")))
     metrics = {"labels": texts.labels, "data": str(data), "base": str(checkpoint), "random_init": random_init,
                "trainable": trainable, "trainable_params": n_trainable, "steps": result.step,
                "epochs": result.step * cfg.grad_accum / per_epoch, "max_length": enc.max_length,

@@ -32,7 +32,6 @@ from llmscratch.errors import UserError
 from llmscratch.fileio import atomic_write_text
 from llmscratch.finetune.defaults import DPO, dpo_train_config
 from llmscratch.finetune.stage import Stage, StageResult, answer_test_split, check_epochs, check_max_length
-from llmscratch.train.batches import ExampleBatches
 from llmscratch.train.config import TrainConfig
 from llmscratch.train.metrics import read_metrics, save_figure, subplots
 from llmscratch.train.trainer import unpack_loss
@@ -116,7 +115,10 @@ class DPOLoss:
         self.beta, self.label_smoothing, self.reference, self.average = beta, label_smoothing, reference, average
 
     def __call__(self, model, batch):
-        logps = sequence_logprobs(model, batch.x, batch.y, self.average)  # (2B,): chosen rows, then rejected
+        from llmscratch.train.distributed import run_as_forward
+
+        # (2B,): chosen rows, then rejected; through DDP's forward under torchrun, so the gradients are averaged
+        logps = run_as_forward(model, sequence_logprobs, batch.x, batch.y, self.average)
         policy_c, policy_r = logps.chunk(2)
         if batch.ref_chosen is not None:
             ref_c, ref_r = batch.ref_chosen, batch.ref_rejected
@@ -219,6 +221,7 @@ def run_dpo(checkpoint: str | Path, data: str | Path, out: str | Path, *, prompt
 
     stage = Stage("dpo", checkpoint, out, train_cfg or dpo_train_config(), resume=resume, overwrite=overwrite,
                   lora=lora, log=log, data=data)
+    log, progress = stage.log, progress and stage.ranks.main  # under torchrun rank 0 alone speaks
     if beta <= 0:
         raise UserError(f"--beta must be positive, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
@@ -226,7 +229,7 @@ def run_dpo(checkpoint: str | Path, data: str | Path, out: str | Path, *, prompt
     check_epochs(epochs)
     saved_style = load_style(stage.base_folder)
     style = get_style(prompt_style) if prompt_style else saved_style or get_style("alpaca")
-    records = _load_preferences(data)
+    records = stage.main_first(lambda: _load_preferences(data))
     model, tok = stage.load_base()
     max_length = check_max_length(max_length, model.config.context_length)
     recs = _split(records, split_seed, val_fraction, test_fraction)
@@ -238,15 +241,13 @@ def run_dpo(checkpoint: str | Path, data: str | Path, out: str | Path, *, prompt
 
     run = _DPORun(stage, model, tok, style, beta, label_smoothing, average_logprobs, progress)
     loss_fn = run.loss_fn(precompute, train_pairs + val_pairs)
-    batches = ExampleBatches(train_pairs, val_pairs, run.collate, stage.cfg.batch_size, seed=stage.cfg.seed)
+    batches = stage.batches(train_pairs, val_pairs, run.collate, own_rows=True)  # (a rank's pairs: both rows)
     cfg = stage.steps_for_epochs(epochs, batches.batches_per_epoch)
     log(f"{cfg.max_steps} steps of {cfg.batch_size * cfg.grad_accum} pairs "
         f"({cfg.max_steps * cfg.batch_size * cfg.grad_accum / len(train_pairs):.2f} epochs)")
     eval_pairs = val_pairs or train_pairs
     sample_recs = (recs[2] or recs[1] or recs[0])[:max(0, n_samples)]
-    before = run.evaluate(eval_pairs, loss_fn)
-    before_answers = run.answers(sample_recs, max_new_tokens) if not resume else []
-    log("before: " + _describe(before))
+    before, before_answers = run.before_training(eval_pairs, loss_fn, sample_recs, max_new_tokens, resume)
 
     reference = "precomputed" if precompute else ("adapters-off" if lora is not None else "frozen-copy")
     dpo_hp = {"beta": beta, "label_smoothing": label_smoothing, "reference": reference,
@@ -256,6 +257,8 @@ def run_dpo(checkpoint: str | Path, data: str | Path, out: str | Path, *, prompt
                "split": {"seed": split_seed, "val_fraction": val_fraction, "test_fraction": test_fraction}}
     result = stage.train(model, batches, cfg, tok, hparams, before=lambda o: save_style(o, style.name),
                          loss_fn=loss_fn, perplexity=False, loss_label="DPO loss")
+    if not stage.end_training():  # rank 0 alone evaluates, answers and writes
+        return stage.result(result, *map(len, recs))
     after = run.evaluate(eval_pairs, loss_fn)
     log("after:  " + _describe(after))
     samples = [{"instruction": r["instruction"], "input": r.get("input", ""), "chosen": r["chosen"],
@@ -304,11 +307,11 @@ class _DPORun:
     def __init__(self, stage: Stage, model, tok, style, beta: float, label_smoothing: float, average: bool,
                  progress: bool):
         from llmscratch.data.preference import PreferenceCollate
-        from llmscratch.runtime import autocast_dtype, resolve_device
+        from llmscratch.runtime import autocast_dtype
 
         self.stage, self.model, self.tok, self.style = stage, model, tok, style
         self.beta, self.label_smoothing, self.average, self.progress = beta, label_smoothing, average, progress
-        self.device = resolve_device(stage.cfg.device)
+        self.device = stage.device
         self.amp = autocast_dtype(stage.cfg.precision, self.device)
         self.eval_batch = 2 * stage.cfg.batch_size
         model.to(self.device)
@@ -331,6 +334,17 @@ class _DPORun:
 
     def evaluate(self, pairs: list, loss_fn: DPOLoss) -> dict[str, float]:
         return evaluate_pairs(self.model, pairs, loss_fn, self.collate, self.eval_batch, self.amp, self.device)
+
+    def before_training(self, pairs: list, loss_fn: DPOLoss, records: list[dict], max_new_tokens: int,
+                        resume: bool) -> tuple[dict[str, float], list[str]]:
+        """(validation metrics, answers to `records`) of the model before training (no answers when resumed: it
+        is no longer the starting model), logged. Under torchrun only rank 0 reports them: ({}, []) elsewhere."""
+        if not self.stage.ranks.main:
+            return {}, []
+        before = self.evaluate(pairs, loss_fn)
+        answers = self.answers(records, max_new_tokens) if not resume else []
+        self.stage.log("before: " + _describe(before))
+        return before, answers
 
     def answers(self, records: list[dict], max_new_tokens: int) -> list[str]:
         if not records:

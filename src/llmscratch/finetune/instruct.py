@@ -48,14 +48,13 @@ def run_instruct(checkpoint: str | Path, data: str | Path, out: str | Path,
     """
     from llmscratch.data.instruct import InstructCollate, load_records, split_records
     from llmscratch.prompts import get_style, save_style
-    from llmscratch.runtime import resolve_device
-    from llmscratch.train.batches import ExampleBatches
 
     stage = Stage("instruct", checkpoint, out, train_cfg or instruct_train_config(), resume=resume,
                   overwrite=overwrite, lora=lora, log=log, data=data)
+    log, progress = stage.log, progress and stage.ranks.main  # under torchrun rank 0 alone speaks
     style = get_style(prompt_style)
     check_epochs(epochs)
-    records = load_records(data, progress=progress)
+    records = stage.main_first(lambda: load_records(data, progress=progress))
     model, tok = stage.load_base()
     stage.apply_lora(model)
     max_length = check_max_length(max_length, model.config.context_length)
@@ -65,9 +64,8 @@ def run_instruct(checkpoint: str | Path, data: str | Path, out: str | Path,
         f"{len(recs[2])} (seed {split_seed}); prompt style {style.name}, "
         f"{'training on prompt and answer' if train_on_prompt else 'answer tokens only (prompt masked)'}")
 
-    device = resolve_device(stage.cfg.device)
-    collate = InstructCollate(pad_id=tok.eos_id, mask_prompt=not train_on_prompt, device=device)
-    batches = ExampleBatches(train_ex, val_ex, collate, stage.cfg.batch_size, seed=stage.cfg.seed)
+    collate = InstructCollate(pad_id=tok.eos_id, mask_prompt=not train_on_prompt, device=stage.device)
+    batches = stage.batches(train_ex, val_ex, collate, own_rows=True)  # (each rank counts its own targets)
     cfg = stage.steps_for_epochs(epochs, batches.batches_per_epoch)
     log(f"{cfg.max_steps} steps of {cfg.batch_size * cfg.grad_accum} examples "
         f"({cfg.max_steps * cfg.batch_size * cfg.grad_accum / len(train_ex):.2f} epochs)")
@@ -85,6 +83,8 @@ def run_instruct(checkpoint: str | Path, data: str | Path, out: str | Path,
     # The style is written before training: checkpoints/step-* folders find it in their run folder.
     result = stage.train(model, batches, cfg, tok, hparams, before=lambda o: save_style(o, style.name),
                          loss_fn=instruct_loss, sample_fn=sample)
+    if not stage.end_training():  # rank 0 alone answers the test split and writes
+        return stage.result(result, *map(len, recs))
     responses = answer_test_split(result, model, tok, style, recs[2], stage.out, max_new_tokens, progress, log)
     stage.finish(model, tok, result)
     return stage.result(result, *map(len, recs), metrics={"responses": responses})

@@ -6,15 +6,20 @@ model head and loss:
     stage = Stage("instruct", checkpoint, out, train_cfg, resume=..., overwrite=..., lora=...)  # guards
     model, tok = stage.load_base()                       # a language model (or any, with lm_only=False)
     stage.apply_lora(model)                              # no-op without LoRA settings
+    batches = stage.batches(train, val, collate)         # the same seeded global batches on every rank
     cfg = stage.steps_for_epochs(epochs, batches)        # a copy: the caller's TrainConfig is never changed
     result = stage.train(model, batches, cfg, tok, hparams, loss_fn=...)
-    files = stage.finish(model, tok, result)             # adapter folder with LoRA; the files in `out`
+    if stage.end_training():                             # rank 0 (or the one process) goes on alone
+        files = stage.finish(model, tok, result)         # adapter folder with LoRA; the files in `out`
 
-Every stage returns a `StageResult`.
+Every stage returns a `StageResult`. Under torchrun (`--train.strategy ddp`) every rank trains its rows of each
+global batch (`llmscratch.train.distributed`); rank 0 alone checks --out, logs and writes, and after training it
+alone evaluates, answers the test split and writes the stage's files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,13 +29,15 @@ from pathlib import Path
 
 from llmscratch import runs
 from llmscratch.errors import UserError
+from llmscratch.train.batches import ExampleBatches
 from llmscratch.train.config import TrainConfig
 
 
 @dataclass
 class StageResult:
     """What every training stage returns: where its output went, how training ended, what was written, and the
-    stage's own report (`metrics`: classify's accuracy per split, DPO's validation metrics before and after...)."""
+    stage's own report (`metrics`: classify's accuracy per split, DPO's validation metrics before and after...).
+    Under torchrun, ranks other than 0 return once training is over, with no `files` and no `metrics`."""
 
     out: Path
     train: object  # llmscratch.train.trainer.TrainResult
@@ -75,24 +82,42 @@ class Stage:
     def __init__(self, name: str, checkpoint: str | Path, out: str | Path, train_cfg: TrainConfig, *,
                  resume: bool = False, overwrite: bool = False, lora=None, log: Callable[[str], None] = print,
                  data: str | Path | None = None):
-        self.name, self.checkpoint, self.out = name, checkpoint, Path(out)
-        self.cfg, self.resume, self.lora, self.log = train_cfg, resume, lora, log
-        train_cfg.check()  # a bad setting is reported before any data or model is read
-        from llmscratch.train.distributed import ranks
+        from llmscratch.train import distributed
 
-        if ranks().active:
-            raise UserError(f"finetune {name} runs as one process for now; start it without torchrun (only "
-                            "`pretrain` trains data-parallel)")
+        self.name, self.checkpoint, self.out = name, checkpoint, Path(out)
+        self.cfg, self.resume, self.lora = train_cfg, resume, lora
+        train_cfg.check()  # a bad setting is reported before any data or model is read
+        if train_cfg.strategy == "fsdp":
+            raise UserError(f"--train.strategy fsdp: finetune {name} trains data-parallel with ddp only (LoRA "
+                            "adapters, the DPO reference and the test-set answers need whole weights in every "
+                            "process); use --train.strategy ddp")
         if lora is not None:
             lora.check()
-        self.replace = runs.check_run_folder(self.out, resume, overwrite, inputs=(checkpoint, data))
-        if lora is not None and not resume and (self.out / runs.WEIGHTS).exists():
+        # Under torchrun: join the processes' group; rank 0 alone checks (and may tidy) --out, then tells the rest.
+        self.ranks, self.device = distributed.setup(train_cfg.device)
+        distributed.check_global_batch(train_cfg.batch_size, self.ranks)
+        self.log = log if self.ranks.main else _silent  # one process speaks for the run
+        self.replace = distributed.on_main(lambda: self._check_out(overwrite, data), self.ranks)
+        self.base_folder = runs.find_model_folder(checkpoint)
+
+    def _check_out(self, overwrite: bool, data) -> bool:
+        """The --out guards; returns whether `out` holds files the run replaces."""
+        replace = runs.check_run_folder(self.out, self.resume, overwrite, inputs=(self.checkpoint, data))
+        if self.lora is not None and not self.resume and (self.out / runs.WEIGHTS).exists():
             raise UserError(f"--out {self.out}: holds full model weights ({runs.WEIGHTS}) that a LoRA run would "
                             "replace by an adapter and delete; choose another folder")
-        self.base_folder = runs.find_model_folder(checkpoint)
-        if runs.run_of(self.base_folder).resolve() == self.out.resolve():
-            raise UserError(f"--out {self.out}: is the run the base checkpoint {checkpoint} belongs to; write the "
-                            "tuned model to another folder")
+        if runs.run_of(runs.find_model_folder(self.checkpoint)).resolve() == self.out.resolve():
+            raise UserError(f"--out {self.out}: is the run the base checkpoint {self.checkpoint} belongs to; write "
+                            "the tuned model to another folder")
+        return replace
+
+    def main_first(self, work: Callable[[], object]):
+        """`work()` (reading the data set) on rank 0, then on the other ranks once it succeeded: a download or
+        cache is made once, and rank 0's one-line error stops them all. One process: `work()`."""
+        from llmscratch.train import distributed
+
+        done = distributed.on_main(work, self.ranks)
+        return done if self.ranks.main else work()
 
     # --- the model ----------------------------------------------------------------------------------------
     def load_base(self, lm_only: bool = True):
@@ -129,21 +154,49 @@ class Stage:
             changes["max_steps"] = steps_for_epochs(epochs, batches_per_epoch, cfg.grad_accum)
         return dataclasses.replace(cfg, **changes)
 
-    def train(self, model, batches, cfg: TrainConfig, tokenizer, hparams: dict,
-              before: Callable[[Path], None] | None = None, **train_kwargs):
-        """Create (or clear, with --overwrite) `out`, call `before(out)` for files the checkpoints need to find
-        in their run folder (a prompt style, label names), and train; a failed start removes what it made."""
-        from llmscratch.train.trainer import train
+    def batches(self, train: list, val: list, collate: Callable[[list], object], own_rows: bool = False):
+        """The trainer's batch source over `train`/`val` (an `ExampleBatches`, seeded with the run's seed, so every
+        rank draws the same global batch and trains its own rows of it). Under torchrun an evaluation batch
+        that would not split evenly across the ranks is filled up from its split's start. `own_rows`: each
+        rank collates only its own examples of a batch (for batches `distributed.shard` cannot cut by rows:
+        preference pairs, whose chosen and rejected rows lie apart; instruction batches, whose target count is
+        the batch's)."""
+        if not self.ranks.active:
+            return ExampleBatches(train, val, collate, self.cfg.batch_size, seed=self.cfg.seed)
+        return _RankBatches(train, val, collate, self.cfg.batch_size, self.cfg.seed, self.ranks, own_rows)
 
+    def train(self, model, batches, cfg: TrainConfig, tokenizer, hparams: dict,
+              before: Callable[[Path], None] | None = None, loss_fn=None, **train_kwargs):
+        """Create (or clear, with --overwrite) `out`, call `before(out)` for files the checkpoints need to find
+        in their run folder (a prompt style, label names), and train; a failed start removes what it made.
+        Under torchrun every rank trains; rank 0 alone writes."""
+        from llmscratch.train import distributed
+        from llmscratch.train.trainer import lm_loss, train
+
+        r = self.ranks
+        held = distributed.on_main(self._claim_out, r)
+        hparams = {"stage": self.name, "base": str(self.checkpoint), **hparams, **self.lora_hparams()}
+        cleanup = runs.removed_on_failure(self.out, held) if r.main else contextlib.nullcontext()
+        with cleanup, distributed.peers_answer(r):
+            if before is not None:
+                distributed.on_main(lambda: before(self.out), r)
+            return train(model, batches, cfg, self.out, tokenizer=tokenizer, resume=self.resume, hparams=hparams,
+                         loss_fn=_own_rows_unwrapped(loss_fn or lm_loss), **train_kwargs)
+
+    def _claim_out(self) -> frozenset[str] | None:
         held = runs.check_out_dir(self.out)
         if self.replace:  # only now that the data and the model are known to be good
             runs.clear_run(self.out)
-        hparams = {"stage": self.name, "base": str(self.checkpoint), **hparams, **self.lora_hparams()}
-        with runs.removed_on_failure(self.out, held):
-            if before is not None:
-                before(self.out)
-            return train(model, batches, cfg, self.out, tokenizer=tokenizer, resume=self.resume, hparams=hparams,
-                         **train_kwargs)
+        return held
+
+    def end_training(self) -> bool:
+        """Once training is over, leave torchrun's process group; returns whether this process goes on to
+        evaluate, answer the test split and write the stage's files: rank 0, alone from here on (so that no
+        rank waits, against the group's timeout, for its answers). One process: True."""
+        from llmscratch.train import distributed
+
+        distributed.finish(self.ranks)
+        return self.ranks.main
 
     def finish(self, model, tokenizer, result) -> list[str]:
         """With LoRA, leave the adapter alone in `out` (the full weights are dropped; checkpoints/ keeps the
@@ -158,8 +211,58 @@ class Stage:
 
     def result(self, train_result, n_train: int, n_val: int, n_test: int, metrics: dict | None = None,
                files: list[str] | None = None) -> StageResult:
-        return StageResult(self.out, train_result, files if files is not None else runs.written_files(self.out),
-                           n_train, n_val, n_test, metrics or {})
+        """The stage's result; `files` defaults to what `out` holds (nothing on ranks other than 0)."""
+        if files is None:
+            files = runs.written_files(self.out) if self.ranks.main else []
+        return StageResult(self.out, train_result, files, n_train, n_val, n_test, metrics or {})
+
+
+def _silent(_message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+@dataclass
+class OwnRows:
+    """A batch collated from this rank's own examples of the global batch: `distributed.shard` leaves it whole
+    (it is no tensor, tuple, list or dict), and `Stage.train` hands the loss the batch inside."""
+
+    batch: object
+
+
+def _own_rows_unwrapped(loss_fn):
+    def loss(model, batch):
+        return loss_fn(model, batch.batch if isinstance(batch, OwnRows) else batch)
+    return loss
+
+
+class _RankBatches(ExampleBatches):
+    """`ExampleBatches` for one of several ranks: the same seeded global batches, evaluation batches that split
+    evenly across the ranks, and with `own_rows` each batch collated from this rank's contiguous share of its
+    examples, as an `OwnRows`."""
+
+    def __init__(self, train, val, collate, batch_size: int, seed: int, ranks, own_rows: bool):
+        super().__init__(train, val, self._collate, batch_size, seed=seed)
+        self.inner, self.ranks, self.own_rows = collate, ranks, own_rows
+
+    def _collate(self, examples: list):
+        if not self.own_rows:
+            return self.inner(examples)
+        per = len(examples) // self.ranks.world  # (the global batch is a multiple of the number of ranks)
+        return OwnRows(self.inner(examples[self.ranks.rank * per:(self.ranks.rank + 1) * per]))
+
+    def next(self, split: str):
+        if split == "train":
+            return super().next(split)
+        # The examples one process evaluates, but a short last batch is filled up (from the split's start) to a
+        # multiple of the ranks: every rank then scores as many, and their mean is the batch's.
+        name = split.removeprefix("eval_")
+        data, start = self.data[name], self.eval_offset[name]
+        if start >= len(data):
+            start = 0
+        n = min(self.batch_size, len(data) - start)
+        n += -n % self.ranks.world
+        self.eval_offset[name] = start + n
+        return self._collate([data[(start + i) % len(data)] for i in range(n)])
 
 
 def files_message(out: Path, files: list[str]) -> str:

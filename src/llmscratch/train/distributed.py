@@ -264,3 +264,22 @@ def finish(r: Ranks) -> None:
     if dist.is_initialized():
         dist.barrier()  # without it, about one run in seven aborts at exit (gloo)
         dist.destroy_process_group()
+
+
+def run_as_forward(stepped: torch.nn.Module, part, *args):
+    """`part(model, *args)` — a loss's call of the model's parts (`features`, `lm_head`) instead of its forward —
+    where `stepped` is the model as the trainer calls it: the model, its torch.compile wrapper or its DDP wrapper.
+    DDP averages across ranks the gradients of what runs inside its forward only, so under DDP `part` runs as the
+    wrapped model's forward for this one call (eagerly: such a loss bypasses torch.compile with one process too).
+    `part` returns a tensor."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = getattr(stepped, "_orig_mod", stepped)  # (the module under a torch.compile wrapper)
+    if not isinstance(ddp, DistributedDataParallel):
+        return part(stepped, *args)
+    inner = ddp.module
+    inner.forward = lambda *a: part(inner, *a)  # an instance attribute: shadows the class's forward
+    try:
+        return ddp(*args)
+    finally:
+        del inner.forward
