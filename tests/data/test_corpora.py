@@ -5,20 +5,27 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import json
 import re
 import shutil
 import socket
+import sys
 import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
+import regex
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmscratch.data import corpora
 from llmscratch.data.corpora import (
     CORPORA,
     NAMED_DOWNLOADS,
+    Continuation,
     fetch_corpus,
+    iter_corpus,
     load_corpus,
     pydocs_documents,
     pydocs_text,
@@ -472,6 +479,167 @@ def test_corpus_name_wins_over_a_same_named_file(tmp_path, monkeypatch):
     assert load_corpus("./pydocs") == ["local"]
 
 
+# --- streaming: JSONL, large files in pieces, laziness, parquet -------------------------------------------
+
+
+def _jsonl(path: Path, *records) -> Path:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+def test_jsonl_gives_one_document_per_record_of_the_text_field(tmp_path):
+    f = _jsonl(tmp_path / "d.jsonl", {"text": "first", "id": 1}, "", {"text": "  "}, {"text": "sec\r\nond"},
+               {"body": "x", "text": "third"})
+    assert load_corpus(f) == ["first", "sec\r\nond", "third"]  # a record's text is its content, CR and all
+    g = _jsonl(tmp_path / "e.ndjson", {"body": "b1", "text": "t"}, {"body": "b2", "text": "u"})
+    assert load_corpus(g, text_field="body") == ["b1", "b2"]
+    (tmp_path / "notes.txt").write_text("plain")
+    assert load_corpus(tmp_path) == ["first", "sec\r\nond", "third", "t", "u", "plain"]  # folders take JSONL too
+    assert load_corpus(str(tmp_path / "*.jsonl")) == ["first", "sec\r\nond", "third"]
+
+
+@pytest.mark.parametrize(("lines", "field", "expected"), [
+    ([{"text": "a"}, '{"text": "b"'], "text", r"d\.jsonl:2: not valid JSON .*one complete object per line"),
+    ([["a list"]], "text", r"d\.jsonl:1: expected a JSON object, got list"),
+    ([{"text": "a"}, {"body": "b"}], "text",
+     r"d\.jsonl:2: missing key 'text'; name the field that holds the text with --text-field \(keys: body\)"),
+    ([{"text": 3}], "text", r"d\.jsonl:1: 'text' must be a string, got int"),
+    ([{"text": " "}, {"text": ""}], "text", r"d\.jsonl: no record has text in 'text'; name the field"),
+])
+def test_jsonl_mistakes_name_the_file_and_line(tmp_path, lines, field, expected):
+    f = _jsonl(tmp_path / "d.jsonl", *lines)
+    with pytest.raises(UserError, match=expected) as info:
+        load_corpus(f, text_field=field)
+    assert "\n" not in str(info.value)
+
+
+def test_jsonl_line_that_is_not_utf8(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"d\.jsonl:2: not UTF-8 text \(byte 13 of the line is 0xe9\)"):
+        load_corpus(f)
+
+
+def _big_text(n_bytes: int) -> str:
+    """Prose over `n_bytes`, with what a cut must respect: CRLF and LF lines, blank lines, runs of spaces,
+    multi-byte characters, punctuation before newlines, contractions and numbers."""
+    lines = ["It's 12,345 km from Zürich to 東京 — isn't it?", "  indented  line  ", "", "end.", "a\tb ( c )",
+             "ünïcödé  ", "x"]
+    out, size, i = [], 0, 0
+    while size < n_bytes:
+        line = f"{lines[i % len(lines)]} {i}" + ("\r\n" if i % 3 == 0 else "\n")
+        out.append(line)
+        size += len(line.encode())
+        i += 1
+    return "".join(out)
+
+
+def test_a_large_file_comes_in_pieces_that_join_to_its_text(tmp_path):
+    text = _big_text(int(2.6 * (1 << 20)))
+    f = tmp_path / "big.txt"
+    f.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    pieces = list(iter_corpus(f))
+    assert len(pieces) >= 2
+    assert type(pieces[0]) is str and all(type(p) is Continuation for p in pieces[1:])
+    assert all(len(p) < 2 * (1 << 20) for p in pieces)  # characters: a read adds at most 1 MiB of them
+    whole = text.replace("\r\n", "\n")
+    assert "".join(pieces) == whole
+    for left, right in zip(pieces, pieces[1:]):  # each cut: before " x" or after "x\n", x not a space
+        assert not left[-1].isspace() or (left[-1] == "\n" and not left[-2].isspace())
+        assert not right[0].isspace() or (right[0] == " " and not right[1].isspace())
+    assert load_corpus(f) == [whole]  # load_corpus joins the pieces: one document per file, as ever
+    assert load_corpus(tmp_path) == [whole]
+
+
+def test_a_large_file_that_is_not_utf8_names_the_byte(tmp_path):
+    data = bytearray(_big_text(3 << 20).encode())
+    bad = data.index(b"end.", 1_500_000)  # an ASCII byte in the second read
+    data[bad] = 0xFF
+    f = tmp_path / "big.txt"
+    f.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=rf"big\.txt: not UTF-8 text \(byte {bad} is 0xff\)"):
+        list(iter_corpus(f))
+    f.write_bytes(bytes(data[:bad]) + "é".encode()[:1])  # a character cut off by the end of the file
+    with pytest.raises(UserError, match=rf"big\.txt: not UTF-8 text \(byte {bad} is 0xc3\)"):
+        list(iter_corpus(f))
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_complete_utf8_holds_back_a_cut_character(size):
+    char = {1: "a", 2: "é", 3: "東", 4: "😀"}[size].encode()
+    data = b"xy" + char
+    assert corpora._complete_utf8(data) == len(data)
+    for keep in range(1, size):
+        assert corpora._complete_utf8(data[:2 + keep]) == 2
+
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_ALPHABET = st.sampled_from(list("ab Z9'.,-(\n\n  \t\r") + ["é", "東", "\u00a0", "\u3000", "\u2028", "'s", "\x1c"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(parts=st.lists(_ALPHABET, min_size=2, max_size=40))
+def test_every_cut_is_a_word_boundary_for_gpt2_and_llama3(parts):
+    """BPE merges never cross a pre-tokenizer "word", so pieces cut where the words of the whole text start
+    (and end the same way alone) tokenize to the whole text's ids: checked on the words, for every cut."""
+    from llmscratch.tokenizer.gpt2 import GPT2_PATTERN as OURS
+    from llmscratch.tokenizer.llama3 import LLAMA3_PATTERN as LLAMA3
+
+    assert (OURS, LLAMA3) == (GPT2_PATTERN, LLAMA3_PATTERN)
+    text = "".join(parts)
+    for pattern in (GPT2_PATTERN, LLAMA3_PATTERN):
+        for match in corpora._CUT.finditer(text):
+            cut = match.start()
+            assert regex.findall(pattern, text[:cut]) + regex.findall(pattern, text[cut:]) == \
+                regex.findall(pattern, text), (pattern, text, cut)
+
+
+def test_iter_corpus_opens_each_file_only_when_it_is_reached(tmp_path):
+    for i, text in enumerate(["one", "two", "three"]):
+        (tmp_path / f"f{i}.txt").write_text(text)
+    documents = iter(iter_corpus(str(tmp_path / "f*.txt")))
+    assert next(documents) == "one"
+    (tmp_path / "f1.txt").write_text("two, changed after the first was read")
+    (tmp_path / "f2.txt").unlink()
+    assert next(documents) == "two, changed after the first was read"
+    with pytest.raises(UserError, match=r"f2\.txt: cannot read"):
+        next(documents)
+
+
+def test_iter_corpus_resolves_the_source_at_once_and_sizes_it(tmp_path):
+    with pytest.raises(UserError, match="no such file or folder"):
+        iter_corpus(tmp_path / "nope.txt")  # before any iteration
+    (tmp_path / "a.txt").write_text("abc")
+    _jsonl(tmp_path / "b.jsonl", {"text": "de"})
+    corpus = iter_corpus(tmp_path)
+    assert corpus.files == [tmp_path / "a.txt", tmp_path / "b.jsonl"]
+    assert corpus.nbytes == 3 + len('{"text": "de"}\n')
+    assert list(corpus) == list(corpus) == ["abc", "de"]  # each iteration reads afresh
+
+
+def test_parquet_without_pyarrow_is_one_line_saying_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 not really")
+    for src in (tmp_path / "b.parquet", tmp_path, str(tmp_path / "*")):
+        with pytest.raises(UserError, match=r"b\.parquet: reading parquet needs pyarrow: pip install pyarrow") as info:
+            iter_corpus(src)
+        assert "\n" not in str(info.value)
+
+
+def test_parquet_text_column(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is optional; without it a .parquet file is refused")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [1, 2, 3], "content": ["first", None, "third"]}), tmp_path / "d.parquet")
+    assert load_corpus(tmp_path / "d.parquet", text_field="content") == ["first", "third"]
+    with pytest.raises(UserError, match=r"d\.parquet: no column 'text' \(columns: id, content\)"):
+        load_corpus(tmp_path / "d.parquet")
+
+
 def _missing(d: Path) -> str:
     return str(d / "nope.txt")
 
@@ -512,7 +680,7 @@ def _folder_of_empty_files(d: Path) -> str:
         (_glob_without_match, r"\*\.nothing: glob matches no files"),
         (_empty_file, r"empty\.txt: file is empty"),
         (_latin1_file, r"latin\.txt: not UTF-8 text \(byte 3 is 0xe9\)"),
-        (_folder_without_text, r"/f: folder has no \.txt or \.md files"),
+        (_folder_without_text, r"/f: folder has no \.txt, \.md, \.jsonl or \.parquet files"),
         (_folder_of_empty_files, r"/g: all 1 matching files are empty"),
     ],
     ids=lambda v: v.__name__.strip("_") if callable(v) else "",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+import sys
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -338,3 +340,126 @@ def test_memmap_bad_folders(tmp_path):
     (tmp_path / "train.bin").unlink()
     with pytest.raises(UserError, match=r"train\.bin: not found"):
         TokenMemmap(tmp_path)
+
+
+# --- streaming prepare: any iterable, pieces of a file, bounded reading, progress, --text-field -----------------
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {name: (directory / name).read_bytes() for name in ("train.bin", "val.bin", "meta.json")}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_generator_of_documents_gives_the_same_files_as_the_list(tmp_path, workers):
+    tok = ByteTokenizer()
+    prepare_tokens(DOCS, tok, tmp_path / "list", num_workers=1, chunk_tokens=50, progress=False)
+    prepare_tokens((d for d in DOCS), tok, tmp_path / "gen", num_workers=workers, chunk_tokens=50, progress=False)
+    assert _files(tmp_path / "gen") == _files(tmp_path / "list")
+
+
+def test_a_continuation_joins_its_document_without_eos(tmp_path):
+    from llmscratch.data.corpora import Continuation
+
+    docs = ["ab", Continuation("cd"), "", Continuation(""), "ef", Continuation("g")]
+    meta = prepare_tokens(docs, ByteTokenizer(), tmp_path, val_fraction=0.0, progress=False)
+    assert meta.documents == 2
+    assert _split_ids(tmp_path, "train").tolist() == [*b"abcd", 256, *b"efg"]
+
+
+def _bpe(pattern: str):
+    from llmscratch.tokenizer import BPETokenizer, TiktokenTokenizer
+
+    sample = "It's 12,345 km from Zürich to 東京 — isn't it? The quick brown fox.\n" * 50
+    trained = BPETokenizer.train(sample, 300, progress=False)
+    return TiktokenTokenizer(trained.ranks, trained.special_tokens, pattern)
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "llama3"])
+def test_a_file_read_in_pieces_gives_the_ids_of_the_whole_file(tmp_path, pattern):
+    from llmscratch.data.corpora import Continuation, iter_corpus
+    from llmscratch.tokenizer.gpt2 import GPT2_PATTERN
+    from llmscratch.tokenizer.llama3 import LLAMA3_PATTERN
+
+    tok = _bpe(GPT2_PATTERN if pattern == "gpt2" else LLAMA3_PATTERN)
+    lines = ["It's 12,345 km from Zürich to 東京 — isn't it?", "  indented,  spaced  ", "", "end.\r", "x y"]
+    text = "".join(f"{lines[i % 5]} {i}\n" for i in range(48_000))  # ~1.4 MB
+    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
+    corpus = iter_corpus(tmp_path / "big.txt")
+    assert any(isinstance(piece, Continuation) for piece in corpus)
+    prepare_tokens(corpus, tok, tmp_path / "pieces", num_workers=2, progress=False, size_bytes=corpus.nbytes)
+    prepare_tokens([text], tok, tmp_path / "whole", num_workers=1, progress=False)
+    assert _files(tmp_path / "pieces") == _files(tmp_path / "whole")
+    assert read_meta(tmp_path / "pieces").documents == 1
+
+
+class CountingByteTokenizer(ByteTokenizer):
+    """Bytes as ids (fast: no Python loop), recording how many documents the source had given at each call."""
+
+    def __init__(self, source_state: dict):
+        super().__init__()
+        self.state = source_state
+        self.encoded = 0
+
+    def encode(self, text, allowed_special="all"):
+        self.state["ahead"] = max(self.state["ahead"], self.state["pulled"] - self.encoded)
+        self.encoded += 1
+        return list(text.encode())
+
+
+def test_documents_are_read_as_the_tokenizer_needs_them(tmp_path):
+    state = {"pulled": 0, "ahead": 0}
+
+    def documents():
+        for i in range(40):
+            state["pulled"] += 1
+            yield chr(ord("a") + i % 26) * 200_000
+
+    tok = CountingByteTokenizer(state)
+    meta = prepare_tokens(documents(), tok, tmp_path, num_workers=1, progress=False)
+    assert state["pulled"] == 40 and meta.documents == 40
+    # one task of ~1 MB is read ahead of the tokenizer: 6 documents of 200 KB, never the 40 (8 MB)
+    assert 1 <= state["ahead"] <= 6
+
+
+def test_the_progress_bar_shows_megabytes_and_tokens_per_second(tmp_path, capsys):
+    text = "héllo wörld " * 2000
+    prepare_tokens([text], ByteTokenizer(), tmp_path, num_workers=1, progress=True)
+    bar = capsys.readouterr().err.strip().splitlines()[-1].split("\r")[-1]
+    nbytes = len(text.encode())
+    assert bar.startswith("tokenizing: 100%"), bar
+    assert f"{nbytes / 1000:.1f}k/{nbytes / 1000:.1f}k" in bar, bar  # UTF-8 bytes, not characters
+    assert re.search(r"[\d.]+[kMG]?B/s", bar) and re.search(rf"{nbytes / 1000:.1f}k tokens, [\d.]+[kMG]? tok/s",
+                                                            bar), bar
+
+
+def test_prepare_cli_reads_the_text_field_of_jsonl(tmp_path, capsys):
+    from clitools import run
+
+    from llmscratch.tokenizer import BPETokenizer
+
+    BPETokenizer.train("hello world, the body of a record\n" * 20, 280, progress=False).save(tmp_path / "tok")
+    records = [{"body": f"record {i}: hello world", "text": "not this"} for i in range(30)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    code, out, err = run(["prepare", "--data", tmp_path / "d.jsonl", "--tokenizer", tmp_path / "tok", "--out",
+                          tmp_path / "data", "--text-field", "body"], capsys)
+    assert code == 0, err
+    meta = read_meta(tmp_path / "data")
+    assert meta.documents == 30 and meta.source == str(tmp_path / "d.jsonl")
+    ids = np.concatenate([_split_ids(tmp_path / "data", "train"), _split_ids(tmp_path / "data", "val")])
+    eos = meta.eos_id
+    assert (ids == eos).sum() == 29  # one between each two records
+
+
+def test_prepare_cli_refuses_parquet_without_pyarrow_in_one_line(tmp_path, capsys, monkeypatch):
+    from clitools import assert_user_error, run
+
+    from llmscratch.tokenizer import BPETokenizer
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    BPETokenizer.train("hello world\n" * 20, 270, progress=False).save(tmp_path / "tok")
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    code, _, err = run(["prepare", "--data", tmp_path / "d.parquet", "--tokenizer", tmp_path / "tok", "--out",
+                        tmp_path / "data"], capsys)
+    assert_user_error(code, err, "d.parquet", "pip install pyarrow")
+    assert not (tmp_path / "data").exists()

@@ -8,6 +8,8 @@ windows straight from a memory map, so a corpus larger than RAM costs nothing to
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import multiprocessing
@@ -15,8 +17,10 @@ import os
 import pickle
 import shutil
 import tempfile
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -26,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from llmscratch.data.corpora import Continuation
 from llmscratch.errors import UserError
 from llmscratch.runs import TOKEN_SPLITS, TOKENS_META, token_file
 from llmscratch.tokenizer.base import Tokenizer
@@ -179,6 +184,7 @@ class _Encoder:
 
     tokenizer: Tokenizer | None = None
     dtype: np.dtype = np.dtype(np.uint16)
+    tasks: int = 0
 
 
 def _init_worker(tokenizer: Tokenizer, dtype: np.dtype) -> None:
@@ -186,7 +192,33 @@ def _init_worker(tokenizer: Tokenizer, dtype: np.dtype) -> None:
     _Encoder.dtype = dtype
 
 
-def _encode_many(texts: list[str]) -> list[np.ndarray]:
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None under another C library."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+# Tasks between two `_release_free_memory` calls: each costs a few page faults later, every task ~5% of the speed.
+_TRIM_EVERY = 4
+
+
+def _release_free_memory() -> None:
+    """Hand the heap's free memory back to the OS. Tokenizing churns through megabyte-sized strings and arrays;
+    glibc keeps much of what they free inside the heap, where it still counts as resident, and over a gigabyte of
+    text that grows by a few hundred megabytes per process (benchmarks/prepare_memory.py)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _encode_many(texts: list[str]) -> tuple[list[np.ndarray], int]:
+    """The ids of each text, and the texts' total UTF-8 bytes (for the progress bar)."""
+    _Encoder.tasks += 1
+    if _Encoder.tasks % _TRIM_EVERY == 0:
+        _release_free_memory()  # what the previous tasks freed
     tokenizer = _Encoder.tokenizer
     out = []
     for text in texts:
@@ -197,33 +229,37 @@ def _encode_many(texts: list[str]) -> list[np.ndarray]:
                 f"{type(tokenizer).__name__} produced id {bad} outside [0, {tokenizer.vocab_size})"
             )
         out.append(ids.astype(_Encoder.dtype))
-    return out
+    # surrogatepass: a lone surrogate (from a JSON "\ud800" escape) is text the tokenizers accept
+    return out, sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
 
 
-def _tasks(documents: Sequence[str], n_tasks: int) -> list[list[str]]:
-    """Consecutive groups of documents with about equal total characters (order kept)."""
-    total = sum(len(d) for d in documents)
-    target = max(1, total // n_tasks)
-    tasks, current, size = [], [], 0
-    for doc in documents:
-        current.append(doc)
-        size += len(doc)
+# The most text sent to a worker as one task: about the size of a large file's pieces (corpora._PIECE_BYTES).
+_TASK_CHARS = 1 << 20
+
+
+def _tasks(documents: Iterable[str], target: int) -> Iterator[list[str]]:
+    """Consecutive documents grouped until a group holds `target` characters (order kept), read as needed."""
+    group, size = [], 0
+    for document in documents:
+        group.append(document)
+        size += len(document)
         if size >= target:
-            tasks.append(current)
-            current, size = [], 0
-    if current:
-        tasks.append(current)
-    return tasks
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
 
 
-def _auto_workers(documents: Sequence[str], num_workers: int | None) -> int:
-    if num_workers is not None:
-        return max(1, min(num_workers, len(documents)))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # under ~1 MB, starting processes costs more than tokenizing (tiktoken does several MB/s per core)
-    if sum(len(d) for d in documents) < 1_000_000:
-        return 1
-    return max(1, min(cpus, len(documents)))
+def _auto_workers(documents: Iterable[str], size: int | None, num_workers: int | None) -> int:
+    """`num_workers`, else all cores, or one for a corpus known to be under ~1 MB; at most one per document of a
+    list."""
+    if num_workers is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        # under ~1 MB, starting processes costs more than tokenizing (tiktoken does several MB/s per core)
+        num_workers = 1 if size is not None and size < 1_000_000 else cpus
+    if isinstance(documents, Sequence):
+        num_workers = min(num_workers, len(documents))
+    return max(1, num_workers)
 
 
 def _usable_workers(tokenizer: Tokenizer, workers: int) -> int:
@@ -238,18 +274,35 @@ def _usable_workers(tokenizer: Tokenizer, workers: int) -> int:
     return workers
 
 
+def _continues(task: list[str]) -> list[bool]:
+    return [isinstance(text, Continuation) for text in task]
+
+
+def _in_order(pool, tasks: Iterator[list[str]], depth: int) -> Iterator[tuple[list[bool], tuple]]:
+    """(`_continues(task)`, `_encode_many(task)`) for each task, run by `pool` with at most `depth` tasks in
+    flight. `Pool.imap` would not do: its feeder thread reads the whole iterator ahead, the corpus into memory."""
+    pending: deque = deque()
+    for task in tasks:
+        pending.append((_continues(task), pool.apply_async(_encode_many, (task,))))
+        if len(pending) >= depth:
+            flags, result = pending.popleft()
+            yield flags, result.get()
+    while pending:
+        flags, result = pending.popleft()
+        yield flags, result.get()
+
+
 @contextmanager
-def _encoded(documents: Sequence[str], tokenizer: Tokenizer, dtype: np.dtype, workers: int) -> Iterator:
-    """Yield the documents' ids in order, as lists of arrays: from a pool of `workers` processes (stopped at
-    once if the caller fails), or from this process."""
+def _encoded(tasks: Iterator[list[str]], tokenizer: Tokenizer, dtype: np.dtype, workers: int) -> Iterator:
+    """Yield the tasks' (continues flags, (ids arrays, bytes)) in order: from a pool of `workers` processes, two
+    tasks each in flight (stopped at once if the caller fails), or from this process."""
     pool = None
     if workers > 1:
-        # ~4 tasks per worker balances uneven documents without drowning in IPC
         pool = multiprocessing.get_context().Pool(workers, _init_worker, (tokenizer, dtype))
-        results = pool.imap(_encode_many, _tasks(documents, 4 * workers))
+        results = _in_order(pool, tasks, 2 * workers)
     else:
         _init_worker(tokenizer, dtype)
-        results = (_encode_many([doc]) for doc in documents)
+        results = ((_continues(task), _encode_many(task)) for task in tasks)
     try:
         yield results
     except BaseException:
@@ -265,25 +318,58 @@ def _encoded(documents: Sequence[str], tokenizer: Tokenizer, dtype: np.dtype, wo
         _Encoder.tokenizer = None
 
 
-def _write_stream(documents: Sequence[str], tokenizer: Tokenizer, dtype: np.dtype, workers: int, path: Path,
-                  progress: bool) -> int:
-    """Tokenize `documents` into one stream of ids at `path`, joined by the eos id when the tokenizer has one;
-    returns how many documents had tokens (an empty one would leave two eos ids in a row: it is skipped)."""
+class _StreamWriter:
+    """Appends documents' ids to the stream file, the eos id between documents when there is one (none before a
+    `Continuation`); an empty document is skipped, as it would leave two eos ids in a row."""
+
+    def __init__(self, stream, eos: np.ndarray | None):
+        self.stream, self.eos = stream, eos
+        self.documents = 0  # documents with tokens
+        self.seen = 0  # documents read, empty ones included
+        self.tokens = 0  # ids in the stream, eos ids included
+        self.open = False  # the current document has tokens in the stream
+
+    def write(self, continues: bool, ids: np.ndarray) -> None:
+        if not continues:
+            self.seen += 1
+            self.open = False
+        if ids.size == 0:
+            return
+        if not self.open:
+            if self.documents and self.eos is not None:
+                self.eos.tofile(self.stream)
+                self.tokens += 1
+            self.documents += 1
+            self.open = True
+        ids.tofile(self.stream)
+        self.tokens += ids.size
+
+
+def _write_stream(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype, workers: int, path: Path,
+                  size: int | None, progress: bool) -> _StreamWriter:
+    """Tokenize `documents` into one stream of ids at `path` (see `_StreamWriter`), reading them as the workers
+    need them; `size`: their estimated UTF-8 bytes, for the task size and the progress bar."""
     eos = np.array([tokenizer.eos_id], dtype=dtype) if tokenizer.eos_id is not None else None
-    n_docs = 0
+    target = _TASK_CHARS if size is None else max(1, min(_TASK_CHARS, size // (4 * workers)))
     with (open(path, "wb") as stream,
-          tqdm(total=len(documents), unit="doc", desc="tokenizing", disable=not progress) as bar,
-          _encoded(documents, tokenizer, dtype, workers) as results):
-        for arrays in results:
-            for ids in arrays:
-                if ids.size == 0:
-                    continue
-                if n_docs and eos is not None:
-                    eos.tofile(stream)
-                ids.tofile(stream)
-                n_docs += 1
-            bar.update(len(arrays))
-    return n_docs
+          tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing",
+               disable=not progress) as bar,
+          _encoded(_tasks(documents, target), tokenizer, dtype, workers) as results):
+        writer = _StreamWriter(stream, eos)
+        start = time.perf_counter()
+        for task, (flags, (arrays, nbytes)) in enumerate(results, 1):
+            for continues, ids in zip(flags, arrays):
+                writer.write(continues, ids)
+            if task % _TRIM_EVERY == 0:
+                del arrays
+                _release_free_memory()
+            rate = writer.tokens / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{tqdm.format_sizeof(writer.tokens)} tokens, {tqdm.format_sizeof(rate)} tok/s",
+                                refresh=False)
+            bar.update(nbytes)
+        if bar.total is not None:  # `size` was an estimate: end the bar at what was read
+            bar.total = bar.n
+    return writer
 
 
 def _val_chunks(n_tokens: int, chunk: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -299,16 +385,19 @@ def _val_chunks(n_tokens: int, chunk: int, val_fraction: float, seed: int) -> np
 
 
 def _write_splits(stream_path: Path, dtype: np.dtype, chunk: int, is_val: np.ndarray, folder: Path) -> dict:
-    """Copy the stream's chunks into the split files in `folder`; returns {split: tokens}."""
-    stream_ids = np.memmap(stream_path, dtype=dtype, mode="r")
-    counts = {}
-    for split, wanted in (("train", False), ("val", True)):
-        with open(folder / token_file(split), "wb") as f:
-            for i in np.flatnonzero(is_val == wanted):
-                stream_ids[i * chunk : (i + 1) * chunk].tofile(f)
-            counts[split] = f.tell() // dtype.itemsize
-    del stream_ids  # release the map before the file is deleted
-    return counts
+    """Copy the stream's chunks into the split files in `folder`; returns {split: tokens}.
+
+    The stream is read once, in order, a few megabytes at a time: plain reads leave it in the page cache, where a
+    memory map of it would count its every page in this process's resident memory."""
+    chunk_bytes = chunk * dtype.itemsize
+    per_read = max(1, (4 << 20) // chunk_bytes)  # chunks per read
+    with (open(stream_path, "rb") as stream, open(folder / token_file("train"), "wb") as train,
+          open(folder / token_file("val"), "wb") as val):
+        for first in range(0, len(is_val), per_read):
+            block = memoryview(stream.read(per_read * chunk_bytes))
+            for j, to_val in enumerate(is_val[first:first + per_read]):
+                (val if to_val else train).write(block[j * chunk_bytes:(j + 1) * chunk_bytes])
+        return {"train": train.tell() // dtype.itemsize, "val": val.tell() // dtype.itemsize}
 
 
 def _publish(tmp: Path, out_dir: Path, meta: TokenMeta) -> None:
@@ -320,20 +409,24 @@ def _publish(tmp: Path, out_dir: Path, meta: TokenMeta) -> None:
         os.replace(tmp / name, out_dir / name)
 
 
-def prepare_tokens(documents: Sequence[str], tokenizer: Tokenizer, out_dir: str | Path, val_fraction: float = 0.1,
+def prepare_tokens(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path, val_fraction: float = 0.1,
                    seed: int = 0, num_workers: int | None = None, chunk_tokens: int | None = None,
-                   source: str | None = None, progress: bool = True) -> TokenMeta:
+                   source: str | None = None, progress: bool = True, size_bytes: int | None = None) -> TokenMeta:
     """Tokenize `documents` into `out_dir/train.bin`, `val.bin` and `meta.json`; returns the meta.
 
-    Documents are encoded in order, joined by the tokenizer's eos id when it has one, into one stream. The
-    stream is cut into chunks of `chunk_tokens` (default: ~1% of the stream, clamped to 64..4096) and a
-    seeded draw sends round(val_fraction * chunks) of them, at least one, to val. Random chunks rather
-    than the tail: on a small corpus the tail is one topic (the stdlib corpus ends with the language
-    reference), so a tail split measures a different distribution from the one trained on.
+    `documents`: a list, or any iterable read once and lazily (`corpora.iter_corpus`): they are tokenized a
+    megabyte at a time, so memory stays bounded whatever the corpus's size. They are encoded in order, joined by
+    the tokenizer's eos id when it has one (none before a `corpora.Continuation`, the next piece of the same
+    file), into one stream. The stream is cut into chunks of `chunk_tokens` (default: ~1% of the stream,
+    clamped to 64..4096) and a seeded draw sends round(val_fraction * chunks) of them, at least one, to val.
+    Random chunks rather than the tail: on a small corpus the tail is one topic (the stdlib corpus ends with the
+    language reference), so a tail split measures a different distribution from the one trained on.
 
-    `num_workers` processes tokenize in parallel (None: all cores when the corpus is over ~1 MB); the
-    tokenizer is sent to each once, so it must pickle, else the work runs in this process. The files
-    appear only when complete: they are written to a temporary folder inside `out_dir` and renamed.
+    `num_workers` processes tokenize in parallel (None: all cores, or one when the corpus is known to be under
+    ~1 MB); the tokenizer is sent to each once, so it must pickle, else the work runs in this process.
+    `size_bytes`: the corpus's estimated size (a list's is measured), for that choice and the progress bar
+    (MB/s and tokens/s). The files appear only when complete: they are written to a temporary folder inside
+    `out_dir` and renamed.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -341,21 +434,23 @@ def prepare_tokens(documents: Sequence[str], tokenizer: Tokenizer, out_dir: str 
         raise UserError(f"chunk_tokens must be positive, got {chunk_tokens}")
     out_dir = Path(out_dir)
     dtype = _dtype_for(tokenizer.vocab_size)
-    workers = _usable_workers(tokenizer, _auto_workers(documents, num_workers))
+    if size_bytes is None and isinstance(documents, Sequence):
+        size_bytes = sum(len(d) for d in documents)
+    workers = _usable_workers(tokenizer, _auto_workers(documents, size_bytes, num_workers))
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
     try:
         stream = tmp / "stream.bin"  # all documents' ids, before the split
-        n_docs = _write_stream(documents, tokenizer, dtype, workers, stream, progress)
-        n_tokens = stream.stat().st_size // dtype.itemsize
+        written = _write_stream(documents, tokenizer, dtype, workers, stream, size_bytes, progress)
+        n_tokens = written.tokens
         if n_tokens == 0:
-            raise UserError(f"the corpus for {out_dir} tokenized to no tokens ({len(documents)} documents, all "
+            raise UserError(f"the corpus for {out_dir} tokenized to no tokens ({written.seen} documents, all "
                             "empty); pass text with content")
         chunk = chunk_tokens or min(4096, max(64, n_tokens // 100))
         counts = _write_splits(stream, dtype, chunk, _val_chunks(n_tokens, chunk, val_fraction, seed), tmp)
         meta = TokenMeta(dtype=dtype.name, vocab_size=tokenizer.vocab_size, train_tokens=counts["train"],
                          val_tokens=counts["val"], eos_id=tokenizer.eos_id, chunk_tokens=chunk,
-                         val_fraction=val_fraction, seed=seed, documents=n_docs, source=source,
+                         val_fraction=val_fraction, seed=seed, documents=written.documents, source=source,
                          tokenizer=type(tokenizer).__name__)
         _publish(tmp, out_dir, meta)
     finally:
