@@ -714,3 +714,61 @@ def test_download_full_length_part_of_other_bytes_fails_the_stated_hash_and_is_f
     download(f"{range_server.base}/resolve/f", tmp_path / "f", None, server_hash=True, progress=False)
     assert (tmp_path / "f").read_bytes() == data
     assert [h.get("Range") for p, h in range_server.requests if p == "/cdn/blob"] == [f"bytes={len(data)}-", None]
+
+
+# --- hf:NAME: a Hugging Face data set streamed from the hub (the `datasets` library faked: no network here) ----
+class _FakeDatasets:
+    """Stands in for the `datasets` module: records what load_dataset was asked and streams fixed records."""
+
+    def __init__(self, records):
+        self.records, self.calls = records, []
+
+    def load_dataset(self, name, config=None, split=None, streaming=False):
+        self.calls.append((name, config, split, streaming))
+        if name == "missing/set":
+            raise FileNotFoundError("Dataset 'missing/set' doesn't exist on the Hub")
+        return iter(self.records)
+
+
+def test_hub_dataset_is_streamed_record_by_record(monkeypatch, tmp_path):
+    import sys
+
+    from llmscratch.data import iter_corpus, prepare_tokens
+    from llmscratch.tokenizer import BPETokenizer
+
+    fake = _FakeDatasets([{"text": "first document", "id": 1}, {"text": ""}, {"text": "second one", "id": 2}])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    corpus = iter_corpus("hf:HuggingFaceFW/fineweb-edu:sample-10BT@train")
+    assert list(corpus) == ["first document", "second one"]  # empty records skipped
+    assert fake.calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)]
+    assert list(iter_corpus("hf:some/set")) and fake.calls[-1] == ("some/set", None, "train", True)
+    tok = BPETokenizer.train("first document second one " * 20, 270, progress=False)
+    meta = prepare_tokens(iter_corpus("hf:some/set"), tok, tmp_path / "data", val_fraction=0.0, progress=False)
+    joined_by_eos = tok.eos_id is not None
+    assert meta.train_tokens == len(tok.encode("first document")) + len(tok.encode("second one")) + joined_by_eos
+
+
+@pytest.mark.parametrize("spec, records, field, needle", [
+    ("hf:missing/set", [], "text", "--data hf:missing/set: cannot stream it"),
+    ("hf:some/set", [{"body": "x"}], "text", "record 1 has no string 'text' (it has: body); name the text column"),
+    ("hf:", [], "text", "name the data set"),
+])
+def test_hub_dataset_mistakes_are_one_line(monkeypatch, spec, records, field, needle):
+    import sys
+
+    from llmscratch.data import iter_corpus
+
+    monkeypatch.setitem(sys.modules, "datasets", _FakeDatasets(records))
+    with pytest.raises(UserError) as info:
+        list(iter_corpus(spec, text_field=field))
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_hub_dataset_without_the_library_says_what_to_install(monkeypatch):
+    import sys
+
+    from llmscratch.data import iter_corpus
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
+    with pytest.raises(UserError, match=r"pip install 'llmscratch\[datasets\]'"):
+        iter_corpus("hf:some/set")

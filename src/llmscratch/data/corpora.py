@@ -32,6 +32,7 @@ __all__ = [
     "Corpus",
     "NamedCorpus",
     "fetch_corpus",
+    "HubCorpus",
     "iter_corpus",
     "load_corpus",
     "pydocs_documents",
@@ -528,8 +529,54 @@ def iter_corpus(src: str | Path, *, text_field: str = "text", progress: bool = T
     not change). A file named on its own must have text; empty ones inside a folder or glob are skipped, but at
     least one must have text. The source is resolved (and a named download fetched) now, so a bad --data fails
     before any work; a file's problems are reported when it is reached.
+
+    `hf:NAME[:CONFIG][@SPLIT]` streams a Hugging Face `datasets` data set from the hub instead (its
+    `text_field` column; split `train` by default), e.g. `hf:HuggingFaceFW/fineweb-edu:sample-10BT`.
     """
+    if str(src).startswith(HUB_PREFIX):
+        return HubCorpus(str(src), text_field)
     return Corpus(src, text_field=text_field, progress=progress)
+
+
+HUB_PREFIX = "hf:"
+
+
+class HubCorpus:
+    """A Hugging Face `datasets` data set streamed from the hub, record by record (never downloaded whole): what
+    `--data hf:NAME[:CONFIG][@SPLIT]` names. Needs the `datasets` extra."""
+
+    files: list[Path] = []
+    nbytes: int | None = None  # unknown until streamed
+
+    def __init__(self, spec: str, text_field: str = "text"):
+        rest = spec[len(HUB_PREFIX):]
+        rest, _, split = rest.partition("@")
+        name, _, config = rest.partition(":")
+        if not name:
+            raise UserError(f"--data {spec}: name the data set, e.g. hf:HuggingFaceFW/fineweb-edu:sample-10BT@train")
+        self.spec, self.name, self.config, self.split = spec, name, config or None, split or "train"
+        self.text_field = text_field
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise UserError(f"--data {spec}: streaming from the Hugging Face hub needs the datasets library: "
+                            "pip install 'llmscratch[datasets]'") from None
+
+    def __iter__(self) -> Iterator[str]:
+        import datasets
+
+        try:
+            records = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
+        except Exception as exc:  # an unknown name, config or split; no network; a gated set
+            raise UserError(f"--data {self.spec}: cannot stream it ({one_line(exc)[:300]})") from None
+        for i, record in enumerate(records, 1):
+            text = record.get(self.text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                raise UserError(f"--data {self.spec}: record {i} has no string {self.text_field!r} (it has: {keys}); "
+                                "name the text column with --text-field")
+            if text:
+                yield text
 
 
 def load_corpus(src: str | Path, *, text_field: str = "text", progress: bool = True) -> list[str]:
