@@ -772,3 +772,44 @@ def test_hub_dataset_without_the_library_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
     with pytest.raises(UserError, match=r"pip install 'llmscratch\[datasets\]'"):
         iter_corpus("hf:some/set")
+
+
+# --- gutenberg: the book's recipe (headers stripped, English kept), fetched from a local mirror ----------------
+def _book(title: str, body: str) -> str:
+    return (f"The Project Gutenberg eBook of {title}\nThis eBook is for the use of anyone anywhere...\n\n"
+            f"*** START OF THE PROJECT GUTENBERG EBOOK {title.upper()} ***\n\n{body}\n\n"
+            f"*** END OF THE PROJECT GUTENBERG EBOOK {title.upper()} ***\n\nSection 1. General Terms of Use...\n")
+
+
+def test_gutenberg_corpus_from_a_mirror(http_root, monkeypatch):
+    from llmscratch.data import gutenberg, load_corpus
+
+    root, url = http_root
+    books = {1: _book("One", "It was a bright cold day in April."), 2: _book("Deux", "Ça été très, très été " * 20),
+             3: _book("Three", "Call me Ishmael.")}
+    for i, text in books.items():
+        (root / f"pg{i}.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(gutenberg, "BOOKS", (1, 2, 3))
+    monkeypatch.setenv(gutenberg.MIRROR_ENV, url + "/pg{id}.txt")
+    docs = load_corpus("gutenberg", progress=False)
+    assert docs == ["It was a bright cold day in April.\n", "Call me Ishmael.\n"]  # headers gone; French dropped
+    (root / "pg1.txt").unlink()  # cached: no second download
+    assert load_corpus("gutenberg", progress=False) == docs
+
+
+def test_gutenberg_filters_and_mistakes(http_root, monkeypatch):
+    from llmscratch.data import gutenberg, load_corpus
+
+    assert gutenberg.strip_headers(_book("X", "body text")) == "body text"
+    assert gutenberg.strip_headers("no markers here") == "no markers here"
+    assert gutenberg.is_english("plain words")
+    assert not gutenberg.is_english("日本語のテキスト") and not gutenberg.is_english("")
+    root, url = http_root
+    (root / "pg7.txt").write_text("<html>not a book</html>")
+    monkeypatch.setattr(gutenberg, "BOOKS", (7,))
+    monkeypatch.setenv(gutenberg.MIRROR_ENV, url + "/pg{id}.txt")
+    with pytest.raises(UserError, match="not a Project Gutenberg text"):
+        load_corpus("gutenberg", progress=False)
+    monkeypatch.setenv(gutenberg.MIRROR_ENV, url + "/book.txt")
+    with pytest.raises(UserError, match=r"URL template with \{id\}"):
+        load_corpus("gutenberg", progress=False)

@@ -28,8 +28,8 @@ VocabSize = restricted_number_type("VocabSize", int, [(">=", 257), ("<=", 2**31 
 __all__ = ["NonNegativeFloat", "NonNegativeInt", "PositiveFloat", "PositiveInt", "TopP", "Fraction", "Port", "Seed",
            "VocabSize", "LabelSmoothing", "Optional"]
 
-CORPUS_HELP = ("a named corpus (pydocs, the-verdict, tinyshakespeare), a text file, a .jsonl file (its `text` field; "
-               "`prepare --text-field` picks another), a folder or a glob")
+CORPUS_HELP = ("a named corpus (pydocs, the-verdict, tinyshakespeare, gutenberg: 20 English books), a text file, "
+               "a .jsonl file (its `text` field; `prepare --text-field` picks another), a folder or a glob")
 
 
 @dataclass(frozen=True)

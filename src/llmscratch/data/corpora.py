@@ -180,7 +180,7 @@ NAMED_DOWNLOADS: dict[str, NamedCorpus] = {
 }
 
 #: Every name `load_corpus` accepts besides a path, for CLI help.
-CORPORA: tuple[str, ...] = ("pydocs", *NAMED_DOWNLOADS)
+CORPORA: tuple[str, ...] = ("pydocs", *NAMED_DOWNLOADS, "gutenberg")  # gutenberg: data/gutenberg.py
 
 
 
@@ -495,7 +495,13 @@ class Corpus:
             self.nbytes = sum(len(d) for d in self._documents)  # ~all ASCII
             return
         self._single = isinstance(resolved, str) or Path(str(src)).expanduser().is_file()
-        self.files = [fetch_corpus(resolved, progress=progress)] if isinstance(resolved, str) else resolved
+        if resolved == "gutenberg":
+            from llmscratch.data.gutenberg import fetch_gutenberg
+
+            self._single = False
+            self.files = fetch_gutenberg(cache_dir() / "corpora" / "gutenberg", progress=progress)
+        else:
+            self.files = [fetch_corpus(resolved, progress=progress)] if isinstance(resolved, str) else resolved
         _check_readers(self.files)
         self.nbytes = sum(p.stat().st_size for p in self.files)
 
