@@ -67,6 +67,8 @@ EXTRAS = (
     Extra("transformers", ("transformers",), "pip install 'llmscratch[bench]'",
           "loading `convert to-hf` folders in transformers, and benchmarks/"),
     Extra("peft", ("peft",), "pip install 'peft>=0.13'", "loading `lora export-peft` adapters with Hugging Face PEFT"),
+    Extra("datasets", ("datasets",), "pip install 'llmscratch[datasets]'",
+          "`--data hf:NAME`: Hugging Face data sets streamed from the hub"),
     Extra("tensorflow", ("tensorflow",), "pip install 'llmscratch[tf]'",
           "the test suite only, to write OpenAI-format checkpoints (`convert from-openai` and `download --source "
           "openai` read OpenAI's TensorFlow checkpoints without it)", needed=False),
