@@ -402,7 +402,7 @@ def test_named_corpus_offline_error_says_where_to_put_the_file(isolated_cache, m
 
 
 def test_registry_names():
-    assert CORPORA == ("pydocs", "the-verdict", "tinyshakespeare")
+    assert CORPORA == ("pydocs", "the-verdict", "tinyshakespeare", "gutenberg")
     assert all(len(c.sha256) == 64 and c.url.startswith("https://") for c in NAMED_DOWNLOADS.values())
 
 
