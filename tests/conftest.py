@@ -47,3 +47,20 @@ def prepared(tmp_path_factory, tiny_corpus) -> Path:
     BPETokenizer.train(tiny_corpus.read_text(), 300, progress=False).save(root / "tok")
     prepare(str(tiny_corpus), load_tokenizer(root / "tok"), root / "data", progress=False)
     return root / "data"
+
+
+@pytest.fixture(scope="session")
+def byte_micro_checkpoint(tmp_path_factory) -> Path:
+    """A random gpt-micro checkpoint (context 256: room for a prompt style) with a byte-level tokenizer (257 ids),
+    for fine-tuning tests that need a base but not a trained one. Read-only: tests write elsewhere."""
+    import torch
+
+    from llmscratch.checkpoint import save_model
+    from llmscratch.config import ModelConfig
+    from llmscratch.model import GPT
+    from llmscratch.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train(["bytes"], 257, progress=False)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("gpt-micro", vocab_size=tok.vocab_size, context_length=256))
+    return save_model(tmp_path_factory.mktemp("byte-micro") / "micro", model, tok, {"model": "gpt-micro"})

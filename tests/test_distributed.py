@@ -174,18 +174,10 @@ def _finetune(nproc: int, verb: str, base, data, out, *extra) -> subprocess.Comp
     return r
 
 
-@pytest.fixture(scope="module")
-def ft_base(tmp_path_factory):
-    """A random gpt-micro checkpoint (context 256, room for a prompt style) with a byte-level tokenizer."""
-    from llmscratch.checkpoint import save_model
-    from llmscratch.config import ModelConfig
-    from llmscratch.model import GPT
-    from llmscratch.tokenizer import BPETokenizer
-
-    tok = BPETokenizer.train(["bytes"], 257, progress=False)
-    torch.manual_seed(0)
-    model = GPT(ModelConfig.from_preset("gpt-micro", vocab_size=tok.vocab_size, context_length=256))
-    return save_model(tmp_path_factory.mktemp("ft-base") / "micro", model, tok, {"model": "gpt-micro"})
+@pytest.fixture
+def ft_base(byte_micro_checkpoint):
+    """The base the fine-tuning runs start from (conftest: random gpt-micro, byte-level tokenizer)."""
+    return byte_micro_checkpoint
 
 
 def _files(run) -> list[str]:

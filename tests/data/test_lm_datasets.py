@@ -415,10 +415,16 @@ def test_documents_are_read_as_the_tokenizer_needs_them(tmp_path):
             yield chr(ord("a") + i % 26) * 200_000
 
     tok = CountingByteTokenizer(state)
-    meta = prepare_tokens(documents(), tok, tmp_path, num_workers=1, progress=False)
+    meta = prepare_tokens(documents(), tok, tmp_path / "lazy", num_workers=1, progress=False)
     assert state["pulled"] == 40 and meta.documents == 40
     # one task of ~1 MB is read ahead of the tokenizer: 6 documents of 200 KB, never the 40 (8 MB)
-    assert 1 <= state["ahead"] <= 6
+    lazy_ahead = state["ahead"]
+    assert 1 <= lazy_ahead <= 6
+    # the measurement sees read-ahead when there is some: the same documents drawn in full first count as 40 ahead
+    state.update(pulled=0, ahead=0)
+    prepare_tokens(list(documents()), CountingByteTokenizer(state), tmp_path / "eager", num_workers=1,
+                   progress=False)
+    assert state["ahead"] == 40 > lazy_ahead
 
 
 def test_the_progress_bar_shows_megabytes_and_tokens_per_second(tmp_path, capsys):

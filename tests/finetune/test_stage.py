@@ -6,7 +6,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 import yaml
 from clitools import assert_user_error, run
 
@@ -25,17 +24,9 @@ FAST_TRAIN = dict(max_steps=2, batch_size=2, eval_every=2, eval_batches=1, warmu
                   progress=False)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from llmscratch.checkpoint import save_model
-    from llmscratch.config import ModelConfig
-    from llmscratch.model import GPT
-    from llmscratch.tokenizer import BPETokenizer
-
-    tok = BPETokenizer.train(["bytes"], 257, progress=False)
-    torch.manual_seed(0)
-    model = GPT(ModelConfig.from_preset("gpt-micro", vocab_size=tok.vocab_size, context_length=256))
-    return save_model(tmp_path_factory.mktemp("base") / "micro", model, tok, {"model": "gpt-micro"})
+@pytest.fixture
+def base(byte_micro_checkpoint):
+    return byte_micro_checkpoint
 
 
 @pytest.fixture
