@@ -93,6 +93,24 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.size(2)
 
+    def fits(self, batch_size: int, max_len: int, dtype, device: torch.device, at_least: bool = False) -> bool:
+        """Whether this cache serves `batch_size` rows of `max_len` positions (or more, with `at_least`) as is."""
+        return (self.k.size(0) == batch_size and (self.max_len == max_len or (at_least and self.max_len > max_len))
+                and self.k.dtype == dtype and self.k.device == device)
+
+    def resized(self, max_len: int) -> KVCache:
+        """A cache of `max_len` positions holding this one's first min(max_len, its length) entries."""
+        new = KVCache(self.k.size(0), max_len, self.k.size(1), self.k.size(3), self.k.dtype, self.k.device)
+        keep = min(self.max_len, max_len)
+        new.k[:, :, :keep] = self.k[:, :, :keep]
+        new.v[:, :, :keep] = self.v[:, :, :keep]
+        return new
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of batch row `src` to row `dst`."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
+
     def update(self, pos: int | torch.Tensor | RowPositions, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nkv, T, hs) at positions [pos, pos + T).
@@ -156,6 +174,12 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.kv_cache: KVCache | None = None
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype, device: torch.device, at_least: bool = False) -> None:
+        """Give this layer a cache for `batch_size` rows of `max_len` positions, keeping the one it has when it
+        fits (`KVCache.fits`)."""
+        if self.kv_cache is None or not self.kv_cache.fits(batch_size, max_len, dtype, device, at_least):
+            self.kv_cache = KVCache(batch_size, max_len, self.n_kv_heads, self.head_dim, dtype, device)
 
     def _heads(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
         """q (B, nh, T, hs), k and v (B, nkv, T, hs) of x (B, T, d): the fused projection split into heads, with

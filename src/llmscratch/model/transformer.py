@@ -192,32 +192,19 @@ class GPT(nn.Module):
         ref = self.tok_emb.weight
         dtype, device = dtype or ref.dtype, torch.device(device or ref.device)
         for block in self.blocks:
-            a = block.attn
-            old = a.kv_cache
-            if (old is not None and tuple(old.k.shape[:2]) == (batch_size, a.n_kv_heads)
-                    and (old.max_len == max_len or (at_least and old.max_len > max_len))
-                    and old.k.dtype == dtype and old.k.device == device):
-                continue
-            a.kv_cache = KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, dtype, device)
+            block.attn.setup_cache(batch_size, max_len, dtype, device, at_least)
 
     def resize_kv_cache(self, max_len: int) -> None:
         """Give every layer's cache room for `max_len` positions (at most the context), keeping what it holds."""
         max_len = min(max_len, self.config.context_length)
         for block in self.blocks:
-            old = block.attn.kv_cache
-            keep = min(old.max_len, max_len)
-            new = KVCache(old.k.size(0), max_len, old.k.size(1), old.k.size(3), old.k.dtype, old.k.device)
-            new.k[:, :, :keep] = old.k[:, :, :keep]
-            new.v[:, :, :keep] = old.v[:, :, :keep]
-            block.attn.kv_cache = new
+            block.attn.kv_cache = block.attn.kv_cache.resized(max_len)
 
     def move_kv_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of batch row `src` to row `dst`, in every layer (a batched
         decoder closing the gap a finished row left)."""
         for block in self.blocks:
-            cache = block.attn.kv_cache
-            cache.k[dst, :, :length] = cache.k[src, :, :length]
-            cache.v[dst, :, :length] = cache.v[src, :, :length]
+            block.attn.kv_cache.move_row(src, dst, length)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
