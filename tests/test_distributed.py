@@ -76,14 +76,53 @@ def test_two_processes_train_as_one_with_the_same_global_batch(prepared, single_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first, then, strategy", [(2, 1, "ddp"), (1, 2, "fsdp")])
+@pytest.mark.parametrize("first, then, strategy, resumed_with", [
+    (2, 1, "ddp", "ddp"), (1, 2, "fsdp", "fsdp"),  # whole checkpoints
+    (2, 1, "fsdp", "ddp"), (2, 2, "fsdp", "fsdp"), (2, 2, "fsdp", "ddp")])  # sharded ones (FSDP2 on 2 processes)
 def test_a_checkpoint_resumes_on_another_number_of_processes(prepared, single_runs, tmp_path, first, then,
-                                                              strategy):
+                                                              strategy, resumed_with):
     out = tmp_path / "run"
     _pretrain(first, out, prepared, "--train.strategy", strategy)
+    step3 = out / "checkpoints" / "step-0000003"
+    sharded = first > 1 and strategy == "fsdp"
+    assert (step3 / "sharded").is_dir() == sharded and (step3 / "model.safetensors").exists() != sharded
+    if sharded:  # each process wrote its own piece of every tensor: two files, about half the state each
+        shards = sorted((step3 / "sharded").glob("*.safetensors"))
+        assert len(shards) == 2 and abs(shards[0].stat().st_size - shards[1].stat().st_size) < \
+            0.2 * shards[0].stat().st_size
     shutil.rmtree(out / "checkpoints" / "step-0000006")  # as if stopped after step 3
-    _pretrain(then, out, prepared, "--resume", "--train.strategy", strategy)
+    _pretrain(then, out, prepared, "--resume", "--train.strategy", resumed_with)
     _assert_same_run(single_runs(1), out)
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_loads_in_one_process_and_converts_to_a_whole_folder(prepared, single_runs, tmp_path,
+                                                                                  capsys):
+    """A step folder of an FSDP2 run holds shards; `checkpoint.load` reads them in one process, equal to the
+    whole weights one process saved at that step, and `convert from-sharded` writes an ordinary folder."""
+    from clitools import assert_user_error, run
+    from safetensors.torch import load_file
+
+    from llmscratch.checkpoint import load_model, model_state
+
+    out = tmp_path / "run"
+    _pretrain(2, out, prepared, "--train.strategy", "fsdp")
+    step3, ref = out / "checkpoints" / "step-0000003", single_runs(1) / "checkpoints" / "step-0000003"
+    whole = load_file(ref / "model.safetensors")
+    loaded = model_state(load_model(step3))
+    assert loaded.keys() == whole.keys()
+    for k in whole:
+        torch.testing.assert_close(loaded[k], whole[k], atol=2e-5, rtol=1e-4)
+    code, _, err = run(["convert", "from-sharded", step3, tmp_path / "whole"], capsys)
+    assert code == 0, err
+    exported = load_file(tmp_path / "whole" / "model.safetensors")
+    assert all(torch.equal(exported[k], loaded[k]) for k in whole)
+    assert (tmp_path / "whole" / "config.json").is_file() and not (tmp_path / "whole" / "sharded").exists()
+    shard = next((step3 / "sharded").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])  # a truncated shard: one line naming the folder
+    code, _, err = run(["convert", "from-sharded", step3, tmp_path / "again"], capsys)
+    assert_user_error(code, err, "sharded")
+    assert not (tmp_path / "again").exists()
 
 
 def test_each_rank_gets_its_own_rows_of_every_batch():
@@ -156,6 +195,35 @@ def test_a_rank_that_stops_answering_ends_the_run_with_one_line(tmp_path):
     assert r.returncode != 0
     line = next(x for x in r.stdout.splitlines() if x.startswith("rank 0 one line:"))
     assert "another training process stopped answering" in line and "3 s" in line
+
+
+CRASH = """
+import sys
+from llmscratch.errors import UserError
+from llmscratch.train import distributed
+r, _ = distributed.setup("cpu")
+def work():
+    raise RuntimeError("a bug in rank 0's work")
+try:
+    distributed.on_main(work, r)
+except UserError as exc:
+    print(f"rank {r.rank} one line: {exc}")
+    sys.exit(2)
+"""
+
+
+@pytest.mark.slow
+def test_a_crash_in_rank_0s_work_stops_the_others_at_once(tmp_path):
+    """Not only a UserError: any failure of what rank 0 does alone reaches the other ranks at once (one line),
+    instead of leaving them waiting for the collective timeout (set to 10 minutes here: the test ends long before)."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{distributed.TIMEOUT_ENV: "600"})
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0
+    assert "rank 1 one line: rank 0 failed: RuntimeError: a bug in rank 0's work" in r.stdout, r.stdout[-2000:]
+    assert "a bug in rank 0's work" in r.stderr  # rank 0's own traceback
 
 
 # --- the fine-tuning verbs under torchrun ---------------------------------------------------------------------

@@ -16,7 +16,7 @@ import yaml
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError, one_line
 from llmscratch.fileio import atomic_write
-from llmscratch.runs import CONFIG, HPARAMS, WEIGHTS, find_model_folder
+from llmscratch.runs import CONFIG, HPARAMS, SHARDED, WEIGHTS, find_model_folder
 
 __all__ = ["CONFIG", "HPARAMS", "WEIGHTS", "assign_weights", "check_finite", "check_state_dict", "find_model_folder",
            "load", "load_model", "load_state_dict", "model_state", "raise_if_unfit", "save_model"]
@@ -32,9 +32,10 @@ def model_state(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = 
 
 
 def save_model(directory: str | Path, model, tokenizer=None, hyperparameters: dict | None = None,
-               state: dict[str, torch.Tensor] | None = None) -> Path:
+               state: dict[str, torch.Tensor] | None = None, weights: bool = True) -> Path:
     """Write the checkpoint files of `model` (and `tokenizer`) into `directory`; `state`: its weights when they are
-    not the model's own tensors (a sharded run gathers them first)."""
+    not the model's own tensors (a sharded run gathers them first). `weights=False`: every file but the weights
+    (a sharded checkpoint's processes write those themselves: llmscratch.sharded)."""
     from safetensors.torch import save_file
 
     from llmscratch.model.packed import is_packed
@@ -46,8 +47,9 @@ def save_model(directory: str | Path, model, tokenizer=None, hyperparameters: di
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create checkpoint folder {directory}: {exc.strerror}") from None
-    state = {k: v.cpu() for k, v in model_state(model, state).items()}
-    atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    if weights:
+        state = {k: v.cpu() for k, v in model_state(model, state).items()}
+        atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     atomic_write(directory / CONFIG, model.config.save)
     if tokenizer is not None:
         tokenizer.save(directory)
@@ -125,11 +127,23 @@ def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> to
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Build the model from `config.json` and fill it from `model.safetensors`."""
+    """Build the model from `config.json` and fill it from `model.safetensors` — or, in a step folder of a run
+    trained with FSDP2, from its shards (`sharded/`, read in this one process)."""
     from llmscratch.model import GPT
 
     folder = find_model_folder(path)
     cfg = ModelConfig.load(folder / CONFIG)
+    if not (folder / WEIGHTS).exists() and (folder / SHARDED).is_dir():  # a step of an FSDP2 run: read its shards
+        from llmscratch import sharded
+
+        with torch.device("meta"):
+            model = GPT(cfg)
+        model = model.to_empty(device="cpu")  # storage for the shards to be read into (no random init to pay)
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.tok_emb.weight
+        sharded.load(folder / SHARDED, model)
+        model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+        return model.eval()
     state = load_state_dict(folder / WEIGHTS)
     with torch.device("meta"):
         model = GPT(cfg)

@@ -44,6 +44,7 @@ METRICS_CSV = "metrics.csv"
 LOSS_PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
 TRAIN_STATE = "train_state.pt"
+SHARDED = "sharded"  # a step folder of an FSDP2 run: each rank's weights and optimizer state (llmscratch.sharded)
 DATA = "data"  # the run's prepared token files, when `pretrain` tokenized the corpus itself
 TEST_RESPONSES = "test_responses.json"  # instruct / DPO: the test split answered after training
 CLASSIFY_METRICS = "metrics.json"  # classify: accuracy and loss per split, confusion matrix

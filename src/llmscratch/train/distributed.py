@@ -12,7 +12,9 @@ batch:
   computes the same losses as one process given the whole batch;
 * DDP averages the gradients across ranks in backward (skipped on the accumulation micro-steps but the last);
   losses and evaluations are averaged with `mean`;
-* rank 0 alone logs, draws, samples and writes checkpoints.
+* rank 0 alone logs, draws, samples and writes checkpoints — except under FSDP2 (`--train.strategy fsdp`), where
+  every rank writes its own shards of the weights and optimizer state into the step folder (llmscratch.sharded:
+  torch.distributed.checkpoint, safetensors files), which resume on any number of processes.
 
 Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op and training runs as one process.
 """
@@ -205,22 +207,38 @@ def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict
 
 def on_main(work, r: Ranks):
     """`work()` on rank 0 alone (the output-folder guards, tokenizing the corpus: what must happen once), then
-    every rank learns whether it failed: all stop with rank 0's one-line message if it did. Returns `work()`'s
+    every rank learns whether it failed: all stop with rank 0's one-line message if it did (any other failure
+    of rank 0 stops the others at once too, rank 0 raising it as it came). Returns `work()`'s
     result on rank 0, None on the others. One process: simply `work()`."""
     if not r.active:
         return work()
     import torch.distributed as dist
 
-    result, box = None, [None]
+    result, box, failure = None, [None], None
     if r.main:
         try:
             result = work()
         except UserError as exc:
             box[0] = str(exc)
+        except BaseException as exc:  # (a bug, Ctrl-C): the others must not wait for rank 0 until the timeout
+            box[0], failure = f"rank 0 failed: {type(exc).__name__}: {one_line(exc)[:300]}", exc
     dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure  # rank 0 shows its own traceback; the others stop with one line
     if box[0] is not None:
         raise UserError(box[0])
     return result
+
+
+def from_main(value, r: Ranks):
+    """Rank 0's `value` (a small picklable object, e.g. a path) on every rank; `value` itself with one process."""
+    if not r.active:
+        return value
+    import torch.distributed as dist
+
+    box = [value if r.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def check_global_batch(batch_size: int, r: Ranks) -> None:

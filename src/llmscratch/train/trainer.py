@@ -172,17 +172,25 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out_dir: Path, model, tokenizer, optimizer, step: int, tokens: int, batches: BatchSource,
-                    hparams: dict, keep_last: int, ranks: Ranks = distributed.SINGLE) -> Path:
+                    hparams: dict, keep_last: int, ranks: Ranks = distributed.SINGLE, sharded: bool = False) -> Path:
     """Write the run's step folder for `step` atomically (`runs.new_step_folder`: a temporary folder renamed
     into place), with the training state that `--resume` restores, then prune all but the `keep_last` newest.
-    Every rank calls it (a sharded run gathers its weights and optimizer state whole); rank 0 writes."""
-    weights, optim = distributed.full(model.state_dict()), distributed.full(optimizer.state_dict())
-    if ranks.main:
-        with runs.new_step_folder(out_dir, step) as tmp:
-            save_model(tmp, model, tokenizer, hparams, state=weights)
-            state = {"step": step, "tokens": tokens, "optimizer": optim, "rng": _rng_state(),
-                     "data": batches.state_dict()}
+    Every rank calls it. Rank 0 writes the folder; the weights and optimizer state are either gathered whole
+    into it (one process, DDP), or, `sharded` (FSDP2), written by every rank as its own pieces into the folder's
+    `sharded/` (llmscratch.sharded)."""
+    from llmscratch import sharded as shards
+
+    state = {"step": step, "tokens": tokens, "rng": _rng_state(), "data": batches.state_dict()}
+    if not sharded:
+        weights, state["optimizer"] = distributed.full(model.state_dict()), distributed.full(optimizer.state_dict())
+    with runs.new_step_folder(out_dir, step) if ranks.main else contextlib.nullcontext() as tmp:
+        if sharded:  # every rank writes its shards into rank 0's temporary folder (on a shared file system)
+            tmp = Path(distributed.from_main(str(tmp), ranks))
+            state["optimizer_groups"] = shards.save(tmp / runs.SHARDED, model, optimizer)
+        if ranks.main:
+            save_model(tmp, model, tokenizer, hparams, state=None if sharded else weights, weights=not sharded)
             atomic_write(tmp / runs.TRAIN_STATE, lambda p: torch.save(state, p))  # (a full disk: one clear OSError)
+    if ranks.main:
         runs.prune_checkpoints(out_dir, keep_last)
     return runs.step_folder(out_dir, step)
 
@@ -197,24 +205,33 @@ def load_train_state(ckpt: Path) -> dict:
 
 def restore_weights(out_dir: Path, model, device: torch.device) -> Path:
     """Load the weights of the run's newest resumable checkpoint into `model` (whole, before any sharding);
-    returns that checkpoint's folder for `restore_state`."""
+    returns that checkpoint's folder for `restore_state`. A sharded checkpoint's weights are read later, by
+    `restore_state`, once the model is sharded as this run shards it."""
     from llmscratch.checkpoint import check_state_dict, load_state_dict
 
     ckpt = runs.latest_checkpoint(out_dir)
     if ckpt is None:
         raise UserError(f"--resume: no checkpoint with {runs.TRAIN_STATE} under {out_dir / runs.CHECKPOINTS}; "
                         "start without --resume")
+    if (ckpt / runs.SHARDED).is_dir():
+        return ckpt
     state = load_state_dict(ckpt / runs.WEIGHTS, device=device)
     check_state_dict(model, state, str(ckpt))
     model.load_state_dict(state, strict=False)
     return ckpt
 
 
-def restore_state(ckpt: Path, optimizer, batches: BatchSource) -> tuple[int, int]:
-    """Load the optimizer, data position and RNGs of checkpoint `ckpt`, so that training continues exactly as if
-    never stopped (on any number of processes); returns its (step, tokens)."""
+def restore_state(ckpt: Path, model, optimizer, batches: BatchSource) -> tuple[int, int]:
+    """Load the optimizer, data position and RNGs of checkpoint `ckpt` (and, from a sharded checkpoint, the
+    weights too: each rank the pieces it holds), so that training continues exactly as if never stopped, on any
+    number of processes; returns its (step, tokens)."""
+    from llmscratch import sharded
+
     ts = load_train_state(ckpt)
-    optimizer.load_state_dict(distributed.shard_optimizer_state(ts["optimizer"], optimizer))
+    if (ckpt / runs.SHARDED).is_dir():
+        sharded.load(ckpt / runs.SHARDED, model, optimizer, ts.get("optimizer_groups"))
+    else:
+        optimizer.load_state_dict(distributed.shard_optimizer_state(ts["optimizer"], optimizer))
     batches.load_state_dict(ts["data"])
     _set_rng_state(ts["rng"])
     return int(ts["step"]), int(ts["tokens"])
@@ -308,7 +325,7 @@ def _train(model, batches: BatchSource, cfg: TrainConfig, out_dir: Path, device:
     stepped = distributed.wrap(model, device, ranks, cfg.strategy, autocast_dtype(cfg.precision, device))
     optimizer = build_optimizer(model, cfg, device)
     hparams = {"train": dataclasses.asdict(cfg), **(hparams or {})}
-    step, tokens = restore_state(ckpt, optimizer, batches) if resume else (0, 0)
+    step, tokens = restore_state(ckpt, model, optimizer, batches) if resume else (0, 0)
     metrics = MetricsLog(out_dir, resume_from_step=step if resume else None) if ranks.main else _NoMetrics()
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     sharded = ranks.active and cfg.strategy == "fsdp"  # then generating a sample would need every rank
@@ -514,8 +531,9 @@ class _Run:
                                    "Lower --lr and retry")
 
     def save(self) -> None:
-        """A resumable checkpoint of this step: whole weights and optimizer state (gathered from the shards under
-        FSDP), written by rank 0 — the data position is the same on every rank."""
+        """A resumable checkpoint of this step: whole weights and optimizer state written by rank 0, or under FSDP
+        each rank's shards (`save_checkpoint`) — the data position is the same on every rank."""
         save_checkpoint(self.out_dir, self.model, self.tokenizer, self.optimizer, self.step, self.tokens,
-                        self.batches, self.hparams, self.cfg.keep_last, self.ranks)
+                        self.batches, self.hparams, self.cfg.keep_last, self.ranks,
+                        sharded=self.ranks.active and self.cfg.strategy == "fsdp")
         self.last_saved = self.step
