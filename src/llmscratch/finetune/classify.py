@@ -112,6 +112,8 @@ def evaluate_classifier(model, examples: list[Encoded], pad_id: int, n_classes: 
                         limit: int | None = None) -> dict:
     """Loss, accuracy and confusion matrix (rows: true class, columns: predicted) over `examples` (the first
     `limit` of them when given)."""
+    from llmscratch.train.distributed import run_as_forward
+
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -121,7 +123,7 @@ def evaluate_classifier(model, examples: list[Encoded], pad_id: int, n_classes: 
     for start in range(0, len(examples), batch_size):
         idx, lengths, labels = collate_labelled(examples[start:start + batch_size], pad_id, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = class_logits(model, idx, lengths).float()
+            logits = run_as_forward(model, class_logits, idx, lengths).float()  # (a sharded model: its forward)
         total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
         pred = logits.argmax(-1)
         confusion += torch.bincount((labels * n_classes + pred).cpu(), minlength=n_classes ** 2).view(
@@ -309,12 +311,14 @@ def finetune_classify(checkpoint: str | Path, data: str, out: str | Path, *, tex
     log(f"training {cfg.max_steps} steps ({cfg.max_steps * cfg.grad_accum / per_epoch:.3g} epochs of {per_epoch} "
         f"batches of {cfg.batch_size}) on {device.type}")
     t_train = time.perf_counter()
-    # (the accuracy after each epoch is measured by rank 0 alone, which reports it)
+    # The accuracy after each epoch is measured by rank 0 alone, which reports it — under FSDP2 by every rank
+    # (the sharded model's every forward is a collective), each scoring the same examples.
+    measuring = stage.ranks.main or (stage.ranks.active and cfg.strategy == "fsdp")
     result = stage.train(model, batches, cfg, tok, hparams, before=lambda o: write_labels(o, texts.labels),
-                         loss_fn=classification_loss, on_step=tracker if stage.ranks.main else None,
-                         perplexity=False)
+                         loss_fn=classification_loss, on_step=tracker if measuring else None, perplexity=False)
     if not stage.end_training():
         return stage.result(result, *(len(enc.splits[k]) for k in ("train", "val", "test")))
+    model = tracker.model = stage.trained(model)
     metrics = {"labels": texts.labels, "data": str(data), "base": str(checkpoint), "random_init": random_init,
                "trainable": trainable, "trainable_params": n_trainable, "steps": result.step,
                "epochs": result.step * cfg.grad_accum / per_epoch, "max_length": enc.max_length,

@@ -123,8 +123,8 @@ class DPOLoss:
         if batch.ref_chosen is not None:
             ref_c, ref_r = batch.ref_chosen, batch.ref_rejected
         elif self.reference is not None:
-            with torch.no_grad(), self.reference() as ref_model:
-                ref_c, ref_r = sequence_logprobs(ref_model, batch.x, batch.y, self.average).chunk(2)
+            with torch.no_grad(), self.reference() as ref_model:  # (the sharded model itself under FSDP2, with LoRA)
+                ref_c, ref_r = run_as_forward(ref_model, sequence_logprobs, batch.x, batch.y, self.average).chunk(2)
         else:
             raise RuntimeError("DPOLoss needs a reference model or batches with precomputed reference log-probs")
         loss, chosen_r, rejected_r = dpo_loss(policy_c, policy_r, ref_c, ref_r, self.beta, self.label_smoothing)
@@ -259,6 +259,7 @@ def run_dpo(checkpoint: str | Path, data: str | Path, out: str | Path, *, prompt
                          loss_fn=loss_fn, perplexity=False, loss_label="DPO loss")
     if not stage.end_training():  # rank 0 alone evaluates, answers and writes
         return stage.result(result, *map(len, recs))
+    model = run.use(stage.trained(model), loss_fn)
     after = run.evaluate(eval_pairs, loss_fn)
     log("after:  " + _describe(after))
     samples = [{"instruction": r["instruction"], "input": r.get("input", ""), "chosen": r["chosen"],
@@ -331,6 +332,15 @@ class _DPORun:
             reference, how = frozen_reference(self.model), "a frozen copy of the starting model"
         self.stage.log(f"reference log-probs: {how}; beta {self.beta}, label smoothing {self.label_smoothing}")
         return DPOLoss(self.beta, self.label_smoothing, reference, self.average)
+
+    def use(self, model, loss_fn: DPOLoss):
+        """Go on with `model` (after FSDP2: the trained model gathered whole), also as the adapters-off reference;
+        returns it."""
+        if self.model is not model:
+            self.model = model
+            if self.stage.lora is not None and loss_fn.reference is not None:
+                loss_fn.reference = adapters_off_reference(model)
+        return model
 
     def evaluate(self, pairs: list, loss_fn: DPOLoss) -> dict[str, float]:
         return evaluate_pairs(self.model, pairs, loss_fn, self.collate, self.eval_batch, self.amp, self.device)

@@ -85,6 +85,7 @@ def run_instruct(checkpoint: str | Path, data: str | Path, out: str | Path,
                          loss_fn=instruct_loss, sample_fn=sample)
     if not stage.end_training():  # rank 0 alone answers the test split and writes
         return stage.result(result, *map(len, recs))
+    model = stage.trained(model)
     responses = answer_test_split(result, model, tok, style, recs[2], stage.out, max_new_tokens, progress, log)
     stage.finish(model, tok, result)
     return stage.result(result, *map(len, recs), metrics={"responses": responses})

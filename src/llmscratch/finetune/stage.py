@@ -10,11 +10,13 @@ model head and loss:
     cfg = stage.steps_for_epochs(epochs, batches)        # a copy: the caller's TrainConfig is never changed
     result = stage.train(model, batches, cfg, tok, hparams, loss_fn=...)
     if stage.end_training():                             # rank 0 (or the one process) goes on alone
+        model = stage.trained(model)                     # (whole again after FSDP2)
         files = stage.finish(model, tok, result)         # adapter folder with LoRA; the files in `out`
 
-Every stage returns a `StageResult`. Under torchrun (`--train.strategy ddp`) every rank trains its rows of each
-global batch (`llmscratch.train.distributed`); rank 0 alone checks --out, logs and writes, and after training it
-alone evaluates, answers the test split and writes the stage's files.
+Every stage returns a `StageResult`. Under torchrun (DDP, or FSDP2 with `--train.strategy fsdp`) every rank
+trains its rows of each global batch (`llmscratch.train.distributed`); rank 0 alone checks --out, logs and
+writes, and after training it alone evaluates, answers the test split and writes the stage's files (under FSDP2
+with the model gathered whole: `trained`).
 """
 
 from __future__ import annotations
@@ -86,11 +88,8 @@ class Stage:
 
         self.name, self.checkpoint, self.out = name, checkpoint, Path(out)
         self.cfg, self.resume, self.lora = train_cfg, resume, lora
+        self._whole = None  # under FSDP2: the trained model gathered whole on rank 0 (`trained`)
         train_cfg.check()  # a bad setting is reported before any data or model is read
-        if train_cfg.strategy == "fsdp":
-            raise UserError(f"--train.strategy fsdp: finetune {name} trains data-parallel with ddp only (LoRA "
-                            "adapters, the DPO reference and the test-set answers need whole weights in every "
-                            "process); use --train.strategy ddp")
         if lora is not None:
             lora.check()
         # Under torchrun: join the processes' group; rank 0 alone checks (and may tidy) --out, then tells the rest.
@@ -177,11 +176,21 @@ class Stage:
         held = distributed.on_main(self._claim_out, r)
         hparams = {"stage": self.name, "base": str(self.checkpoint), **hparams, **self.lora_hparams()}
         cleanup = runs.removed_on_failure(self.out, held) if r.main else contextlib.nullcontext()
+        sharded = r.active and cfg.strategy == "fsdp"  # FSDP2 shards `model` in place: keep its shape to rebuild
+        skeleton = distributed.meta_copy(model) if sharded else None
         with cleanup, distributed.peers_answer(r):
             if before is not None:
                 distributed.on_main(lambda: before(self.out), r)
-            return train(model, batches, cfg, self.out, tokenizer=tokenizer, resume=self.resume, hparams=hparams,
-                         loss_fn=_own_rows_unwrapped(loss_fn or lm_loss), **train_kwargs)
+            result = train(model, batches, cfg, self.out, tokenizer=tokenizer, resume=self.resume, hparams=hparams,
+                           loss_fn=_own_rows_unwrapped(loss_fn or lm_loss), **train_kwargs)
+            if sharded:  # rank 0 goes on alone after training, with the whole model
+                self._whole = distributed.whole(model, skeleton, self.device, r)
+        return result
+
+    def trained(self, model):
+        """The model rank 0 evaluates, answers with and saves after `end_training`: `model` itself, or under FSDP2
+        the whole model `train` gathered from its shards."""
+        return self._whole if self._whole is not None else model
 
     def _claim_out(self) -> frozenset[str] | None:
         held = runs.check_out_dir(self.out)

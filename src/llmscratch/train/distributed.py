@@ -286,18 +286,56 @@ def finish(r: Ranks) -> None:
 
 def run_as_forward(stepped: torch.nn.Module, part, *args):
     """`part(model, *args)` — a loss's call of the model's parts (`features`, `lm_head`) instead of its forward —
-    where `stepped` is the model as the trainer calls it: the model, its torch.compile wrapper or its DDP wrapper.
-    DDP averages across ranks the gradients of what runs inside its forward only, so under DDP `part` runs as the
-    wrapped model's forward for this one call (eagerly: such a loss bypasses torch.compile with one process too).
+    where `stepped` is the model as the trainer calls it: the model, its torch.compile wrapper, its DDP wrapper or
+    the model sharded by FSDP2. DDP averages across ranks the gradients of what runs inside its forward only, and
+    FSDP2 gathers the model's own (outermost) weights in its forward's hooks only, so there `part` runs as the
+    model's forward for this one call (eagerly: such a loss bypasses torch.compile with one process too).
     `part` returns a tensor."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
 
-    ddp = getattr(stepped, "_orig_mod", stepped)  # (the module under a torch.compile wrapper)
-    if not isinstance(ddp, DistributedDataParallel):
+    wrapper = getattr(stepped, "_orig_mod", stepped)  # (the module under a torch.compile wrapper)
+    if isinstance(wrapper, DistributedDataParallel):
+        inner = wrapper.module
+    elif isinstance(wrapper, FSDPModule):
+        inner = wrapper
+    else:
         return part(stepped, *args)
-    inner = ddp.module
     inner.forward = lambda *a: part(inner, *a)  # an instance attribute: shadows the class's forward
     try:
-        return ddp(*args)
+        return wrapper(*args)
     finally:
         del inner.forward
+
+
+def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model`'s modules whose parameters and buffers live on the meta device (no memory): its shape
+    before FSDP2 shards it in place, from which `whole` rebuilds it. Tied parameters stay tied."""
+    import copy
+
+    memo = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(empty, t.requires_grad) if isinstance(t, torch.nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
+def whole(model: torch.nn.Module, skeleton: torch.nn.Module, device: torch.device, r: Ranks):
+    """The FSDP2-sharded `model` as one ordinary module on rank 0 (None on the others): its weights gathered — a
+    collective, every rank calls it — into `skeleton`, the `meta_copy` made before sharding. Rank 0 evaluates
+    and writes alone with it once the others have left."""
+    state = full(model.state_dict())
+    if not r.main:
+        return None
+    tied = [(name, p) for name, p in skeleton.named_parameters(remove_duplicate=False)]
+    first = {}
+    for name, p in tied:
+        first.setdefault(id(p), name)
+    skeleton = skeleton.to_empty(device=device)
+    for name, p in tied:  # re-tie what `to_empty` may have untied (a tied LM head: the token embedding)
+        if first[id(p)] != name:
+            owner, _, attr = name.rpartition(".")
+            src_owner, _, src_attr = first[id(p)].rpartition(".")
+            setattr(skeleton.get_submodule(owner), attr, getattr(skeleton.get_submodule(src_owner), src_attr))
+    skeleton.load_state_dict(state)
+    return skeleton
