@@ -117,6 +117,24 @@ def test_merged_equals_unmerged_and_unmerge_restores_the_base_exactly(preset):
     torch.testing.assert_close(plain(x), unmerged, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("preset, expected", [
+    ("qwen3-moe-micro", {"attn.qkv", "attn.proj", "mlp.experts.0.gate", "mlp.experts.7.proj"}),
+    ("mla-micro", {"attn.q_proj", "attn.kv_down", "attn.kv_up", "attn.proj"})])
+def test_the_groups_reach_the_experts_and_the_latent_attention(preset, expected):
+    """`all` wraps every expert of a mixture (and nothing of its router) and every projection of multi-head latent
+    attention; merged equals unmerged there too."""
+    model = micro(preset, tie_embeddings=False)
+    names = apply_lora(model, "all", rank=4, alpha=8).modules
+    suffixes = {n.split(".", 2)[2] for n in names if n.startswith("blocks.0.")}
+    assert expected <= suffixes and not any("router" in n for n in names)
+    if preset == "qwen3-moe-micro":
+        assert sum(".experts." in n for n in names) == 2 * 8 * 3  # 2 blocks × 8 experts × gate, up, down
+    randomize_adapters(model)
+    x = ids()
+    unmerged = model(x)
+    torch.testing.assert_close(merge_lora(model)(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
 def test_disabled_adapters_give_the_base_outputs():
     model = micro()
     base_logits = model(ids())

@@ -125,7 +125,11 @@ class CompiledDecodeStep:
 
 def compiled_decode_step(model) -> CompiledDecodeStep:
     """The model's compiled decoding step, built on first use and kept in the model's `decode_step` slot (it
-    lives as long as the model, whose weights and KV-cache buffers its graph reads)."""
+    lives as long as the model, whose weights and KV-cache buffers its graph reads). A mixture-of-experts model
+    has none: each step's token groups per expert change shape with the routing, which one graph cannot hold."""
+    if getattr(model.config, "n_experts", 0):
+        raise UserError(f"--compile: {model.config.name} is a mixture-of-experts model, whose decoding step cannot be "
+                        "one compiled graph (its experts' token groups change with the routing); leave --compile off")
     step = built_decode_step(model)
     if step is None:
         step = model.decode_step = CompiledDecodeStep(model)
@@ -294,7 +298,7 @@ def stream(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100, 
     the start of a stop string, so the pieces joined equal the final text exactly; each token decodes only the
     few latest ids (`TextStream`). `compile`: see `generate_ids`.
     """
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode_prompt(prompt)
     eos = tokenizer.eos_id if stop_at_eos else None
     text = TextStream(tokenizer, stop)
     for nxt in generate_ids(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, eos,
@@ -501,7 +505,7 @@ def generate_batch(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_
     from tqdm import tqdm
 
     eos = tokenizer.eos_id if stop_at_eos else None
-    encoded = [tokenizer.encode(p) for p in prompts]
+    encoded = [tokenizer.encode_prompt(p) for p in prompts]
     results: list[str] = [""] * len(prompts)
     if not prompts or max_new_tokens <= 0:
         return results

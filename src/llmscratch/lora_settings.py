@@ -10,8 +10,9 @@ from llmscratch.errors import UserError
 
 # Short target names → the module-path suffixes they select inside the GPT (model/transformer.py). `proj` alone
 # names both projections called `proj` (attention output and feed-forward down-projection).
+_LATENT = ("attn.q_proj", "attn.q_down", "attn.kv_down", "attn.kv_up")  # multi-head latent attention's q/k/v
 ALIASES: dict[str, tuple[str, ...]] = {
-    "qkv": ("attn.qkv",),
+    "qkv": ("attn.qkv", *_LATENT),
     "out": ("attn.proj",),
     "fc": ("mlp.fc",),
     "gate": ("mlp.gate",),
@@ -19,11 +20,12 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "down": ("mlp.proj",),
     "proj": ("attn.proj", "mlp.proj"),
     "head": ("lm_head",),
-    "attn": ("attn.qkv", "attn.proj"),
+    "attn": ("attn.qkv", *_LATENT, "attn.proj"),
     "mlp": ("mlp.fc", "mlp.gate", "mlp.up", "mlp.proj"),
-    "all": ("attn.qkv", "attn.proj", "mlp.fc", "mlp.gate", "mlp.up", "mlp.proj", "lm_head"),
+    "all": ("attn.qkv", *_LATENT, "attn.proj", "mlp.fc", "mlp.gate", "mlp.up", "mlp.proj", "lm_head"),
 }
 GROUPS = ("attn", "mlp", "all")  # may match only some of their suffixes (GPT-2 has no gate, Llama no fc)
+# (A mixture of experts' experts count as the feed-forward layers they replace: `mlp` and `gate` reach them.)
 TARGETS_HELP = ("comma-separated: qkv, out (attention output), fc, gate, up, down (feed-forward down-projection), "
                 "proj (out + down), head (an untied LM head), or the groups attn, mlp, all (attn + mlp + an untied "
                 "LM head); dotted module suffixes such as attn.proj also work")

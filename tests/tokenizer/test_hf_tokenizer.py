@@ -88,3 +88,33 @@ def test_bad_files_are_user_errors(hf_folder):
     (hf_folder / "tokenizer.json").write_text('{"model": {"type": "BPE"}, "broken": ')
     with pytest.raises(UserError, match="tokenizer.json: cannot read"):
         load_tokenizer(hf_folder)
+
+
+def test_a_prompt_starts_as_the_tokenizer_json_says_and_training_examples_too(tmp_path):
+    """A model whose tokenizer.json adds a BOS before every input (Gemma, Llama 3) gets it before a prompt it
+    continues (`encode_prompt`, as transformers' tokenizer(text) does) and before each instruction example it is
+    tuned on; `encode` (a rendered chat, which writes its own BOS) adds nothing. Without such a post-processor
+    (Qwen3, ours) the two agree."""
+    from llmscratch.data.instruct import encode_records
+    from llmscratch.prompts import get_style
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train_from_iterator(["hello world, the answer is blue"] * 5, tokenizers.trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<bos>", "<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    for with_bos in (False, True):
+        folder = tmp_path / f"bos-{with_bos}"
+        folder.mkdir()
+        if with_bos:
+            tok.post_processor = tokenizers.processors.TemplateProcessing(single="<bos> $A", special_tokens=[
+                ("<bos>", 0)])
+        tok.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<|endoftext|>"}))
+        hf = HFTokenizer(folder)
+        plain = hf.encode("hello world")
+        assert hf.encode_prompt("hello world") == ([0] if with_bos else []) + plain
+        examples, _ = encode_records([{"instruction": "Say hello.", "input": "", "output": "hello"}], hf,
+                                     get_style("alpaca"), 512)
+        assert (examples[0].ids[0] == 0) == with_bos

@@ -136,6 +136,7 @@ def _info_parser(p) -> None:
 
 def cmd_info(a) -> None:
     from llmscratch.config import PRESETS, ModelConfig
+    from llmscratch.model.memory import attention_variant, format_bytes, kv_bytes_per_token, kv_cache_bytes
     from llmscratch.model.transformer import flops_per_token
     from llmscratch.runs import CONFIG, find_model_folder
 
@@ -154,11 +155,13 @@ def cmd_info(a) -> None:
         m = GPT(cfg)
     n, n_body = m.num_params(), m.num_params(exclude_embeddings=True)
     T, B = cfg.context_length, a.batch_size
-    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
     # Activations saved for backward, per token per layer, roughly 34·d bytes in 16-bit (Korthikanti et al.
     # 2022, eq. 1, no recomputation, without its 5·h·T term for the attention-score matrices: SDPA's fused
     # kernels never store them); reported for bf16 autocast.
     act = B * T * cfg.n_layers * 34 * cfg.d_model
+    # Sliding-window layers stop growing past their window: then the average per token is smaller.
+    kv_full = kv_cache_bytes(cfg, T)
+    kv_average = f" (average {format_bytes(kv_full / T)}/token)" if kv_full != T * kv_bytes_per_token(cfg) else ""
     gib = 1024 ** 3
     rows = [
         ("config", f"{cfg.name} ({source})"),
@@ -170,9 +173,15 @@ def cmd_info(a) -> None:
         ("weights", f"fp32 {n * 4 / gib:.2f} GiB, bf16 {n * 2 / gib:.2f} GiB"),
         ("training", f"≈{(n * 16 + act) / gib:.2f} GiB at batch {B} (fp32 weights+grads+AdamW "
                      f"{n * 16 / gib:.2f} GiB, activations ≈{act / gib:.2f} GiB)"),
-        ("KV cache", f"{kv_per_token * 2 / 1024:.1f} KiB/token in bf16; "
-                     f"full context {kv_per_token * 2 * T / 2**20:.1f} MiB"),
+        ("KV cache", f"{attention_variant(cfg)}: {format_bytes(kv_bytes_per_token(cfg))}/token in bf16, "
+                     f"{format_bytes(kv_full)} per sequence at the full context{kv_average}"),
     ]
+    if cfg.n_experts:  # a token runs through only n_experts_per_token experts of each layer
+        active = m.num_active_params()
+        rows.insert(next(i for i, (k, _) in enumerate(rows) if k == "parameters") + 1, (
+            "experts", f"{cfg.n_experts} per layer, {cfg.n_experts_per_token} per token: total "
+                       + ", active ".join(f"{x:,} ({x / 1e9:.2f}B)" if x >= 1e9 else f"{x:,} ({x / 1e6:.2f}M)"
+                                          for x in (n, active)) + " per token"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -44,9 +44,37 @@ def cmd_tokenizer_train(a) -> None:
     print(f"trained a {tok.vocab_size}-token BPE on {a.data}; saved to {a.out}")
 
 
-TOKENIZER = Group("Tokenizer tools.", "train a byte-level BPE tokenizer from scratch", {
+# --- tokenizer add-tokens ---------------------------------------------------------------------------------
+def _tokenizer_add_tokens_parser(p) -> None:
+    p.add_argument("checkpoint", help="checkpoint folder (or a training run: its newest checkpoint)")
+    p.add_argument("--tokens", nargs="+", required=True,
+                   help='the special tokens to add, each quoted, e.g. --tokens "<|user|>" "<|assistant|>"')
+    p.add_argument("--out", type=str, required=True, help="checkpoint folder to write (new or empty)")
+    overwrite_option(p)
+
+
+def cmd_tokenizer_add_tokens(a) -> None:
+    from llmscratch.model.resize import add_tokens
+
+    grown = add_tokens(a.checkpoint, a.tokens, a.out, overwrite=a.overwrite)
+    for token, token_id in grown.present.items():
+        print(f"{token!r} is already token {token_id}; not added again")
+    if grown.added:
+        listed = ", ".join(f"{token!r}={token_id}" for token, token_id in grown.added.items())
+        print(f"added {len(grown.added)} special token(s): {listed}; vocabulary {grown.old_size} → "
+              f"{grown.new_size}; new rows start at the mean embedding; wrote {a.out}")
+    else:
+        print(f"nothing to add; wrote an unchanged copy to {a.out}")
+
+
+TOKENIZER = Group("Tokenizer tools.", "train a byte-level BPE tokenizer, or add special tokens to a checkpoint", {
     "train": Verb("Train a byte-level BPE tokenizer (GPT-2's pre-tokenizer) on a corpus.", _tokenizer_train_parser,
                   cmd_tokenizer_train),
+    "add-tokens": Verb("Add special tokens to a checkpoint's tokenizer (ours, GPT-2's, or a Hugging Face "
+                       "tokenizer.json) and grow its token embedding and LM head to match: new ids follow the "
+                       "tokenizer's old ones, new rows start at the mean of the old rows, and old tokens keep "
+                       "their ids and logits. Writes a new checkpoint folder to fine-tune.",
+                       _tokenizer_add_tokens_parser, cmd_tokenizer_add_tokens),
 })
 
 

@@ -3,7 +3,7 @@ folders, both ways) and `lora` (adapters merged, or exported for Hugging Face PE
 
 from __future__ import annotations
 
-from llmscratch.cli.base import Group, Verb, overwrite_option, progress_option
+from llmscratch.cli.base import Group, Optional, PositiveInt, Verb, overwrite_option, progress_option
 
 
 # --- download ---------------------------------------------------------------------------------------------
@@ -39,23 +39,31 @@ DOWNLOAD = Verb("Download a pretrained model — OpenAI's GPT-2 (from the Huggin
 
 # --- convert from-hf | from-openai | to-hf ----------------------------------------------------------------
 def _convert_from(fmt: str, source: str, source_help: str, out_help: str, tokenizer_files: str,
-                  description: str) -> Verb:
+                  description: str, tokenizer_default: str | None = None,
+                  options: dict[str, dict] | None = None) -> Verb:
     """The verb `convert from-FMT`: the folder `source` (a positional option) → our checkpoint folder `out`, by
-    `llmscratch.weights.convert.from_FMT`; without `--tokenizer`, the folder's own `tokenizer_files`."""
+    `llmscratch.weights.convert.from_FMT`; without `--tokenizer`, the folder's own `tokenizer_files` (or what
+    `tokenizer_default` says). `options`: the format's own flags (flag → add_argument keywords), handed on to
+    from_FMT as keyword arguments under their names (`--heads` → heads)."""
+    options = options or {}
+    tokenizer_default = tokenizer_default or f"the folder's {tokenizer_files}"
 
     def parser(p) -> None:
         p.add_argument(source, help=source_help)
         p.add_argument("out", help=out_help)
-        p.add_argument("--tokenizer", default=None,
-                       help=f"tokenizer folder or `gpt2` (default: the folder's {tokenizer_files})")
+        p.add_argument("--tokenizer", default=None, help=f"tokenizer folder or `gpt2` (default: {tokenizer_default})")
         p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16: dtype of the saved weights")
+        for flag, kwargs in options.items():
+            p.add_argument(flag, **kwargs)
         overwrite_option(p, "OUT folder")
 
     def run(a) -> None:
         from llmscratch.weights import convert
 
         folder = getattr(a, source)
-        model = getattr(convert, f"from_{fmt}")(folder, a.out, a.tokenizer, a.dtype, overwrite=a.overwrite)
+        extra = {name: getattr(a, name) for name in (f.lstrip("-").replace("-", "_") for f in options)}
+        model = getattr(convert, f"from_{fmt}")(folder, a.out, a.tokenizer, a.dtype, overwrite=a.overwrite,
+                                                **extra)
         print(f"converted {folder} ({model.num_params() / 1e6:.1f}M parameters) to {a.out}")
 
     return Verb(description, parser, run)
@@ -75,8 +83,8 @@ def cmd_convert_to_hf(a) -> None:
     print(f"wrote {a.out}: {note}")
 
 
-CONVERT = Group("Convert weights between formats.", "convert GPT-2 (Hugging Face, OpenAI), Llama and Qwen3 weights "
-                "to our checkpoints and back", {
+CONVERT = Group("Convert weights between formats.", "convert GPT-2 (Hugging Face, OpenAI, the book's), Llama and "
+                "Qwen3 weights to our checkpoints and back", {
     "from-hf": _convert_from("hf", "hf_dir", "Hugging Face model folder with config.json", "checkpoint folder to write",
                              "vocab.json + merges.txt",
                              "A Hugging Face GPT-2, Llama or Qwen3 folder (model.safetensors, a sharded index, or "
@@ -86,6 +94,23 @@ CONVERT = Group("Convert weights between formats.", "convert GPT-2 (Hugging Face
                                  "A folder of OpenAI's original GPT-2 release (hparams.json, checkpoint, "
                                  "model.ckpt.index, model.ckpt.data-*, encoder.json, vocab.bpe) → our checkpoint "
                                  "folder; no TensorFlow needed."),
+    "from-book": _convert_from("book", "source", "the .pth file: torch.save(model.state_dict(), ...) of the book's "
+                               "GPTModel, or chapter 5's dict with model_state_dict", "checkpoint folder to write "
+                               "(new or empty)", "", "The book's own GPT-2 (`GPTModel`, chapter 4, saved with "
+                               "torch.save in chapter 5) → our checkpoint folder; read with torch.load(weights_only="
+                               "True), so a file that pickles other Python objects is refused, never run.",
+                               tokenizer_default="gpt2, the tokenizer the book uses",
+                               options={"--heads": dict(type=Optional[PositiveInt], default=None,
+                                                        help="n_heads of the model (default: the book's preset "
+                                                             "for its emb_dim: 768→12, 1024→16, 1280→20, 1600→25)"),
+                                        "--name": dict(default=None, help="name recorded in config.json "
+                                                                          "(default: book-gpt)")}),
+    "from-sharded": _convert_from("sharded", "step_dir", "a checkpoints/step-N folder of a run trained with "
+                                  "--train.strategy fsdp", "checkpoint folder to write (new or empty)",
+                                  "tokenizer", "A step checkpoint of an FSDP2 run (its weights and optimizer state "
+                                  "in sharded/, one file per process) → an ordinary checkpoint folder with one "
+                                  "model.safetensors. (generate, chat and finetune also read such a step folder "
+                                  "directly.)"),
     "to-hf": Verb("Our checkpoint folder → a folder transformers.AutoModelForCausalLM loads (as GPT2LMHeadModel, "
                   "or LlamaForCausalLM / Qwen3ForCausalLM for those configurations), with the tokenizer for "
                   "AutoTokenizer: a Llama/Qwen3 model's own tokenizer files, or vocab.json + merges.txt for a "

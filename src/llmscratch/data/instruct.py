@@ -190,9 +190,10 @@ def encode_records(records: list[dict], tokenizer, style, max_length: int,
     stats = EncodeStats(total=len(records))
     limit = max_length + 1
     examples = []
+    start = tokenizer.encode_prompt("")  # what the tokenizer puts before every prompt (Gemma's BOS), as when answering
     for record in records:
         prompt, response = style.format(record)
-        p = tokenizer.encode(prompt, allowed_special="none")  # special-token text in data stays plain text
+        p = start + tokenizer.encode(prompt, allowed_special="none")  # special-token text in data stays plain text
         ids = p + tokenizer.encode(response, allowed_special="none") + [eos]
         if len(ids) > limit:
             stats.truncated += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -114,6 +115,9 @@ class LoRALinear(nn.Module):
 
 
 def _suffix_match(name: str, suffix: str) -> bool:
+    """Whether module `name` ends in `suffix`; an expert of a mixture ("mlp.experts.5.gate") counts as the
+    feed-forward layer it is one of ("mlp.gate"), and so does a shared expert ("mlp.shared.gate")."""
+    name = re.sub(r"\.(experts\.\d+|shared)\.", ".", name)
     return name == suffix or name.endswith("." + suffix)
 
 

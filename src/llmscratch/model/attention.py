@@ -20,13 +20,16 @@ from llmscratch.model.options import ModelOptions
 from llmscratch.model.rope import apply_rope
 
 
-def attention_reference(q, k, v, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+def attention_reference(q, k, v, mask: torch.Tensor | None = None, is_causal: bool = False,
+                        scale: float | None = None) -> torch.Tensor:
     """softmax(Q Kᵀ / √d) V written out, the book's chapter 3.
 
     q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs). `mask` is boolean (Tq, Tk), True where attention is allowed;
-    `is_causal` builds the lower-triangular mask for Tq == Tk.
+    `is_causal` builds the lower-triangular mask for Tq == Tk. `scale` replaces 1/√d where a model sets its own
+    (Gemma 3: query_pre_attn_scalar^-1/2).
     """
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, Tq, Tk)
     if is_causal:
         mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
     if mask is not None:
@@ -152,19 +155,156 @@ class KVCache(nn.Module):
         return self.k[at.rows, :, :at.length], self.v[at.rows, :, :at.length]
 
 
+def sliding_window_mask(q_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Which keys each query may see in a sliding-window layer: a key at position j is seen by the query at
+    position i when i - window < j <= i — the query itself and the window - 1 positions before it (the
+    convention of transformers' Gemma 3, `sliding_window_overlay`). A negative key position marks an empty slot.
+
+    q_pos (T,) or (B, T); key_pos (L,) or (B, L) → bool (T, L) or (B, T, L)."""
+    q, k = q_pos[..., :, None], key_pos[..., None, :]
+    return (k >= 0) & (k <= q) & (k > q - window)
+
+
+class WindowKVCache(nn.Module):
+    """The KV cache of a sliding-window layer: only the newest `slots` = min(window, max_len) positions, in a
+    ring — position p lives in slot p % slots — so its memory stays flat however long the sequence grows.
+
+    It serves every path `KVCache` does. Decoding one token (an int or 0-dim tensor `pos`) writes the token into
+    its slot and returns the whole ring: every key there is within the newest query's window, and the order of
+    keys does not matter to attention (their positions are already rotated in by RoPE). A chunk of T > 1 tokens
+    (prefill) would overwrite keys its own earlier queries still need, so its keys are returned as the window
+    before the chunk, read from the ring in order, followed by the chunk's own; then the chunk's last `slots`
+    entries are written. `RowPositions` rows take the second route too, each at its own positions.
+    `key_positions` says where the returned keys sit, for the mask (`sliding_window_mask`).
+
+    `max_len` is the number of positions the cache serves (the bound checked on writes), not its size.
+    """
+
+    def __init__(self, batch_size: int, max_len: int, window: int, n_kv_heads: int, head_dim: int, dtype,
+                 device=None):
+        super().__init__()
+        self.window, self._max_len = window, max_len
+        shape = (batch_size, n_kv_heads, min(window, max_len), head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self._max_len
+
+    @property
+    def slots(self) -> int:
+        return self.k.size(2)
+
+    def fits(self, batch_size: int, max_len: int, dtype, device: torch.device, at_least: bool = False) -> bool:
+        """Whether this cache serves `batch_size` rows of `max_len` positions (or more, with `at_least`) as is."""
+        return (self.k.size(0) == batch_size and (self.max_len == max_len or (at_least and self.max_len > max_len))
+                and self.k.dtype == dtype and self.k.device == device)
+
+    def resized(self, max_len: int) -> WindowKVCache:
+        """A cache serving `max_len` positions with this one's entries. Growing keeps them all: while the ring is
+        shorter than the window nothing has wrapped, so position p is in slot p in both."""
+        B, nkv, _, hs = self.k.shape
+        new = WindowKVCache(B, max_len, self.window, nkv, hs, self.k.dtype, self.k.device)
+        keep = min(self.slots, new.slots)
+        new.k[:, :, :keep] = self.k[:, :, :keep]
+        new.v[:, :, :keep] = self.v[:, :, :keep]
+        return new
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy batch row `src`'s entries for its first `length` positions to row `dst` (the slots they occupy)."""
+        n = min(length, self.slots)
+        self.k[dst, :, :n] = self.k[src, :, :n]
+        self.v[dst, :, :n] = self.v[src, :, :n]
+
+    def key_positions(self, pos: int | torch.Tensor | RowPositions, T: int) -> torch.Tensor | None:
+        """Absolute positions of the keys `update(pos, ...)` returns for T new tokens, (L,) or per row (B, L);
+        negative for an empty slot or a padding token. None: every returned key is visible to every query."""
+        S = self.slots
+        if isinstance(pos, RowPositions):
+            start = pos.positions[:, :1]  # (B, 1)
+            old = start - (S - 1) + torch.arange(S - 1, device=start.device)  # (B, S-1)
+            new = pos.positions if pos.real is None else pos.positions.masked_fill(~pos.real, -1)
+            return torch.cat([old, new], dim=1)
+        if isinstance(pos, torch.Tensor):
+            if T == 1:  # slot s holds the newest position congruent to s, or nothing yet (negative)
+                return pos - (pos - torch.arange(S, device=pos.device)) % S
+            return pos - (S - 1) + torch.arange(S - 1 + T, device=pos.device)
+        if T == 1:
+            return None
+        return torch.arange(max(0, pos - S + 1), pos + T, device=self.k.device)
+
+    def update(self, pos: int | torch.Tensor | RowPositions, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nkv, T, hs) for positions [pos, pos + T); return the keys and values the new queries
+        attend over, (B, nkv, L, hs), laid out as `key_positions` says."""
+        T, S = k.size(2), self.slots
+        if isinstance(pos, RowPositions):
+            return self._update_rows(pos, k, v)
+        if isinstance(pos, torch.Tensor):
+            new_pos = pos + torch.arange(T, device=k.device)
+            if T == 1:
+                self.k.index_copy_(2, new_pos % S, k)
+                self.v.index_copy_(2, new_pos % S, v)
+                return self.k, self.v
+            old_slots = (pos - (S - 1) + torch.arange(S - 1, device=k.device)) % S
+        else:
+            if pos + T > self.max_len:
+                raise ValueError(f"KV cache holds {self.max_len} positions; cannot write up to {pos + T}")
+            new_pos = torch.arange(pos, pos + T, device=k.device)
+            if T == 1:
+                self.k[:, :, pos % S] = k[:, :, 0]
+                self.v[:, :, pos % S] = v[:, :, 0]
+                return self.k[:, :, :min(pos + 1, S)], self.v[:, :, :min(pos + 1, S)]
+            old_slots = torch.arange(max(0, pos - S + 1), pos, device=k.device) % S
+        # Read the window before the chunk first: writing the chunk may overwrite it.
+        keys = torch.cat([self.k.index_select(2, old_slots), k], dim=2)  # (B, nkv, L, hs)
+        values = torch.cat([self.v.index_select(2, old_slots), v], dim=2)
+        last = slice(max(0, T - S), T)  # only the chunk's newest S entries stay
+        self.k.index_copy_(2, new_pos[last] % S, k[:, :, last])
+        self.v.index_copy_(2, new_pos[last] % S, v[:, :, last])
+        return keys, values
+
+    def _update_rows(self, at: RowPositions, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row b at its own positions, in cache row at.rows[b]: its window before its first new token,
+        gathered from its ring, then its new tokens; then its real new tokens written (the newest S of them, so
+        no two writes of one call land in the same slot)."""
+        S = self.slots
+        if at.length > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot write up to {at.length}")
+        old = self.key_positions(at, k.size(2))[:, :S - 1] % S  # (B, S-1) slots of the window before the chunk
+        rows = at.rows[:, None]  # (B, 1)
+        # Indexing dims 0 and 2 with (B, S-1) tensors puts those dims first: (B, S-1, nkv, hs).
+        keys = torch.cat([self.k[rows, :, old].transpose(1, 2), k], dim=2)  # (B, nkv, S-1+T, hs)
+        values = torch.cat([self.v[rows, :, old].transpose(1, 2), v], dim=2)
+        keep = at.positions > at.positions[:, -1:] - S  # (B, T): padding repeats the last real position
+        if at.real is not None:
+            keep &= at.real
+        rows = rows.expand_as(at.positions)[keep]
+        slots = at.positions[keep] % S
+        self.k[rows, :, slots] = k.transpose(1, 2)[keep]
+        self.v[rows, :, slots] = v.transpose(1, 2)[keep]
+        return keys, values
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head / grouped-query causal self-attention calling `F.scaled_dot_product_attention`.
 
     `options`: the model's `ModelOptions` (its `qkv_kernel` is read on every call), shared with the model that
-    builds this layer; the defaults when None."""
+    builds this layer; the defaults when None. `window`: a sliding-window layer (Gemma 3's local layers) whose
+    query sees only itself and the window - 1 positions before it (`sliding_window_mask`), with a cache that
+    keeps only those (`WindowKVCache`); None attends over the whole prefix. `scale`: the softmax scale of
+    QKᵀ; None is 1/√head_dim."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, qkv_bias: bool = True,
                  bias: bool = True, dropout: float = 0.0, head_dim: int | None = None, qk_norm: bool = False,
-                 norm_eps: float = 1e-6, options: ModelOptions | None = None):
+                 norm_eps: float = 1e-6, options: ModelOptions | None = None, *, window: int | None = None,
+                 scale: float | None = None):
         super().__init__()
         self.options = options if options is not None else ModelOptions()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = head_dim or d_model // n_heads
+        self.window, self.scale = window, scale
         # One matmul for q, k and v together (GPT-2's c_attn); with GQA k and v are narrower.
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
@@ -173,13 +313,17 @@ class CausalSelfAttention(nn.Module):
         # Qwen3's QK-norm: an RMSNorm over each head's query and key vectors, before the rotation.
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
-        self.kv_cache: KVCache | None = None
+        self.kv_cache: KVCache | WindowKVCache | None = None
 
     def setup_cache(self, batch_size: int, max_len: int, dtype, device: torch.device, at_least: bool = False) -> None:
         """Give this layer a cache for `batch_size` rows of `max_len` positions, keeping the one it has when it
-        fits (`KVCache.fits`)."""
+        fits (`KVCache.fits`); a sliding-window layer's keeps only its window (`WindowKVCache`)."""
         if self.kv_cache is None or not self.kv_cache.fits(batch_size, max_len, dtype, device, at_least):
-            self.kv_cache = KVCache(batch_size, max_len, self.n_kv_heads, self.head_dim, dtype, device)
+            if self.window is not None:
+                self.kv_cache = WindowKVCache(batch_size, max_len, self.window, self.n_kv_heads, self.head_dim,
+                                              dtype, device)
+            else:
+                self.kv_cache = KVCache(batch_size, max_len, self.n_kv_heads, self.head_dim, dtype, device)
 
     def _heads(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
         """q (B, nh, T, hs), k and v (B, nkv, T, hs) of x (B, T, d): the fused projection split into heads, with
@@ -210,9 +354,11 @@ class CausalSelfAttention(nn.Module):
         T), each row summing to 1 — for pictures; the forward pass never materialises them (SDPA)."""
         q, k, _ = self._heads(x, rope)
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, T, hs)
-        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, T)
-        causal = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=x.device).tril()
-        return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
+        scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, nh, T, T)
+        pos = torch.arange(q.size(-2), device=x.device)
+        allowed = sliding_window_mask(pos, pos, self.window or q.size(-2))  # (T, T): causal, within the window
+        return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
 
     def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | RowPositions | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -225,7 +371,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self._heads(x, rope)
 
         mask, is_causal = None, True
-        if isinstance(input_pos, RowPositions):
+        if self.window is not None:
+            k, v, mask, is_causal = self._window_keys(input_pos, k, v, T)
+        elif isinstance(input_pos, RowPositions):
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, length, hs)
             mask, is_causal = input_pos.mask, False
         elif isinstance(input_pos, torch.Tensor):
@@ -252,7 +400,7 @@ class CausalSelfAttention(nn.Module):
             # static cache's unfilled tail is masked by `mask`. With GQA the query heads that share a key/value
             # head become rows of one product, so the cache is read as it is, not copied per query head.
             q_rows = q.reshape(B, nkv, nh // nkv, hs)  # (B, nkv, group, hs)
-            y = attention_reference(q_rows.float(), k.float(), v.float(), mask).to(q.dtype)
+            y = attention_reference(q_rows.float(), k.float(), v.float(), mask, scale=self.scale).to(q.dtype)
             y = y.reshape(B, nh, 1, hs)
         else:
             if nkv != nh:
@@ -260,6 +408,26 @@ class CausalSelfAttention(nn.Module):
                 k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, Tk, hs)
                 v = v.repeat_interleave(nh // nkv, dim=1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                               dropout_p=self.dropout if self.training else 0.0)
+                                               dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
+
+    def _window_keys(self, input_pos, k: torch.Tensor, v: torch.Tensor, T: int):
+        """A sliding-window layer's keys and values for its T new queries, with (mask, is_causal) for SDPA: the
+        new ones alone without a cache, else through its `WindowKVCache`. The mask is (T, L), or (B, 1, T, L)
+        for `RowPositions`; None with is_causal where the window covers the whole chunk anyway."""
+        W = self.window
+        if self.kv_cache is None or input_pos is None:
+            if T <= W:
+                return k, v, None, True
+            pos = torch.arange(T, device=k.device)
+            return k, v, sliding_window_mask(pos, pos, W), False
+        cache = self.kv_cache
+        key_pos = cache.key_positions(input_pos, T)
+        k, v = cache.update(input_pos, k, v)
+        if key_pos is None:
+            return k, v, None, False
+        if isinstance(input_pos, RowPositions):
+            return k, v, sliding_window_mask(input_pos.positions, key_pos, W)[:, None], False
+        q_pos = input_pos + torch.arange(T, device=k.device)
+        return k, v, sliding_window_mask(q_pos, key_pos, W), False

@@ -107,16 +107,27 @@ class GELUMLP(nn.Module):
         return self.dropout(self.proj(h))
 
 
-class SwiGLUMLP(nn.Module):
-    """The gated feed-forward net of Llama and Qwen (Shazeer 2020): proj(silu(gate(x)) · up(x))."""
+GATE_ACTIVATIONS = ("silu", "gelu_tanh")
 
-    def __init__(self, d_model: int, d_ff: int, bias: bool = False, dropout: float = 0.0):
+
+class SwiGLUMLP(nn.Module):
+    """The gated feed-forward net (Shazeer 2020, "GLU Variants Improve Transformer"): proj(act(gate(x)) · up(x)).
+
+    `activation` "silu" is SwiGLU (Llama, Qwen); "gelu_tanh" is GeGLU with GELU's tanh form (Gemma). The gate is
+    the only place the two differ, so one class serves both."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False, dropout: float = 0.0, activation: str = "silu"):
         super().__init__()
+        if activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(GATE_ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
         self.gate = nn.Linear(d_model, d_ff, bias=bias)
         self.up = nn.Linear(d_model, d_ff, bias=bias)
         self.proj = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))
+        g = self.gate(x)
+        g = F.silu(g) if self.activation == "silu" else F.gelu(g, approximate="tanh")
+        return self.dropout(self.proj(g * self.up(x)))
 

@@ -10,9 +10,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 from llmscratch.config import ModelConfig
-from llmscratch.model.attention import CausalSelfAttention, KVCache, RowPositions
+from llmscratch.model.attention import CausalSelfAttention, RowPositions
 from llmscratch.model.layers import GELUMLP, SwiGLUMLP, make_norm
 from llmscratch.model.loss import lm_head_cross_entropy
+from llmscratch.model.mla import LatentAttention
+from llmscratch.model.moe import MoEFeedForward, load_balancing_loss
 from llmscratch.model.options import ModelOptions
 from llmscratch.model.rope import inverse_frequencies, rope_cos_sin
 
@@ -20,24 +22,39 @@ from llmscratch.model.rope import inverse_frequencies, rope_cos_sin
 class Block(nn.Module):
     """Pre-norm transformer block: attention and feed-forward each wrapped in a residual connection.
 
-    `options`: the model's `ModelOptions`, handed on to the layers that read them (the defaults when None)."""
+    `options`: the model's `ModelOptions`, handed on to the layers that read them (the defaults when None).
+    `sliding`: this block attends over a sliding window of cfg.sliding_window positions (Gemma 3's local layers),
+    with RoPE at cfg.rope_local_theta. With cfg.post_norms the attention and feed-forward outputs are normalised
+    too before they join the residual stream (Gemma's "sandwich" norms: four per block)."""
 
-    def __init__(self, cfg: ModelConfig, options: ModelOptions | None = None):
+    def __init__(self, cfg: ModelConfig, options: ModelOptions | None = None, sliding: bool = False):
         super().__init__()
         options = options if options is not None else ModelOptions()
+        self.sliding = sliding
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.qkv_bias, cfg.bias,
-                                        cfg.dropout, cfg.head_dim, cfg.qk_norm, cfg.norm_eps, options)
+        if cfg.attention == "mla":
+            self.attn = LatentAttention(cfg, options)
+        else:
+            self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.qkv_bias, cfg.bias,
+                                            cfg.dropout, cfg.head_dim, cfg.qk_norm, cfg.norm_eps, options,
+                                            window=cfg.sliding_window if sliding else None, scale=cfg.attn_scale)
+        self.post_attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.post_norms else None
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        if cfg.mlp == "swiglu":
-            self.mlp = SwiGLUMLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
+        if cfg.n_experts > 0:  # a router over SwiGLU experts (model/moe.py)
+            self.mlp = MoEFeedForward(cfg)
+        elif cfg.mlp in ("swiglu", "geglu"):  # GeGLU: Gemma's gate through GELU's tanh form instead of SiLU
+            self.mlp = SwiGLUMLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout,
+                                 activation="silu" if cfg.mlp == "swiglu" else "gelu_tanh")
         else:
             self.mlp = GELUMLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout, options)
+        self.post_mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.post_norms else None
 
     def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | RowPositions | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), input_pos, rope)
-        x = x + self.mlp(self.norm2(x))
+        h = self.attn(self.norm1(x), input_pos, rope)
+        x = x + (self.post_attn_norm(h) if self.post_attn_norm is not None else h)
+        h = self.mlp(self.norm2(x))
+        x = x + (self.post_mlp_norm(h) if self.post_mlp_norm is not None else h)
         return x
 
 
@@ -77,10 +94,10 @@ class GPT(nn.Module):
                                      _weight=torch.empty(cfg.context_length, cfg.d_model))
                         if cfg.position == "learned" else None)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, self.options) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, self.options, sliding) for sliding in cfg.sliding_layers)
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # RoPE frequencies per device (not a buffer:
-        #                                                       they must stay fp32 when the model is cast)
+        self._inv_freq: dict[tuple, torch.Tensor] = {}  # RoPE frequencies per (device, local) (not a buffer:
+        #                                               they must stay fp32 when the model is cast)
         # The LM head; a classifier (cfg.n_classes) has a class head here instead, read at one position.
         self.lm_head = nn.Linear(cfg.d_model, cfg.n_classes or cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -108,7 +125,8 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
             elif "norm" in name:
                 nn.init.ones_(p)
-            elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+            elif name.endswith(("attn.proj.weight", "mlp.proj.weight", "shared.proj.weight")) or (
+                    ".mlp.experts." in name and name.endswith(".proj.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
             else:
                 nn.init.normal_(p, 0.0, std)
@@ -134,24 +152,29 @@ class GPT(nn.Module):
                                  f"{self.config.context_length}")
             pos = torch.arange(start, start + T, device=idx.device)
         x = self.tok_emb(idx)  # (B, T, C)
-        rope = None
+        if self.config.embed_scale:
+            # Gemma scales by √d_model rounded to the weights' dtype first, as transformers does (in bf16,
+            # √640 = 25.298 becomes 25.25): the same rounding keeps bf16 logits equal to theirs.
+            x = x * torch.tensor(math.sqrt(self.config.d_model), dtype=x.dtype, device=x.device)
+        rope = local_rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
         else:
-            rope = rope_cos_sin(pos, self.inverse_frequencies(idx.device), x.dtype)  # (T, hs) or (B, T, hs)
-            if pos.dim() == 2:
-                rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hs): broadcast over the heads
+            rope = self._rope(pos, x.dtype, local=False)
+            if self.config.rope_local_theta is not None and any(self.config.sliding_layers):
+                local_rope = self._rope(pos, x.dtype, local=True)
         x = self.drop(x)
         if self.options.low_precision_residual and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         recompute = self.options.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
+            block_rope = local_rope if block.sliding and local_rope is not None else rope
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(block, x, input_pos, rope, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, input_pos, block_rope, use_reentrant=False)
             elif one_block_graph:
-                x = _run_block_region(block, x, input_pos, rope)
+                x = _run_block_region(block, x, input_pos, block_rope)
             else:
-                x = block(x, input_pos, rope)
+                x = block(x, input_pos, block_rope)
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, input_pos: int | torch.Tensor | RowPositions | None = None,
@@ -171,13 +194,25 @@ class GPT(nn.Module):
             x = x[:, -1:]
         return self.lm_head(x)  # (B, T, vocab)
 
-    def inverse_frequencies(self, device: torch.device) -> torch.Tensor:
-        """RoPE's per-pair frequencies (head_dim/2,), fp32, computed once per device."""
-        inv = self._inv_freq.get(device)
+    def inverse_frequencies(self, device: torch.device, local: bool = False) -> torch.Tensor:
+        """RoPE's per-pair frequencies (head_dim/2,), fp32, computed once per device. Latent attention rotates
+        only its decoupled part, rope_head_dim wide. `local`: those of the sliding-window layers, at
+        rope_local_theta and unscaled (Gemma 3 scales only its global layers' frequencies)."""
+        inv = self._inv_freq.get((device, local))
         if inv is None:
             c = self.config
-            inv = self._inv_freq[device] = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, device)
+            width = c.rope_head_dim if c.attention == "mla" else c.head_dim
+            theta, scaling = (c.rope_local_theta, None) if local else (c.rope_theta, c.rope_scaling)
+            inv = self._inv_freq[(device, local)] = inverse_frequencies(width, theta, scaling, device)
         return inv
+
+    def _rope(self, pos: torch.Tensor, dtype: torch.dtype, local: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of positions `pos` (T,) → (T, hs) each, or per row (B, T) → (B, 1, T, hs), broadcast over
+        the heads."""
+        cos, sin = rope_cos_sin(pos, self.inverse_frequencies(pos.device, local), dtype)
+        if pos.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]
+        return cos, sin
 
     # --- KV cache ---------------------------------------------------------------------------------------
     def setup_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None,
@@ -222,6 +257,23 @@ class GPT(nn.Module):
             n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
         return n
 
+    def num_active_params(self) -> int:
+        """Parameters one token's forward pass uses: all of them for a dense model; with experts, only the
+        n_experts_per_token routed experts of each layer (the embeddings and LM head counted, as the "3B
+        active" of Qwen3-30B-A3B counts them)."""
+        n, k = self.num_params(), self.config.n_experts_per_token
+        for block in self.blocks:
+            if isinstance(block.mlp, MoEFeedForward):
+                n -= (len(block.mlp.experts) - k) * block.mlp.expert_params()
+        return n
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The router load-balancing loss of the last training-mode forward (model/moe.py), pooled over all
+        MoE layers as transformers pools it; None for a dense model or after an eval-mode forward."""
+        stats = [b.mlp.router_stats for b in self.blocks
+                 if isinstance(b.mlp, MoEFeedForward) and b.mlp.router_stats is not None]
+        return load_balancing_loss(stats, self.config.n_experts) if stats else None
+
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True) -> float:
     """Approximate FLOPs per token: 2·N for a forward pass through the N non-embedding weights plus the
@@ -230,9 +282,27 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool
     counted since it is a real matmul."""
     T = seq_len or cfg.context_length
     d, L = cfg.d_model, cfg.n_layers
-    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    mlp_mats = 3 if cfg.mlp == "swiglu" else 2
-    per_layer = d * (q_dim + 2 * kv_dim) + q_dim * d + mlp_mats * d * cfg.d_ff  # qkv, out proj, mlp
+    attn_weights, qk_dim, v_dim = _attention_matmuls(cfg)
+    mlp_mats = 3 if cfg.mlp in ("swiglu", "geglu") else 2
+    per_layer = attn_weights + mlp_mats * d * cfg.d_ff
+    if cfg.n_experts:  # the router, the k experts a token goes through, and the shared expert
+        moe_d_ff = cfg.moe_d_ff or cfg.d_ff
+        per_layer = attn_weights + d * (cfg.n_experts + 3 * (cfg.n_experts_per_token * moe_d_ff
+                                                          + cfg.shared_expert_d_ff))
     matmul_params = L * per_layer + d * (cfg.n_classes or cfg.vocab_size)
-    forward = 2 * matmul_params + 2 * 2 * L * T * q_dim
+    forward = 2 * matmul_params + 2 * L * T * (qk_dim + v_dim)  # QKᵀ and AV over all heads
     return forward * (3 if training else 1)
+
+
+def _attention_matmuls(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(weights of an attention layer's matmuls, summed query·key width, summed value width over its heads).
+    Latent attention counts its down- and up-projections as it runs in training and prefill (keys and values
+    up-projected from the latent)."""
+    d, nh, hd = cfg.d_model, cfg.n_heads, cfg.head_dim
+    if cfg.attention != "mla":
+        q_dim, kv_dim = nh * hd, cfg.n_kv_heads * hd
+        return d * (q_dim + 2 * kv_dim) + q_dim * d, q_dim, q_dim  # qkv, out proj
+    qk = hd + cfg.rope_head_dim
+    q = d * nh * qk if not cfg.q_lora_rank else d * cfg.q_lora_rank + cfg.q_lora_rank * nh * qk
+    kv = d * (cfg.kv_lora_rank + cfg.rope_head_dim) + cfg.kv_lora_rank * nh * 2 * hd
+    return q + kv + nh * hd * d, nh * qk, nh * hd

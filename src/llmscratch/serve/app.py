@@ -379,7 +379,7 @@ class _Api:
                                param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return self._checked_length(self.tokenizer.encode(prompt), "prompt")
+            return self._checked_length(self.tokenizer.encode_prompt(prompt), "prompt")
         if not isinstance(prompt, list) or not all(type(t) is int for t in prompt):
             raise ApiError(400, "prompt must be a string, a list of one string, or a list of token ids",
                            param="prompt")

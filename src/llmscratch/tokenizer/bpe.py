@@ -188,14 +188,19 @@ class BPETokenizer(RankedBPE):
     ) -> None:
         super().__init__(ranks, special_tokens, pattern, "BPETokenizer")
         self._word_re = regex.compile(pattern)
-        size = max(max(self.ranks.values()), max(self.special_tokens.values(), default=-1)) + 1
-        self._id_to_bytes: list[bytes | None] = [None] * size
+        self._id_to_bytes: list[bytes | None] = [None] * (max(self.ranks.values()) + 1)
         for token, token_id in self.ranks.items():
             self._id_to_bytes[token_id] = token
-        for name, token_id in self.special_tokens.items():
-            self._id_to_bytes[token_id] = name.encode("utf-8")
         self._cache: dict[str, list[int]] = {}
         self._special_res: dict[frozenset[str], regex.Pattern | None] = {}
+        self._special_tokens_changed()
+
+    def _special_tokens_changed(self) -> None:
+        size = max(len(self._id_to_bytes), max(self.special_tokens.values(), default=-1) + 1)
+        self._id_to_bytes += [None] * (size - len(self._id_to_bytes))
+        for name, token_id in self.special_tokens.items():
+            self._id_to_bytes[token_id] = name.encode("utf-8")
+        self._special_res.clear()  # compiled for the old set of special tokens
 
     @classmethod
     def train(

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from llmscratch.errors import UserError, read_json
+from llmscratch.fileio import atomic_write_text
 from llmscratch.runs import TOKENIZER
 from llmscratch.tokenizer.base import Tokenizer
 
@@ -56,6 +57,10 @@ class HFTokenizer(Tokenizer):
         template_file = self.folder / "chat_template.jinja"
         self.chat_template = (template_file.read_text(encoding="utf-8") if template_file.is_file()
                               else self.config.get("chat_template"))
+        self._added: dict[str, int] = {}  # special tokens added since the folder was read (add_special_tokens)
+        self._read_vocab()
+
+    def _read_vocab(self) -> None:
         self.special_tokens = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self._vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -97,6 +102,11 @@ class HFTokenizer(Tokenizer):
         # template writes the BOS itself).
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        # The library's post-processor (tokenizer.json) adds what the model expects around an input: Gemma's and
+        # Llama 3's BOS, nothing for Qwen3 — as transformers' tokenizer(text) does.
+        return self._tok.encode(text, add_special_tokens=True).ids
+
     def decode(self, ids) -> str:
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
         bad = [i for i in ids if not 0 <= i < self._vocab_size]
@@ -112,12 +122,39 @@ class HFTokenizer(Tokenizer):
         tokens = {"bos_token": self.bos_token or "", "eos_token": _token_text(self.config.get("eos_token")) or ""}
         return render_chat_template(self.chat_template, messages, add_generation_prompt, **{**tokens, **variables})
 
+    def _append_special_tokens(self, tokens: list[str]) -> None:
+        from tokenizers import AddedToken
+
+        # The library numbers added tokens itself, after the highest id it has: the ids `add_special_tokens`
+        # promises. normalized=False matches a token's text exactly, as for the tokens a model ships with.
+        self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        self._added.update({t: self._tok.token_to_id(t) for t in tokens})
+        self._read_vocab()
+
     def save(self, directory: str | Path) -> None:
+        """Copy the folder's tokenizer files into `directory`; after `add_special_tokens`, `tokenizer.json` and
+        the `added_tokens_decoder` of `tokenizer_config.json` are written anew with the added tokens."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        rewritten = self._rewritten_files()
         for name in HF_TOKENIZER_FILES:
-            if (self.folder / name).is_file() and (self.folder / name).resolve() != (directory / name).resolve():
+            if name in rewritten:
+                atomic_write_text(directory / name, rewritten[name])
+            elif (self.folder / name).is_file() and (self.folder / name).resolve() != (directory / name).resolve():
                 shutil.copyfile(self.folder / name, directory / name)
+
+    def _rewritten_files(self) -> dict[str, str]:
+        """File name → new text, for the files that the added special tokens change (none before any is added)."""
+        if not self._added:
+            return {}
+        files = {TOKENIZER: self._tok.to_str(pretty=True)}
+        decoder = self.config.get("added_tokens_decoder")
+        if isinstance(decoder, dict):  # transformers reads each added token's flags from here
+            entry = dict(lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+            config = dict(self.config, added_tokens_decoder={
+                **decoder, **{str(i): dict(entry, content=t) for t, i in self._added.items()}})
+            files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        return files
 
 
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,

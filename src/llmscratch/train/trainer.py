@@ -64,13 +64,19 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def lm_loss(model, batch) -> tuple[torch.Tensor, int]:
+def lm_loss(model, batch) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, dict]:
     """Next-token cross-entropy over every position of (x, y) batches (the book's calc_loss_batch).
 
     The model computes it with its fused LM-head loss; `F.cross_entropy(model(x).flatten(0, 1), y.flatten())`
-    is the same number (tests/model/test_loss.py)."""
+    is the same number (tests/model/test_loss.py). A mixture-of-experts model in training mode adds its
+    router's load-balancing loss times `router_aux_loss_coef` and reports that loss as the extra "aux_loss"."""
     x, y = batch
-    return model(x, targets=y), y.numel()
+    loss = model(x, targets=y)
+    inner = getattr(model, "module", model)  # inside a DDP wrapper (torch.compile's passes attributes through)
+    aux = inner.aux_loss() if hasattr(inner, "aux_loss") else None
+    if aux is None:
+        return loss, y.numel()
+    return loss + inner.config.router_aux_loss_coef * aux, y.numel(), {"aux_loss": aux.detach()}
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:

@@ -64,11 +64,13 @@ def from_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None, d
     """A Hugging Face GPT-2, Llama or Qwen3 folder → our checkpoint folder `out` (the model config named `name`
     if given); returns the model."""
     from llmscratch.tokenizer import HFTokenizer, load_tokenizer
+    from llmscratch.weights.hf_gemma3 import MODEL_TYPE as GEMMA3
+    from llmscratch.weights.hf_gemma3 import load_hf_gemma3
     from llmscratch.weights.hf_gpt2 import load_hf_gpt2
     from llmscratch.weights.hf_llama import FAMILIES, load_hf_llama
 
     hf_dir, out = Path(hf_dir), check_out_folder(out, overwrite, inputs=(hf_dir, tokenizer))
-    if _hf_model_type(hf_dir) in FAMILIES:
+    if (model_type := _hf_model_type(hf_dir)) in FAMILIES or model_type == GEMMA3:
         if tokenizer:
             tok = load_tokenizer(tokenizer)
         elif (hf_dir / TOKENIZER).is_file():  # the model's own tokenizer and chat template
@@ -79,7 +81,8 @@ def from_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None, d
             tok = llama3_tokenizer(hf_dir)  # Meta's tiktoken-format file (no chat template in it)
         else:
             raise UserError(f"{hf_dir}: no {TOKENIZER} or tokenizer.model; pass --tokenizer (a tokenizer folder)")
-        return _save_converted(out, load_hf_llama(hf_dir, dtype=_dtype(dtype)), tok, hf_dir, name, overwrite)
+        load = load_hf_gemma3 if model_type == GEMMA3 else load_hf_llama
+        return _save_converted(out, load(hf_dir, dtype=_dtype(dtype)), tok, hf_dir, name, overwrite)
     tok = _tokenizer(hf_dir, tokenizer, "vocab.json + merges.txt")
     return _save_converted(out, load_hf_gpt2(hf_dir, dtype=_dtype(dtype)), tok, hf_dir, name, overwrite)
 
@@ -94,6 +97,38 @@ def from_openai(tf_dir: str | Path, out: str | Path, tokenizer: str | None = Non
     return _save_converted(out, load_openai_gpt2(tf_dir, dtype=_dtype(dtype)), tok, tf_dir, name, overwrite)
 
 
+def from_book(source: str | Path, out: str | Path, tokenizer: str | None = None, dtype: str = "fp32",
+              name: str | None = None, overwrite: bool = False, heads: int | None = None):
+    """A `.pth` file of the book's `GPTModel` (its state dict, or chapter 5's dict with "model_state_dict") →
+    our checkpoint folder `out`, with GPT-2's tokenizer unless `tokenizer` names another; `heads`: its n_heads
+    when the width is none of the book's presets. Returns the model."""
+    from llmscratch.tokenizer import load_tokenizer
+    from llmscratch.weights.book_gpt import load_book_gpt
+
+    source, out = Path(source), check_out_folder(out, overwrite, inputs=(source, tokenizer))
+    tok = load_tokenizer(tokenizer or "gpt2")  # the book trains and samples with tiktoken's GPT-2 encoding
+    return _save_converted(out, load_book_gpt(source, dtype=_dtype(dtype), heads=heads), tok, source, name,
+                           overwrite)
+
+
+def from_sharded(step_dir: str | Path, out: str | Path, tokenizer: str | None = None, dtype: str = "fp32",
+                 name: str | None = None, overwrite: bool = False):
+    """A step folder of a run trained with FSDP2 (its weights in `sharded/`, one file per process) → an ordinary
+    checkpoint folder `out` with one model.safetensors, read in this one process; returns the model."""
+    from llmscratch.checkpoint import find_model_folder, load_model
+    from llmscratch.runs import SHARDED
+    from llmscratch.tokenizer import load_tokenizer
+
+    step_dir, out = Path(step_dir), check_out_folder(out, overwrite, inputs=(step_dir, tokenizer))
+    folder = find_model_folder(step_dir)
+    if not (folder / SHARDED).is_dir():
+        raise UserError(f"{folder}: no {SHARDED}/ folder; this checkpoint is not sharded (it is already an "
+                        "ordinary checkpoint folder)")
+    model = load_model(folder, dtype=_dtype(dtype))
+    tok = load_tokenizer(tokenizer or folder)
+    return _save_converted(out, (model, model.config), tok, step_dir, name, overwrite)
+
+
 def to_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> str:
     """Our checkpoint folder → a Hugging Face folder of GPT2LMHeadModel, or of LlamaForCausalLM / Qwen3ForCausalLM
     for those configurations (weights, config, and the tokenizer when the export can carry it). Returns a note for
@@ -104,6 +139,7 @@ def to_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> s
     from llmscratch.runs import HF_CONFIG
     from llmscratch.tokenizer import HFTokenizer, load_tokenizer
     from llmscratch.tokenizer.storage import TOKENIZER_FILE
+    from llmscratch.weights.hf_gemma3 import export_hf_gemma3, is_gemma3
     from llmscratch.weights.hf_gpt2 import export_hf_gpt2
     from llmscratch.weights.hf_llama import export_hf_llama
     from llmscratch.weights.hf_tokenizer import gpt2_vocab_and_merges
@@ -116,7 +152,7 @@ def to_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> s
         hf_tok = isinstance(tok, HFTokenizer)
 
         def write(tmp: Path) -> None:
-            export_hf_llama(model, tmp)
+            (export_hf_gemma3 if is_gemma3(model.config) else export_hf_llama)(model, tmp)
             if hf_tok:
                 tok.save(tmp)
 
