@@ -100,10 +100,12 @@ def compiled_steps(model, new_tokens: int, prompt_len: int, batch_size: int) -> 
 
 @torch.inference_mode()
 def hf_decode(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
-    eos = model.config.eos_token_id
+    """transformers' greedy `generate` of exactly `new_tokens` tokens; the first row's. No end-of-sequence token,
+    as ours decodes: with the config's, `min_new_tokens` would mask that token's logit at every step (extra work,
+    and greedy tokens that differ from ours wherever it is the argmax)."""
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                         pad_token_id=eos, eos_token_id=eos)
+                         pad_token_id=0, eos_token_id=None)
     assert out.size(1) - prompt.size(1) == new_tokens, "transformers stopped early"
     return out[0, prompt.size(1):].tolist()
 

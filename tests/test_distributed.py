@@ -351,3 +351,16 @@ def test_finetune_with_lora_under_fsdp_writes_what_ddp_does(ft_base, tmp_path, v
     assert all(a[2] == pytest.approx(b[2], abs=1e-3) for a, b in zip(la, lb)), (la, lb)
     model, _ = load_merged(runs["fsdp"])
     assert model(torch.tensor([[1, 2, 3]])).shape[-1] == model.config.vocab_size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_mixture_of_experts_trains_on_two_processes(prepared, tmp_path, strategy):
+    """Experts no token was routed to on a rank have no gradient there: DDP is told to look for them
+    (find_unused_parameters), FSDP2 takes them as they are; the router's load-balancing loss is logged."""
+    out = tmp_path / "moe"
+    _pretrain(2, out, prepared, "--model", "qwen3-moe-micro", "--train.strategy", strategy,
+              "--train.max_steps", 3, "--train.save_every", 3)
+    with open(out / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["kind"] == "train"]
+    assert rows and all(float(r["train_aux_loss"]) >= 2.0 - 1e-4 for r in rows)  # >= k (top-2): even routing

@@ -158,7 +158,11 @@ def wrap(model: torch.nn.Module, device: torch.device, r: Ranks, strategy: str =
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # A mixture of experts leaves the experts no token was routed to without gradients in a step: DDP must look
+    # for them (it otherwise waits for their gradients forever and fails).
+    sparse = bool(getattr(getattr(model, "config", None), "n_experts", 0))
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=sparse)
 
 
 def gradient_sync(stepped: torch.nn.Module, on: bool, r: Ranks):
