@@ -216,3 +216,15 @@ def test_compiled_decoding_with_window_caches_gives_the_same_tokens():
     eager = torch.stack(list(gen(m, prompt, 40)), 1)
     compiled = torch.stack(list(gen(m, prompt, 40, compile=True)), 1)
     assert torch.equal(compiled, eager)
+
+
+def test_flops_count_a_sliding_layers_window_not_the_whole_sequence():
+    """Up to the window a sliding layer's attention costs what a full one's does; past it, its window's worth."""
+    from llmscratch.model.transformer import flops_per_token
+
+    local = ModelConfig.from_preset("gemma3-1b")
+    full = ModelConfig.from_preset("gemma3-1b", layer_types=None)
+    assert flops_per_token(local, local.sliding_window) == flops_per_token(full, local.sliding_window)
+    T, n_sliding = 8192, sum(local.sliding_layers)
+    per_key = 2 * 3 * local.n_heads * local.head_dim * 2  # QKᵀ and AV, forward and backward (×3), per key
+    assert flops_per_token(full, T) - flops_per_token(local, T) == per_key * n_sliding * (T - local.sliding_window)

@@ -83,11 +83,12 @@ def cmd_convert_to_hf(a) -> None:
     print(f"wrote {a.out}: {note}")
 
 
-CONVERT = Group("Convert weights between formats.", "convert GPT-2 (Hugging Face, OpenAI, the book's), Llama and "
-                "Qwen3 weights to our checkpoints and back", {
+CONVERT = Group("Convert weights between formats.", "convert GPT-2 (Hugging Face, OpenAI, the book's), Llama, "
+                "Qwen3, Qwen3-MoE and Gemma 3 weights to our checkpoints and back", {
     "from-hf": _convert_from("hf", "hf_dir", "Hugging Face model folder with config.json", "checkpoint folder to write",
                              "vocab.json + merges.txt",
-                             "A Hugging Face GPT-2, Llama or Qwen3 folder (model.safetensors, a sharded index, or "
+                             "A Hugging Face GPT-2, Llama, Qwen3, Qwen3-MoE or Gemma 3 (text) folder "
+                             "(model.safetensors, a sharded index, or "
                              "pytorch_model.bin read with weights_only) → our checkpoint folder."),
     "from-openai": _convert_from("openai", "tf_dir", "folder with hparams.json and model.ckpt.*",
                                  "checkpoint folder to write (new or empty)", "encoder.json + vocab.bpe",
@@ -112,8 +113,9 @@ CONVERT = Group("Convert weights between formats.", "convert GPT-2 (Hugging Face
                                   "model.safetensors. (generate, chat and finetune also read such a step folder "
                                   "directly.)"),
     "to-hf": Verb("Our checkpoint folder → a folder transformers.AutoModelForCausalLM loads (as GPT2LMHeadModel, "
-                  "or LlamaForCausalLM / Qwen3ForCausalLM for those configurations), with the tokenizer for "
-                  "AutoTokenizer: a Llama/Qwen3 model's own tokenizer files, or vocab.json + merges.txt for a "
+                  "or LlamaForCausalLM / Qwen3ForCausalLM / Qwen3MoeForCausalLM / Gemma3ForCausalLM for those "
+                  "configurations), with the tokenizer for AutoTokenizer: such a model's own tokenizer files, or "
+                  "vocab.json + merges.txt for a "
                   "byte-level BPE with GPT-2's regex.", _convert_to_hf_parser, cmd_convert_to_hf),
 })
 

@@ -277,7 +277,8 @@ class GPT(nn.Module):
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True) -> float:
     """Approximate FLOPs per token: 2·N for a forward pass through the N non-embedding weights plus the
-    attention scores (2·n_layers·T·d for QKᵀ and AV each), ×3 for training (backward ≈ 2× forward).
+    attention scores (2·n_layers·T·d for QKᵀ and AV each; a sliding-window layer's T at most its window), ×3 for
+    training (backward ≈ 2× forward).
     Follows the accounting of Kaplan et al. 2020 (table 1) and the PaLM paper's MFU appendix; the LM head is
     counted since it is a real matmul."""
     T = seq_len or cfg.context_length
@@ -290,7 +291,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool
         per_layer = attn_weights + d * (cfg.n_experts + 3 * (cfg.n_experts_per_token * moe_d_ff
                                                           + cfg.shared_expert_d_ff))
     matmul_params = L * per_layer + d * (cfg.n_classes or cfg.vocab_size)
-    forward = 2 * matmul_params + 2 * L * T * (qk_dim + v_dim)  # QKᵀ and AV over all heads
+    # Keys a query attends over, summed over the layers: T each, or at most the window on a sliding layer.
+    keys = sum(min(T, cfg.sliding_window) if sliding else T for sliding in cfg.sliding_layers)
+    forward = 2 * matmul_params + 2 * keys * (qk_dim + v_dim)  # QKᵀ and AV over all heads
     return forward * (3 if training else 1)
 
 

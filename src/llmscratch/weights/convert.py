@@ -61,8 +61,8 @@ def _hf_model_type(hf_dir: Path) -> str | None:
 
 def from_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None, dtype: str = "fp32",
             name: str | None = None, overwrite: bool = False):
-    """A Hugging Face GPT-2, Llama or Qwen3 folder → our checkpoint folder `out` (the model config named `name`
-    if given); returns the model."""
+    """A Hugging Face GPT-2, Llama, Qwen3, Qwen3-MoE or Gemma 3 folder → our checkpoint folder `out` (the model
+    config named `name` if given); returns the model."""
     from llmscratch.tokenizer import HFTokenizer, load_tokenizer
     from llmscratch.weights.hf_gemma3 import MODEL_TYPE as GEMMA3
     from llmscratch.weights.hf_gemma3 import load_hf_gemma3
@@ -130,9 +130,9 @@ def from_sharded(step_dir: str | Path, out: str | Path, tokenizer: str | None = 
 
 
 def to_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> str:
-    """Our checkpoint folder → a Hugging Face folder of GPT2LMHeadModel, or of LlamaForCausalLM / Qwen3ForCausalLM
-    for those configurations (weights, config, and the tokenizer when the export can carry it). Returns a note for
-    the user: what was written, and the transformers class that loads it."""
+    """Our checkpoint folder → a Hugging Face folder of GPT2LMHeadModel, or of LlamaForCausalLM / Qwen3ForCausalLM /
+    Qwen3MoeForCausalLM / Gemma3ForCausalLM for those configurations (weights, config, and the tokenizer when the
+    export can carry it). Returns a note for the user: what was written, and the transformers class that loads it."""
     import json
 
     from llmscratch.checkpoint import find_model_folder, load_model
