@@ -14,8 +14,9 @@ hold the same numbers. Batch 1, a --prompt-tokens prompt, greedy decoding of --n
 both of Gemma's windows); tokens/s counts the new tokens over the whole call, prefill included. Each contender
 runs at fp32 and bf16 (--dtypes; weights cast, the same for both).
 
-Ours runs as built (plain nn.Linear) and with its linear weights packed for oneDNN (llmscratch.model.packed;
-where this CPU can pack that dtype), which is what `llmscratch generate` does on a CPU. transformers runs its
+Ours runs as built (plain nn.Linear), with every linear weight packed for oneDNN (llmscratch.model.packed;
+where this CPU can pack that dtype), and packed only where packing pays on this CPU — what `llmscratch
+generate` does on a CPU. transformers runs its
 default attention (sdpa), its own cache and, for the MoE, its default experts implementation (named in that
 family's header). The runner and decoding helpers are benchmarks/decode.py's: per family every contender is
 warmed up once, then the contenders run in turn --repeats times (interleaved, so a burst of load from other
@@ -45,7 +46,8 @@ import _common as C  # noqa: E402
 import decode as D  # noqa: E402
 import torch  # noqa: E402
 
-OURS, PACKED, HF = "ours (KV cache)", "ours, packed linears (CLI default)", "transformers generate"
+OURS, HF = "ours (KV cache)", "transformers generate"
+PACKED, DEFAULT = D.PACKED, D.DEFAULT  # every linear packed; packed only where it pays (the CLI's default)
 
 
 @dataclass(frozen=True)
@@ -117,12 +119,12 @@ def build_pair(family: Family, shape: str, folder: Path):
     return hf, ours
 
 
-def packed_copy(model):
-    """A copy of `model` with its linear weights packed for oneDNN, as `llmscratch generate` runs on a CPU; None
-    where this CPU/dtype cannot pack."""
+def packed_copy(model, where_faster: bool = False):
+    """A copy of `model` with its linear weights packed for oneDNN — every one, or with `where_faster` those
+    packing speeds up on this CPU, as `llmscratch generate` runs; None where this CPU/dtype cannot pack."""
     from llmscratch.model.packed import can_pack
 
-    return D.pack_linears(copy.deepcopy(model)) if can_pack(model) else None
+    return D.pack_linears(copy.deepcopy(model), where_faster) if can_pack(model) else None
 
 
 def contenders_for(family: Family, shape: str, dtypes: list[str], prompt_len: int, n: int,
@@ -137,9 +139,10 @@ def contenders_for(family: Family, shape: str, dtypes: list[str], prompt_len: in
         hf, ours = hf.to(D.DTYPES[d]), ours.to(D.DTYPES[d])
         impls.add(getattr(hf.config, "_experts_implementation", None) or "eager")
         out[(shape, OURS, d)] = lambda m=ours: [t[0] for t in D.ours_decode(m, prompt, n, use_cache=True)]
-        packed = packed_copy(ours)
-        if packed is not None:
-            out[(shape, PACKED, d)] = lambda m=packed: [t[0] for t in D.ours_decode(m, prompt, n, use_cache=True)]
+        for name, where_faster in ((PACKED, False), (DEFAULT, True)):
+            packed = packed_copy(ours, where_faster)
+            if packed is not None:
+                out[(shape, name, d)] = lambda m=packed: [t[0] for t in D.ours_decode(m, prompt, n, use_cache=True)]
         out[(shape, HF, d)] = lambda m=hf: D.hf_decode(m, prompt, n)
     return out, impls
 

@@ -14,7 +14,7 @@ import torch
 
 from llmscratch.errors import UserError
 from llmscratch.model.attention import RowPositions
-from llmscratch.tokenizer.base import Tokenizer
+from llmscratch.tokenizer.base import Tokenizer, prompt_ids
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -298,7 +298,7 @@ def stream(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100, 
     the start of a stop string, so the pieces joined equal the final text exactly; each token decodes only the
     few latest ids (`TextStream`). `compile`: see `generate_ids`.
     """
-    ids = tokenizer.encode_prompt(prompt)
+    ids = prompt_ids(tokenizer, prompt)
     eos = tokenizer.eos_id if stop_at_eos else None
     text = TextStream(tokenizer, stop)
     for nxt in generate_ids(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, eos,
@@ -505,7 +505,7 @@ def generate_batch(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_
     from tqdm import tqdm
 
     eos = tokenizer.eos_id if stop_at_eos else None
-    encoded = [tokenizer.encode_prompt(p) for p in prompts]
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
     results: list[str] = [""] * len(prompts)
     if not prompts or max_new_tokens <= 0:
         return results

@@ -72,3 +72,55 @@ def test_compiled_step_calls_onednn_directly():
     assert calls == (4 + 1, 0), calls  # one block's four products (its graph serves both layers), the LM head
     assert "assert_size_stride(" not in code  # no shape checks on every call (generate.py)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_default_packs_only_the_shapes_packing_speeds_up_and_remembers(monkeypatch, tmp_path):
+    """`where_faster`: each linear shape is measured once per CPU model (here a stand-in measurement: packing pays
+    for the LM head's shape only), the answer is kept in the cache folder, and a later model reads it without
+    measuring again."""
+    from llmscratch.model import packed
+
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path))  # a cache of its own: nothing measured before
+    measured = []
+
+    def fake_measure(linear, batch_hint=1, rounds=5, working_set=0):
+        measured.append((linear.out_features, linear.in_features, batch_hint))
+        head = linear.out_features == 512
+        return {"plain_us": 10.0, "packed_us": 5.0 if head else 10.0}  # a tie (not 3% faster) stays plain
+
+    monkeypatch.setattr(packed, "measure_linear", fake_measure)
+    model = GPT(ModelConfig.from_preset("gpt-micro", tie_embeddings=False)).eval()
+    assert pack_for_cpu_inference(model, where_faster=True) == 1
+    assert isinstance(model.lm_head, PackedLinear) and type(model.blocks[0].attn.qkv) is torch.nn.Linear
+    shapes = {(512, 64, 1), (192, 64, 1), (64, 64, 1), (256, 64, 1), (64, 256, 1)}  # head, qkv, out, fc, proj
+    assert sorted(measured) == sorted(shapes)  # each shape once, though each block has its own layers
+    again = GPT(ModelConfig.from_preset("gpt-micro", tie_embeddings=False)).eval()
+    assert pack_for_cpu_inference(again, where_faster=True) == 1 and len(measured) == len(shapes)
+    assert pack_for_cpu_inference(GPT(ModelConfig.from_preset("gpt-micro")).eval(), 8, where_faster=True) == 1
+    assert len(measured) == 2 * len(shapes)  # 8 rows: another layout, measured anew
+    cache = packed._read_probe_cache()
+    assert len(cache) == 2 * len(shapes) and all(packed.cpu_model() in key for key in cache)
+
+
+def test_a_measurement_streams_the_weights_as_a_model_of_that_size_does(monkeypatch, tmp_path):
+    """Both ways are timed; the working set is the model's linear bytes (a power of two, at least the weight's
+    own, at most 128 MiB), so a large model's weight is measured coming from memory, a small one's from cache."""
+    from llmscratch.model import packed
+
+    for working_set in (0, 4 << 20):  # the weight alone (cache-hot), or cycling through 8 copies of it
+        timing = packed.measure_linear(torch.nn.Linear(256, 512), batch_hint=1, rounds=3, working_set=working_set)
+        assert set(timing) == {"plain_us", "packed_us"} and all(v > 0 for v in timing.values())
+    linear = torch.nn.Linear(256, 512)  # 512 KiB of fp32 weight
+    assert packed._working_set(linear, 0) == 512 << 10
+    assert packed._working_set(linear, 3 << 20) == 4 << 20
+    assert packed._working_set(linear, 10 << 30) == 128 << 20
+    seen = []
+    monkeypatch.setattr(packed, "measure_linear", lambda lin, rows=1, rounds=5, working_set=0: seen.append(
+        working_set) or {"plain_us": 1.0, "packed_us": 1.0})
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path / "a-file" / "cache"))  # cannot be made: still no error
+    model = GPT(ModelConfig.from_preset("gpt-micro")).eval()
+    streamed = sum(m.weight.numel() * 4 for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n != "lm_head")  # (the tied head is the embedding)
+    pack_for_cpu_inference(model, where_faster=True)
+    assert set(seen) == {1 << (streamed + model.tok_emb.weight.numel() * 4 - 1).bit_length()}

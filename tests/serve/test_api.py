@@ -384,7 +384,7 @@ def test_engine_failure_is_500_with_its_message(loaded, monkeypatch):
 
 def test_unexpected_exception_is_500_without_a_traceback(loaded, caplog):
     class Broken:
-        def encode_prompt(self, text):
+        def encode(self, text):
             raise ValueError("the tokenizer broke\n  with a second line")
 
     app, _ = _app(loaded, tokenizer=Broken())

@@ -21,6 +21,7 @@ import torch
 
 from llmscratch.data.files import read_json_objects, string_field
 from llmscratch.errors import UserError
+from llmscratch.tokenizer.base import prompt_ids
 
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (PyTorch's cross_entropy default)
 
@@ -190,7 +191,7 @@ def encode_records(records: list[dict], tokenizer, style, max_length: int,
     stats = EncodeStats(total=len(records))
     limit = max_length + 1
     examples = []
-    start = tokenizer.encode_prompt("")  # what the tokenizer puts before every prompt (Gemma's BOS), as when answering
+    start = prompt_ids(tokenizer, "")  # what the tokenizer puts before every prompt (Gemma's BOS), as when answering
     for record in records:
         prompt, response = style.format(record)
         p = start + tokenizer.encode(prompt, allowed_special="none")  # special-token text in data stays plain text

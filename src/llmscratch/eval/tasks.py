@@ -111,7 +111,7 @@ def run_tasks(checkpoint: str | Path, data: str | Path, prompt_style: str | None
         raise UserError(f"{checkpoint}: a classifier (labels, not text) cannot answer tasks; give an "
                         "instruction-tuned language model")
     check_new_tokens(max_new_tokens, model)
-    pack_for_cpu_inference(model)  # CPU only; a no-op elsewhere
+    pack_for_cpu_inference(model, where_faster=True)  # CPU only; a no-op elsewhere
     report = evaluate_tasks(model, tok, records, style, max_new_tokens, batch_size, progress)
     log(f"{checkpoint} on {data} (prompt style {style.name}, greedy, exact match)")
     log(report.table())

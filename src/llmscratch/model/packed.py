@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmscratch.errors import UserError
 from llmscratch.runtime import return_freed_cpu_memory
 
 
@@ -138,19 +139,155 @@ def is_packed(model: nn.Module) -> bool:
     return any(isinstance(m, PackedLinear) for m in model.modules())
 
 
-def pack_for_cpu_inference(model: nn.Module, batch_hint: int = 1) -> int:
+def pack_for_cpu_inference(model: nn.Module, batch_hint: int = 1, where_faster: bool = False) -> int:
     """Swap every `nn.Linear` of `model` for a `PackedLinear`; returns how many were packed (0 if unsupported).
 
     `batch_hint`: the rows a call usually multiplies — 1 for one sequence decoded at a time; a server decoding
     up to N requests together passes N (for GPT-2 124M at 32 rows the layout for 32 made the linears ~18% faster
-    than the one for 1, on the 2-core CPU of benchmarks/RESULTS.md)."""
+    than the one for 1, on the 2-core CPU of benchmarks/RESULTS.md).
+
+    `where_faster` (what the CLI and the server ask for): pack only the layers whose shape multiplies faster
+    packed on this CPU, as `packing_pays` measured it once per CPU model — so the default path is never slower
+    than the plain one. On the AVX-512 EPYC of RESULTS.md packing doubled GPT-2's decoding speed; on an AVX2-only
+    one it lost on small shapes, and on a Xeon with AMX the packed fp32 chain was slower than `F.linear`."""
     if not can_pack(model):
         return 0
     model.eval().requires_grad_(False)
     names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    if where_faster:
+        weights = {id(model.get_submodule(n).weight): model.get_submodule(n).weight for n in names}
+        streamed = sum(w.numel() * w.element_size() for w in weights.values())  # what one step reads
+        names = [n for n in names if packing_pays(model.get_submodule(n), batch_hint, streamed)]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, PackedLinear(getattr(parent, child), batch_hint))
     return_freed_cpu_memory()  # the replaced weights' pages
     return len(names)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# whether packing pays on this CPU: measured once per CPU model, shape, dtype and thread count, then remembered
+
+PROBE_CACHE = "cpu-linear-probe.json"  # in llmscratch's cache folder (download.cache_dir)
+
+
+def packing_pays(linear: nn.Linear, batch_hint: int = 1, streamed: int = 0) -> bool:
+    """Whether oneDNN's packed product of `linear`'s shape beats `F.linear` on this CPU, for `batch_hint` rows,
+    in a model whose linears hold `streamed` bytes — all read once per decoding step, so that a weight comes from
+    the cache when the model is small and from memory when it is not, which changes the answer: alone and
+    cache-hot, GPT-2's 768×768 product ran faster plain (112 vs 145 µs on the AVX2 EPYC), streamed with the
+    rest of the model faster packed.
+
+    Measured (`measure_linear`) the first time a shape is seen on a CPU model — well under a second for GPT-2
+    124M's five shapes — and kept in the cache file, keyed by CPU model, PyTorch version, thread count, dtype,
+    shape, rows and the streamed size (rounded to a power of two), so every later command reads the answer.
+    Packing has to be at least 3% faster to be chosen: a tie keeps the plain path."""
+    working_set = _working_set(linear, streamed)
+    key = "|".join([cpu_model(), f"torch {torch.__version__}", f"threads {torch.get_num_threads()}",
+                    str(linear.weight.dtype).removeprefix("torch."),
+                    f"{linear.out_features}x{linear.in_features}", f"rows {batch_hint}",
+                    f"streamed {working_set >> 20} MiB"])
+    cache = _read_probe_cache()
+    if key not in cache:
+        cache[key] = measure_linear(linear, batch_hint, working_set=working_set)
+        _write_probe_cache(cache)
+    timing = cache[key]
+    return timing["packed_us"] < 0.97 * timing["plain_us"]
+
+
+_MAX_WORKING_SET = 128 << 20  # far past any CPU's last-level cache: beyond it every weight comes from memory
+
+
+def _working_set(linear: nn.Linear, streamed: int) -> int:
+    """The bytes a measurement cycles through: the model's (at least this weight's), a power of two, capped."""
+    own = linear.weight.numel() * linear.weight.element_size()
+    size = min(max(streamed, own), _MAX_WORKING_SET)
+    return 1 << max(0, size - 1).bit_length()
+
+
+def measure_linear(linear: nn.Linear, batch_hint: int = 1, rounds: int = 5,
+                   working_set: int = 0) -> dict[str, float]:
+    """{"plain_us", "packed_us"}: the median time of one product of `linear` on `batch_hint` rows each way, over
+    `rounds` interleaved rounds (so that a burst of load from elsewhere hits both), each round long enough
+    (~1 ms) to time. The product cycles through copies of the weight filling `working_set` bytes, so that, as in
+    a decoding step of a model that size, a weight is read from the cache or from memory."""
+    import time
+
+    import torch.nn.functional as F
+
+    weight, bias = linear.weight.detach(), linear.bias.detach() if linear.bias is not None else None
+    x = torch.randn(batch_hint, linear.in_features, dtype=weight.dtype)
+    copies = max(1, working_set // (weight.numel() * weight.element_size()))
+    plain = [weight.clone() for _ in range(copies)] if copies > 1 else [weight]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, batch_hint) for w in plain]
+    turn = {"plain_us": 0, "packed_us": 0}
+
+    def plain_call():
+        turn["plain_us"] += 1
+        return F.linear(x, plain[turn["plain_us"] % copies], bias)
+
+    def packed_call():
+        turn["packed_us"] += 1
+        return _packed_linear(x, packed[turn["packed_us"] % copies], bias, linear.out_features)
+
+    ways = {"plain_us": plain_call, "packed_us": packed_call}
+    with torch.inference_mode():
+        for call in ways.values():  # first calls: allocation, oneDNN's primitive creation
+            call()
+        start = time.perf_counter()
+        for call in ways.values():
+            call()
+        one = max((time.perf_counter() - start) / 2, 1e-6)
+        n = max(1, min(1000, int(1e-3 / one)))
+        times = {name: [] for name in ways}
+        for _ in range(rounds):
+            for name, call in ways.items():
+                start = time.perf_counter()
+                for _ in range(n):
+                    call()
+                times[name].append((time.perf_counter() - start) / n * 1e6)
+    return {name: round(sorted(t)[len(t) // 2], 2) for name, t in times.items()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; the platform's processor string elsewhere)."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _probe_file():
+    from llmscratch.download import cache_dir
+
+    return cache_dir() / PROBE_CACHE
+
+
+def _read_probe_cache() -> dict:
+    import json
+
+    try:
+        data = json.loads(_probe_file().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):  # none yet, or unreadable: measure again
+        return {}
+
+
+def _write_probe_cache(cache: dict) -> None:
+    """Best effort: a read-only or full cache folder only means measuring again next time."""
+    import json
+
+    from llmscratch.fileio import atomic_write_text
+
+    try:
+        _probe_file().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(_probe_file(), json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    except (OSError, UserError):
+        pass

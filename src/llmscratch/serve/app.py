@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from llmscratch.errors import UserError, one_line
 from llmscratch.serve.engine import Busy, Event, SamplingParams
+from llmscratch.tokenizer.base import prompt_ids
 
 log = logging.getLogger("llmscratch.serve")
 
@@ -379,7 +380,7 @@ class _Api:
                                param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return self._checked_length(self.tokenizer.encode_prompt(prompt), "prompt")
+            return self._checked_length(prompt_ids(self.tokenizer, prompt), "prompt")
         if not isinstance(prompt, list) or not all(type(t) is int for t in prompt):
             raise ApiError(400, "prompt must be a string, a list of one string, or a list of token ids",
                            param="prompt")

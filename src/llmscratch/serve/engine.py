@@ -157,7 +157,7 @@ class Engine:
         from llmscratch.model.packed import pack_for_cpu_inference
 
         if self.pack:
-            pack_for_cpu_inference(self.model, self.max_batch)  # a no-op off the CPU
+            pack_for_cpu_inference(self.model, self.max_batch, where_faster=True)  # a no-op off the CPU
         batch = DecodeBatch(self.model, self.max_batch, prefill_tokens=self.prefill_tokens)
         try:
             while self._take_work(batch):

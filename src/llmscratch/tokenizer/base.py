@@ -12,6 +12,13 @@ from llmscratch.tokenizer.storage import write_tokenizer_json
 from llmscratch.tokenizer.vocab import check_vocab
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """`tokenizer.encode_prompt(text)` (the ids of a prompt to continue, with what the model's own tokenizer
+    puts before every input); `encode(text)` for an object that has only that."""
+    encode_prompt = getattr(tokenizer, "encode_prompt", None)
+    return encode_prompt(text) if encode_prompt is not None else tokenizer.encode(text)
+
+
 class Tokenizer(ABC):
     """Text <-> token ids.
 
