@@ -11,8 +11,9 @@ from clitools import run as _cli
 
 transformers = pytest.importorskip("transformers")
 
+from parity import assert_same_as_transformers  # noqa: E402
+
 from llmscratch.errors import UserError  # noqa: E402
-from llmscratch.generate import generate_ids  # noqa: E402
 from llmscratch.weights.hf_gemma3 import export_hf_gemma3, load_hf_gemma3  # noqa: E402
 
 CASES = {  # each: a window shorter than the 40-token prompt
@@ -52,21 +53,13 @@ def test_logits_greedy_and_round_trip_equal_transformers(tmp_path, case):
     assert cfg.sliding_window == kw["sliding_window"] and cfg.n_kv_heads == kw["num_key_value_heads"]
     assert [t == "full" for t in cfg.layer_types] == [t == "full_attention" for t in hf.config.layer_types]
     ids = torch.randint(0, 211, (2, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = hf(ids).logits
-        torch.testing.assert_close(ours(ids), want, atol=1e-5, rtol=1e-5)
-    prompt = ids[:, :7]
-    hf_tokens = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)[:, 7:]
-    cached = torch.stack(list(generate_ids(ours, prompt, 20)), 1)
-    uncached = torch.stack(list(generate_ids(ours, prompt, 20, use_cache=False)), 1)
-    assert torch.equal(cached, hf_tokens) and torch.equal(uncached, hf_tokens)
+    assert_same_as_transformers(ours, hf, ids, prompt_len=7, new_tokens=20)
 
     export_hf_gemma3(ours, tmp_path / "back")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
     assert type(again) is type(hf) and again.config.layer_types == hf.config.layer_types
     with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(again(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_older_config_with_only_a_window_pattern_converts(tmp_path):

@@ -9,8 +9,9 @@ from clitools import run as _cli
 
 transformers = pytest.importorskip("transformers")
 
+from parity import assert_same_as_transformers  # noqa: E402
+
 from llmscratch.errors import UserError  # noqa: E402
-from llmscratch.generate import generate_ids  # noqa: E402
 from llmscratch.weights.hf_llama import export_hf_llama, load_hf_llama  # noqa: E402
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -48,21 +49,13 @@ def test_logits_greedy_and_round_trip_equal_transformers(tmp_path, case):
     ours, cfg = load_hf_llama(tmp_path / "hf")
     assert cfg.n_kv_heads == kw["num_key_value_heads"] and cfg.qk_norm == (family == "qwen3")
     ids = torch.randint(0, 211, (2, 100), generator=torch.Generator().manual_seed(1))  # past the 32 of llama3
-    with torch.no_grad():
-        want = hf(ids).logits
-        torch.testing.assert_close(ours(ids), want, atol=1e-5, rtol=1e-5)
-    prompt = ids[:, :7]
-    hf_tokens = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)[:, 7:]
-    cached = torch.stack(list(generate_ids(ours, prompt, 20)), 1)
-    uncached = torch.stack(list(generate_ids(ours, prompt, 20, use_cache=False)), 1)
-    assert torch.equal(cached, hf_tokens) and torch.equal(uncached, hf_tokens)
+    assert_same_as_transformers(ours, hf, ids, prompt_len=7, new_tokens=20)
 
     export_hf_llama(ours, tmp_path / "back")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     assert type(again) is type(hf)
     with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(again(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_sharded_folder_and_bad_shapes(tmp_path):

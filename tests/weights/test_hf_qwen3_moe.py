@@ -11,8 +11,9 @@ from clitools import assert_hf_cli_round_trip
 
 transformers = pytest.importorskip("transformers")
 
+from parity import assert_same_as_transformers  # noqa: E402
+
 from llmscratch.errors import UserError  # noqa: E402
-from llmscratch.generate import generate_ids  # noqa: E402
 from llmscratch.weights.hf_llama import export_hf_llama, load_hf_llama  # noqa: E402
 
 CASES = {
@@ -50,15 +51,7 @@ def test_logits_greedy_and_round_trip_equal_transformers(tmp_path, case):
     assert (cfg.n_experts, cfg.n_experts_per_token, cfg.moe_d_ff, cfg.moe_normalize_topk, cfg.qk_norm) == (
         kw["num_experts"], kw["num_experts_per_tok"], 32, kw["norm_topk_prob"], True)
     ids = torch.randint(0, 211, (2, 60), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = hf(ids).logits
-        torch.testing.assert_close(ours(ids), want, atol=1e-5, rtol=1e-5)
-    prompt = ids[:, :7]
-    hf_tokens = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)[:, 7:]
-    cached = torch.stack(list(generate_ids(ours, prompt, 16)), 1)
-    uncached = torch.stack(list(generate_ids(ours, prompt, 16, use_cache=False)), 1)
-    assert torch.equal(cached, hf_tokens) and torch.equal(uncached, hf_tokens)
+    assert_same_as_transformers(ours, hf, ids, prompt_len=7, new_tokens=16)
 
     export_hf_llama(ours, tmp_path / "back")
     exported = json.loads((tmp_path / "back" / "config.json").read_text())
@@ -66,7 +59,7 @@ def test_logits_greedy_and_round_trip_equal_transformers(tmp_path, case):
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     assert type(again) is type(hf)
     with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(again(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_fused_expert_tensors_read_the_same(tmp_path):

@@ -21,7 +21,7 @@ from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
 from llmscratch.runs import HF_CONFIG
 from llmscratch.weights.hf_gpt2 import _read_hf_tensors, write_hf_folder
-from llmscratch.weights.hf_llama import fill_from_hf, read_hf_config
+from llmscratch.weights.hf_llama import fill_from_hf, hf_layout, read_hf_config
 
 MODEL_TYPE = "gemma3_text"
 ARCHITECTURE = "Gemma3ForCausalLM"
@@ -39,7 +39,6 @@ _BLOCK = {  # ours → theirs under model.layers.{i}.
     "mlp.proj.weight": "mlp.down_proj.weight",
     "post_mlp_norm.weight": "post_feedforward_layernorm.weight",
 }
-_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # fused into our attn.qkv, in this order
 _TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
 
 # What Gemma3TextConfig assumes when a config.json leaves a field out (Google's own files omit several).
@@ -174,16 +173,10 @@ def export_hf_gemma3(model, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tensors = {}
+    named = {}
     for k, theirs in _name_pairs(cfg.n_layers):
         t = ours[k]
-        tensors[theirs] = (t.float() - 1.0).to(t.dtype) if _is_norm(k) else t
-    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    for i in range(cfg.n_layers):
-        pieces = ours[f"blocks.{i}.attn.qkv.weight"].split([q_dim, kv_dim, kv_dim])
-        tensors.update({f"model.layers.{i}.{n}.weight": t for n, t in zip(_QKV, pieces)})
-    if not cfg.tie_embeddings:
-        tensors["lm_head.weight"] = ours["lm_head.weight"]
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+        named[theirs] = (t.float() - 1.0).to(t.dtype) if _is_norm(k) else t  # our weight → Gemma's (1 + w)
+    tensors = hf_layout(cfg, ours, named)
     write_hf_folder(out, tensors, _hf_config(cfg, ours["tok_emb.weight"].dtype))
     return out

@@ -200,6 +200,19 @@ def fill_from_hf(folder: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor
     return model.eval(), cfg
 
 
+def hf_layout(cfg: ModelConfig, ours: dict[str, torch.Tensor], named: dict[str, torch.Tensor]) -> dict:
+    """The tensors of a Llama-layout Hugging Face folder: `named` (their name → tensor, the 1:1 ones), plus each
+    block's fused `attn.qkv` of `ours` split into q, k and v projections, and an untied LM head; contiguous."""
+    tensors = dict(named)
+    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    for i in range(cfg.n_layers):
+        pieces = ours[f"blocks.{i}.attn.qkv.weight"].split([q_dim, kv_dim, kv_dim])
+        tensors.update({f"model.layers.{i}.{n}.weight": t for n, t in zip(_QKV, pieces)})
+    if not cfg.tie_embeddings:
+        tensors["lm_head.weight"] = ours["lm_head.weight"]
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
 def export_hf_llama(model, out: str | Path) -> Path:
     """Write `model` (a Llama-, Qwen3- or Qwen3-MoE-configured GPT) as a folder `transformers` loads with equal
     logits."""
@@ -210,14 +223,7 @@ def export_hf_llama(model, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tensors = {theirs: ours[k] for k, theirs in _name_pairs(cfg, ours)}
-    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    for i in range(cfg.n_layers):
-        pieces = ours[f"blocks.{i}.attn.qkv.weight"].split([q_dim, kv_dim, kv_dim])
-        tensors.update({f"model.layers.{i}.{n}.weight": t for n, t in zip(_QKV, pieces)})
-    if not cfg.tie_embeddings:
-        tensors["lm_head.weight"] = ours["lm_head.weight"]
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    tensors = hf_layout(cfg, ours, {theirs: ours[k] for k, theirs in _name_pairs(cfg, ours)})
     rope = {"rope_theta": cfg.rope_theta, "rope_scaling": None}
     if cfg.rope_scaling:
         s = cfg.rope_scaling
