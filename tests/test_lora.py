@@ -26,6 +26,7 @@ from llmscratch.lora import (
     merge_lora,
     resolve_targets,
     save_adapter,
+    target_suffixes,
 )
 from llmscratch.model import GPT
 from llmscratch.weights.peft import export_peft
@@ -129,6 +130,8 @@ def test_the_groups_reach_the_experts_and_the_latent_attention(preset, expected)
     assert expected <= suffixes and not any("router" in n for n in names)
     if preset == "qwen3-moe-micro":
         assert sum(".experts." in n for n in names) == 2 * 8 * 3  # 2 blocks × 8 experts × gate, up, down
+    # What an adapter folder records (block-independent names) selects the same layers again when it is loaded
+    assert resolve_targets(micro(preset, tie_embeddings=False), target_suffixes(names)) == list(names)
     randomize_adapters(model)
     x = ids()
     unmerged = model(x)
@@ -521,3 +524,16 @@ def test_old_import_paths_keep_working():
 
     assert lora.export_peft is peft.export_peft and lora.peft_tensors is peft.peft_tensors
     assert lora.LoRASettings.__module__ == "llmscratch.lora_settings"
+
+
+@pytest.mark.parametrize("preset", ["qwen3-moe-micro", "mla-micro", "gemma3-micro"])
+def test_peft_export_refuses_layouts_transformers_peft_cannot_hold(preset):
+    """PEFT's per-module adapters exist for the dense GPT-2 and Llama/Qwen3 layouts; the others are one line
+    pointing at `lora merge`, never a KeyError."""
+    from llmscratch.weights.peft import peft_tensors
+
+    model = micro(preset, tie_embeddings=False)
+    applied = apply_lora(model, "all", rank=2, alpha=4)
+    cfg = {"model": model.config.to_dict(), "trainable_modules": [], "modules": list(applied.modules)}
+    with pytest.raises(UserError, match="lora merge"):
+        peft_tensors(cfg, lora_state_dict(model))

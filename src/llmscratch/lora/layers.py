@@ -117,8 +117,8 @@ class LoRALinear(nn.Module):
 def _suffix_match(name: str, suffix: str) -> bool:
     """Whether module `name` ends in `suffix`; an expert of a mixture ("mlp.experts.5.gate") counts as the
     feed-forward layer it is one of ("mlp.gate"), and so does a shared expert ("mlp.shared.gate")."""
-    name = re.sub(r"\.(experts\.\d+|shared)\.", ".", name)
-    return name == suffix or name.endswith("." + suffix)
+    as_layer = re.sub(r"\.(experts\.\d+|shared)\.", ".", name)
+    return any(n == suffix or n.endswith("." + suffix) for n in (name, as_layer))
 
 
 def _head_allowed(token: str, tied: bool, exclude: tuple[str, ...]) -> bool:

@@ -23,11 +23,16 @@ _PREFIX = {"gpt2": "base_model.model.transformer.h", "llama": "base_model.model.
 
 
 def _peft_family(cfg) -> str:
+    if cfg.n_experts or cfg.attention != "standard" or "sliding" in cfg.sliding_layers:
+        raise UserError(f"{cfg.name}: PEFT export knows the dense GPT-2 and Llama/Qwen3 layouts only (not a mixture "
+                        "of experts, latent or sliding-window attention); merge the adapter with `llmscratch lora "
+                        "merge` instead")
     if (cfg.norm, cfg.mlp, cfg.position) == ("layernorm", "gelu", "learned"):
         return "gpt2"
     if (cfg.norm, cfg.mlp, cfg.position) == ("rmsnorm", "swiglu", "rope"):
         return "llama"
-    raise UserError("PEFT export knows GPT-2 and Llama/Qwen3 layouts only")
+    raise UserError(f"{cfg.name}: PEFT export knows the GPT-2 and Llama/Qwen3 layouts only; merge the adapter with "
+                    "`llmscratch lora merge` instead")
 
 
 def _peft_modules(module: str, family: str, cfg, a: torch.Tensor, b: torch.Tensor):
