@@ -180,3 +180,28 @@ def test_resize_vocab_contract():
     classifier = GPT(ModelConfig.from_preset("gpt-micro", n_classes=2, tie_embeddings=False))
     with pytest.raises(UserError, match="classifier"):
         resize_vocab(classifier, 600)
+
+
+def test_the_general_token_lookup_encodes_and_checks_the_round_trip():
+    """A Tokenizer without an id table finds a token's id by encoding it: one id that decodes back to the text."""
+    from llmscratch.tokenizer.base import Tokenizer
+
+    class Words(Tokenizer):
+        words = ["hello", "world", "<|endoftext|>"]
+
+        @property
+        def vocab_size(self):
+            return len(self.words)
+
+        def encode(self, text, allowed_special="all"):
+            return [self.words.index(w) for w in text.split()]
+
+        def decode(self, ids):
+            return " ".join(self.words[int(i)] for i in ids)
+
+        def save(self, directory):
+            raise AssertionError("not saved here")
+
+    tok = Words()
+    assert tok.token_id("world") == 1 and tok.token_id("hello world") is None and tok.token_id("") is None
+    assert tok.token_id(" world") is None  # one id, but it decodes to another text

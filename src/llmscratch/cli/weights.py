@@ -98,8 +98,8 @@ CONVERT = Group("Convert weights between formats.", "convert GPT-2 (Hugging Face
     "from-book": _convert_from("book", "source", "the .pth file: torch.save(model.state_dict(), ...) of the book's "
                                "GPTModel, or chapter 5's dict with model_state_dict", "checkpoint folder to write "
                                "(new or empty)", "", "The book's own GPT-2 (`GPTModel`, chapter 4, saved with "
-                               "torch.save in chapter 5) → our checkpoint folder; read with torch.load(weights_only="
-                               "True), so a file that pickles other Python objects is refused, never run.",
+                               "torch.save in chapter 5) → our checkpoint folder; read with weights_only=True, so "
+                               "a file that pickles other Python objects is refused, never run.",
                                tokenizer_default="gpt2, the tokenizer the book uses",
                                options={"--heads": dict(type=Optional[PositiveInt], default=None,
                                                         help="n_heads of the model (default: the book's preset "

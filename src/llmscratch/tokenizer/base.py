@@ -59,8 +59,12 @@ class Tokenizer(ABC):
         """Write the tokenizer's files into `directory` (created if missing); `load_tokenizer` reads them."""
 
     def token_id(self, text: str | None) -> int | None:
-        """The id of `text` when the vocabulary has it as one token (special or ordinary), else None."""
-        raise NotImplementedError(f"{type(self).__name__} cannot look up a token's id")
+        """The id of `text` when the vocabulary has it as one token (special or ordinary), else None. This
+        general version encodes it: one id that decodes back to `text`; tokenizers with a table look it up."""
+        if not text:
+            return None
+        ids = self.encode(text)
+        return ids[0] if len(ids) == 1 and self.decode(ids) == text else None
 
     def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
         """Make each string of `tokens` one special token — recognised in text by `encode`, written out by
@@ -107,6 +111,6 @@ class RankedBPE(Tokenizer):
         self.special_tokens.update({t: first + i for i, t in enumerate(tokens)})
         self._special_tokens_changed()
 
+    @abstractmethod
     def _special_tokens_changed(self) -> None:
         """Rebuild what each implementation derives from `special_tokens` (its id table, its encoder)."""
-        raise NotImplementedError
