@@ -7,6 +7,7 @@ is kept as the reference the cached path is tested against.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 
@@ -141,6 +142,18 @@ def built_decode_step(model) -> CompiledDecodeStep | None:
     return getattr(model, "decode_step", None)
 
 
+def _compiled_ahead_step(model, batch_size: int):
+    """The model's compiled-ahead step from the cache folder, or None after starting one building (model/aot.py);
+    says so on stderr when it starts one."""
+    from llmscratch.model import aot
+
+    step = aot.load_step(model, batch_size)
+    if step is None and aot.start_background_build(model, batch_size):
+        sys.stderr.write("llmscratch: compiling this model shape's decoding step in the background, once per "
+                         f"machine; later commands decode through it (turn off: {aot.ENV}=off)\n")
+    return step
+
+
 def static_cache_len(needed: int, context_length: int, on_gpu: bool) -> int:
     """KV-cache length of a compiled generation that needs `needed` positions.
 
@@ -158,7 +171,8 @@ def static_cache_len(needed: int, context_length: int, on_gpu: bool) -> int:
 @torch.inference_mode()
 def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-                 seed: int | None = None, use_cache: bool = True, compile: bool = False) -> Iterator[torch.Tensor]:
+                 seed: int | None = None, use_cache: bool = True, compile: bool = False,
+                 compiled_ahead: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time for prompts `prompt_ids` (B, T) of equal length.
 
     Rows that produced `eos_id` keep yielding `eos_id`; the iterator ends when every row has, or after
@@ -166,6 +180,10 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
     `compile=True` runs the per-token steps through `compiled_decode_step` (static KV cache; CUDA graphs on a
     GPU, one compiled block graph for every layer on a CPU); the prompt itself is processed eagerly. The tokens
     are the same as without it.
+    `compiled_ahead=True` (what `generate` and `chat` ask for): without `compile`, the per-token steps run through
+    a step compiled ahead of time for this model's shape when the cache folder holds one (model/aot.py), and the
+    prompt eagerly; when it holds none, one is started building in the background for later calls, and this
+    one decodes eagerly.
     """
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids.unsqueeze(0)
@@ -179,6 +197,8 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
     step = compiled_decode_step(model) if compile and use_cache else None
+    if step is None and compiled_ahead and use_cache:
+        step = _compiled_ahead_step(model, prompt_ids.size(0))
     was_training = model.training
     model.eval()
     done = torch.zeros(seq.size(0), dtype=torch.bool, device=device)
@@ -291,18 +311,18 @@ class TextStream:
 def stream(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            stop: Sequence[str] = (), stop_at_eos: bool = True, use_cache: bool = True,
-           compile: bool = False) -> Iterator[str]:
+           compile: bool = False, compiled_ahead: bool = False) -> Iterator[str]:
     """Yield the generated text piece by piece for one prompt.
 
     Text is held back while it ends in an incomplete UTF-8 character (decoded as U+FFFD) or could still be
     the start of a stop string, so the pieces joined equal the final text exactly; each token decodes only the
-    few latest ids (`TextStream`). `compile`: see `generate_ids`.
+    few latest ids (`TextStream`). `compile`, `compiled_ahead`: see `generate_ids`.
     """
     ids = prompt_ids(tokenizer, prompt)
     eos = tokenizer.eos_id if stop_at_eos else None
     text = TextStream(tokenizer, stop)
     for nxt in generate_ids(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, eos,
-                            seed, use_cache, compile=compile):
+                            seed, use_cache, compile=compile, compiled_ahead=compiled_ahead):
         token = int(nxt[0])
         if eos is not None and token == eos:
             break

@@ -142,7 +142,8 @@ def _answer(model, tok, prompt, a) -> str:
 
     shown: list[str] = []
     pieces = stream(model, tok, prompt.text, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                    top_k=a.top_k or None, top_p=a.top_p, seed=a.seed, stop=list(prompt.stop))
+                    top_k=a.top_k or None, top_p=a.top_p, seed=a.seed, stop=list(prompt.stop),
+                    compiled_ahead=True)
     answer = strip_leading_space(pieces)
     try:
         for piece in answer:

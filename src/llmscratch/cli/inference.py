@@ -67,7 +67,7 @@ def cmd_generate(a) -> None:
                          "machine)\n")
     pieces = stream(model, tok, prompt, max_new_tokens=max_new_tokens, temperature=a.temperature,
                     top_k=a.top_k or None, top_p=a.top_p, seed=a.seed, stop=stop,
-                    use_cache=not a.no_kv_cache, compile=a.compile)
+                    use_cache=not a.no_kv_cache, compile=a.compile, compiled_ahead=True)
     if style is not None or a.chat:
         pieces = strip_leading_space(pieces)
     if a.stream:

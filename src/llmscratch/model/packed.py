@@ -18,6 +18,9 @@ then has inductor's generated code call oneDNN's operator itself rather than our
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -105,6 +108,25 @@ def _register_lowering() -> bool:
         return True
     except (ImportError, AttributeError, TypeError):
         return False
+
+
+@contextlib.contextmanager
+def onednn_lowering_off() -> Iterator[None]:
+    """While inside, inductor compiles `llmscratch::packed_linear` as a call of our operator, as before
+    `lower_to_onednn_call`: AOTInductor's C++ code (model/aot.py) can call an operator only with arguments it
+    can write out, and oneDNN's takes a list that it cannot."""
+    if not _LOWERED:
+        yield
+        return
+    from torch._inductor import lowering
+
+    op = torch.ops.llmscratch.packed_linear.default
+    saved = lowering.lowerings.pop(op, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            lowering.lowerings[op] = saved
 
 
 class PackedLinear(nn.Module):

@@ -1,0 +1,293 @@
+"""A CPU decoding step compiled ahead of time (AOTInductor), kept on disk and reused by every later command.
+
+Eager decoding pays PyTorch's per-operator cost a few hundred times a step: on the 2-core CPUs of
+benchmarks/RESULTS.md it reached 65-80% of the weight-streaming bound for GPT-2 124M. `torch.compile` removes
+most of that, but compiles in every process (~5 s warm, ~18 s cold): a wait a single `generate` rarely repays.
+Here the step is compiled once per machine and model shape with AOTInductor (`torch.export` → C++ → a shared
+library in a `.pt2` package) into the cache folder; loading it takes milliseconds and does not import the
+compiler, so every later `generate` or `chat` of that shape decodes through it with no wait.
+
+What one package serves:
+- **every checkpoint of the shape**: weights and KV caches are the step's inputs, never baked in;
+- **every generation length**: the KV cache's length is a dynamic dimension of the compiled code.
+Its key (`step_key`) is everything the compiled code depends on: the config, the dtype, which linear layers are
+packed (model/packed.py), the batch size, the PyTorch version, the CPU model and the source of this package
+(the graph is that code, compiled).
+
+When no package exists yet, `generate`/`chat` decode eagerly as before and start one building in a background
+process at the lowest priority (`start_background_build`); the next command finds it. `LLMSCRATCH_COMPILED_STEPS`
+chooses: `auto` (default: use, and build in the background when missing), `load` (use, never build), `off`.
+The packed linears enter the compiled code as calls of our operator `llmscratch::packed_linear` (inductor's own
+oneDNN node needs weights frozen into the graph, and oneDNN's operator cannot be written into AOTInductor's
+calls with its argument list), which reaches oneDNN through model/packed.py.
+
+Not served (eager, as before): mixture-of-experts models (routing changes the shapes), sliding-window and latent
+attention (caches of other shapes), training-mode models, GPUs (they have CUDA graphs: `generate --compile`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODES = ("auto", "load", "off")
+ENV = "LLMSCRATCH_COMPILED_STEPS"
+FOLDER = "compiled-steps"  # in llmscratch's cache folder (download.cache_dir)
+_STALE_BUILD_S = 30 * 60  # a build marker older than this is from a build that died: try again
+_MIN_CACHE = 16  # the compiled code's smallest KV-cache length (caches are made at least this long)
+
+
+def mode() -> str:
+    """`LLMSCRATCH_COMPILED_STEPS` (auto | load | off); an unknown value is taken as off."""
+    value = os.environ.get(ENV, "auto").strip().lower()
+    return value if value in MODES else "off"
+
+
+def unsupported(model: nn.Module, batch_size: int = 1) -> str | None:
+    """Why `model` cannot decode through a compiled-ahead step (a short reason), or None when it can."""
+    cfg = getattr(model, "config", None)
+    p = next(model.parameters(), None)
+    if cfg is None or p is None:
+        return "not a llmscratch GPT"
+    if p.device.type != "cpu":
+        return "not on the CPU"
+    if p.dtype not in (torch.float32, torch.bfloat16):
+        return f"dtype {p.dtype} (fp32 and bf16 only)"
+    if model.training:
+        return "in training mode"
+    if cfg.n_experts or cfg.attention != "standard" or any(cfg.sliding_layers) or cfg.n_classes:
+        return "a mixture-of-experts, latent-attention, sliding-window or classifier model"
+    if not hasattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader"):
+        return "this PyTorch build has no AOTInductor"
+    return None
+
+
+def _cache_tensor(name: str) -> bool:
+    return ".kv_cache." in name
+
+
+def step_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The step's tensor inputs by name, in a fixed order: the parameters (a tied one once), then the buffers —
+    the packed weights and the KV caches among them."""
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    return tensors
+
+
+def _source_digest() -> str:
+    """A digest of this package's source files: the compiled graph is their code."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def step_key(model: nn.Module, batch_size: int = 1) -> str:
+    """What a compiled step of `model` depends on, as a hex digest (see the module's docstring)."""
+    from llmscratch.model.packed import cpu_model
+
+    tensors = [(name, list(t.shape) if not _cache_tensor(name) else [t.size(0), t.size(1), -1, t.size(3)],
+                str(t.dtype), t.layout.__repr__()) for name, t in step_tensors(model).items()]
+    what = {
+        "config": model.config.to_dict(),
+        "batch": batch_size,
+        "modules": [(name, type(m).__name__) for name, m in model.named_modules()],
+        "tensors": tensors,
+        "torch": torch.__version__,
+        "cpu": cpu_model(),
+        "source": _source_digest(),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _folder() -> Path:
+    from llmscratch.download import cache_dir
+
+    return cache_dir() / FOLDER
+
+
+def _files(key: str) -> dict[str, Path]:
+    base = _folder() / key
+    return {"package": base.with_suffix(".pt2"), "meta": base.with_suffix(".json"),
+            "building": base.with_suffix(".building"), "failed": base.with_suffix(".failed"),
+            "log": base.with_suffix(".log")}
+
+
+class CompiledAheadStep:
+    """`step(idx (B, 1), pos 0-dim tensor) -> logits (B, vocab)`: one decoding step through a loaded package,
+    on the model's own weights and KV cache (set up before the first call, at least `_MIN_CACHE` long); the
+    same call as `generate.CompiledDecodeStep`. `same_shapes`: the model's tensors are the ones of the previous
+    call (one generation's steps), so the list of inputs is not gathered again."""
+
+    on_gpu = False
+
+    def __init__(self, model: nn.Module, loader, names: list[str]):
+        self.model, self._loader, self._names = model, loader, names
+        self._inputs: list[torch.Tensor] | None = None
+
+    def __call__(self, idx: torch.Tensor, pos: torch.Tensor, same_shapes: bool = False) -> torch.Tensor:
+        if not same_shapes or self._inputs is None:
+            tensors = step_tensors(self.model)
+            self._inputs = [tensors[name] for name in self._names]
+        return self._loader.run([idx, pos, *self._inputs])[0]
+
+
+def load_step(model: nn.Module, batch_size: int = 1) -> CompiledAheadStep | None:
+    """The compiled-ahead step for `model` from the cache folder, or None: none built yet for its key, the mode
+    is off, or the model is not one this serves (`unsupported`). A package that fails to load is marked failed
+    (not tried again) and None is returned: decoding then runs eagerly, as without one."""
+    if mode() == "off" or unsupported(model, batch_size):
+        return None
+    key = step_key(model, batch_size)
+    files = _files(key)
+    if not files["package"].is_file() or files["failed"].exists():
+        return None
+    try:
+        names = json.loads(files["meta"].read_text())["inputs"]
+        tensors = step_tensors(model)
+        if list(tensors) != names:
+            return None
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(files["package"]), "model", False, 1, -1)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        _mark_failed(files, f"loading: {type(exc).__name__}: {exc}")
+        return None
+    return CompiledAheadStep(model, loader, names)
+
+
+def _mark_failed(files: dict[str, Path], why: str) -> None:
+    try:
+        files["failed"].write_text(why.strip() + "\n")
+    except OSError:
+        pass
+
+
+class _Step(nn.Module):
+    """The step as a function of its tensors, for `torch.export`: the model's weights and caches are inputs."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        # Not a submodule: its tensors would then be the exported program's state as well as its inputs.
+        self._model, self.names = [model], names
+
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        state = dict(zip(self.names, tensors))
+        return torch.func.functional_call(self._model[0], state, (idx,), {"input_pos": pos, "last_only": True})[:, -1]
+
+
+def build(model: nn.Module, batch_size: int = 1) -> Path:
+    """Compile `model`'s decoding step for `batch_size` rows into the cache folder (tens of seconds) and return
+    the package's path. The model's KV cache is replaced by a short one for tracing, then cleared."""
+    from llmscratch.fileio import atomic_write_text
+    from llmscratch.model.packed import onednn_lowering_off
+
+    why = unsupported(model, batch_size)
+    if why:
+        raise ValueError(f"no compiled step for this model: {why}")
+    key = step_key(model, batch_size)
+    files = _files(key)
+    files["package"].parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    ctx = model.config.context_length
+    model.setup_kv_cache(batch_size, min(ctx, 2 * _MIN_CACHE))
+    if model.config.position == "rope":  # computed and kept now, or tracing would keep fake tensors in the model
+        for local in {False, model.config.rope_local_theta is not None}:
+            model.inverse_frequencies(torch.device("cpu"), local)
+    try:
+        tensors = step_tensors(model)
+        names = list(tensors)
+        length = torch.export.Dim("cache_length", min=min(_MIN_CACHE, ctx), max=ctx)
+        shapes = (None, None, tuple({2: length} if _cache_tensor(n) else None for n in names))
+        idx = torch.zeros(batch_size, 1, dtype=torch.long)
+        pos = torch.tensor(min(ctx, 2 * _MIN_CACHE) - 1)
+        with torch.inference_mode():
+            program = torch.export.export(_Step(model, names), (idx, pos, *tensors.values()),
+                                          dynamic_shapes=shapes, strict=False)
+        from torch._inductor import aoti_compile_and_package
+
+        tmp = files["package"].with_name(f".tmp-{os.getpid()}-{files['package'].name}")  # ends in .pt2, as it must
+        try:
+            with onednn_lowering_off(), torch.inference_mode():  # (with autograd on, it fails on the packed weights)
+                aoti_compile_and_package(program, package_path=str(tmp))
+            os.replace(tmp, files["package"])
+        finally:
+            tmp.unlink(missing_ok=True)
+    finally:
+        model.clear_kv_cache()
+    atomic_write_text(files["meta"], json.dumps({"inputs": names, "batch": batch_size,
+                                                 "built_s": round(time.perf_counter() - start, 1),
+                                                 "torch": torch.__version__}, indent=1) + "\n")
+    return files["package"]
+
+
+def start_background_build(model: nn.Module, batch_size: int = 1) -> bool:
+    """Start compiling `model`'s step for `batch_size` rows in a detached process at the lowest priority, unless
+    the mode is not auto, one is built or being built, an earlier build failed, or the model is not served.
+    Returns whether a build was started. The builder makes a model of the same config with random weights (the
+    weights are inputs, so any will do), packs it as `model` is packed, and writes the package; its output goes
+    to a `.log` beside it, a failure to a `.failed` marker that stops later tries."""
+    if mode() != "auto" or unsupported(model, batch_size):
+        return False
+    key = step_key(model, batch_size)
+    files = _files(key)
+    if files["package"].exists() or files["failed"].exists():
+        return False
+    try:
+        files["building"].parent.mkdir(parents=True, exist_ok=True)
+        if files["building"].exists() and time.time() - files["building"].stat().st_mtime < _STALE_BUILD_S:
+            return False
+        files["building"].unlink(missing_ok=True)
+        spec = {"key": key, "config": model.config.to_dict(), "batch": batch_size,
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                "packed": sorted(name for name, m in model.named_modules() if type(m).__name__ == "PackedLinear")}
+        with open(files["building"], "x") as f:  # one builder per key, however many commands start at once
+            json.dump(spec, f)
+        with open(files["log"], "w") as log:
+            subprocess.Popen([sys.executable, "-m", "llmscratch.model.aot", str(files["building"])],
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except OSError:  # a read-only cache folder, a race with another command: decode eagerly, build later
+        return False
+    return True
+
+
+def _build_from_spec(spec_path: Path) -> int:
+    """The background builder's body (`python -m llmscratch.model.aot SPEC`)."""
+    from llmscratch.config import ModelConfig
+    from llmscratch.model.packed import PackedLinear
+    from llmscratch.model.transformer import GPT
+
+    spec = json.loads(spec_path.read_text())
+    files = _files(spec["key"])
+    try:
+        os.nice(19)
+    except OSError:
+        pass
+    try:
+        model = GPT(ModelConfig.from_dict(spec["config"])).to(getattr(torch, spec["dtype"])).eval()
+        for name in spec["packed"]:
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, child, PackedLinear(getattr(owner, child)))
+        model.requires_grad_(False)
+        if step_key(model, spec["batch"]) != spec["key"]:
+            raise ValueError("the rebuilt model's key differs from the command's (a different llmscratch or torch)")
+        path = build(model, spec["batch"])
+        print(f"built {path}")
+        return 0
+    except Exception as exc:  # recorded so that later commands do not try again with the same key
+        _mark_failed(files, f"building: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        spec_path.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(_build_from_spec(Path(sys.argv[1])))
