@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No compiled-ahead decoding steps (model/aot.py) built in the background by the CLI tests' `generate` and `chat`:
+# each build compiles C++ for ~20 s on these cores. tests/model/test_aot.py turns them on where it tests them.
+os.environ.setdefault("LLMSCRATCH_COMPILED_STEPS", "off")
 
 #: ../shared/data beside the repository: real data sets for optional tests (absent on a user's machine).
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -27,6 +27,7 @@ attention (caches of other shapes), training-mode models, GPUs (they have CUDA g
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -82,6 +83,7 @@ def step_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@functools.cache
 def _source_digest() -> str:
     """A digest of this package's source files: the compiled graph is their code."""
     h = hashlib.sha256()
@@ -94,12 +96,14 @@ def step_key(model: nn.Module, batch_size: int = 1) -> str:
     """What a compiled step of `model` depends on, as a hex digest (see the module's docstring)."""
     from llmscratch.model.packed import cpu_model
 
-    tensors = [(name, list(t.shape) if not _cache_tensor(name) else [t.size(0), t.size(1), -1, t.size(3)],
-                str(t.dtype), t.layout.__repr__()) for name, t in step_tensors(model).items()]
+    # The KV caches are left out: their shapes follow from the config, dtype and batch, and whether the model
+    # holds one at the moment must not change the key.
+    tensors = [(name, list(t.shape), str(t.dtype), str(t.layout))
+               for name, t in step_tensors(model).items() if not _cache_tensor(name)]
     what = {
         "config": model.config.to_dict(),
         "batch": batch_size,
-        "modules": [(name, type(m).__name__) for name, m in model.named_modules()],
+        "modules": [(name, type(m).__name__) for name, m in model.named_modules() if not name.endswith("kv_cache")],
         "tensors": tensors,
         "torch": torch.__version__,
         "cpu": cpu_model(),
@@ -134,7 +138,7 @@ class CompiledAheadStep:
         self._inputs: list[torch.Tensor] | None = None
 
     def __call__(self, idx: torch.Tensor, pos: torch.Tensor, same_shapes: bool = False) -> torch.Tensor:
-        if not same_shapes or self._inputs is None:
+        if not same_shapes or self._inputs is None:  # the KV cache is made per generation: gather it again
             tensors = step_tensors(self.model)
             self._inputs = [tensors[name] for name in self._names]
         return self._loader.run([idx, pos, *self._inputs])[0]
@@ -152,8 +156,7 @@ def load_step(model: nn.Module, batch_size: int = 1) -> CompiledAheadStep | None
         return None
     try:
         names = json.loads(files["meta"].read_text())["inputs"]
-        tensors = step_tensors(model)
-        if list(tensors) != names:
+        if [n for n in step_tensors(model) if not _cache_tensor(n)] != [n for n in names if not _cache_tensor(n)]:
             return None
         loader = torch._C._aoti.AOTIModelPackageLoader(str(files["package"]), "model", False, 1, -1)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
