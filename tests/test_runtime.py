@@ -242,3 +242,33 @@ def test_generate_with_an_unavailable_device_is_a_one_line_error(capsys, tmp_pat
     assert_user_error(code, err, "--device mps", "auto, cpu")
     code, _, err = run(["generate", tmp_path / "no-checkpoint", "--prompt", "hi", "--device", "bogus"], capsys)
     assert_user_error(code, err, "--device bogus", "not a device name")
+
+
+def test_the_cpu_dtype_choice_is_measured_once_and_remembered(monkeypatch, tmp_path):
+    """`--dtype auto` on a CPU is bf16 exactly where bf16 weights multiplied ≥ 10% faster than fp32 in this CPU's
+    probe; the probe runs once per CPU model and is read back from the cache file after that."""
+    import torch
+
+    from llmscratch import runtime
+
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path))
+    for timing, want in (({"fp32_us": 100.0, "bf16_us": 50.0}, torch.bfloat16),
+                         ({"fp32_us": 100.0, "bf16_us": 95.0}, torch.float32),  # not 10% faster
+                         ({"fp32_us": 100.0, "bf16_us": 900.0}, torch.float32)):  # emulated bf16 (AVX2)
+        calls = []
+        monkeypatch.setattr(runtime, "measure_dtypes", lambda t=timing, c=calls: c.append(1) or dict(t))
+        (tmp_path / runtime.PROBE_CACHE).unlink(missing_ok=True)
+        runtime.bf16_decodes_faster.cache_clear()
+        assert runtime.inference_dtype("auto", torch.device("cpu")) == want
+        runtime.bf16_decodes_faster.cache_clear()  # a new process: the answer comes from the file
+        assert runtime.inference_dtype("auto", torch.device("cpu")) == want and len(calls) == 1
+        assert any(runtime.cpu_model() in key and "dtype choice" in key for key in runtime.read_probe_cache())
+    runtime.bf16_decodes_faster.cache_clear()
+    assert runtime.inference_dtype("fp32", torch.device("cpu")) == torch.float32  # named dtypes are not probed
+
+
+def test_the_dtype_probe_times_both_dtypes():
+    from llmscratch import runtime
+
+    timing = runtime.measure_dtypes(rounds=3)
+    assert set(timing) == {"fp32_us", "bf16_us"} and all(0 < v < 1e6 for v in timing.values())

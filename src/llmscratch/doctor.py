@@ -168,11 +168,13 @@ def check_precision() -> Check:
     infer = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(inference_dtype("auto", device), "fp32")
     chosen = f"--train.precision auto trains in {train}, --dtype auto runs models in {infer}"
     if device.type == "cpu":
-        from llmscratch.runtime import cpu_has_fast_bf16
+        from llmscratch.runtime import cpu_has_fast_bf16, dtype_probe
 
         kind = ("with bf16 matrix instructions (AVX512-BF16/AMX)" if cpu_has_fast_bf16()
                 else "without bf16 matrix instructions (AVX512-BF16/AMX)")
-        return Check("bf16", OK, f"CPU {kind}: {chosen}")
+        t = dtype_probe()
+        return Check("bf16", OK, f"CPU {kind}; a 3072x768 matrix-vector product measured {t['bf16_us']:.0f} µs in "
+                                 f"bf16, {t['fp32_us']:.0f} µs in fp32: {chosen}")
     if device.type == "cuda":
         try:
             native = torch.cuda.is_bf16_supported(including_emulation=False)

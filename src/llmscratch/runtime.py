@@ -1,7 +1,9 @@
 """Where and in which precision to run: device resolution, autocast and inference dtypes, TF32, peak FLOP/s.
 
-The `auto` choices are measured, not assumed (benchmarks/RESULTS.md): bf16 on CUDA, and on CPUs with bf16
-matrix instructions (AVX512-BF16 / AMX), where bf16 matrix products run several times faster than fp32.
+The `auto` choices are measured, not assumed (benchmarks/RESULTS.md): bf16 on CUDA; for training on CPUs with
+bf16 matrix instructions (AVX512-BF16 / AMX), where bf16 matrix products run several times faster than fp32; for
+inference on a CPU where bf16 weights decode faster, as a probe timed once per CPU model (`bf16_decodes_faster`,
+kept with the other per-CPU answers by `cpu_probe` in the cache folder).
 `cpu_memory_kept_for_reuse` is a CPU training setting of the process's memory allocator, measured there too.
 """
 
@@ -12,7 +14,7 @@ import ctypes
 import ctypes.util
 import functools
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -101,12 +103,143 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def inference_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Weights dtype for generation: `auto` is bf16 where bf16 is fast, else fp32."""
+    """Weights dtype for generation: `auto` is bf16 where bf16 is fast — on a CPU, where bf16 weights decode
+    faster than fp32 as `bf16_decodes_faster` measured it on this CPU model — else fp32."""
     if name == "auto":
-        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+        fast = bf16_decodes_faster() if device.type == "cpu" else bf16_is_fast(device)
+        return torch.bfloat16 if fast else torch.float32
     if name not in _DTYPES:
         raise UserError(f"--dtype {name}: use auto, fp32, bf16 or fp16")
     return _DTYPES[name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# measured once per CPU model, PyTorch version and thread count, then remembered in the cache folder
+
+PROBE_CACHE = "cpu-linear-probe.json"  # in llmscratch's cache folder (download.cache_dir)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_probe(what: str, measure: Callable[[], dict]) -> dict:
+    """`measure()`'s answer about `what` on this CPU: measured the first time, then read from the cache file,
+    keyed by CPU model, PyTorch version and thread count, so that every later command reads it."""
+    key = "|".join([cpu_model(), f"torch {torch.__version__}", f"threads {torch.get_num_threads()}", what])
+    cache = read_probe_cache()
+    if key not in cache:
+        cache[key] = measure()
+        _write_probe_cache(cache)
+    return cache[key]
+
+
+def _probe_file() -> Path:
+    from llmscratch.download import cache_dir
+
+    return cache_dir() / PROBE_CACHE
+
+
+def read_probe_cache() -> dict:
+    """Every answer `cpu_probe` has kept, by key ({} when none are, or the file is unreadable)."""
+    import json
+
+    try:
+        data = json.loads(_probe_file().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):  # none yet, or unreadable: measure again
+        return {}
+
+
+def _write_probe_cache(cache: dict) -> None:
+    """Best effort: a read-only or full cache folder only means measuring again next time."""
+    import json
+
+    from llmscratch.fileio import atomic_write_text
+
+    try:
+        _probe_file().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(_probe_file(), json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    except (OSError, UserError):
+        pass
+
+
+def time_calls(ways: dict[str, Callable[[], object]], rounds: int = 5) -> dict[str, float]:
+    """{name: µs per call}: the median over `rounds` interleaved rounds (so that a burst of load from elsewhere
+    hits every way), each round long enough (~1 ms) to time, after a first call of each (allocation, a library's
+    one-time setup)."""
+    import time
+
+    with torch.inference_mode():
+        for call in ways.values():
+            call()
+        start = time.perf_counter()
+        for call in ways.values():
+            call()
+        one = max((time.perf_counter() - start) / len(ways), 1e-6)
+        n = max(1, min(1000, int(1e-3 / one)))
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for _ in range(rounds):
+            for name, call in ways.items():
+                start = time.perf_counter()
+                for _ in range(n):
+                    call()
+                times[name].append((time.perf_counter() - start) / n * 1e6)
+    return {name: round(sorted(t)[len(t) // 2], 2) for name, t in times.items()}
+
+
+_DTYPE_PROBE_SHAPE = (3072, 768)  # GPT-2 124M's MLP expansion: a mid-sized matrix of a small model
+_DTYPE_PROBE_BYTES = 64 << 20  # fp32 weights cycled through: past a CPU's last-level cache, as a model's are
+
+
+@functools.cache
+def bf16_decodes_faster() -> bool:
+    """Whether a matrix-vector product — what a decoding step is made of — runs at least 10% faster with bf16
+    weights than with fp32 on this CPU, each the faster of `F.linear` and oneDNN's packed product where this CPU
+    has it. Measured once per CPU model (`cpu_probe`, well under a second) and remembered: on the AVX512-BF16
+    EPYC of benchmarks/RESULTS.md bf16 streams half the bytes at the same speed; on an AVX2-only CPU, where bf16
+    is emulated, it ran at a fraction of fp32's speed. The CPU flags alone (`cpu_has_fast_bf16`) do not say
+    whether the build's kernels use them."""
+    timing = dtype_probe()
+    return timing["bf16_us"] < 0.9 * timing["fp32_us"]
+
+
+def dtype_probe() -> dict[str, float]:
+    """This CPU's {"fp32_us", "bf16_us"} (`measure_dtypes`), measured once per CPU model, then read back."""
+    return cpu_probe(f"dtype choice {_DTYPE_PROBE_SHAPE[0]}x{_DTYPE_PROBE_SHAPE[1]} rows 1", measure_dtypes)
+
+
+def measure_dtypes(rounds: int = 5) -> dict[str, float]:
+    """{"fp32_us", "bf16_us"}: one product of a (3072, 768) weight with one row at each dtype, the faster way for
+    each, cycling through copies that fill 64 MiB at fp32 (the same number of weights at bf16), so that each
+    weight comes from memory as in a decoding step."""
+    import torch.nn.functional as F
+
+    out_features, in_features = _DTYPE_PROBE_SHAPE
+    copies = max(1, _DTYPE_PROBE_BYTES // (out_features * in_features * 4))
+    ways: dict[str, Callable[[], object]] = {}
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        weights = [torch.randn(out_features, in_features, dtype=dtype) * 0.02 for _ in range(copies)]
+        x = torch.randn(1, in_features, dtype=dtype)
+        turn = iter(range(1 << 62))
+        ways[f"{label} plain"] = lambda w=weights, x=x, t=turn: F.linear(x, w[next(t) % copies])
+        try:  # oneDNN's packed product, where this build and CPU have it at this dtype
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+            op = torch.ops.mkldnn._linear_pointwise.default
+            op(x, packed[0], None, "none", [], "")
+            ways[f"{label} packed"] = lambda p=packed, x=x, t=turn, op=op: op(x, p[next(t) % copies], None, "none",
+                                                                          [], "")
+        except (AttributeError, RuntimeError):
+            pass
+    timing = time_calls(ways, rounds)
+    return {f"{label}_us": min(us for way, us in timing.items() if way.startswith(label)) for label in ("fp32", "bf16")}
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:

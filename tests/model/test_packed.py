@@ -98,8 +98,10 @@ def test_the_default_packs_only_the_shapes_packing_speeds_up_and_remembers(monke
     assert pack_for_cpu_inference(again, where_faster=True) == 1 and len(measured) == len(shapes)
     assert pack_for_cpu_inference(GPT(ModelConfig.from_preset("gpt-micro")).eval(), 8, where_faster=True) == 1
     assert len(measured) == 2 * len(shapes)  # 8 rows: another layout, measured anew
-    cache = packed._read_probe_cache()
-    assert len(cache) == 2 * len(shapes) and all(packed.cpu_model() in key for key in cache)
+    from llmscratch import runtime
+
+    cache = runtime.read_probe_cache()
+    assert len(cache) == 2 * len(shapes) and all(runtime.cpu_model() in key for key in cache)
 
 
 def test_a_measurement_streams_the_weights_as_a_model_of_that_size_does(monkeypatch, tmp_path):

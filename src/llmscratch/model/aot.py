@@ -94,7 +94,7 @@ def _source_digest() -> str:
 
 def step_key(model: nn.Module, batch_size: int = 1) -> str:
     """What a compiled step of `model` depends on, as a hex digest (see the module's docstring)."""
-    from llmscratch.model.packed import cpu_model
+    from llmscratch.runtime import cpu_model
 
     # The KV caches are left out: their shapes follow from the config, dtype and batch, and whether the model
     # holds one at the moment must not change the key.

@@ -24,8 +24,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from llmscratch.errors import UserError
-from llmscratch.runtime import return_freed_cpu_memory
+from llmscratch.runtime import cpu_probe, return_freed_cpu_memory, time_calls
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -191,9 +190,6 @@ def pack_for_cpu_inference(model: nn.Module, batch_hint: int = 1, where_faster: 
 # ---------------------------------------------------------------------------------------------------------
 # whether packing pays on this CPU: measured once per CPU model, shape, dtype and thread count, then remembered
 
-PROBE_CACHE = "cpu-linear-probe.json"  # in llmscratch's cache folder (download.cache_dir)
-
-
 def packing_pays(linear: nn.Linear, batch_hint: int = 1, streamed: int = 0) -> bool:
     """Whether oneDNN's packed product of `linear`'s shape beats `F.linear` on this CPU, for `batch_hint` rows,
     in a model whose linears hold `streamed` bytes — all read once per decoding step, so that a weight comes from
@@ -202,19 +198,13 @@ def packing_pays(linear: nn.Linear, batch_hint: int = 1, streamed: int = 0) -> b
     rest of the model faster packed.
 
     Measured (`measure_linear`) the first time a shape is seen on a CPU model — well under a second for GPT-2
-    124M's five shapes — and kept in the cache file, keyed by CPU model, PyTorch version, thread count, dtype,
-    shape, rows and the streamed size (rounded to a power of two), so every later command reads the answer.
-    Packing has to be at least 3% faster to be chosen: a tie keeps the plain path."""
+    124M's five shapes — and kept by `runtime.cpu_probe`, keyed by CPU model, PyTorch version, thread count,
+    dtype, shape, rows and the streamed size (rounded to a power of two), so every later command reads the
+    answer. Packing has to be at least 3% faster to be chosen: a tie keeps the plain path."""
     working_set = _working_set(linear, streamed)
-    key = "|".join([cpu_model(), f"torch {torch.__version__}", f"threads {torch.get_num_threads()}",
-                    str(linear.weight.dtype).removeprefix("torch."),
-                    f"{linear.out_features}x{linear.in_features}", f"rows {batch_hint}",
-                    f"streamed {working_set >> 20} MiB"])
-    cache = _read_probe_cache()
-    if key not in cache:
-        cache[key] = measure_linear(linear, batch_hint, working_set=working_set)
-        _write_probe_cache(cache)
-    timing = cache[key]
+    what = "|".join([str(linear.weight.dtype).removeprefix("torch."), f"{linear.out_features}x{linear.in_features}",
+                     f"rows {batch_hint}", f"streamed {working_set >> 20} MiB"])
+    timing = cpu_probe(what, lambda: measure_linear(linear, batch_hint, working_set=working_set))
     return timing["packed_us"] < 0.97 * timing["plain_us"]
 
 
@@ -231,11 +221,9 @@ def _working_set(linear: nn.Linear, streamed: int) -> int:
 def measure_linear(linear: nn.Linear, batch_hint: int = 1, rounds: int = 5,
                    working_set: int = 0) -> dict[str, float]:
     """{"plain_us", "packed_us"}: the median time of one product of `linear` on `batch_hint` rows each way, over
-    `rounds` interleaved rounds (so that a burst of load from elsewhere hits both), each round long enough
-    (~1 ms) to time. The product cycles through copies of the weight filling `working_set` bytes, so that, as in
-    a decoding step of a model that size, a weight is read from the cache or from memory."""
-    import time
-
+    `rounds` interleaved rounds (`runtime.time_calls`). The product cycles through copies of the weight filling
+    `working_set` bytes, so that, as in a decoding step of a model that size, a weight is read from the cache or
+    from memory."""
     import torch.nn.functional as F
 
     weight, bias = linear.weight.detach(), linear.bias.detach() if linear.bias is not None else None
@@ -253,63 +241,4 @@ def measure_linear(linear: nn.Linear, batch_hint: int = 1, rounds: int = 5,
         turn["packed_us"] += 1
         return _packed_linear(x, packed[turn["packed_us"] % copies], bias, linear.out_features)
 
-    ways = {"plain_us": plain_call, "packed_us": packed_call}
-    with torch.inference_mode():
-        for call in ways.values():  # first calls: allocation, oneDNN's primitive creation
-            call()
-        start = time.perf_counter()
-        for call in ways.values():
-            call()
-        one = max((time.perf_counter() - start) / 2, 1e-6)
-        n = max(1, min(1000, int(1e-3 / one)))
-        times = {name: [] for name in ways}
-        for _ in range(rounds):
-            for name, call in ways.items():
-                start = time.perf_counter()
-                for _ in range(n):
-                    call()
-                times[name].append((time.perf_counter() - start) / n * 1e6)
-    return {name: round(sorted(t)[len(t) // 2], 2) for name, t in times.items()}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux; the platform's processor string elsewhere)."""
-    import platform
-    from pathlib import Path
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def _probe_file():
-    from llmscratch.download import cache_dir
-
-    return cache_dir() / PROBE_CACHE
-
-
-def _read_probe_cache() -> dict:
-    import json
-
-    try:
-        data = json.loads(_probe_file().read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):  # none yet, or unreadable: measure again
-        return {}
-
-
-def _write_probe_cache(cache: dict) -> None:
-    """Best effort: a read-only or full cache folder only means measuring again next time."""
-    import json
-
-    from llmscratch.fileio import atomic_write_text
-
-    try:
-        _probe_file().parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(_probe_file(), json.dumps(cache, indent=1, sort_keys=True) + "\n")
-    except (OSError, UserError):
-        pass
+    return time_calls({"plain_us": plain_call, "packed_us": packed_call}, rounds)
