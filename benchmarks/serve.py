@@ -224,6 +224,30 @@ def matmul_rate(dtype: str, rows: int, repeats: int = 7) -> dict:
             "all": {name: rows / statistics.median(v) for name, v in times.items()}}
 
 
+def prebuild_rows_step(ours: Path, dtype: str, max_batch: int = 32) -> None:
+    """Build (or find) the compiled-ahead batched step `llmscratch serve --max-batch 32` looks for (model/aot.py), so
+    that the server decodes through it from its first request instead of starting to build it under the load:
+    the model loaded and packed as the server does, a cache of the server's 256 positions."""
+    try:
+        from llmscratch.cli.inference import load_for_inference
+        from llmscratch.model import aot
+        from llmscratch.model.packed import pack_for_cpu_inference
+    except ImportError:  # a src without compiled-ahead steps
+        return
+    model, _ = load_for_inference(str(ours), "cpu", dtype, pack=False)
+    pack_for_cpu_inference(model, max_batch, where_faster=True)
+    cache_len = min(model.config.context_length, 256)
+    if aot.unsupported(model, max_batch):
+        print(f"  {dtype}: no compiled-ahead batched step ({aot.unsupported(model, max_batch)})", flush=True)
+        return
+    start = time.perf_counter()
+    found = aot.load_step(model, max_batch, "rows", cache_len) is not None
+    if not found:
+        aot.build(model, max_batch, "rows", cache_len)
+    print(f"  {dtype}: compiled-ahead batched step {'found' if found else 'built'} in "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+
+
 def _s(seconds: float | None) -> str:
     return f"{seconds:.2f} s" if seconds is not None else "n/a"
 
@@ -279,6 +303,9 @@ def main() -> None:
         print(f"  matrix-product rate, GPT-2 124M at {top} rows, {dtype}: {rates[dtype]['tok_s']:.1f} tok/s = "
               f"{rates[dtype]['gflops']:.1f} GFLOP/s ({rates[dtype]['way']}; "
               + ", ".join(f"{k} {v:.1f} tok/s" for k, v in rates[dtype]["all"].items()) + ")", flush=True)
+    if "ours" in servers:
+        for dtype in dtypes:
+            prebuild_rows_step(ours, dtype)
     rows = []
     for dtype in dtypes:
         for kind in servers:

@@ -8,6 +8,7 @@ is kept as the reference the cached path is tested against.
 from __future__ import annotations
 
 import sys
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 
@@ -379,14 +380,22 @@ class DecodeBatch:
     it would get decoded alone (up to floating-point rounding: a batched matmul may sum in another order).
     Sampled rows draw from their own generator (seeded by `Row.seed`), so their tokens do not depend on which
     other rows share the batch either.
+
+    `compiled_ahead` (what the server asks for): on a CPU, the steps that feed 2 or more rows their newest token
+    run through a step compiled ahead of time for the batch's size and cache length when the cache folder holds
+    one (model/aot.py); when it does not, one is started building in the background, and looked for again every
+    10 s. Prompts are processed eagerly.
     """
 
-    def __init__(self, model, max_rows: int, max_len: int | None = None, prefill_tokens: int = 256):
+    def __init__(self, model, max_rows: int, max_len: int | None = None, prefill_tokens: int = 256,
+                 compiled_ahead: bool = False):
         if max_rows <= 0:
             raise UserError(f"batch size must be positive, got {max_rows}")
         if prefill_tokens <= 0:
             raise UserError(f"prefill chunk must be positive, got {prefill_tokens}")
         self.model, self.max_rows, self.prefill_tokens = model, max_rows, prefill_tokens
+        self.compiled_ahead = compiled_ahead
+        self._rows_step, self._rows_looked = None, (None, 0.0)  # (cache length, when) of the last look for one
         self.ctx = model.config.context_length
         self.device = next(model.parameters()).device
         self.active: list[Row] = []  # cache row i holds active[i]
@@ -474,10 +483,34 @@ class DecodeBatch:
         active = [self.active[i] for i in rows]
         idx = torch.tensor([[r.ids[-1]] for r in active], device=self.device)  # (n, 1)
         at = RowPositions.make([r.cached for r in active], 1, rows, self.device)
-        logits = self.model(idx, input_pos=at)[:, -1]
+        cache_len = self.model.blocks[0].attn.kv_cache.max_len
+        step = self._compiled_rows(cache_len)
+        if step is not None and step.fits(len(active), at, cache_len):
+            logits = step(idx, at)
+        else:
+            logits = self.model(idx, input_pos=at)[:, -1]
         for r in active:
             r.cached += 1
         return logits
+
+    def _compiled_rows(self, cache_len: int):
+        """The compiled-ahead rows step for a cache of `cache_len` (model/aot.py), or None; a missing one is looked
+        for at most every 10 s, and started building the first time."""
+        if not self.compiled_ahead:
+            return None
+        if self._rows_step is not None and self._rows_step.cache_len == cache_len:
+            return self._rows_step
+        looked_len, looked_at = self._rows_looked
+        now = time.monotonic()
+        if looked_len == cache_len and now - looked_at < 10.0:
+            return None
+        from llmscratch.model import aot
+
+        self._rows_step = aot.load_step(self.model, self.max_rows, "rows", cache_len)
+        if self._rows_step is None and looked_len != cache_len:
+            aot.start_background_build(self.model, self.max_rows, "rows", cache_len)
+        self._rows_looked = (cache_len, now)
+        return self._rows_step
 
     def _fill(self, chunks: list[tuple[int, int]]) -> tuple[list[int], torch.Tensor | None]:
         """Feed each (cache row, n) its next n window tokens, right-padded to the longest; return the rows whose

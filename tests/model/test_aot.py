@@ -15,6 +15,7 @@ import torch
 from llmscratch.config import ModelConfig
 from llmscratch.generate import generate_ids
 from llmscratch.model import GPT, aot
+from llmscratch.model.attention import RowPositions
 from llmscratch.model.packed import pack_for_cpu_inference
 
 pytestmark = pytest.mark.skipif(aot.unsupported(GPT(ModelConfig.from_preset("gpt-micro")).eval()) is not None,
@@ -93,6 +94,7 @@ def test_another_process_loads_the_package_without_the_compiler(built_llama):
 import sys, time, torch
 from llmscratch.config import ModelConfig
 from llmscratch.model import GPT, aot
+from llmscratch.model.attention import RowPositions
 from llmscratch.model.packed import pack_for_cpu_inference
 torch.manual_seed(11)
 model = GPT(ModelConfig.from_preset("llama-micro", init_std=0.3, n_kv_heads=2)).eval()
@@ -208,3 +210,47 @@ def test_generate_builds_the_step_in_the_background_and_the_next_call_uses_it(tm
     assert code == 0, err
     assert "background" not in err
     assert second == first
+
+
+def test_the_batched_rows_step_decodes_the_tokens_the_eager_batch_does(tmp_path, monkeypatch):
+    """The server's step (`DecodeBatch(compiled_ahead=True)`): rows of different prompt lengths join, decode at
+    positions of their own and leave at different times; their tokens equal the eager batch's, and the compiled
+    step ran whenever 2 or more rows decoded together."""
+    from llmscratch.generate import DecodeBatch, Row
+
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path))
+    monkeypatch.setenv(aot.ENV, "load")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("gpt-micro", init_std=0.3)).eval()
+    pack_for_cpu_inference(model, 4, where_faster=True)  # as the server packs for its batch
+    cache_len = model.config.context_length  # DecodeBatch's cache: min(context, 256)
+    aot.build(model, 4, "rows", cache_len)
+    calls = []
+    real = aot.CompiledRowsStep.__call__
+    monkeypatch.setattr(aot.CompiledRowsStep, "__call__", lambda self, idx, at, *a: calls.append(idx.size(0))
+                        or real(self, idx, at, *a))
+
+    def decode(compiled: bool) -> dict[int, list[int]]:
+        batch = DecodeBatch(model, 4, compiled_ahead=compiled)
+        gen = torch.Generator().manual_seed(1)
+        lengths, wanted = [3, 9, 5, 12, 7, 4], [20, 8, 30, 15, 25, 10]
+        rows = [Row(torch.randint(0, 512, (n,), generator=gen).tolist(), key=i) for i, n in enumerate(lengths)]
+        for row in rows:
+            batch.add(row)
+        while len(batch):
+            for row, _ in batch.step():
+                if len(row.generated) >= wanted[row.key]:
+                    batch.remove(row)
+        batch.close()
+        return {row.key: row.generated for row in rows}
+
+    eager = decode(False)
+    assert not calls
+    assert decode(True) == eager
+    assert len(calls) > 20 and min(calls) >= 2 and max(calls) == 4
+    step = aot.load_step(model, 4, "rows", cache_len)
+    at = RowPositions.make([5, 6], 1)
+    assert step.fits(2, at, cache_len) and not step.fits(1, at, cache_len) and not step.fits(5, at, cache_len)
+    assert not step.fits(2, at, 2 * cache_len)  # a grown cache is another package
+    with pytest.raises(ValueError, match="no such step"):
+        aot.build(model, 1, "rows", cache_len)

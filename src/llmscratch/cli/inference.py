@@ -37,9 +37,10 @@ def _generate_parser(p) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole window every step")
     p.add_argument("--compile", action="store_true",
-                   help="decode through a torch.compile'd static-shape step; pays off for long outputs. GPU: "
-                        "CUDA graphs, several times faster per token. CPU: one compiled graph for every layer "
-                        "around the packed weights, ~1.2x the default speed; compiling takes ~18 s the "
+                   help="decode through a step torch.compile'd in this process. GPU: CUDA graphs, several times "
+                        "faster per token. CPU: rarely needed, since without it generate already decodes through a "
+                        "step compiled ahead of time once per machine and model shape (built in the background on "
+                        "first use; LLMSCRATCH_COMPILED_STEPS=off turns that off); compiling here takes ~18 s the "
                         "first time on a machine, ~5 s once PyTorch's compile cache holds it (GPT-2 124M). Uses the "
                         "KV cache: not with --no-kv-cache")
     inference_options(p)

@@ -21,6 +21,11 @@ The packed linears enter the compiled code as calls of our operator `llmscratch:
 oneDNN node needs weights frozen into the graph, and oneDNN's operator cannot be written into AOTInductor's
 calls with its argument list), which reaches oneDNN through model/packed.py.
 
+Two kinds of step: "decode", one token for each of `batch_size` sequences at one position (`generate_ids`), and
+"rows", one token for each of 2..`batch_size` rows at positions of their own (`RowPositions`: the server's
+`DecodeBatch`), whose number of rows and of keys are dynamic and whose cache length is fixed (a package per
+length the batch's cache grows to).
+
 Not served (eager, as before): mixture-of-experts models (routing changes the shapes), sliding-window and latent
 attention (caches of other shapes), training-mode models, GPUs (they have CUDA graphs: `generate --compile`).
 """
@@ -39,7 +44,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmscratch.model.attention import RowPositions
+
 MODES = ("auto", "load", "off")
+KINDS = ("decode", "rows")
 ENV = "LLMSCRATCH_COMPILED_STEPS"
 FOLDER = "compiled-steps"  # in llmscratch's cache folder (download.cache_dir)
 _STALE_BUILD_S = 30 * 60  # a build marker older than this is from a build that died: try again
@@ -92,8 +100,9 @@ def _source_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def step_key(model: nn.Module, batch_size: int = 1) -> str:
-    """What a compiled step of `model` depends on, as a hex digest (see the module's docstring)."""
+def step_key(model: nn.Module, batch_size: int = 1, kind: str = "decode", cache_len: int | None = None) -> str:
+    """What a compiled step of `model` depends on, as a hex digest (see the module's docstring). `cache_len`: the
+    KV cache's length, fixed for the "rows" kind only."""
     from llmscratch.runtime import cpu_model
 
     # The KV caches are left out: their shapes follow from the config, dtype and batch, and whether the model
@@ -103,7 +112,10 @@ def step_key(model: nn.Module, batch_size: int = 1) -> str:
     what = {
         "config": model.config.to_dict(),
         "batch": batch_size,
-        "modules": [(name, type(m).__name__) for name, m in model.named_modules() if not name.endswith("kv_cache")],
+        "kind": kind,
+        "cache_len": cache_len if kind == "rows" else None,
+        "modules": [(name, type(m).__name__, getattr(m, "batch_hint", None))
+                    for name, m in model.named_modules() if not name.endswith("kv_cache")],
         "tensors": tensors,
         "torch": torch.__version__,
         "cpu": cpu_model(),
@@ -138,19 +150,36 @@ class CompiledAheadStep:
         self._inputs: list[torch.Tensor] | None = None
 
     def __call__(self, idx: torch.Tensor, pos: torch.Tensor, same_shapes: bool = False) -> torch.Tensor:
-        if not same_shapes or self._inputs is None:  # the KV cache is made per generation: gather it again
+        return self._loader.run([idx, pos, *self._tensors(same_shapes)])[0]
+
+    def _tensors(self, same: bool) -> list[torch.Tensor]:
+        if not same or self._inputs is None:  # the KV cache is made per generation: gather it again
             tensors = step_tensors(self.model)
             self._inputs = [tensors[name] for name in self._names]
-        return self._loader.run([idx, pos, *self._inputs])[0]
+        return self._inputs
 
 
-def load_step(model: nn.Module, batch_size: int = 1) -> CompiledAheadStep | None:
+class CompiledRowsStep(CompiledAheadStep):
+    """`step(idx (n, 1), at: RowPositions) -> logits (n, vocab)`: one token for each of n rows of the model's KV
+    cache, each at its own position, as `model(idx, input_pos=at)[:, -1]` computes it; for 2 <= n <= the batch
+    size and fewer keys than the cache holds (`fits`). The model's tensors are gathered once: a `DecodeBatch`
+    keeps its cache (a grown cache is another package)."""
+
+    def fits(self, n: int, at: RowPositions, cache_len: int) -> bool:
+        return 2 <= n <= self.batch_size and at.length < cache_len == self.cache_len and at.real is None
+
+    def __call__(self, idx: torch.Tensor, at: RowPositions, same_shapes: bool = True) -> torch.Tensor:
+        return self._loader.run([idx, at.positions, at.rows, at.mask, *self._tensors(same_shapes)])[0]
+
+
+def load_step(model: nn.Module, batch_size: int = 1, kind: str = "decode",
+              cache_len: int | None = None) -> CompiledAheadStep | None:
     """The compiled-ahead step for `model` from the cache folder, or None: none built yet for its key, the mode
     is off, or the model is not one this serves (`unsupported`). A package that fails to load is marked failed
     (not tried again) and None is returned: decoding then runs eagerly, as without one."""
     if mode() == "off" or unsupported(model, batch_size):
         return None
-    key = step_key(model, batch_size)
+    key = step_key(model, batch_size, kind, cache_len)
     files = _files(key)
     if not files["package"].is_file() or files["failed"].exists():
         return None
@@ -162,7 +191,9 @@ def load_step(model: nn.Module, batch_size: int = 1) -> CompiledAheadStep | None
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         _mark_failed(files, f"loading: {type(exc).__name__}: {exc}")
         return None
-    return CompiledAheadStep(model, loader, names)
+    step = (CompiledRowsStep if kind == "rows" else CompiledAheadStep)(model, loader, names)
+    step.batch_size, step.cache_len = batch_size, cache_len
+    return step
 
 
 def _mark_failed(files: dict[str, Path], why: str) -> None:
@@ -185,34 +216,56 @@ class _Step(nn.Module):
         return torch.func.functional_call(self._model[0], state, (idx,), {"input_pos": pos, "last_only": True})[:, -1]
 
 
-def build(model: nn.Module, batch_size: int = 1) -> Path:
-    """Compile `model`'s decoding step for `batch_size` rows into the cache folder (tens of seconds) and return
-    the package's path. The model's KV cache is replaced by a short one for tracing, then cleared."""
+class _RowsStep(_Step):
+    """The "rows" step: each row at its own position (`RowPositions` rebuilt from its tensors)."""
+
+    def forward(self, idx, positions, rows, mask, *tensors: torch.Tensor) -> torch.Tensor:
+        at = RowPositions(positions, rows, None, mask.size(-1), mask, None)
+        state = dict(zip(self.names, tensors))
+        return torch.func.functional_call(self._model[0], state, (idx,), {"input_pos": at})[:, -1]
+
+
+def build(model: nn.Module, batch_size: int = 1, kind: str = "decode", cache_len: int | None = None) -> Path:
+    """Compile `model`'s step of `kind` for `batch_size` rows (a "rows" step: up to that many, with a KV cache of
+    `cache_len`) into the cache folder (tens of seconds) and return the package's path. The model's KV cache is
+    replaced by one for tracing, then cleared."""
     from llmscratch.fileio import atomic_write_text
     from llmscratch.model.packed import onednn_lowering_off
 
     why = unsupported(model, batch_size)
     if why:
         raise ValueError(f"no compiled step for this model: {why}")
-    key = step_key(model, batch_size)
+    if kind not in KINDS or (kind == "rows" and (batch_size < 2 or not cache_len or cache_len < 8)):
+        raise ValueError(f"a {kind!r} step for batch {batch_size}, cache {cache_len}: no such step")
+    key = step_key(model, batch_size, kind, cache_len)
     files = _files(key)
     files["package"].parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     ctx = model.config.context_length
-    model.setup_kv_cache(batch_size, min(ctx, 2 * _MIN_CACHE))
+    model.setup_kv_cache(batch_size, cache_len if kind == "rows" else min(ctx, 2 * _MIN_CACHE))
     if model.config.position == "rope":  # computed and kept now, or tracing would keep fake tensors in the model
         for local in {False, model.config.rope_local_theta is not None}:
             model.inverse_frequencies(torch.device("cpu"), local)
     try:
         tensors = step_tensors(model)
         names = list(tensors)
-        length = torch.export.Dim("cache_length", min=min(_MIN_CACHE, ctx), max=ctx)
-        shapes = (None, None, tuple({2: length} if _cache_tensor(n) else None for n in names))
-        idx = torch.zeros(batch_size, 1, dtype=torch.long)
-        pos = torch.tensor(min(ctx, 2 * _MIN_CACHE) - 1)
+        if kind == "rows":
+            # n rows at 2..batch_size, over 2..cache_len - 1 keys (at the cache's full length the traced code
+            # takes another branch, so that step runs eagerly)
+            n = torch.export.Dim("rows", min=2, max=batch_size)
+            keys = torch.export.Dim("keys", min=2, max=cache_len - 1)
+            rows = min(3, batch_size)
+            example = RowPositions.make([4] * rows, 1)  # 5 keys
+            args = (torch.zeros(rows, 1, dtype=torch.long), example.positions, example.rows, example.mask)
+            shapes = ({0: n}, {0: n}, {0: n}, {0: n, 3: keys}, tuple(None for _ in names))
+            step = _RowsStep(model, names)
+        else:
+            length = torch.export.Dim("cache_length", min=min(_MIN_CACHE, ctx), max=ctx)
+            shapes = (None, None, tuple({2: length} if _cache_tensor(n) else None for n in names))
+            args = (torch.zeros(batch_size, 1, dtype=torch.long), torch.tensor(min(ctx, 2 * _MIN_CACHE) - 1))
+            step = _Step(model, names)
         with torch.inference_mode():
-            program = torch.export.export(_Step(model, names), (idx, pos, *tensors.values()),
-                                          dynamic_shapes=shapes, strict=False)
+            program = torch.export.export(step, (*args, *tensors.values()), dynamic_shapes=shapes, strict=False)
         from torch._inductor import aoti_compile_and_package
 
         tmp = files["package"].with_name(f".tmp-{os.getpid()}-{files['package'].name}")  # ends in .pt2, as it must
@@ -224,13 +277,15 @@ def build(model: nn.Module, batch_size: int = 1) -> Path:
             tmp.unlink(missing_ok=True)
     finally:
         model.clear_kv_cache()
-    atomic_write_text(files["meta"], json.dumps({"inputs": names, "batch": batch_size,
+    atomic_write_text(files["meta"], json.dumps({"inputs": names, "batch": batch_size, "kind": kind,
+                                                 "cache_len": cache_len,
                                                  "built_s": round(time.perf_counter() - start, 1),
                                                  "torch": torch.__version__}, indent=1) + "\n")
     return files["package"]
 
 
-def start_background_build(model: nn.Module, batch_size: int = 1) -> bool:
+def start_background_build(model: nn.Module, batch_size: int = 1, kind: str = "decode",
+                           cache_len: int | None = None) -> bool:
     """Start compiling `model`'s step for `batch_size` rows in a detached process at the lowest priority, unless
     the mode is not auto, one is built or being built, an earlier build failed, or the model is not served.
     Returns whether a build was started. The builder makes a model of the same config with random weights (the
@@ -238,7 +293,7 @@ def start_background_build(model: nn.Module, batch_size: int = 1) -> bool:
     to a `.log` beside it, a failure to a `.failed` marker that stops later tries."""
     if mode() != "auto" or unsupported(model, batch_size):
         return False
-    key = step_key(model, batch_size)
+    key = step_key(model, batch_size, kind, cache_len)
     files = _files(key)
     if files["package"].exists() or files["failed"].exists():
         return False
@@ -247,9 +302,10 @@ def start_background_build(model: nn.Module, batch_size: int = 1) -> bool:
         if files["building"].exists() and time.time() - files["building"].stat().st_mtime < _STALE_BUILD_S:
             return False
         files["building"].unlink(missing_ok=True)
-        spec = {"key": key, "config": model.config.to_dict(), "batch": batch_size,
-                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                "packed": sorted(name for name, m in model.named_modules() if type(m).__name__ == "PackedLinear")}
+        spec = {"key": key, "config": model.config.to_dict(), "batch": batch_size, "kind": kind,
+                "cache_len": cache_len, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                "packed": {name: m.batch_hint for name, m in model.named_modules()
+                           if type(m).__name__ == "PackedLinear"}}
         with open(files["building"], "x") as f:  # one builder per key, however many commands start at once
             json.dump(spec, f)
         with open(files["log"], "w") as log:
@@ -270,19 +326,19 @@ def _build_from_spec(spec_path: Path) -> int:
     spec = json.loads(spec_path.read_text())
     files = _files(spec["key"])
     try:
-        os.nice(19)
-    except OSError:
+        os.nice(19)  # (POSIX only)
+    except (OSError, AttributeError):
         pass
     try:
         model = GPT(ModelConfig.from_dict(spec["config"])).to(getattr(torch, spec["dtype"])).eval()
-        for name in spec["packed"]:
+        for name, batch_hint in spec["packed"].items():
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
-            setattr(owner, child, PackedLinear(getattr(owner, child)))
+            setattr(owner, child, PackedLinear(getattr(owner, child), batch_hint))
         model.requires_grad_(False)
-        if step_key(model, spec["batch"]) != spec["key"]:
+        if step_key(model, spec["batch"], spec["kind"], spec["cache_len"]) != spec["key"]:
             raise ValueError("the rebuilt model's key differs from the command's (a different llmscratch or torch)")
-        path = build(model, spec["batch"])
+        path = build(model, spec["batch"], spec["kind"], spec["cache_len"])
         print(f"built {path}")
         return 0
     except Exception as exc:  # recorded so that later commands do not try again with the same key

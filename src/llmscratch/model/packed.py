@@ -133,7 +133,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, batch_hint: int = 1):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features, self.batch_hint = linear.in_features, linear.out_features, batch_hint
         weight = linear.weight.detach()
         # batch_hint tells oneDNN the expected number of rows: 1 picks the layout for matrix-vector products.
         self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint),
@@ -151,7 +151,8 @@ class PackedLinear(nn.Module):
         return _packed_linear(x, self.packed_weight, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN for "
+                f"{self.batch_hint} row{'s' if self.batch_hint > 1 else ''}")
 
 
 def is_packed(model: nn.Module) -> bool:

@@ -158,7 +158,7 @@ class Engine:
 
         if self.pack:
             pack_for_cpu_inference(self.model, self.max_batch, where_faster=True)  # a no-op off the CPU
-        batch = DecodeBatch(self.model, self.max_batch, prefill_tokens=self.prefill_tokens)
+        batch = DecodeBatch(self.model, self.max_batch, prefill_tokens=self.prefill_tokens, compiled_ahead=True)
         try:
             while self._take_work(batch):
                 try:
