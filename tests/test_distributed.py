@@ -18,7 +18,9 @@ from llmscratch.train.distributed import Ranks
 
 STEPS = ["--model", "gpt-micro", "--train.max_steps", 6, "--train.batch_size", 4, "--train.eval_every", 3,
          "--train.eval_batches", 2, "--train.log_every", 1, "--train.save_every", 3, "--train.keep_last", 2,
-         "--train.warmup_steps", 1, "--train.seed", 5, "--no-progress"]
+         "--train.warmup_steps", 1, "--train.seed", 5, "--no-progress",
+         # fp32: the runs are compared to 2e-5, which bf16 autocast (`auto` on a CPU with AVX512-BF16) does not hold
+         "--train.precision", "fp32"]
 
 
 def _pretrain(nproc: int, out, data, *extra) -> subprocess.CompletedProcess:
@@ -221,7 +223,8 @@ def test_a_crash_in_rank_0s_work_stops_the_others_at_once(tmp_path):
 
 # --- the fine-tuning verbs under torchrun ---------------------------------------------------------------------
 FT_STEPS = ["--train.batch_size", 4, "--train.eval_every", 2, "--train.eval_batches", 2, "--train.log_every", 1,
-            "--train.save_every", 2, "--train.warmup_steps", 1, "--train.seed", 3, "--no-progress"]
+            "--train.save_every", 2, "--train.warmup_steps", 1, "--train.seed", 3, "--no-progress",
+            "--train.precision", "fp32"]  # (as STEPS: the runs are compared closely)
 
 
 def _finetune(nproc: int, verb: str, base, data, out, *extra) -> subprocess.CompletedProcess:

@@ -21,6 +21,7 @@ betas…: no tensors) are returned by `save` for the caller's train_state.pt.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from pathlib import Path
 
@@ -46,10 +47,19 @@ def _single_process() -> bool:
 
 @contextlib.contextmanager
 def _quiet():
-    """DCP warns that it "assumes a single process" even when told so (no_dist): hide that one warning."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+    """DCP warns that it "assumes a single process" even when told so (no_dist): hide that one warning. And on a
+    file it cannot read, its loader logs a traceback through the root logger ("Global metadata is not found")
+    before raising what `load` turns into one line: records of the root logger itself are dropped meanwhile (a
+    named logger's, which only propagate to the root's handlers, are not)."""
+    root = logging.getLogger()
+    was = root.disabled
+    root.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
+    finally:
+        root.disabled = was
 
 
 def _template(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, list | None]:
