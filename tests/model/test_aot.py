@@ -5,6 +5,7 @@ Each build compiles C++ (~15-25 s on 2 cores): two builds in this file."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,8 +19,12 @@ from llmscratch.model import GPT, aot
 from llmscratch.model.attention import RowPositions
 from llmscratch.model.packed import pack_for_cpu_inference
 
-pytestmark = pytest.mark.skipif(aot.unsupported(GPT(ModelConfig.from_preset("gpt-micro")).eval()) is not None,
-                                reason="this PyTorch build has no AOTInductor")
+pytestmark = [
+    pytest.mark.skipif(aot.unsupported(GPT(ModelConfig.from_preset("gpt-micro")).eval()) is not None,
+                       reason="this PyTorch build has no AOTInductor"),
+    pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                       reason="no C++ compiler (g++, or $CXX) to build compiled steps with"),
+]
 
 
 def _model(preset: str, dtype=torch.float32, seed: int = 0, **overrides) -> GPT:
