@@ -381,8 +381,8 @@ class DecodeBatch:
     Sampled rows draw from their own generator (seeded by `Row.seed`), so their tokens do not depend on which
     other rows share the batch either.
 
-    `compiled_ahead` (what the server asks for): on a CPU, the steps that feed 2 or more rows their newest token
-    run through a step compiled ahead of time for the batch's size and cache length when the cache folder holds
+    `compiled_ahead` (what the server asks for): on a CPU, the steps that feed rows their newest token run
+    through a step compiled ahead of time for the batch's size and cache length when the cache folder holds
     one (model/aot.py); when it does not, one is started building in the background, and looked for again every
     10 s. Prompts are processed eagerly.
     """

@@ -22,7 +22,7 @@ oneDNN node needs weights frozen into the graph, and oneDNN's operator cannot be
 calls with its argument list), which reaches oneDNN through model/packed.py.
 
 Two kinds of step: "decode", one token for each of `batch_size` sequences at one position (`generate_ids`), and
-"rows", one token for each of 2..`batch_size` rows at positions of their own (`RowPositions`: the server's
+"rows", one token for each of 1..`batch_size` rows at positions of their own (`RowPositions`: the server's
 `DecodeBatch`), whose number of rows and of keys are dynamic and whose cache length is fixed (a package per
 length the batch's cache grows to).
 
@@ -161,12 +161,12 @@ class CompiledAheadStep:
 
 class CompiledRowsStep(CompiledAheadStep):
     """`step(idx (n, 1), at: RowPositions) -> logits (n, vocab)`: one token for each of n rows of the model's KV
-    cache, each at its own position, as `model(idx, input_pos=at)[:, -1]` computes it; for 2 <= n <= the batch
+    cache, each at its own position, as `model(idx, input_pos=at)[:, -1]` computes it; for 1 <= n <= the batch
     size and fewer keys than the cache holds (`fits`). The model's tensors are gathered once: a `DecodeBatch`
     keeps its cache (a grown cache is another package)."""
 
     def fits(self, n: int, at: RowPositions, cache_len: int) -> bool:
-        return 2 <= n <= self.batch_size and at.length < cache_len == self.cache_len and at.real is None
+        return 1 <= n <= self.batch_size and at.length < cache_len == self.cache_len and at.real is None
 
     def __call__(self, idx: torch.Tensor, at: RowPositions, same_shapes: bool = True) -> torch.Tensor:
         return self._loader.run([idx, at.positions, at.rows, at.mask, *self._tensors(same_shapes)])[0]
@@ -250,9 +250,9 @@ def build(model: nn.Module, batch_size: int = 1, kind: str = "decode", cache_len
         tensors = step_tensors(model)
         names = list(tensors)
         if kind == "rows":
-            # n rows at 2..batch_size, over 2..cache_len - 1 keys (at the cache's full length the traced code
+            # n rows at 1..batch_size, over 2..cache_len - 1 keys (at the cache's full length the traced code
             # takes another branch, so that step runs eagerly)
-            n = torch.export.Dim("rows", min=2, max=batch_size)
+            n = torch.export.Dim("rows", min=1, max=batch_size)
             keys = torch.export.Dim("keys", min=2, max=cache_len - 1)
             rows = min(3, batch_size)
             example = RowPositions.make([4] * rows, 1)  # 5 keys
