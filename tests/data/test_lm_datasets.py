@@ -406,20 +406,26 @@ class CountingByteTokenizer(ByteTokenizer):
         return list(text.encode())
 
 
-def test_documents_are_read_as_the_tokenizer_needs_them(tmp_path):
+@pytest.mark.parametrize("size", [100_000, 200_000, 300_000])
+def test_documents_are_read_as_the_tokenizer_needs_them(tmp_path, size):
+    import math
+
+    from llmscratch.data.lm import _TASK_CHARS
+
     state = {"pulled": 0, "ahead": 0}
 
     def documents():
         for i in range(40):
             state["pulled"] += 1
-            yield chr(ord("a") + i % 26) * 200_000
+            yield chr(ord("a") + i % 26) * size
 
     tok = CountingByteTokenizer(state)
     meta = prepare_tokens(documents(), tok, tmp_path / "lazy", num_workers=1, progress=False)
     assert state["pulled"] == 40 and meta.documents == 40
-    # one task of ~1 MB is read ahead of the tokenizer: 6 documents of 200 KB, never the 40 (8 MB)
+    # exactly one task (~1 MiB of text) is read ahead of the tokenizer — the documents that fill it: 11 of 100 KB,
+    # 6 of 200 KB, 4 of 300 KB — never all 40
     lazy_ahead = state["ahead"]
-    assert 1 <= lazy_ahead <= 6
+    assert lazy_ahead == math.ceil(_TASK_CHARS / size) < 40
     # the measurement sees read-ahead when there is some: the same documents drawn in full first count as 40 ahead
     state.update(pulled=0, ahead=0)
     prepare_tokens(list(documents()), CountingByteTokenizer(state), tmp_path / "eager", num_workers=1,
