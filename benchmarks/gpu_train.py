@@ -18,7 +18,8 @@ separately — "regional" compilation, which compiles one block's code once for 
 model with the loss in a single chunk), by default with the bf16 residual stream that the trainer uses on
 CUDA, each optionally with other modifiers (`--variants one-chunk+bf16res+autotune`); (3) the top CUDA
 kernels of chosen variants (`--profile`, torch.profiler) and their CUDA time per kernel group; (4) scaling:
-ours with regional compilation and the bf16 residual stream at 124M/355M/774M and at context 1024→4096.
+ours with regional compilation and the bf16 residual stream (and fp8 where a point asks) at 124M/355M/774M and
+at context 1024→4096 (`--scaling`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ INDUCTOR_MODIFIERS = {
     "combo": {"combo_kernels": True},
     "aggressive": {"aggressive_fusion": True},
 }
-MODIFIERS = ("bf16res", "flash", "torchloss", "torchgelu", "qkvkernel", *INDUCTOR_MODIFIERS)
+MODIFIERS = ("bf16res", "flash", "torchloss", "torchgelu", "qkvkernel", "fp8", *INDUCTOR_MODIFIERS)
 SCALING_VARIANT = "regional+bf16res"  # compile time flat in depth; bf16 residual as the trainer has on CUDA
 TINY = dict(vocab_size=1000, context_length=64, d_model=64, n_layers=2, n_heads=4)
 
@@ -82,15 +83,21 @@ def ours_variant(name: str, shape: dict, device):
     PyTorch expressions instead of its Triton kernel, `ModelOptions.loss_kernel`), torchgelu (GPT-2's fc bias + GELU
     as PyTorch expressions instead of our Triton kernels, whose backward also sums the bias gradient; they run in
     compiled steps by default, `ModelOptions.gelu_kernel`), qkvkernel (the q/k/v split whose backward assembles
-    the gradients and the bias gradient in one kernel, `ModelOptions.qkv_kernel`), and the fusion settings
+    the gradients and the bias gradient in one kernel, `ModelOptions.qkv_kernel`), fp8 (the blocks' linears as
+    torchao's Float8Linear, what `--train.precision fp8` trains with: `llmscratch.train.fp8`; the GELU and q/k/v
+    kernels then step aside, as they do for any linear that is not a plain `nn.Linear`), and the fusion settings
     tilefuse, mixorder, combo, aggressive (`INDUCTOR_MODIFIERS`)."""
     from llmscratch.model.loss import lm_head_cross_entropy
 
     kind, mods = parse_variant(name)
     model, opt, _ = build_ours(shape, device, fused=True)
-    options = model.set_options(loss_kernel="torchloss" not in mods, qkv_kernel="qkvkernel" in mods,
-                                gelu_kernel="never" if "torchgelu" in mods else "compiled",
-                                low_precision_residual="bf16res" in mods)
+    model_options = model.set_options(loss_kernel="torchloss" not in mods, qkv_kernel="qkvkernel" in mods,
+                                      gelu_kernel="never" if "torchgelu" in mods else "compiled",
+                                      low_precision_residual="bf16res" in mods)
+    if "fp8" in mods:
+        from llmscratch.train import fp8
+
+        fp8.convert(model, device)
     options = {}  # inductor settings for torch.compile (it takes either a mode or these options)
     for mod in sorted(mods & INDUCTOR_MODIFIERS.keys()):
         options.update(INDUCTOR_MODIFIERS[mod])
@@ -105,7 +112,7 @@ def ours_variant(name: str, shape: dict, device):
         def one_chunk(x, y):
             h = model.features(x).flatten(0, 1)
             return lm_head_cross_entropy(h, model.lm_head.weight, y.flatten(), chunk_size=h.size(0),
-                                         use_kernel=options.loss_kernel)
+                                         use_kernel=model_options.loss_kernel)
         fn = torch.compile(one_chunk, options=options)
     else:
         compiled = torch.compile(model, options=options)
@@ -389,6 +396,23 @@ def correctness(shape: dict, batch: int, device) -> list[tuple[str, bool, str]]:
     return rows
 
 
+DEFAULT_SCALING = "355m:1024:32,774m:1024:16,124m:4096:8"
+
+
+def parse_scaling(text: str) -> list[tuple[str, int, int, list[str]]]:
+    """"355m:1024:32,774m:1024:16+fp8" -> [("355m", 1024, 32, []), ("774m", 1024, 16, ["fp8"])]: size, context,
+    micro-batch and the modifiers added to the scaling variant. Raises ValueError naming a bad entry."""
+    grid = []
+    for entry in filter(None, text.split(",")):
+        point, *mods = entry.split("+")
+        parts = point.split(":")
+        if (len(parts) != 3 or parts[0] not in SIZES or not parts[1].isdigit() or not parts[2].isdigit()
+                or set(mods) - set(MODIFIERS)):
+            raise ValueError(entry)
+        grid.append((parts[0], int(parts[1]), int(parts[2]), mods))
+    return grid
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, checked: every variant named exists, and every profiled one is timed."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -399,6 +423,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of the script's logic")
     ap.add_argument("--skip-scaling", action="store_true", help="leave out the scaling table")
+    ap.add_argument("--scaling", default=DEFAULT_SCALING,
+                    help=f"the scaling table's points, comma-separated SIZE:CONTEXT:MICROBATCH, each optionally with "
+                         f"'+modifier's added to {SCALING_VARIANT} (sizes: {', '.join(SIZES)}; e.g. 774m:1024:16+fp8)")
     ap.add_argument("--variants", default="eager,compiled+bf16res,regional+bf16res,one-chunk+bf16res",
                     help="our variants to time (comma-separated): a base (eager, compiled, regional, one-chunk) "
                          "with optional modifiers joined by '+': bf16res (bf16 residual stream), autotune "
@@ -415,6 +442,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="our variants whose kernels are profiled, 3 steps each (comma-separated; each must be "
                          "among --variants; default: compiled+bf16res when it is)")
     args = ap.parse_args(argv)
+    try:
+        parse_scaling(args.scaling)
+    except ValueError as e:
+        ap.error(f"--scaling: bad point {e}; use SIZE:CONTEXT:MICROBATCH[+modifier...], sizes {', '.join(SIZES)}")
     if set(filter(None, args.hf_variants.split(","))) - {"eager", "compiled"}:
         ap.error(f"--hf-variants: choose from eager, compiled (got {args.hf_variants!r})")
     variants = [v for v in args.variants.split(",") if v]
@@ -510,28 +541,34 @@ def main() -> int:
     if not args.skip_scaling:
         # Regional compilation here: one block's code is compiled once for every layer, so the deeper models
         # cost no more compile time than 124M (whole-model compilation grows with depth).
-        print(f"\n## scaling, ours {SCALING_VARIANT}\n", flush=True)
-        grid = [("355m", 1024, B), ("774m", 1024, max(1, B // 2)), ("124m", 4096, max(1, B // 4))]
+        print(f"\n## scaling, ours {SCALING_VARIANT} (+ the modifiers a row names)\n", flush=True)
+        grid = parse_scaling(args.scaling)
         if args.tiny:
-            grid = [("124m", 128, max(1, B // 2))]
+            grid = [("124m", 128, max(1, B // 2), mods) for _, _, _, mods in grid[:2]]
         rows = []
         if SCALING_VARIANT in ours:
             r = ours[SCALING_VARIANT]
-            rows.append(["124m", base["context_length"], B, f"{r['tok_s']:,.0f}", f"{mfu(r, base):.1%}",
-                         f"{r['peak_gib']:.1f}", f"{r['warm_s']:.0f}"])
-        for size, T, b in grid:
+            rows.append(["124m", base["context_length"], B, SCALING_VARIANT, f"{r['tok_s']:,.0f}",
+                         f"{mfu(r, base):.1%}", f"{r['peak_gib']:.1f}", f"{r['warm_s']:.0f}", f"{r['loss']:.3f}"])
+        for size, T, b, mods in grid:
             shape = dict(base, **({} if args.tiny else SIZES[size]), context_length=T)
+            variant = SCALING_VARIANT + "".join(f"+{m}" for m in mods)
             try:
-                r = measure(lambda s=shape: ours_variant(SCALING_VARIANT, s, device), shape, b,
+                r = measure(lambda s=shape, v=variant: ours_variant(v, s, device), shape, b,
                             max(3, args.steps // 2), args.warmup, device)
-                rows.append([size, T, b, f"{r['tok_s']:,.0f}", f"{mfu(r, shape):.1%}", f"{r['peak_gib']:.1f}",
-                             f"{r['warm_s']:.0f}"])
-                print(f"  {size} ctx {T}: {r['tok_s']:,.0f} tok/s, MFU {mfu(r, shape):.1%}", flush=True)
+                rows.append([size, T, b, variant, f"{r['tok_s']:,.0f}", f"{mfu(r, shape):.1%}",
+                             f"{r['peak_gib']:.1f}", f"{r['warm_s']:.0f}", f"{r['loss']:.3f}"])
+                print(f"  {size} ctx {T} batch {b} {variant}: {r['tok_s']:,.0f} tok/s, MFU {mfu(r, shape):.1%}",
+                      flush=True)
             except Exception:
-                print(f"  {size} ctx {T}: FAILED", flush=True)
+                print(f"  {size} ctx {T} batch {b} {variant}: FAILED", flush=True)
                 traceback.print_exc()
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         print()
-        print(C.markdown_table(["model", "context", "batch", "tokens/s", "MFU", "peak GiB", "warm-up s"], rows))
+        print(C.markdown_table(["model", "context", "batch", "variant", "tokens/s", "MFU", "peak GiB", "warm-up s",
+                                "last loss"], rows))
     return 0
 
 

@@ -436,7 +436,7 @@ PRETRAIN_OPTIONS = [
     ("--train.max_steps", 0), ("--train.batch_size", -1), ("--train.eval_batches", 0), ("--train.keep_last", -1),
     ("--train.min_lr_ratio", 1.5), ("--train.beta1", -0.1), ("--train.beta2", 1), ("--train.grad_clip", -1),
     ("--train.weight_decay", -0.1), ("--train.sample_every", -1), ("--train.max_minutes", 0),
-    ("--train.precision", "fp8"), ("--train.device", "tpu"), ("--context-length", 0), ("--context-length", -8),
+    ("--train.precision", "fp4"), ("--train.device", "tpu"), ("--context-length", 0), ("--context-length", -8),
     ("--dropout", 1.5), ("--dropout", -0.1),
 ]
 INSTRUCT_OPTIONS = [

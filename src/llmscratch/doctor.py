@@ -69,6 +69,8 @@ EXTRAS = (
     Extra("peft", ("peft",), "pip install 'peft>=0.13'", "loading `lora export-peft` adapters with Hugging Face PEFT"),
     Extra("datasets", ("datasets",), "pip install 'llmscratch[datasets]'",
           "`--data hf:NAME`: Hugging Face data sets streamed from the hub"),
+    Extra("fp8", ("torchao",), "pip install 'llmscratch[fp8]'",
+          "`--train.precision fp8`: float8 training on H100/H200-class GPUs (emulated on a CPU)"),
     Extra("tensorflow", ("tensorflow",), "pip install 'llmscratch[tf]'",
           "the test suite only, to write OpenAI-format checkpoints (`convert from-openai` and `download --source "
           "openai` read OpenAI's TensorFlow checkpoints without it)", needed=False),

@@ -92,14 +92,15 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for training at `precision` (auto | fp32 | bf16), or None for plain fp32."""
+    """The autocast dtype for training at `precision` (auto | fp32 | bf16 | fp8), or None for plain fp32. (fp8 runs
+    under bf16 autocast: only the linears the trainer converts multiply in float8.)"""
     if precision == "auto":
         return torch.bfloat16 if bf16_is_fast(device) else None
     if precision in ("fp32", "float32"):
         return None
-    if precision in ("bf16", "bfloat16"):
+    if precision in ("bf16", "bfloat16", "fp8"):
         return torch.bfloat16
-    raise UserError(f"precision {precision!r} is not supported; use auto, fp32 or bf16")
+    raise UserError(f"precision {precision!r} is not supported; use auto, fp32, bf16 or fp8")
 
 
 def inference_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from llmscratch.errors import UserError
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 
 
 @dataclass
@@ -59,7 +59,8 @@ class TrainConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
     precision: str = "auto"
-    """auto (bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32) | fp32 | bf16"""
+    """auto (bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32) | fp32 | bf16 | fp8 (the blocks'
+    matrix products in float8 through torchao, the rest bf16; for H100/H200-class GPUs, emulated on a CPU)"""
     compile: bool | None = None
     """torch.compile the model; default: on CUDA (≈1.4x the eager speed after ~30 s), off on a CPU (no gain)"""
     activation_checkpointing: bool = False

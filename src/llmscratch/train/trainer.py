@@ -36,7 +36,7 @@ from llmscratch.fileio import atomic_write
 from llmscratch.model.transformer import flops_per_token
 from llmscratch.runs import TRAIN_STATE, latest_checkpoint  # noqa: F401 (re-exported: the stages import them here)
 from llmscratch.runtime import autocast_dtype, cpu_memory_kept_for_reuse, peak_flops, tf32_matmuls
-from llmscratch.train import distributed
+from llmscratch.train import distributed, fp8
 from llmscratch.train.config import TrainConfig
 from llmscratch.train.distributed import Ranks
 from llmscratch.train.metrics import MetricsLog, plot_losses
@@ -315,7 +315,9 @@ def train(model, batches: BatchSource, cfg: TrainConfig, out_dir: str | Path, lo
     # freed inside, so the trim on leaving returns them. On CUDA fp32 matrix products use TF32.
     heap = cpu_memory_kept_for_reuse() if device.type == "cpu" and cfg.cpu_heap_reuse else contextlib.nullcontext()
     tf32 = tf32_matmuls() if device.type == "cuda" else contextlib.nullcontext()
-    with heap, tf32:
+    # --train.precision fp8: the blocks' linears are torchao's Float8Linear while training, plain ones after
+    fp8_linears = fp8.converted(model, device) if cfg.precision == "fp8" else contextlib.nullcontext()
+    with heap, tf32, fp8_linears:
         return _train(model, batches, cfg, Path(out_dir), device, loss_fn, tokenizer, resume, hparams, sample_fn,
                       on_step, perplexity, loss_label, lr_schedule, ranks)
 
