@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from llmscratch.runtime import cpu_features, cpu_model
+
 
 def require(module: str, hint: str):
     """Import `module` or exit with a message saying how to get it."""
@@ -40,32 +42,10 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_features() -> str:
-    """The x86 vector extensions that decide bf16 speed (AVX512-BF16, AMX), as /proc/cpuinfo lists them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return torch.backends.cpu.get_cpu_capability()
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return ",".join(w for w in wanted if w in flags) or torch.backends.cpu.get_cpu_capability()
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({available_cores()} cores, {cpu_features()})"
+    return f"{cpu_model()} ({available_cores()} cores, {cpu_features()})"
 
 
 def load_average() -> str:

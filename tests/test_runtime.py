@@ -272,3 +272,43 @@ def test_the_dtype_probe_times_both_dtypes():
 
     timing = runtime.measure_dtypes(rounds=3)
     assert set(timing) == {"fp32_us", "bf16_us"} and all(0 < v < 1e6 for v in timing.values())
+
+
+def test_cpus_of_one_model_name_with_other_vector_extensions_are_probed_apart(monkeypatch, tmp_path):
+    """Under virtualisation one model name ("AMD EPYC") covers hosts with and without AVX-512: the probe cache
+    (and the compiled-step key) tell them apart by the vector extensions, and a host keeps its own answer."""
+    import torch
+
+    from llmscratch import runtime
+
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(runtime, "cpu_model", lambda: "AMD EPYC")
+    answers = {"avx2": {"fp32_us": 100.0, "bf16_us": 60.0},  # streaming bf16 halves the bytes: faster
+               "avx2,avx512f,avx512_bf16": {"fp32_us": 100.0, "bf16_us": 40.0}}
+    measured = []
+    for flags in (["avx2"], ["avx2", "avx512f", "avx512_bf16"], ["avx2"]):
+        monkeypatch.setattr(runtime, "cpu_flags", lambda f=flags: frozenset(f))
+        features = runtime.cpu_features()
+        assert features == ",".join(flags)
+        monkeypatch.setattr(runtime, "measure_dtypes", lambda f=features: measured.append(f) or dict(answers[f]))
+        assert runtime.dtype_probe() == answers[features]
+        assert runtime.cpu_has_fast_bf16() == ("avx512_bf16" in flags)
+    assert measured == ["avx2", "avx2,avx512f,avx512_bf16"]  # the second avx2 host read its own entry back
+    keys = [k for k in runtime.read_probe_cache() if "dtype choice" in k]
+    assert len(keys) == 2 and all(k.startswith("AMD EPYC|") for k in keys)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset())  # no /proc/cpuinfo: PyTorch's ISA name
+    assert runtime.cpu_features() == torch.backends.cpu.get_cpu_capability()
+
+
+def test_the_cpu_flags_are_read_from_proc_cpuinfo():
+    from pathlib import Path
+
+    from llmscratch import runtime
+
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("no /proc/cpuinfo on this system")
+    text = Path("/proc/cpuinfo").read_text()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), None)
+    if line is None:
+        pytest.skip("/proc/cpuinfo lists no flags here")
+    assert runtime.cpu_flags() == frozenset(line.split(":", 1)[1].split())

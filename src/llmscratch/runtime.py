@@ -64,14 +64,33 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+# The vector extensions that decide which CPU kernels run and how fast (x86, then Arm), as /proc/cpuinfo names them
+VECTOR_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve", "sve2", "bf16", "i8mm")
+
+
 @functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo's "flags" on x86, "Features" on Arm); empty where there is none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_features() -> str:
+    """This CPU's `VECTOR_FEATURES`, e.g. "avx2,avx512f,avx512_bf16", or PyTorch's name for the instruction set
+    it uses where the flags are unknown. Part of every per-CPU cache key beside `cpu_model`: under virtualisation
+    one model name (e.g. "AMD EPYC") covers machines with and without AVX-512."""
+    flags = cpu_flags()
+    return ",".join(f for f in VECTOR_FEATURES if f in flags) or torch.backends.cpu.get_cpu_capability()
+
+
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with bf16 matrix instructions (AVX512-BF16 / AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 @contextlib.contextmanager
@@ -133,8 +152,10 @@ def cpu_model() -> str:
 
 def cpu_probe(what: str, measure: Callable[[], dict]) -> dict:
     """`measure()`'s answer about `what` on this CPU: measured the first time, then read from the cache file,
-    keyed by CPU model, PyTorch version and thread count, so that every later command reads it."""
-    key = "|".join([cpu_model(), f"torch {torch.__version__}", f"threads {torch.get_num_threads()}", what])
+    keyed by CPU model and vector extensions, PyTorch version and thread count, so that every later command reads
+    it."""
+    key = "|".join([cpu_model(), cpu_features(), f"torch {torch.__version__}", f"threads {torch.get_num_threads()}",
+                    what])
     cache = read_probe_cache()
     if key not in cache:
         cache[key] = measure()

@@ -140,6 +140,21 @@ def test_the_key_follows_what_the_compiled_code_depends_on():
     assert aot.step_key(_model("gpt-micro", seed=5)) == key  # weights are inputs
 
 
+def test_the_key_names_the_vector_extensions_not_only_the_cpu_model(monkeypatch):
+    """One model name ("AMD EPYC" under KVM) covers hosts with and without AVX-512; code built for one must not be
+    loaded on the other (a shared home folder on a cluster), so their keys differ."""
+    from llmscratch import runtime
+
+    model = _model("gpt-micro")
+    monkeypatch.setattr(runtime, "cpu_model", lambda: "AMD EPYC")
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2"}))
+    avx2 = aot.step_key(model)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert aot.step_key(model) != avx2
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert aot.step_key(model) == avx2
+
+
 @pytest.mark.parametrize("overrides,why", [
     (dict(preset="qwen3-moe-micro"), "mixture-of-experts"),
     (dict(preset="gemma3-micro"), "sliding-window"),

@@ -103,7 +103,7 @@ def _source_digest() -> str:
 def step_key(model: nn.Module, batch_size: int = 1, kind: str = "decode", cache_len: int | None = None) -> str:
     """What a compiled step of `model` depends on, as a hex digest (see the module's docstring). `cache_len`: the
     KV cache's length, fixed for the "rows" kind only."""
-    from llmscratch.runtime import cpu_model
+    from llmscratch.runtime import cpu_features, cpu_model
 
     # The KV caches are left out: their shapes follow from the config, dtype and batch, and whether the model
     # holds one at the moment must not change the key.
@@ -118,7 +118,7 @@ def step_key(model: nn.Module, batch_size: int = 1, kind: str = "decode", cache_
                     for name, m in model.named_modules() if not name.endswith("kv_cache")],
         "tensors": tensors,
         "torch": torch.__version__,
-        "cpu": cpu_model(),
+        "cpu": [cpu_model(), cpu_features()],  # the generated code uses the vector instructions it was built for
         "source": _source_digest(),
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
