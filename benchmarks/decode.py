@@ -132,8 +132,14 @@ def bound_decode(weights: list[torch.Tensor], inputs: dict[int, torch.Tensor], n
             F.linear(inputs[w.size(1)], w)
 
 
-def onednn_packing_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+def onednn_packing_available(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can pack `dtype` weights here (`llmscratch.model.packed.can_pack`: bf16 needs AVX-512 or
+    AMX; on an AVX2-only CPU only fp32 packs)."""
+    try:
+        from llmscratch.model.packed import can_pack
+    except ImportError:  # a src that predates it (see pack_linears): fp32 only
+        return dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    return can_pack(torch.nn.Linear(8, 8, dtype=dtype))
 
 
 def onednn_pack(w: torch.Tensor) -> torch.Tensor:
@@ -252,8 +258,8 @@ def main() -> int:
     # (contender, dtype) -> a call that runs it once (and records its tokens)
     contenders: dict[tuple[str, str], callable] = {}
     outputs: dict[tuple[str, str], list[int]] = {}
-    packing = onednn_packing_available()
     for d in dtypes:
+        packing = onednn_packing_available(DTYPES[d])
         ours = build_ours(DTYPES[d])
         hf = build_hf(DTYPES[d])
         weights = [w.detach() for w in step_weights(ours)]
@@ -266,11 +272,12 @@ def main() -> int:
         if packing:
             packed_model = pack_linears(build_ours(DTYPES[d]))
             record((PACKED, d), lambda m=packed_model: ours_decode(m, prompt, n, use_cache=True))
-            default_model = pack_linears(build_ours(DTYPES[d]), where_faster=True)
-            record((DEFAULT_EAGER, d), lambda m=default_model: ours_decode(m, prompt, n, use_cache=True))
-            if compiled_ahead_ready(default_model, B, d):
-                record((DEFAULT, d), lambda m=default_model: ours_decode(m, prompt, n, use_cache=True,
-                                                                        compiled_ahead=True))
+        # what `llmscratch generate` runs: packed where packing pays (nowhere, where this dtype cannot pack)
+        default_model = pack_linears(build_ours(DTYPES[d]), where_faster=True)
+        record((DEFAULT_EAGER, d), lambda m=default_model: ours_decode(m, prompt, n, use_cache=True))
+        if compiled_ahead_ready(default_model, B, d):
+            record((DEFAULT, d), lambda m=default_model: ours_decode(m, prompt, n, use_cache=True,
+                                                                    compiled_ahead=True))
         if not args.no_compile:
             compiled_model = build_ours(DTYPES[d])
             if packing:  # as `generate --compile` runs
