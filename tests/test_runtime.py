@@ -256,7 +256,7 @@ def test_the_cpu_dtype_choice_is_measured_once_and_remembered(monkeypatch, tmp_p
                          ({"fp32_us": 100.0, "bf16_us": 95.0}, torch.float32),  # not 10% faster
                          ({"fp32_us": 100.0, "bf16_us": 900.0}, torch.float32)):  # emulated bf16 (AVX2)
         calls = []
-        monkeypatch.setattr(runtime, "measure_dtypes", lambda t=timing, c=calls: c.append(1) or dict(t))
+        monkeypatch.setattr(runtime, "measure_dtypes", lambda t=timing, c=calls, **kw: c.append(1) or dict(t))
         (tmp_path / runtime.PROBE_CACHE).unlink(missing_ok=True)
         runtime.bf16_decodes_faster.cache_clear()
         assert runtime.inference_dtype("auto", torch.device("cpu")) == want
@@ -290,7 +290,8 @@ def test_cpus_of_one_model_name_with_other_vector_extensions_are_probed_apart(mo
         monkeypatch.setattr(runtime, "cpu_flags", lambda f=flags: frozenset(f))
         features = runtime.cpu_features()
         assert features == ",".join(flags)
-        monkeypatch.setattr(runtime, "measure_dtypes", lambda f=features: measured.append(f) or dict(answers[f]))
+        monkeypatch.setattr(runtime, "measure_dtypes",
+                            lambda f=features, **kw: measured.append(f) or dict(answers[f]))
         assert runtime.dtype_probe() == answers[features]
         assert runtime.cpu_has_fast_bf16() == ("avx512_bf16" in flags)
     assert measured == ["avx2", "avx2,avx512f,avx512_bf16"]  # the second avx2 host read its own entry back
@@ -312,3 +313,34 @@ def test_the_cpu_flags_are_read_from_proc_cpuinfo():
     if line is None:
         pytest.skip("/proc/cpuinfo lists no flags here")
     assert runtime.cpu_flags() == frozenset(line.split(":", 1)[1].split())
+
+
+def test_a_servers_auto_dtype_is_bf16_only_where_bf16_is_faster_at_its_batch_too(monkeypatch, tmp_path):
+    """On the AVX2-only EPYC bf16 streamed one row faster than fp32 but multiplied 32 rows at 1/6 of fp32's rate:
+    `--dtype auto` with rows=32 (a server's --max-batch) must not pick bf16 there; with both faster it does."""
+    import torch
+
+    from llmscratch import runtime
+
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path))
+    cpu = torch.device("cpu")
+    for at_32, want_32 in (({"fp32_us": 400.0, "bf16_us": 2400.0}, torch.float32),  # emulated bf16 arithmetic
+                           ({"fp32_us": 400.0, "bf16_us": 250.0}, torch.bfloat16)):  # AVX512-BF16
+        timings = {1: {"fp32_us": 500.0, "bf16_us": 300.0}, 32: at_32}
+        asked = []
+        monkeypatch.setattr(runtime, "measure_dtypes",
+                            lambda rounds=5, rows=1, a=asked, t=timings: a.append(rows) or dict(t[rows]))
+        (tmp_path / runtime.PROBE_CACHE).unlink(missing_ok=True)
+        runtime.bf16_decodes_faster.cache_clear()
+        assert runtime.inference_dtype("auto", cpu) == torch.bfloat16  # generate and chat: one row
+        assert runtime.inference_dtype("auto", cpu, rows=32) == want_32
+        assert sorted(asked) == [1, 32]  # each row count measured once
+    runtime.bf16_decodes_faster.cache_clear()
+    assert runtime.probe_rows(1000) == 64 and runtime.probe_rows(0) == 1
+
+
+def test_the_dtype_probe_times_a_batch_of_rows():
+    from llmscratch import runtime
+
+    timing = runtime.measure_dtypes(rounds=3, rows=8)
+    assert set(timing) == {"fp32_us", "bf16_us"} and all(0 < v < 1e6 for v in timing.values())

@@ -158,6 +158,9 @@ def check_devices() -> Check:
     return Check("device", OK, found)
 
 
+SERVE_ROWS = 32  # the batch the doctor's line reports the served dtype for
+
+
 def check_precision() -> Check:
     """bf16 on the device `--device auto` picks, and what `--train.precision auto` and `--dtype auto` use there
     (runtime's own choice, as training and generation make it)."""
@@ -167,16 +170,19 @@ def check_precision() -> Check:
 
     device = resolve_device("auto")
     train = "bf16 autocast" if autocast_dtype("auto", device) == torch.bfloat16 else "fp32"
-    infer = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(inference_dtype("auto", device), "fp32")
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    infer = names.get(inference_dtype("auto", device), "fp32")
     chosen = f"--train.precision auto trains in {train}, --dtype auto runs models in {infer}"
     if device.type == "cpu":
         from llmscratch.runtime import cpu_has_fast_bf16, dtype_probe
 
         kind = ("with bf16 matrix instructions (AVX512-BF16/AMX)" if cpu_has_fast_bf16()
                 else "without bf16 matrix instructions (AVX512-BF16/AMX)")
-        t = dtype_probe()
-        return Check("bf16", OK, f"CPU {kind}; a 3072x768 matrix-vector product measured {t['bf16_us']:.0f} µs in "
-                                 f"bf16, {t['fp32_us']:.0f} µs in fp32: {chosen}")
+        one, many = dtype_probe(1), dtype_probe(SERVE_ROWS)
+        served = names.get(inference_dtype("auto", device, rows=SERVE_ROWS), "fp32")
+        return Check("bf16", OK, f"CPU {kind}; a 3072x768 weight times 1 row took {one['bf16_us']:.0f} µs in bf16, "
+                                 f"{one['fp32_us']:.0f} µs in fp32, times {SERVE_ROWS} rows {many['bf16_us']:.0f} / "
+                                 f"{many['fp32_us']:.0f} µs: {chosen} (`serve --max-batch {SERVE_ROWS}`: {served})")
     if device.type == "cuda":
         try:
             native = torch.cuda.is_bf16_supported(including_emulation=False)

@@ -122,11 +122,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     raise UserError(f"precision {precision!r} is not supported; use auto, fp32, bf16 or fp8")
 
 
-def inference_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Weights dtype for generation: `auto` is bf16 where bf16 is fast — on a CPU, where bf16 weights decode
-    faster than fp32 as `bf16_decodes_faster` measured it on this CPU model — else fp32."""
+def inference_dtype(name: str, device: torch.device, rows: int = 1) -> torch.dtype:
+    """Weights dtype for generation: `auto` is bf16 where bf16 is fast — on a CPU, where bf16 weights multiply
+    faster than fp32 both at one row and at `rows` rows (the most a step multiplies together: a server's
+    `--max-batch`), as `bf16_decodes_faster` measured it on this CPU — else fp32."""
     if name == "auto":
-        fast = bf16_decodes_faster() if device.type == "cpu" else bf16_is_fast(device)
+        if device.type == "cpu":
+            fast = all(bf16_decodes_faster(r) for r in sorted({1, probe_rows(rows)}))
+        else:
+            fast = bf16_is_fast(device)
         return torch.bfloat16 if fast else torch.float32
     if name not in _DTYPES:
         raise UserError(f"--dtype {name}: use auto, fp32, bf16 or fp16")
@@ -221,26 +225,40 @@ _DTYPE_PROBE_SHAPE = (3072, 768)  # GPT-2 124M's MLP expansion: a mid-sized matr
 _DTYPE_PROBE_BYTES = 64 << 20  # fp32 weights cycled through: past a CPU's last-level cache, as a model's are
 
 
+_DTYPE_PROBE_MAX_ROWS = 64  # past a few rows a product's cost grows linearly in rows; more only slows the probe
+
+
+def probe_rows(rows: int) -> int:
+    """The row count the dtype probe measures for a caller multiplying up to `rows` rows (1 to 64)."""
+    return max(1, min(int(rows), _DTYPE_PROBE_MAX_ROWS))
+
+
 @functools.cache
-def bf16_decodes_faster() -> bool:
-    """Whether a matrix-vector product — what a decoding step is made of — runs at least 10% faster with bf16
-    weights than with fp32 on this CPU, each the faster of `F.linear` and oneDNN's packed product where this CPU
-    has it. Measured once per CPU model (`cpu_probe`, well under a second) and remembered: on the AVX512-BF16
-    EPYC of benchmarks/RESULTS.md bf16 streams half the bytes at the same speed; on an AVX2-only CPU, where bf16
-    is emulated, it ran at a fraction of fp32's speed. The CPU flags alone (`cpu_has_fast_bf16`) do not say
-    whether the build's kernels use them."""
-    timing = dtype_probe()
+def bf16_decodes_faster(rows: int = 1) -> bool:
+    """Whether a product of `rows` rows by a weight matrix — one row: what a decoding step is made of; more: a
+    server's batched step — runs at least 10% faster with bf16 weights than with fp32 on this CPU, each the
+    faster of `F.linear` and oneDNN's packed product where this CPU has it. Measured once per CPU and row count
+    (`cpu_probe`, well under a second) and remembered.
+
+    One row streams the weights, and bf16 halves their bytes: on both EPYC VMs of benchmarks/RESULTS.md it was
+    faster, even on the AVX2-only one, where bf16 arithmetic is emulated. At 32 rows the product is arithmetic,
+    and there the AVX2-only CPU multiplied bf16 at 1/6 of fp32's rate (19 against 111 GFLOP/s), so a server's
+    `--dtype auto` is fp32 there. The CPU flags alone (`cpu_has_fast_bf16`) do not say whether the build's
+    kernels use them."""
+    timing = dtype_probe(rows)
     return timing["bf16_us"] < 0.9 * timing["fp32_us"]
 
 
-def dtype_probe() -> dict[str, float]:
-    """This CPU's {"fp32_us", "bf16_us"} (`measure_dtypes`), measured once per CPU model, then read back."""
-    return cpu_probe(f"dtype choice {_DTYPE_PROBE_SHAPE[0]}x{_DTYPE_PROBE_SHAPE[1]} rows 1", measure_dtypes)
+def dtype_probe(rows: int = 1) -> dict[str, float]:
+    """This CPU's {"fp32_us", "bf16_us"} at `rows` rows (`measure_dtypes`), measured once per CPU, then read back."""
+    rows = probe_rows(rows)
+    return cpu_probe(f"dtype choice {_DTYPE_PROBE_SHAPE[0]}x{_DTYPE_PROBE_SHAPE[1]} rows {rows}",
+                     lambda: measure_dtypes(rows=rows))
 
 
-def measure_dtypes(rounds: int = 5) -> dict[str, float]:
-    """{"fp32_us", "bf16_us"}: one product of a (3072, 768) weight with one row at each dtype, the faster way for
-    each, cycling through copies that fill 64 MiB at fp32 (the same number of weights at bf16), so that each
+def measure_dtypes(rounds: int = 5, rows: int = 1) -> dict[str, float]:
+    """{"fp32_us", "bf16_us"}: one product of a (3072, 768) weight with `rows` rows at each dtype, the faster way
+    for each, cycling through copies that fill 64 MiB at fp32 (the same number of weights at bf16), so that each
     weight comes from memory as in a decoding step."""
     import torch.nn.functional as F
 
@@ -249,11 +267,11 @@ def measure_dtypes(rounds: int = 5) -> dict[str, float]:
     ways: dict[str, Callable[[], object]] = {}
     for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         weights = [torch.randn(out_features, in_features, dtype=dtype) * 0.02 for _ in range(copies)]
-        x = torch.randn(1, in_features, dtype=dtype)
+        x = torch.randn(rows, in_features, dtype=dtype)
         turn = iter(range(1 << 62))
         ways[f"{label} plain"] = lambda w=weights, x=x, t=turn: F.linear(x, w[next(t) % copies])
         try:  # oneDNN's packed product, where this build and CPU have it at this dtype
-            packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
             op = torch.ops.mkldnn._linear_pointwise.default
             op(x, packed[0], None, "none", [], "")
             ways[f"{label} packed"] = lambda p=packed, x=x, t=turn, op=op: op(x, p[next(t) % copies], None, "none",

@@ -81,10 +81,12 @@ def cmd_generate(a) -> None:
         print(shown + "".join(pieces))
 
 
-def load_for_inference(checkpoint: str, device: str = "auto", dtype: str = "auto", pack: bool = True):
+def load_for_inference(checkpoint: str, device: str = "auto", dtype: str = "auto", pack: bool = True,
+                       rows: int = 1):
     """(model, tokenizer) ready to generate, from a checkpoint folder, a training run folder, or a LoRA adapter
     folder (its base and adapter merged in memory): what `generate` and `chat` run. `device`, `dtype`: the
-    `--device`/`--dtype` names; `pack`: oneDNN-packed linears on a CPU (faster decoding; a no-op elsewhere)."""
+    `--device`/`--dtype` names; `pack`: oneDNN-packed linears on a CPU (faster decoding; a no-op elsewhere);
+    `rows`: the most sequences a step decodes together (a server's batch), for `--dtype auto`'s choice."""
     from llmscratch import runs
     from llmscratch.checkpoint import load
     from llmscratch.lora import load_merged
@@ -93,7 +95,7 @@ def load_for_inference(checkpoint: str, device: str = "auto", dtype: str = "auto
 
     device = resolve_device(device)
     load_fn = load_merged if runs.is_adapter_only(checkpoint) else load
-    model, tok = load_fn(checkpoint, device=device, dtype=inference_dtype(dtype, device))
+    model, tok = load_fn(checkpoint, device=device, dtype=inference_dtype(dtype, device, rows=rows))
     if model.config.n_classes is not None:
         raise UserError(f"{checkpoint}: a classifier (labels, not text); use `llmscratch classify {checkpoint} "
                         "TEXT...`, or give a language model checkpoint")

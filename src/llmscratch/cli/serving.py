@@ -72,7 +72,8 @@ def cmd_serve(a) -> None:
         if api_key is None and not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
             sys.stderr.write(f"llmscratch: warning: listening on {a.host} without an API key: anyone who can reach "
                              "this machine can use the model (see --api-key-env)\n")
-        model, tok = load_for_inference(a.checkpoint, a.device, a.dtype, pack=False)  # the engine packs it
+        # (the engine packs it; --dtype auto measures bf16 against fp32 at one row and at --max-batch rows)
+        model, tok = load_for_inference(a.checkpoint, a.device, a.dtype, pack=False, rows=a.max_batch)
         fmt = chat_format(tok, saved_style(a.checkpoint))
         name = a.model_name or Path(a.checkpoint).resolve().name
         engine = Engine(model, tok, a.max_batch, a.max_queue, pack=not a.no_pack,
