@@ -1,22 +1,23 @@
-"""FP8 against bf16 training, loss parity and speed, through the real CLI (issue 27, item 1).
+"""FP8 against bf16 training, loss parity and speed, through `llmscratch pretrain` (issue 27, item 1).
 
     python benchmarks/gpu_fp8.py                          # one H100/H200: GPT-2 124M, 300 steps each, ≈3 min
     python benchmarks/gpu_fp8.py --tiny --device cpu      # dry run of the logic on a CPU (fp8 emulated)
 
-Each precision runs `llmscratch pretrain` in its own process on the same prepared data (the stdlib's docstrings,
-`pydocs`, with a 4096-token BPE: real text, offline), the same seed and so the same batches, with the trainer's
-defaults for the device (compiled, bf16 residual stream on CUDA). `--train.precision fp8` trains the blocks'
-linears through torchao's Float8Linear (`llmscratch.train.fp8`); bf16 is the reference. Printed: both training
-loss curves every `--log-every` steps, their largest relative gap over the second half of the run, the final
-validation losses, and the median tokens/s and MFU the trainer logged after the first logging window
-(compilation). Parity passes when the final validation losses are within 1.5% and the second half's training
-losses within 3% at every logged step.
+Each precision runs `llmscratch pretrain` (its function, `run_pretrain`) in its own process on the same prepared
+data (the stdlib's docstrings, `pydocs`, with a 4096-token BPE: real text, offline), the same seed and so the
+same batches, with the trainer's defaults for the device (compiled, bf16 residual stream on CUDA).
+`--train.precision fp8` trains the blocks' linears through torchao's Float8Linear (`llmscratch.train.fp8`); bf16
+is the reference. Printed: both training loss curves every `--log-every` steps, their largest relative gap over
+the second half of the run, the final validation losses, and the median tokens/s and MFU the trainer logged
+after the first logging window (compilation). Parity passes when the final validation losses are within 1.5%
+and the second half's training losses within 3% at every logged step.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import statistics
 import subprocess
@@ -35,20 +36,31 @@ from scaling import _prepare  # noqa: E402  (the pydocs data set with a 4096-tok
 VAL_TOLERANCE, TRAIN_TOLERANCE = 0.015, 0.03
 
 
+CHILD = """
+import json, sys
+from llmscratch.train.pretrain import run_pretrain
+from llmscratch.train.trainer import TrainConfig
+a = json.loads(sys.argv[1])
+run_pretrain(model=a["model"], data=a["data"], out=a["out"], context_length=a["context"], progress=False,
+             train_cfg=TrainConfig(**a["train"]))
+"""
+
+
 def run(precision: str, data: Path, out: Path, args) -> dict:
-    """One `llmscratch pretrain` run at `precision`; its metrics as {"train": [(step, loss)], "val": loss,
-    "tok_s": median, "mfu": median or None, "wall_s": seconds}."""
-    argv = [sys.executable, "-m", "llmscratch", "pretrain", "--model", args.model, "--data", str(data),
-            "--out", str(out), "--context-length", str(args.context), "--no-progress",
-            "--train.precision", precision, "--train.device", args.device, "--train.max_steps", str(args.steps),
-            "--train.batch_size", str(args.batch_size), "--train.warmup_steps", str(max(1, args.steps // 10)),
-            "--train.lr", str(args.lr), "--train.log_every", str(args.log_every),
-            "--train.eval_every", str(args.steps), "--train.eval_batches", str(args.eval_batches),
-            "--train.save_every", str(args.steps), "--train.seed", "1337"]
+    """One run of `llmscratch pretrain` (its function, `run_pretrain`, in a child process of its own: the lent GPU
+    machine lacks the CLI's argument parser) at `precision`; its metrics as {"train": [(step, loss)], "val":
+    loss, "tok_s": median, "mfu": median or None, "wall_s": seconds}."""
+    train = dict(precision=precision, device=args.device, max_steps=args.steps, batch_size=args.batch_size,
+                 warmup_steps=max(1, args.steps // 10), lr=args.lr, log_every=args.log_every,
+                 eval_every=args.steps, eval_batches=args.eval_batches, save_every=args.steps, seed=1337,
+                 progress=False)
     if args.tiny:
-        argv += ["--train.compile", "false"]
+        train["compile"] = False
+    spec = dict(model=args.model, data=str(data), out=str(out), context=args.context, train=train)
+    path = os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH")]))
     t0 = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH="src"))
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=path))
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise RuntimeError(f"{precision} run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
