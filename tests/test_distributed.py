@@ -4,6 +4,7 @@ global batch, resumable across process counts, each rank on its own rows of ever
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -367,3 +368,21 @@ def test_a_mixture_of_experts_trains_on_two_processes(prepared, tmp_path, strate
     with open(out / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["kind"] == "train"]
     assert rows and all(float(r["train_aux_loss"]) >= 2.0 - 1e-4 for r in rows)  # >= k (top-2): even routing
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao (the fp8 extra) is not installed")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_fp8_trains_on_two_processes_as_on_one(prepared, tmp_path, strategy):
+    """`--train.precision fp8` under torchrun: the blocks' linears are converted before DDP wraps or FSDP2 shards
+    them. The scales are per tensor and each rank scales its own rows, so the run follows one process's closely
+    rather than exactly."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _pretrain(1, one, prepared, "--train.precision", "fp8", "--train.max_steps", 4, "--train.save_every", 4)
+    _pretrain(2, two, prepared, "--train.precision", "fp8", "--train.max_steps", 4, "--train.save_every", 4,
+              "--train.strategy", strategy)
+    assert all("precision: fp8" in (run / "hyperparameters.yaml").read_text() for run in (one, two))
+    la, lb = _losses(one), _losses(two)
+    assert [r[:2] for r in la] == [r[:2] for r in lb] and len(la) >= 4
+    for ra, rb in zip(la, lb):
+        assert rb[2] == pytest.approx(ra[2], rel=1e-2), (ra, rb)
