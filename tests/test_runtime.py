@@ -258,12 +258,12 @@ def test_the_cpu_dtype_choice_is_measured_once_and_remembered(monkeypatch, tmp_p
         calls = []
         monkeypatch.setattr(runtime, "measure_dtypes", lambda t=timing, c=calls, **kw: c.append(1) or dict(t))
         (tmp_path / runtime.PROBE_CACHE).unlink(missing_ok=True)
-        runtime.bf16_decodes_faster.cache_clear()
+        runtime.bf16_multiplies_faster.cache_clear()
         assert runtime.inference_dtype("auto", torch.device("cpu")) == want
-        runtime.bf16_decodes_faster.cache_clear()  # a new process: the answer comes from the file
+        runtime.bf16_multiplies_faster.cache_clear()  # a new process: the answer comes from the file
         assert runtime.inference_dtype("auto", torch.device("cpu")) == want and len(calls) == 1
         assert any(runtime.cpu_model() in key and "dtype choice" in key for key in runtime.read_probe_cache())
-    runtime.bf16_decodes_faster.cache_clear()
+    runtime.bf16_multiplies_faster.cache_clear()
     assert runtime.inference_dtype("fp32", torch.device("cpu")) == torch.float32  # named dtypes are not probed
 
 
@@ -331,11 +331,11 @@ def test_a_servers_auto_dtype_is_bf16_only_where_bf16_is_faster_at_its_batch_too
         monkeypatch.setattr(runtime, "measure_dtypes",
                             lambda rounds=5, rows=1, a=asked, t=timings: a.append(rows) or dict(t[rows]))
         (tmp_path / runtime.PROBE_CACHE).unlink(missing_ok=True)
-        runtime.bf16_decodes_faster.cache_clear()
+        runtime.bf16_multiplies_faster.cache_clear()
         assert runtime.inference_dtype("auto", cpu) == torch.bfloat16  # generate and chat: one row
         assert runtime.inference_dtype("auto", cpu, rows=32) == want_32
         assert sorted(asked) == [1, 32]  # each row count measured once
-    runtime.bf16_decodes_faster.cache_clear()
+    runtime.bf16_multiplies_faster.cache_clear()
     assert runtime.probe_rows(1000) == 64 and runtime.probe_rows(0) == 1
 
 
@@ -344,3 +344,27 @@ def test_the_dtype_probe_times_a_batch_of_rows():
 
     timing = runtime.measure_dtypes(rounds=3, rows=8)
     assert set(timing) == {"fp32_us", "bf16_us"} and all(0 < v < 1e6 for v in timing.values())
+
+
+def test_training_auto_precision_follows_the_measured_product_at_many_rows_not_the_flags(monkeypatch, tmp_path):
+    """`--train.precision auto` on a CPU is bf16 autocast exactly where bf16 multiplied `TRAIN_PROBE_ROWS` rows at
+    least 10% faster; what /proc/cpuinfo claims does not decide (a build whose kernels ignore AVX512-BF16 would
+    train slower in bf16)."""
+    import torch
+
+    from llmscratch import runtime
+
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path))
+    cpu = torch.device("cpu")
+    for flags, at_64, want in (({"avx512_bf16"}, {"fp32_us": 2400.0, "bf16_us": 2500.0}, None),
+                               (set(), {"fp32_us": 2400.0, "bf16_us": 900.0}, torch.bfloat16),
+                               ({"avx2"}, {"fp32_us": 2450.0, "bf16_us": 14800.0}, None)):  # the AVX2-only EPYC
+        monkeypatch.setattr(runtime, "cpu_flags", lambda f=flags: frozenset(f))
+        asked = []
+        monkeypatch.setattr(runtime, "measure_dtypes",
+                            lambda rounds=5, rows=1, a=asked, t=at_64: a.append(rows) or dict(t))
+        runtime.bf16_multiplies_faster.cache_clear()
+        assert runtime.autocast_dtype("auto", cpu) == want
+        assert asked == [runtime.TRAIN_PROBE_ROWS]
+    runtime.bf16_multiplies_faster.cache_clear()
+    assert runtime.autocast_dtype("fp32", cpu) is None and runtime.autocast_dtype("bf16", cpu) == torch.bfloat16

@@ -178,11 +178,13 @@ def check_precision() -> Check:
 
         kind = ("with bf16 matrix instructions (AVX512-BF16/AMX)" if cpu_has_fast_bf16()
                 else "without bf16 matrix instructions (AVX512-BF16/AMX)")
-        one, many = dtype_probe(1), dtype_probe(SERVE_ROWS)
+        from llmscratch.runtime import TRAIN_PROBE_ROWS
+
+        timed = ", ".join(f"{r} row{'s' if r > 1 else ''} {t['bf16_us']:.0f} / {t['fp32_us']:.0f} µs"
+                          for r, t in ((r, dtype_probe(r)) for r in (1, SERVE_ROWS, TRAIN_PROBE_ROWS)))
         served = names.get(inference_dtype("auto", device, rows=SERVE_ROWS), "fp32")
-        return Check("bf16", OK, f"CPU {kind}; a 3072x768 weight times 1 row took {one['bf16_us']:.0f} µs in bf16, "
-                                 f"{one['fp32_us']:.0f} µs in fp32, times {SERVE_ROWS} rows {many['bf16_us']:.0f} / "
-                                 f"{many['fp32_us']:.0f} µs: {chosen} (`serve --max-batch {SERVE_ROWS}`: {served})")
+        return Check("bf16", OK, f"CPU {kind}; a 3072x768 weight times {timed} in bf16 / fp32: {chosen} "
+                                 f"(`serve --max-batch {SERVE_ROWS}`: {served})")
     if device.type == "cuda":
         try:
             native = torch.cuda.is_bf16_supported(including_emulation=False)

@@ -1,9 +1,11 @@
 """Where and in which precision to run: device resolution, autocast and inference dtypes, TF32, peak FLOP/s.
 
-The `auto` choices are measured, not assumed (benchmarks/RESULTS.md): bf16 on CUDA; for training on CPUs with
-bf16 matrix instructions (AVX512-BF16 / AMX), where bf16 matrix products run several times faster than fp32; for
-inference on a CPU where bf16 weights decode faster, as a probe timed once per CPU model (`bf16_decodes_faster`,
-kept with the other per-CPU answers by `cpu_probe` in the cache folder).
+The `auto` choices are measured, not assumed (benchmarks/RESULTS.md): bf16 on CUDA; on a CPU, bf16 where a bf16
+product of a weight matrix with as many rows as the work multiplies ran at least 10% faster than fp32 there
+(`bf16_multiplies_faster`, timed once per CPU and kept with the other per-CPU answers by `cpu_probe` in the cache
+folder): many rows for training (arithmetic: fast only with bf16 instructions, AVX512-BF16 or AMX), one row for
+decoding (weight streaming: bf16 halves the bytes, and won even where its arithmetic is emulated), a server's
+batch for serving.
 `cpu_memory_kept_for_reuse` is a CPU training setting of the process's memory allocator, measured there too.
 """
 
@@ -107,7 +109,11 @@ def tf32_matmuls(enabled: bool = True) -> Iterator[None]:
 
 
 def bf16_is_fast(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    """Whether bf16 matrix products of training's size (many rows) beat fp32 on `device`: always on CUDA; on a
+    CPU as measured (`bf16_multiplies_faster` at `TRAIN_PROBE_ROWS` rows), not read from its flags."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bf16_multiplies_faster(TRAIN_PROBE_ROWS)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -125,10 +131,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def inference_dtype(name: str, device: torch.device, rows: int = 1) -> torch.dtype:
     """Weights dtype for generation: `auto` is bf16 where bf16 is fast — on a CPU, where bf16 weights multiply
     faster than fp32 both at one row and at `rows` rows (the most a step multiplies together: a server's
-    `--max-batch`), as `bf16_decodes_faster` measured it on this CPU — else fp32."""
+    `--max-batch`), as `bf16_multiplies_faster` measured it on this CPU — else fp32."""
     if name == "auto":
         if device.type == "cpu":
-            fast = all(bf16_decodes_faster(r) for r in sorted({1, probe_rows(rows)}))
+            fast = all(bf16_multiplies_faster(r) for r in sorted({1, probe_rows(rows)}))
         else:
             fast = bf16_is_fast(device)
         return torch.bfloat16 if fast else torch.float32
@@ -226,6 +232,7 @@ _DTYPE_PROBE_BYTES = 64 << 20  # fp32 weights cycled through: past a CPU's last-
 
 
 _DTYPE_PROBE_MAX_ROWS = 64  # past a few rows a product's cost grows linearly in rows; more only slows the probe
+TRAIN_PROBE_ROWS = _DTYPE_PROBE_MAX_ROWS  # training multiplies thousands of rows: arithmetic, as 64 rows already are
 
 
 def probe_rows(rows: int) -> int:
@@ -234,16 +241,16 @@ def probe_rows(rows: int) -> int:
 
 
 @functools.cache
-def bf16_decodes_faster(rows: int = 1) -> bool:
+def bf16_multiplies_faster(rows: int = 1) -> bool:
     """Whether a product of `rows` rows by a weight matrix — one row: what a decoding step is made of; more: a
-    server's batched step — runs at least 10% faster with bf16 weights than with fp32 on this CPU, each the
+    server's batched step, or training (`TRAIN_PROBE_ROWS`) — runs at least 10% faster with bf16 weights than with fp32 on this CPU, each the
     faster of `F.linear` and oneDNN's packed product where this CPU has it. Measured once per CPU and row count
     (`cpu_probe`, well under a second) and remembered.
 
     One row streams the weights, and bf16 halves their bytes: on both EPYC VMs of benchmarks/RESULTS.md it was
     faster, even on the AVX2-only one, where bf16 arithmetic is emulated. At 32 rows the product is arithmetic,
     and there the AVX2-only CPU multiplied bf16 at 1/6 of fp32's rate (19 against 111 GFLOP/s), so a server's
-    `--dtype auto` is fp32 there. The CPU flags alone (`cpu_has_fast_bf16`) do not say whether the build's
+    `--dtype auto` and `--train.precision auto` are fp32 there. The CPU flags alone (`cpu_has_fast_bf16`) do not say whether the build's
     kernels use them."""
     timing = dtype_probe(rows)
     return timing["bf16_us"] < 0.9 * timing["fp32_us"]

@@ -59,8 +59,9 @@ class TrainConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
     precision: str = "auto"
-    """auto (bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32) | fp32 | bf16 | fp8 (the blocks'
-    matrix products in float8 through torchao, the rest bf16; for H100/H200-class GPUs, emulated on a CPU)"""
+    """auto (bf16 autocast on CUDA, and on a CPU where bf16 products measured faster than fp32: those with bf16
+    instructions; else fp32) | fp32 | bf16 | fp8 (the blocks' matrix products in float8 through torchao, the rest
+    bf16; for H100/H200-class GPUs, emulated on a CPU)"""
     compile: bool | None = None
     """torch.compile the model; default: on CUDA (≈1.4x the eager speed after ~30 s), off on a CPU (no gain)"""
     activation_checkpointing: bool = False
