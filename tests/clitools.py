@@ -122,3 +122,15 @@ def assert_hf_cli_round_trip(theirs, tmp_path, tokenizer, capsys, n_tokens: int 
     idx = torch.randint(0, theirs.config.vocab_size, (1, n_tokens))
     with torch.no_grad():
         torch.testing.assert_close(again(idx).logits, theirs(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+class Crash(Exception):
+    """What `crash_at`'s callback raises: a failure in the middle of a training run."""
+
+
+def crash_at(step: int):
+    """An `on_step` callback for `train` that raises `Crash` once the run reaches `step` (to test resuming)."""
+    def on_step(reached, loss):
+        if reached == step:
+            raise Crash(f"crashed at step {step}")
+    return on_step

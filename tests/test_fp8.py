@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from clitools import assert_user_error, run
+from clitools import Crash, assert_user_error, crash_at, run
 from torch import nn
 
 from llmscratch.config import ModelConfig
@@ -105,17 +105,10 @@ def test_fp8_checkpoint_loads_into_a_plain_model_and_resume_continues_exactly(tm
     whole = fresh()
     train(whole, Repeating(), cfg("fp8", max_steps=8, save_every=4, log_every=1, eval_every=4), tmp_path / "whole")
 
-    class Stop(Exception):
-        pass
-
-    def crash(step, loss):
-        if step == 6:  # after the step-4 checkpoint
-            raise Stop
-
     part = fresh()
-    with pytest.raises(Stop):
+    with pytest.raises(Crash):
         train(part, Repeating(), cfg("fp8", max_steps=8, save_every=4, log_every=1, eval_every=4), tmp_path / "part",
-              on_step=crash)
+              on_step=crash_at(6))  # after the step-4 checkpoint
     # the interrupted run handed back plain linears too
     assert all(type(m) is nn.Linear for m in part.modules() if isinstance(m, nn.Linear))
     resumed = fresh()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from clitools import assert_user_error, run
+from clitools import Crash, assert_user_error, crash_at, run
 from safetensors.torch import load_file
 
 from llmscratch.checkpoint import load_model, save_model
@@ -256,17 +256,11 @@ def test_resume_restores_lora_parameters_exactly(tmp_path):
         apply_lora(model, "all", rank=4, alpha=8, dropout=0.1)
         return model
 
-    class Stop(Exception):
-        pass
-
-    def crash(step, loss):
-        if step == 5:  # after the step-3 checkpoint
-            raise Stop
-
     straight = fresh()
     train(straight, RandomLM(), train_cfg(), tmp_path / "a")
-    with pytest.raises(Stop):
-        train(fresh(), RandomLM(), train_cfg(), tmp_path / "b", on_step=crash)
+    with pytest.raises(Crash):
+        # (crashing after the step-3 checkpoint)
+        train(fresh(), RandomLM(), train_cfg(), tmp_path / "b", on_step=crash_at(5))
     resumed = fresh()  # a fresh process: base + new adapters, then the checkpoint's full state
     train(resumed, RandomLM(), train_cfg(), tmp_path / "b", resume=True)
     for k, v in straight.state_dict().items():

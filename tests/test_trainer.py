@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from clitools import assert_user_error, run
+from clitools import Crash, assert_user_error, crash_at, run
 
 from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
@@ -132,16 +132,10 @@ def test_resume_after_exception_matches_uninterrupted_run(prepared, tmp_path):
     model, batches = fresh(prepared, cfg)
     train(model, batches, cfg, tmp_path / "a")
 
-    class Stop(Exception):
-        pass
-
-    def crash(step, loss):
-        if step == 7:  # after the step-4 checkpoint, before the step-8 one
-            raise Stop
-
     model, batches = fresh(prepared, cfg)
-    with pytest.raises(Stop):
-        train(model, batches, cfg, tmp_path / "b", on_step=crash)
+    with pytest.raises(Crash):
+        # (crashing after the step-4 checkpoint, before the step-8 one)
+        train(model, batches, cfg, tmp_path / "b", on_step=crash_at(7))
     model, batches = fresh(prepared, cfg)
     train(model, batches, cfg, tmp_path / "b", resume=True)
     assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
