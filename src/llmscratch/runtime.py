@@ -138,9 +138,14 @@ def inference_dtype(name: str, device: torch.device, rows: int = 1) -> torch.dty
         else:
             fast = bf16_is_fast(device)
         return torch.bfloat16 if fast else torch.float32
-    if name not in _DTYPES:
-        raise UserError(f"--dtype {name}: use auto, fp32, bf16 or fp16")
+    check_dtype_name(name)
     return _DTYPES[name]
+
+
+def check_dtype_name(name: str) -> None:
+    """Raise a UserError unless `name` is a `--dtype` value (auto, fp32, bf16, fp16 or their long names)."""
+    if name != "auto" and name not in _DTYPES:
+        raise UserError(f"--dtype {name}: use auto, fp32, bf16 or fp16")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,16 +247,16 @@ def probe_rows(rows: int) -> int:
 
 @functools.cache
 def bf16_multiplies_faster(rows: int = 1) -> bool:
-    """Whether a product of `rows` rows by a weight matrix — one row: what a decoding step is made of; more: a
-    server's batched step, or training (`TRAIN_PROBE_ROWS`) — runs at least 10% faster with bf16 weights than with fp32 on this CPU, each the
-    faster of `F.linear` and oneDNN's packed product where this CPU has it. Measured once per CPU and row count
-    (`cpu_probe`, well under a second) and remembered.
+    """Whether a product of `rows` rows by a weight matrix runs at least 10% faster with bf16 weights than with
+    fp32 on this CPU, each the faster of `F.linear` and oneDNN's packed product where this CPU has it. One row is
+    what a decoding step is made of; more rows are a server's batched step, or training (`TRAIN_PROBE_ROWS`).
+    Measured once per CPU and row count (`cpu_probe`, well under a second) and remembered.
 
     One row streams the weights, and bf16 halves their bytes: on both EPYC VMs of benchmarks/RESULTS.md it was
     faster, even on the AVX2-only one, where bf16 arithmetic is emulated. At 32 rows the product is arithmetic,
     and there the AVX2-only CPU multiplied bf16 at 1/6 of fp32's rate (19 against 111 GFLOP/s), so a server's
-    `--dtype auto` and `--train.precision auto` are fp32 there. The CPU flags alone (`cpu_has_fast_bf16`) do not say whether the build's
-    kernels use them."""
+    `--dtype auto` and `--train.precision auto` are fp32 there. The CPU flags alone (`cpu_has_fast_bf16`) do
+    not say whether the build's kernels use them."""
     timing = dtype_probe(rows)
     return timing["bf16_us"] < 0.9 * timing["fp32_us"]
 

@@ -128,3 +128,45 @@ def test_queue_cap_and_cancel_free_places(tiny):
     assert first_final.finish_reason == "cancelled" and second_final.finish_reason == "cancelled"
     assert last.finish_reason == "length" and last.completion_tokens == 3
     assert metrics["requests_cancelled"] == 2 and metrics["requests_rejected"] == 1
+
+
+def test_an_engine_made_by_load_loads_and_decodes_on_its_own_thread(tiny):
+    """`Engine.load`: the loader runs on the scheduler's thread (the server's main thread then never runs tensor
+    work), the engine waits for `start`, decodes there, and what the loader raises reaches the caller."""
+    import threading
+
+    from llmscratch.errors import UserError
+
+    model, tok = tiny
+    threads = {}
+
+    def loader():
+        threads["loader"] = threading.current_thread()
+        return model, tok
+
+    engine = Engine.load(loader, max_batch=2, max_queue=4)
+    assert threads["loader"] is engine._thread and threads["loader"] is not threading.main_thread()
+    assert engine.model is model and engine.tokenizer is tok and engine.max_batch == 2
+    engine.start()
+
+    async def one():
+        request = engine.submit(tok.encode("hello"), SamplingParams(max_tokens=6, temperature=0.0))
+        return "".join([e.text async for e in request.events()])
+
+    try:
+        text = asyncio.run(one())
+    finally:
+        engine.shutdown()
+    assert text == generate(model, tok, "hello", max_new_tokens=6, temperature=0.0)
+    assert not engine._thread.is_alive()
+
+    def broken():
+        raise UserError("runs/nothing: no checkpoint here")
+
+    with pytest.raises(UserError, match="no checkpoint here"):
+        Engine.load(broken, max_batch=2)
+    idle = Engine.load(loader, max_batch=2)
+    idle.shutdown()  # never started: its waiting thread ends too
+    assert not idle._thread.is_alive()
+    with pytest.raises(UserError, match="--max-batch"):  # the engine's own checks, on its thread, raised here
+        Engine.load(loader, max_batch=0)

@@ -72,12 +72,15 @@ def cmd_serve(a) -> None:
         if api_key is None and not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
             sys.stderr.write(f"llmscratch: warning: listening on {a.host} without an API key: anyone who can reach "
                              "this machine can use the model (see --api-key-env)\n")
-        # (the engine packs it; --dtype auto measures bf16 against fp32 at one row and at --max-batch rows)
-        model, tok = load_for_inference(a.checkpoint, a.device, a.dtype, pack=False, rows=a.max_batch)
+        # Loaded on the engine's thread, which packs it too (Engine.load says why); --dtype auto measures bf16
+        # against fp32 at one row and at --max-batch rows.
+        engine = Engine.load(lambda: load_for_inference(a.checkpoint, a.device, a.dtype, pack=False,
+                                                        rows=a.max_batch),
+                             max_batch=a.max_batch, max_queue=a.max_queue, pack=not a.no_pack,
+                             prefill_tokens=a.prefill_tokens)
+        model, tok = engine.model, engine.tokenizer
         fmt = chat_format(tok, saved_style(a.checkpoint))
         name = a.model_name or Path(a.checkpoint).resolve().name
-        engine = Engine(model, tok, a.max_batch, a.max_queue, pack=not a.no_pack,
-                        prefill_tokens=a.prefill_tokens)
         limits = Limits(max_prompt_tokens=a.max_prompt_tokens, max_tokens_cap=a.max_tokens_cap,
                         request_timeout=a.request_timeout)
         url = _url(a.host, sock.getsockname()[1])
@@ -98,10 +101,11 @@ def _check_before_listening(a) -> None:
     checked once its base is loaded)."""
     from llmscratch import runs
     from llmscratch.config import ModelConfig
-    from llmscratch.runtime import inference_dtype, resolve_device
+    from llmscratch.runtime import check_dtype_name, resolve_device
     from llmscratch.serve.app import Limits
 
-    inference_dtype(a.dtype, resolve_device(a.device))
+    resolve_device(a.device)
+    check_dtype_name(a.dtype)  # (the name only: `auto`'s probe runs on the engine's thread)
     if runs.is_adapter_only(a.checkpoint):
         return
     config = runs.find_model_folder(a.checkpoint) / runs.CONFIG

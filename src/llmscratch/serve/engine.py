@@ -1,6 +1,7 @@
 """The continuous-batching engine behind `llmscratch serve`.
 
-One scheduler thread owns the model. It decodes every active request together, one token per request per step
+One scheduler thread owns the model (and, made by `Engine.load`, loads it too: the server's main thread then never
+runs tensor work, which on a CPU keeps OpenMP to one team of threads). It decodes every active request together, one token per request per step
 (`llmscratch.generate.DecodeBatch`): new requests join at a step boundary, finished or abandoned ones leave at
 once and free their place for a waiting one. The HTTP side lives on an asyncio event loop in another thread and
 never runs the model: `submit` queues a request and returns a `Request`, whose `events()` yield the text as the
@@ -15,7 +16,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 
@@ -108,10 +109,50 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._outbox: list[tuple[Request, Event]] = []  # events of this step, handed over together by `_flush`
+        self._go = threading.Event()  # `start` was called (for a thread made by `load`)
         self.stats = _Stats()
+
+    @classmethod
+    def load(cls, loader: Callable[[], tuple], **settings) -> Engine:
+        """An engine whose model `loader()` -> (model, tokenizer) loads on the engine's own thread, which waits
+        there for `start` and then schedules; `settings` are `Engine`'s other arguments. Raises what `loader`
+        raises.
+
+        Why the thread matters on a CPU: each thread that runs parallel tensor work gets its own OpenMP team, and
+        with two teams on a 2-core machine OpenMP stops letting its idle workers spin between operations. A GPT-2
+        124M step at one row ran at 23-25 tok/s on a thread of its own after the model was made on the main
+        thread, against 37-41 tok/s with everything on one thread (benchmarks/RESULTS.md)."""
+        made: dict = {}
+        loaded = threading.Event()
+
+        def main() -> None:
+            try:
+                model, tokenizer = loader()
+                made["engine"] = engine = cls(model, tokenizer, **settings)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+                made["error"] = exc
+                return
+            finally:
+                loaded.set()
+            engine._go.wait()
+            if not engine._stopping:
+                engine._run()
+
+        thread = threading.Thread(target=main, name="llmscratch-engine", daemon=True)
+        thread.start()
+        loaded.wait()
+        if "error" in made:
+            thread.join()
+            raise made["error"]
+        engine = made["engine"]
+        engine._thread = thread
+        return engine
 
     # --- the event-loop side --------------------------------------------------------------------------
     def start(self) -> None:
+        if self._thread is not None:  # made by `load`: its thread waits for this
+            self._go.set()
+            return
         self._thread = threading.Thread(target=self._run, name="llmscratch-engine", daemon=True)
         self._thread.start()
 
@@ -119,6 +160,7 @@ class Engine:
         with self._lock:
             self._stopping = True
             self._lock.notify()
+        self._go.set()  # (a thread made by `load` that was never started)
         if self._thread is not None:
             self._thread.join(timeout=30)
 
