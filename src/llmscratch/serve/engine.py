@@ -1,12 +1,13 @@
 """The continuous-batching engine behind `llmscratch serve`.
 
 One scheduler thread owns the model (and, made by `Engine.load`, loads it too: the server's main thread then never
-runs tensor work, which on a CPU keeps OpenMP to one team of threads). It decodes every active request together, one token per request per step
-(`llmscratch.generate.DecodeBatch`): new requests join at a step boundary, finished or abandoned ones leave at
-once and free their place for a waiting one. The HTTP side lives on an asyncio event loop in another thread and
-never runs the model: `submit` queues a request and returns a `Request`, whose `events()` yield the text as the
-scheduler produces it (handed over with `loop.call_soon_threadsafe`). PyTorch releases the GIL inside its
-kernels, so the event loop keeps answering while a step runs.
+runs tensor work, which on a CPU keeps OpenMP to one team of threads). It decodes every active request together,
+one token per request per step (`llmscratch.generate.DecodeBatch`): new requests join at a step boundary,
+finished or abandoned ones leave at once and free their place for a waiting one. The HTTP side lives on an
+asyncio event loop in another thread and never runs the model: `submit` queues a request and returns a
+`Request`, whose `events()` yield the text as the scheduler produces it (handed over with
+`loop.call_soon_threadsafe`). PyTorch releases the GIL inside its kernels, so the event loop keeps answering
+while a step runs.
 """
 
 from __future__ import annotations
