@@ -496,7 +496,7 @@ class DecodeBatch:
     def _compiled_rows(self, cache_len: int):
         """The compiled-ahead rows step for a cache of `cache_len` (model/aot.py), or None; a missing one is looked
         for at most every 10 s, and started building the first time."""
-        if not self.compiled_ahead:
+        if not self.compiled_ahead or self.max_rows < 2:  # (one row: no rows step exists; `serve --max-batch 1`)
             return None
         if self._rows_step is not None and self._rows_step.cache_len == cache_len:
             return self._rows_step

@@ -274,3 +274,21 @@ def test_the_batched_rows_step_decodes_the_tokens_the_eager_batch_does(tmp_path,
     assert not step.fits(2, at, 2 * cache_len)  # a grown cache is another package
     with pytest.raises(ValueError, match="no such step"):
         aot.build(model, 1, "rows", cache_len)
+
+
+def test_a_one_row_batch_neither_looks_for_nor_builds_a_rows_step(tmp_path, monkeypatch):
+    """`serve --max-batch 1`: a "rows" step needs at least 2 rows, so the batch decodes eagerly and starts no
+    builder (one used to start, and fail with "no such step")."""
+    from llmscratch.generate import DecodeBatch, Row
+
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path))
+    monkeypatch.setenv(aot.ENV, "auto")
+    started = []
+    monkeypatch.setattr(aot, "start_background_build", lambda *a, **k: started.append(a))
+    model = _model("gpt-micro")
+    batch = DecodeBatch(model, 1, compiled_ahead=True)
+    batch.add(Row([1, 2, 3], key="only"))
+    tokens = [token for _ in range(4) for _, token in batch.step()]
+    assert len(tokens) == 4 and started == [] and not list(tmp_path.rglob("*.failed"))
+    with pytest.raises(ValueError, match="no such step"):
+        aot.build(model, 1, "rows", 64)
