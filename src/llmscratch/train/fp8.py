@@ -63,8 +63,9 @@ def check_device(device: torch.device) -> None:
 
 
 def eligible(module: nn.Module, name: str) -> bool:
-    """Whether the linear `name` trains in fp8: a plain `nn.Linear` (not a LoRA wrapper's parts, not already
-    converted) outside the high-precision heads, with both sizes multiples of 16."""
+    """Whether the linear `name` trains in fp8: a plain `nn.Linear` (a LoRA layer's frozen base included: its
+    products with the activations run in fp8, the adapter's own in bf16; not one already converted) outside the
+    high-precision heads, with both sizes multiples of 16."""
     leaf = name.rsplit(".", 1)[-1]
     return (type(module) is nn.Linear and leaf not in HIGH_PRECISION
             and module.in_features % MULTIPLE == 0 and module.out_features % MULTIPLE == 0)
