@@ -21,37 +21,14 @@ from llmscratch.checkpoint import load_model
 from llmscratch.config import ModelConfig
 from llmscratch.generate import generate_ids
 from llmscratch.model import GPT
+from llmscratch.train.batches import TokenBatches
 from llmscratch.train.trainer import TrainConfig, lm_loss, train
 
 
-class RandomTokens:
+def periodic_tokens(vocab: int, T: int, B: int, device) -> TokenBatches:
     """Batches from a fixed random token stream with a repeating pattern, so the loss can fall."""
-
-    def __init__(self, vocab, T, B, device):
-        g = torch.Generator().manual_seed(0)
-        base = torch.randint(0, vocab, (512,), generator=g)
-        self.data = base.repeat(64)  # periodic: learnable
-        self.T, self.B, self.device = T, B, device
-        self.gen = torch.Generator().manual_seed(1)
-        self.reset_eval()
-
-    def _batch(self, gen):
-        i = torch.randint(0, len(self.data) - self.T - 1, (self.B,), generator=gen)
-        x = torch.stack([self.data[j:j + self.T] for j in i])
-        y = torch.stack([self.data[j + 1:j + self.T + 1] for j in i])
-        return x.to(self.device), y.to(self.device)
-
-    def next(self, split):
-        return self._batch(self.gen if split == "train" else self.eval_gen)
-
-    def reset_eval(self):
-        self.eval_gen = torch.Generator().manual_seed(2)
-
-    def state_dict(self):
-        return {"g": self.gen.get_state()}
-
-    def load_state_dict(self, s):
-        self.gen.set_state(s["g"])
+    base = torch.randint(0, vocab, (512,), generator=torch.Generator().manual_seed(0))
+    return TokenBatches(base.repeat(64), B, T, seed=1, device=device)
 
 
 def main() -> int:
@@ -119,7 +96,7 @@ def main() -> int:
                            eval_batches=4,
                            log_every=10, save_every=150, progress=False, device=dev.type, precision="bf16")
         t0 = time.perf_counter()
-        res = train(net, RandomTokens(1000, 128, 16, dev), tcfg, out)
+        res = train(net, periodic_tokens(1000, 128, 16, dev), tcfg, out)
         secs = time.perf_counter() - t0
         start = math.log(cfg.vocab_size)  # the loss of uniform predictions, where an initialised model starts
         check("trainer on CUDA learns (bf16, fused AdamW)", res.val_loss < start - 2.0,
@@ -131,7 +108,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as out2:
             torch.manual_seed(0)
             t0 = time.perf_counter()
-            res2 = train(GPT(cfg, ModelOptions(qkv_kernel=True)), RandomTokens(1000, 128, 16, dev), tcfg, out2)
+            res2 = train(GPT(cfg, ModelOptions(qkv_kernel=True)), periodic_tokens(1000, 128, 16, dev), tcfg, out2)
             secs = time.perf_counter() - t0
         check("trainer learns with the q/k/v kernel on too", res2.val_loss < start - 2.0
               and abs(res2.val_loss - res.val_loss) < 0.1,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from llmscratch.train.batches import ExampleBatches
+from llmscratch.train.batches import ExampleBatches, TokenBatches
 
 
 def make(n=10, bs=3, seed=0, **kw):
@@ -48,3 +48,45 @@ def test_resume_continues_with_the_next_batch():
 def test_too_few_examples_is_an_error():
     with pytest.raises(ValueError, match="fewer than one batch"):
         ExampleBatches([1, 2], [], collate=list, batch_size=3)
+
+
+# --- TokenBatches: random windows from tokens in memory -------------------------------------------------------
+def test_token_windows_are_next_token_pairs_from_the_tokens():
+    import torch
+
+    tokens = torch.arange(1000) * 7 % 991  # distinct values, so a window's position is readable from its tokens
+    batches = TokenBatches(tokens, batch_size=5, context_length=16, seed=3)
+    x, y = batches.next("train")
+    assert x.shape == y.shape == (5, 16) and x.dtype == torch.long
+    for row_x, row_y in zip(x, y):
+        start = int((tokens == row_x[0]).nonzero()[0])
+        assert torch.equal(row_x, tokens[start:start + 16]) and torch.equal(row_y, tokens[start + 1:start + 17])
+
+
+def test_token_batches_resume_with_the_next_batch_and_evaluations_repeat():
+    import torch
+
+    tokens = torch.randint(0, 50, (400,), generator=torch.Generator().manual_seed(0))
+    val = torch.randint(0, 50, (100,), generator=torch.Generator().manual_seed(1))
+    a = TokenBatches(tokens, 4, 8, seed=0, val=val)
+    a.next("train")
+    saved = a.state_dict()
+    expected = a.next("train")
+    b = TokenBatches(tokens, 4, 8, seed=0, val=val)
+    b.load_state_dict(saved)
+    assert all(torch.equal(p, q) for p, q in zip(b.next("train"), expected))
+    first = [a.next("eval_val") for _ in range(2)]
+    a.reset_eval()
+    again = [a.next("eval_val") for _ in range(2)]
+    assert all(torch.equal(p, q) for f, g in zip(first, again) for p, q in zip(f, g))
+    assert not torch.equal(first[0][0], first[1][0])  # the evaluation stream moves on between batches
+    assert set(a.next("eval_val")[0].flatten().tolist()) <= set(val.tolist())  # eval_val reads `val`
+
+
+def test_token_batches_refuse_too_few_tokens():
+    import torch
+
+    with pytest.raises(ValueError, match="fewer than one window of 17"):
+        TokenBatches(torch.arange(16), 2, 16)
+    with pytest.raises(ValueError, match="val has 5 tokens"):
+        TokenBatches(torch.arange(100), 2, 16, val=torch.arange(5))

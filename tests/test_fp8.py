@@ -14,6 +14,7 @@ from llmscratch.config import ModelConfig
 from llmscratch.errors import UserError
 from llmscratch.model import GPT
 from llmscratch.train import fp8
+from llmscratch.train.batches import TokenBatches
 from llmscratch.train.trainer import TrainConfig, train
 
 # (found, not imported: torchao is imported by the code under test, only when fp8 is asked for)
@@ -24,33 +25,15 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
 SHAPE = dict(vocab_size=257, context_length=48, d_model=96, n_layers=2, n_heads=3, dropout=0.0)
 
 
-class Repeating:
-    """Training batches drawn from a fixed pseudo-random text in a seeded order; evaluation batches repeat."""
+def walk() -> torch.Tensor:
+    """A learnable byte sequence: a random walk over byte values, so the loss falls well below log(257)."""
+    steps = torch.randint(-3, 4, (6000,), generator=torch.Generator().manual_seed(123))
+    return steps.cumsum(0) % 257
 
-    def __init__(self, seed: int = 0, batch: int = 8):
-        g = torch.Generator().manual_seed(123)
-        # a learnable sequence: a random walk over byte values, so the loss falls well below log(257)
-        steps = torch.randint(-3, 4, (6000,), generator=g)
-        self.data = (steps.cumsum(0) % 257).long()
-        self.batch, self.T = batch, SHAPE["context_length"]
-        self.g = torch.Generator().manual_seed(seed)
-        self.eval_g = torch.Generator().manual_seed(99)
 
-    def next(self, split):
-        g = self.g if split == "train" else self.eval_g
-        i = torch.randint(0, len(self.data) - self.T - 1, (self.batch,), generator=g)
-        x = torch.stack([self.data[j:j + self.T] for j in i])
-        y = torch.stack([self.data[j + 1:j + self.T + 1] for j in i])
-        return x, y
-
-    def reset_eval(self):
-        self.eval_g = torch.Generator().manual_seed(99)
-
-    def state_dict(self):
-        return {"train": self.g.get_state()}
-
-    def load_state_dict(self, state):
-        self.g.set_state(state["train"])
+def walk_batches(seed: int = 0, batch: int = 8) -> TokenBatches:
+    """Training batches of the walk in a seeded order; evaluation batches repeat."""
+    return TokenBatches(walk(), batch, SHAPE["context_length"], seed)
 
 
 def cfg(precision, **kw):
@@ -71,7 +54,7 @@ def fresh():
 
 def test_fp8_trains_the_block_linears_in_float8_and_tracks_bf16(tmp_path):
     bf16 = fresh()
-    train(bf16, Repeating(), cfg("bf16"), tmp_path / "bf16")
+    train(bf16, walk_batches(), cfg("bf16"), tmp_path / "bf16")
 
     model = fresh()
     params_before = {name: p for name, p in model.named_parameters()}
@@ -82,7 +65,7 @@ def test_fp8_trains_the_block_linears_in_float8_and_tracks_bf16(tmp_path):
             seen.update({name: type(m).__name__ for name, m in model.named_modules()
                          if isinstance(m, nn.Linear)})
 
-    train(model, Repeating(), cfg("fp8"), tmp_path / "fp8", on_step=look)
+    train(model, walk_batches(), cfg("fp8"), tmp_path / "fp8", on_step=look)
 
     block_linears = {n: t for n, t in seen.items() if n.startswith("blocks.")}
     assert len(block_linears) == 4 * SHAPE["n_layers"]  # qkv, proj, fc, proj in each block
@@ -103,16 +86,16 @@ def test_fp8_trains_the_block_linears_in_float8_and_tracks_bf16(tmp_path):
 
 def test_fp8_checkpoint_loads_into_a_plain_model_and_resume_continues_exactly(tmp_path):
     whole = fresh()
-    train(whole, Repeating(), cfg("fp8", max_steps=8, save_every=4, log_every=1, eval_every=4), tmp_path / "whole")
+    train(whole, walk_batches(), cfg("fp8", max_steps=8, save_every=4, log_every=1, eval_every=4), tmp_path / "whole")
 
     part = fresh()
     with pytest.raises(Crash):
-        train(part, Repeating(), cfg("fp8", max_steps=8, save_every=4, log_every=1, eval_every=4), tmp_path / "part",
+        train(part, walk_batches(), cfg("fp8", max_steps=8, save_every=4, log_every=1, eval_every=4), tmp_path / "part",
               on_step=crash_at(6))  # after the step-4 checkpoint
     # the interrupted run handed back plain linears too
     assert all(type(m) is nn.Linear for m in part.modules() if isinstance(m, nn.Linear))
     resumed = fresh()
-    train(resumed, Repeating(), cfg("fp8", max_steps=8, save_every=4, log_every=1, eval_every=4),
+    train(resumed, walk_batches(), cfg("fp8", max_steps=8, save_every=4, log_every=1, eval_every=4),
           tmp_path / "part", resume=True)
     assert losses(tmp_path / "part") == losses(tmp_path / "whole")
     assert len(losses(tmp_path / "whole")) == 8
@@ -134,7 +117,7 @@ def test_lora_fine_tuning_in_fp8_trains_the_adapters_and_leaves_the_base(tmp_pat
     wrapped = [model.get_submodule(name) for name in applied.modules]
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     b_before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("lora_B")}
-    train(model, Repeating(), cfg("fp8", max_steps=6, log_every=3, eval_every=6, save_every=6), tmp_path / "lora")
+    train(model, walk_batches(), cfg("fp8", max_steps=6, log_every=3, eval_every=6, save_every=6), tmp_path / "lora")
     assert len(wrapped) == 4 * SHAPE["n_layers"]
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
     assert any(not torch.equal(p, b_before[n]) for n, p in model.named_parameters() if n in b_before)
@@ -144,7 +127,7 @@ def test_lora_fine_tuning_in_fp8_trains_the_adapters_and_leaves_the_base(tmp_pat
 def test_a_model_without_eligible_linears_is_refused_in_one_line(tmp_path):
     model = GPT(ModelConfig(**{**SHAPE, "d_model": 36, "n_heads": 3}))  # 36, 108: not multiples of 16
     with pytest.raises(UserError, match="multiple of 16"):
-        train(model, Repeating(), cfg("fp8", max_steps=1), tmp_path / "r")
+        train(model, walk_batches(), cfg("fp8", max_steps=1), tmp_path / "r")
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 

@@ -16,11 +16,13 @@ from llmscratch.errors import UserError
 from llmscratch.runs import check_out_dir, latest_checkpoint, removed_on_failure
 from llmscratch.runtime import resolve_device
 from llmscratch.train import distributed
+from llmscratch.train.batches import WindowBatches
 from llmscratch.train.trainer import TrainConfig, TrainResult, find_micro_batch, train
 
 
-class LMBatches:
-    """Random windows from prepared token files; the train stream's generator state is the data position."""
+class LMBatches(WindowBatches):
+    """Random windows from prepared token files (`WindowBatches`' seeded streams; the train stream's generator state
+    is the data position)."""
 
     def __init__(self, data_dir: str | Path, batch_size: int, context_length: int, seed: int = 0,
                  device: str | torch.device = "cpu"):
@@ -31,30 +33,11 @@ class LMBatches:
             if mm.num_tokens < context_length + 1:
                 raise UserError(f"{mm.path}: the {split} split has {mm.num_tokens} tokens, fewer than one window "
                                 f"of {context_length + 1}; use more text or a smaller --context-length")
-        self.batch_size, self.context_length, self.seed = batch_size, context_length, seed
-        self.device = torch.device(device)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.reset_eval()
+        super().__init__(batch_size, context_length, seed, device)
 
-    def reset_eval(self) -> None:
-        # Evaluations see the same windows every time, so their losses are comparable across steps.
-        self.eval_generators = {s: torch.Generator().manual_seed(self.seed + 1 + i)
-                                for i, s in enumerate(("train", "val"))}
-
-    def next(self, split: str):
-        if split == "train":
-            gen, mm = self.generator, self.splits["train"]
-        else:
-            name = split.removeprefix("eval_")
-            gen, mm = self.eval_generators[name], self.splits[name]
-        return mm.get_batch(self.batch_size, self.context_length, gen, self.device,
-                            pin=self.device.type == "cuda")
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+    def _draw(self, split: str, generator: torch.Generator):
+        return self.splits[split].get_batch(self.batch_size, self.context_length, generator, self.device,
+                                            pin=self.device.type == "cuda")
 
 
 is_prepared = runs.is_prepared_data
