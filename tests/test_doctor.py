@@ -53,6 +53,10 @@ def test_reports_the_facts_of_this_machine(tmp_path, capsys):
         assert "CUDA: none visible" in lines["device"]
         assert lines["triton"].startswith("OK") and "not needed on cpu" in lines["triton"]
         assert "--train.precision auto trains in " in lines["bf16"]
+        from llmscratch.runtime import bf16_upcast_rows
+
+        upcast = bf16_upcast_rows()  # (measured once per CPU: the doctor's line reads the same answer)
+        assert (f"bf16 weights multiply {upcast} rows or more in fp32" in lines["bf16"]) == (upcast is not None)
     assert out.strip().splitlines()[-1].endswith(("all checks passed", "see the fix lines above"))
 
 

@@ -174,7 +174,7 @@ def check_precision() -> Check:
     infer = names.get(inference_dtype("auto", device), "fp32")
     chosen = f"--train.precision auto trains in {train}, --dtype auto runs models in {infer}"
     if device.type == "cpu":
-        from llmscratch.runtime import cpu_has_fast_bf16, dtype_probe
+        from llmscratch.runtime import bf16_upcast_rows, cpu_has_fast_bf16, dtype_probe
 
         kind = ("with bf16 matrix instructions (AVX512-BF16/AMX)" if cpu_has_fast_bf16()
                 else "without bf16 matrix instructions (AVX512-BF16/AMX)")
@@ -183,8 +183,11 @@ def check_precision() -> Check:
         timed = ", ".join(f"{r} row{'s' if r > 1 else ''} {t['bf16_us']:.0f} / {t['fp32_us']:.0f} µs"
                           for r, t in ((r, dtype_probe(r)) for r in (1, SERVE_ROWS, TRAIN_PROBE_ROWS)))
         served = names.get(inference_dtype("auto", device, rows=SERVE_ROWS), "fp32")
+        from_rows = bf16_upcast_rows()
+        upcast = ("" if from_rows is None else
+                  f"; bf16 weights multiply {from_rows} rows or more in fp32 here (a prompt read, a batch)")
         return Check("bf16", OK, f"CPU {kind}; a 3072x768 weight times {timed} in bf16 / fp32: {chosen} "
-                                 f"(`serve --max-batch {SERVE_ROWS}`: {served})")
+                                 f"(`serve --max-batch {SERVE_ROWS}`: {served}){upcast}")
     if device.type == "cuda":
         try:
             native = torch.cuda.is_bf16_supported(including_emulation=False)

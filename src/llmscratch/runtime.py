@@ -5,7 +5,8 @@ product of a weight matrix with as many rows as the work multiplies ran at least
 (`bf16_multiplies_faster`, timed once per CPU and kept with the other per-CPU answers by `cpu_probe` in the cache
 folder): many rows for training (arithmetic: fast only with bf16 instructions, AVX512-BF16 or AMX), one row for
 decoding (weight streaming: bf16 halves the bytes, and won even where its arithmetic is emulated), a server's
-batch for serving.
+batch for serving. Where bf16 arithmetic is emulated, `bf16_upcast_rows` measures from how many rows a bf16
+model's products are better done in fp32 (model/packed.py's `UpcastLinear`).
 `cpu_memory_kept_for_reuse` is a CPU training setting of the process's memory allocator, measured there too.
 """
 
@@ -292,6 +293,59 @@ def measure_dtypes(rounds: int = 5, rows: int = 1) -> dict[str, float]:
             pass
     timing = time_calls(ways, rounds)
     return {f"{label}_us": min(us for way, us in timing.items() if way.startswith(label)) for label in ("fp32", "bf16")}
+
+
+UPCAST_LADDER = (2, 4, 8, 16, 32, 64)  # the row counts `bf16_upcast_rows` tries, fewest first
+
+
+@functools.cache
+def bf16_upcast_rows() -> int | None:
+    """The fewest rows (of `UPCAST_LADDER`) from which a product with bf16 weights runs at least 10% faster when
+    the weights are converted to fp32 for the call and multiplied in fp32, on this CPU; None where the bf16
+    product stays faster up to 64 rows. Measured once per CPU (`cpu_probe`) and remembered.
+
+    Why: on a CPU without bf16 instructions (AVX2 only) `--dtype auto` decodes in bf16, which streams one row's
+    weights faster, but bf16 arithmetic there is emulated. On the AVX2-only EPYC of benchmarks/RESULTS.md a
+    3072x768 bf16 product took 2,441 µs at 8 rows against 762 in fp32, and an 800-token prompt took 7.0 s to
+    read in bf16 against 1.2 s in fp32. `model.packed.UpcastLinear` multiplies such wide inputs in fp32 (the
+    conversion costs one pass over the weight's bytes). A CPU whose bf16 product at 64 rows is no slower than
+    fp32's (`dtype_probe`: AVX512-BF16, AMX) answers None without trying the ladder: converting can only add."""
+    wide = dtype_probe(_DTYPE_PROBE_MAX_ROWS)
+    if wide["bf16_us"] <= wide["fp32_us"]:
+        return None
+    shape = f"{_DTYPE_PROBE_SHAPE[0]}x{_DTYPE_PROBE_SHAPE[1]}"
+    for rows in UPCAST_LADDER:
+        timing = cpu_probe(f"bf16 upcast {shape} rows {rows}", lambda rows=rows: measure_upcast(rows))
+        if timing["upcast_us"] < 0.9 * timing["bf16_us"]:
+            return rows
+    return None
+
+
+def measure_upcast(rows: int, rounds: int = 5) -> dict[str, float]:
+    """{"bf16_us", "upcast_us"}: one product of a bf16 (3072, 768) weight with `rows` rows, in bf16 (the faster
+    of `F.linear` and oneDNN's packed product where this CPU has it) and converted to fp32 first, cycling through
+    copies as `measure_dtypes` does so that each weight comes from memory."""
+    import torch.nn.functional as F
+
+    out_features, in_features = _DTYPE_PROBE_SHAPE
+    copies = max(1, _DTYPE_PROBE_BYTES // (out_features * in_features * 4))
+    weights = [torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+    turn = iter(range(1 << 62))
+    ways: dict[str, Callable[[], object]] = {
+        "bf16 plain": lambda: F.linear(x, weights[next(turn) % copies]),
+        "upcast": lambda: F.linear(x.float(), weights[next(turn) % copies].float()).to(torch.bfloat16),
+    }
+    try:
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
+        op = torch.ops.mkldnn._linear_pointwise.default
+        op(x, packed[0], None, "none", [], "")
+        ways["bf16 packed"] = lambda: op(x, packed[next(turn) % copies], None, "none", [], "")
+    except (AttributeError, RuntimeError):  # no oneDNN bf16 on this CPU (AVX2 only)
+        pass
+    timing = time_calls(ways, rounds)
+    return {"bf16_us": min(us for way, us in timing.items() if way.startswith("bf16")),
+            "upcast_us": timing["upcast"]}
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:

@@ -1,7 +1,7 @@
 """The CPU decoding step compiled ahead of time (model/aot.py): the tokens it decodes equal eager decoding's, one
 package serves other weights and other lengths, another process loads it without the compiler, `generate`
 builds it in the background and uses it on the next call, and a broken package falls back to eager decoding.
-Each build compiles C++ (~15-25 s on 2 cores): two builds in this file."""
+Each build compiles C++ (~15-25 s on 2 cores)."""
 
 import json
 import os
@@ -274,6 +274,36 @@ def test_the_batched_rows_step_decodes_the_tokens_the_eager_batch_does(tmp_path,
     assert not step.fits(2, at, 2 * cache_len)  # a grown cache is another package
     with pytest.raises(ValueError, match="no such step"):
         aot.build(model, 1, "rows", cache_len)
+
+
+def test_a_bf16_rows_step_with_upcast_products_builds_and_matches_eager(tmp_path, monkeypatch):
+    """`serve --dtype bf16` on a CPU without bf16 instructions: the linears are `UpcastLinear`s (model/packed.py),
+    which the exported step multiplies in fp32 for the batch it was built for; its logits match eager's."""
+    from llmscratch import runtime
+    from llmscratch.model.packed import UpcastLinear
+
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path))
+    monkeypatch.setenv(aot.ENV, "load")
+    monkeypatch.setattr(runtime, "bf16_upcast_rows", lambda: 2)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("gpt-micro", init_std=0.3)).to(torch.bfloat16).eval()
+    pack_for_cpu_inference(model, 4, where_faster=True)
+    assert any(isinstance(m, UpcastLinear) for m in model.modules())
+    cache_len = model.config.context_length
+    aot.build(model, 4, "rows", cache_len)
+    step = aot.load_step(model, 4, "rows", cache_len)
+    assert step is not None
+    model.setup_kv_cache(4, cache_len)
+    with torch.inference_mode():
+        model(torch.randint(0, 512, (4, 6)), input_pos=RowPositions.make([0] * 4, 6))
+        new = torch.randint(0, 512, (3, 1))
+        at = RowPositions.make([6] * 3, 1, [0, 1, 2])
+        compiled = step(new, at).float()
+        eager = model(new, input_pos=at)[:, -1].float()
+    assert compiled.shape == eager.shape == (3, model.config.vocab_size)
+    assert (compiled - eager).abs().max() <= 0.02 * eager.abs().max()
+    assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
+    model.clear_kv_cache()
 
 
 def test_a_one_row_batch_neither_looks_for_nor_builds_a_rows_step(tmp_path, monkeypatch):

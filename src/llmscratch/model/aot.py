@@ -114,7 +114,7 @@ def step_key(model: nn.Module, batch_size: int = 1, kind: str = "decode", cache_
         "batch": batch_size,
         "kind": kind,
         "cache_len": cache_len if kind == "rows" else None,
-        "modules": [(name, type(m).__name__, getattr(m, "batch_hint", None))
+        "modules": [(name, type(m).__name__, getattr(m, "batch_hint", None), getattr(m, "from_rows", None))
                     for name, m in model.named_modules() if not name.endswith("kv_cache")],
         "tensors": tensors,
         "torch": torch.__version__,
@@ -289,8 +289,8 @@ def start_background_build(model: nn.Module, batch_size: int = 1, kind: str = "d
     """Start compiling `model`'s step for `batch_size` rows in a detached process at the lowest priority, unless
     the mode is not auto, one is built or being built, an earlier build failed, or the model is not served.
     Returns whether a build was started. The builder makes a model of the same config with random weights (the
-    weights are inputs, so any will do), packs it as `model` is packed, and writes the package; its output goes
-    to a `.log` beside it, a failure to a `.failed` marker that stops later tries."""
+    weights are inputs, so any will do), swaps its linears as `model`'s are (packed, upcast), and writes the
+    package; its output goes to a `.log` beside it, a failure to a `.failed` marker that stops later tries."""
     if mode() != "auto" or unsupported(model, batch_size):
         return False
     key = step_key(model, batch_size, kind, cache_len)
@@ -304,8 +304,8 @@ def start_background_build(model: nn.Module, batch_size: int = 1, kind: str = "d
         files["building"].unlink(missing_ok=True)
         spec = {"key": key, "config": model.config.to_dict(), "batch": batch_size, "kind": kind,
                 "cache_len": cache_len, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                "packed": {name: m.batch_hint for name, m in model.named_modules()
-                           if type(m).__name__ == "PackedLinear"}}
+                "linears": {name: [type(m).__name__, m.batch_hint, getattr(m, "from_rows", None)]
+                            for name, m in model.named_modules() if type(m).__name__ in _SWAPPED_LINEARS}}
         with open(files["building"], "x") as f:  # one builder per key, however many commands start at once
             json.dump(spec, f)
         with open(files["log"], "w") as log:
@@ -317,10 +317,13 @@ def start_background_build(model: nn.Module, batch_size: int = 1, kind: str = "d
     return True
 
 
+_SWAPPED_LINEARS = ("PackedLinear", "UpcastLinear")  # model/packed.py's stand-ins for nn.Linear, rebuilt by a builder
+
+
 def _build_from_spec(spec_path: Path) -> int:
     """The background builder's body (`python -m llmscratch.model.aot SPEC`)."""
     from llmscratch.config import ModelConfig
-    from llmscratch.model.packed import PackedLinear
+    from llmscratch.model.packed import PackedLinear, UpcastLinear
     from llmscratch.model.transformer import GPT
 
     spec = json.loads(spec_path.read_text())
@@ -331,10 +334,13 @@ def _build_from_spec(spec_path: Path) -> int:
         pass
     try:
         model = GPT(ModelConfig.from_dict(spec["config"])).to(getattr(torch, spec["dtype"])).eval()
-        for name, batch_hint in spec["packed"].items():
+        for name, (kind, batch_hint, from_rows) in spec["linears"].items():
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
-            setattr(owner, child, PackedLinear(getattr(owner, child), batch_hint))
+            linear = getattr(owner, child)
+            swapped = (PackedLinear(linear, batch_hint) if kind == "PackedLinear"
+                       else UpcastLinear(linear, from_rows, batch_hint))
+            setattr(owner, child, swapped)
         model.requires_grad_(False)
         if step_key(model, spec["batch"], spec["kind"], spec["cache_len"]) != spec["key"]:
             raise ValueError("the rebuilt model's key differs from the command's (a different llmscratch or torch)")

@@ -14,6 +14,12 @@ inductor calls as it is while it fuses everything around it. Inductor's own lowe
 only weights frozen into the graph as constants; as an operator of ours the packed weight stays an input, so
 one compiled graph serves every layer and the weights are never copied (generate.py). `lower_to_onednn_call`
 then has inductor's generated code call oneDNN's operator itself rather than our operator's Python body.
+
+bf16 weights on a CPU without bf16 instructions (AVX2 only): `--dtype auto` still picks bf16 there, since one row's
+product streams half the bytes, but emulated bf16 arithmetic made many-row products (a prompt being read, a
+server's batch) 3-6x slower than fp32. `UpcastLinear` keeps the bf16 weights and multiplies inputs of many rows
+in fp32, the weights converted for the call; `pack_for_cpu_inference(where_faster=True)` puts it in where
+`runtime.bf16_upcast_rows` measured that it pays.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmscratch.runtime import cpu_probe, return_freed_cpu_memory, time_calls
@@ -155,6 +162,64 @@ class PackedLinear(nn.Module):
                 f"{self.batch_hint} row{'s' if self.batch_hint > 1 else ''}")
 
 
+class UpcastLinear(nn.Linear):
+    """An `nn.Linear` with bf16 weights whose products of `from_rows` rows or more run in fp32: the weights (and
+    bias) converted for the call, the result cast back to bf16. Fewer rows multiply in bf16 as before. The same
+    parameters stay in place (a tied LM head stays tied, the model saves as usual).
+
+    Under `torch.compile`/export the number of rows may be symbolic, so there the choice is made once from
+    `batch_hint`, the rows a compiled step multiplies (`pack_for_cpu_inference`'s). Eagerly, a weight over
+    `_UPCAST_CHUNK` elements (an LM head) is converted a block of output features at a time, so that the fp32
+    copy never holds all of it."""
+
+    def __init__(self, linear: nn.Linear, from_rows: int, batch_hint: int = 1):
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a weight only to drop it
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameter objects
+        self.from_rows, self.batch_hint = from_rows, batch_hint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compiling = torch.compiler.is_compiling()
+        rows = self.batch_hint if compiling else x.numel() // self.in_features
+        if rows < self.from_rows:
+            return F.linear(x, self.weight, self.bias)
+        x32 = x.float()
+        step = self.out_features if compiling else max(1, _UPCAST_CHUNK // self.in_features)
+        parts = []
+        for start in range(0, self.out_features, step):
+            w = self.weight[start:start + step].float()
+            b = None if self.bias is None else self.bias[start:start + step].float()
+            parts.append(F.linear(x32, w, b).to(x.dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp32 from {self.from_rows} rows"
+
+
+_UPCAST_CHUNK = 1 << 24  # weight elements converted at once: a 64 MiB fp32 copy at most
+
+
+def upcast_wide_products(model: nn.Module, batch_hint: int = 1) -> int:
+    """Swap each plain `nn.Linear` of a bf16 model on the CPU for an `UpcastLinear`, where this CPU multiplies
+    many rows faster in fp32 (`runtime.bf16_upcast_rows`, measured once per CPU); returns how many were swapped
+    (0 elsewhere: fp32 models, GPUs, CPUs with bf16 instructions)."""
+    from llmscratch.runtime import bf16_upcast_rows
+
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu" or p.dtype != torch.bfloat16:
+        return 0
+    from_rows = bf16_upcast_rows()
+    if from_rows is None:
+        return 0
+    names = [name for name, mod in model.named_modules() if type(mod) is nn.Linear]
+    model.eval().requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, UpcastLinear(getattr(parent, child), from_rows, batch_hint))
+    return len(names)
+
+
 def is_packed(model: nn.Module) -> bool:
     """True when some linear layer of `model` was packed for CPU inference (it can then be neither trained nor
     saved)."""
@@ -171,8 +236,12 @@ def pack_for_cpu_inference(model: nn.Module, batch_hint: int = 1, where_faster: 
     `where_faster` (what the CLI and the server ask for): pack only the layers whose shape multiplies faster
     packed on this CPU, as `packing_pays` measured it once per CPU model — so the default path is never slower
     than the plain one. On the AVX-512 EPYC of RESULTS.md packing doubled GPT-2's decoding speed; on an AVX2-only
-    one it lost on small shapes, and on a Xeon with AMX the packed fp32 chain was slower than `F.linear`."""
+    one it lost on small shapes, and on a Xeon with AMX the packed fp32 chain was slower than `F.linear`. With
+    it, a bf16 model's linears left plain become `UpcastLinear`s where this CPU multiplies many rows faster in
+    fp32 (`upcast_wide_products`)."""
     if not can_pack(model):
+        if where_faster:
+            upcast_wide_products(model, batch_hint)
         return 0
     model.eval().requires_grad_(False)
     names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
@@ -184,6 +253,8 @@ def pack_for_cpu_inference(model: nn.Module, batch_hint: int = 1, where_faster: 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, PackedLinear(getattr(parent, child), batch_hint))
+    if where_faster:
+        upcast_wide_products(model, batch_hint)  # the bf16 linears left plain, on a CPU where that pays
     return_freed_cpu_memory()  # the replaced weights' pages
     return len(names)
 
@@ -225,7 +296,6 @@ def measure_linear(linear: nn.Linear, batch_hint: int = 1, rounds: int = 5,
     `rounds` interleaved rounds (`runtime.time_calls`). The product cycles through copies of the weight filling
     `working_set` bytes, so that, as in a decoding step of a model that size, a weight is read from the cache or
     from memory."""
-    import torch.nn.functional as F
 
     weight, bias = linear.weight.detach(), linear.bias.detach() if linear.bias is not None else None
     x = torch.randn(batch_hint, linear.in_features, dtype=weight.dtype)
