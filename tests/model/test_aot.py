@@ -278,7 +278,8 @@ def test_the_batched_rows_step_decodes_the_tokens_the_eager_batch_does(tmp_path,
 
 def test_a_bf16_rows_step_with_upcast_products_builds_and_matches_eager(tmp_path, monkeypatch):
     """`serve --dtype bf16` on a CPU without bf16 instructions: the linears are `UpcastLinear`s (model/packed.py),
-    which the exported step multiplies in fp32 for the batch it was built for; its logits match eager's."""
+    which the exported step multiplies in fp32 from `from_rows` rows and in bf16 below (`torch.cond`, the rows
+    being dynamic); its logits match eager's either side."""
     from llmscratch import runtime
     from llmscratch.model.packed import UpcastLinear
 
@@ -296,13 +297,14 @@ def test_a_bf16_rows_step_with_upcast_products_builds_and_matches_eager(tmp_path
     model.setup_kv_cache(4, cache_len)
     with torch.inference_mode():
         model(torch.randint(0, 512, (4, 6)), input_pos=RowPositions.make([0] * 4, 6))
-        new = torch.randint(0, 512, (3, 1))
-        at = RowPositions.make([6] * 3, 1, [0, 1, 2])
-        compiled = step(new, at).float()
-        eager = model(new, input_pos=at)[:, -1].float()
-    assert compiled.shape == eager.shape == (3, model.config.vocab_size)
-    assert (compiled - eager).abs().max() <= 0.02 * eager.abs().max()
-    assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
+        for n in (3, 1):  # 3 rows: fp32 products; 1 row: bf16
+            new = torch.randint(0, 512, (n, 1))
+            at = RowPositions.make([6] * n, 1, list(range(n)))
+            compiled = step(new, at).float()
+            eager = model(new, input_pos=at)[:, -1].float()
+            assert compiled.shape == eager.shape == (n, model.config.vocab_size)
+            assert (compiled - eager).abs().max() <= 0.02 * eager.abs().max()
+            assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
     model.clear_kv_cache()
 
 

@@ -66,25 +66,37 @@ def test_a_large_weight_is_converted_a_block_at_a_time_with_the_same_result(monk
 
 def test_the_same_parameters_stay_in_place():
     lin = _bf16_linear()
-    up = UpcastLinear(lin, from_rows=8, batch_hint=4)
+    up = UpcastLinear(lin, from_rows=8)
     assert up.weight is lin.weight and up.bias is lin.bias
     assert isinstance(up, torch.nn.Linear) and "fp32 from 8 rows" in repr(up)
     assert set(dict(up.named_parameters())) == {"weight", "bias"}
 
 
-def test_compiled_the_choice_follows_the_batch_hint():
-    """Under torch.compile/export the rows may be symbolic: the choice is made from `batch_hint`."""
+def test_compiled_for_fixed_rows_one_way_goes_in_and_for_dynamic_rows_both():
+    """Compiled for a fixed number of rows the choice is made while tracing; exported with the rows a dynamic
+    dimension (the server's compiled-ahead step) both ways go into the graph and `torch.cond` picks one per
+    call."""
     lin = _bf16_linear()
-    x = torch.randn(2, 48).to(torch.bfloat16)  # 2 rows: bf16 eagerly
-    fp32_way = F.linear(x.float(), lin.weight.float(), lin.bias.float()).to(torch.bfloat16)
-    for hint, dtype in ((1, torch.bfloat16), (8, torch.float32)):
+    up = UpcastLinear(lin, from_rows=4)
+
+    def traced(x):
         torch._dynamo.reset()
         graphs = []
-        compiled = torch.compile(UpcastLinear(lin, from_rows=4, batch_hint=hint), fullgraph=True,
-                                 backend=lambda gm, inputs: graphs.append(gm) or gm)
-        assert torch.equal(compiled(x), fp32_way if dtype == torch.float32 else lin(x))
-        linears = [n for n in graphs[0].graph.nodes if n.target is torch._C._nn.linear or n.target is F.linear]
-        assert [n.args[0].meta["example_value"].dtype for n in linears] == [dtype]
+        compiled = torch.compile(up, fullgraph=True, dynamic=False, backend=lambda gm, ex: graphs.append(gm) or gm)
+        return compiled(x), graphs[0]
+
+    for rows, dtype in ((2, torch.bfloat16), (8, torch.float32)):
+        x = torch.randn(rows, 48).to(torch.bfloat16)
+        y, gm = traced(x)
+        assert torch.equal(y, up(x))
+        products = [n for n in gm.graph.nodes if n.target in (torch._C._nn.linear, F.linear)]
+        assert [n.args[0].meta["example_value"].dtype for n in products] == [dtype]
+    exported = torch.export.export(up, (torch.randn(5, 48).to(torch.bfloat16),), strict=False,  # as model/aot.py
+                                   dynamic_shapes=({0: torch.export.Dim("rows", min=1, max=64)},))
+    assert any("cond" in str(n.target) for n in exported.graph.nodes)
+    for rows in (1, 3, 4, 30):  # either side of from_rows, through one exported graph
+        x = torch.randn(rows, 48).to(torch.bfloat16)
+        assert torch.equal(exported.module()(x), up(x))
 
 
 def _bf16_gpt(tied: bool = True) -> GPT:
@@ -114,7 +126,7 @@ def test_the_cli_path_swaps_the_linears_packing_left_plain(monkeypatch):
     model = _bf16_gpt()
     pack_for_cpu_inference(model, 32, where_faster=True)
     ups = [m for m in model.modules() if isinstance(m, UpcastLinear)]
-    assert ups and all(m.batch_hint == 32 and m.from_rows == 4 for m in ups)
+    assert ups and all(m.from_rows == 4 for m in ups)
     plain = _bf16_gpt()
     pack_for_cpu_inference(plain, where_faster=False)  # asked to pack everything: no upcasting added
     assert not any(isinstance(m, UpcastLinear) for m in plain.modules())
@@ -196,7 +208,7 @@ def test_the_background_builder_rebuilds_upcast_linears_with_the_same_key(tmp_pa
     monkeypatch.setenv(aot.ENV, "auto")
     monkeypatch.setattr(runtime, "bf16_upcast_rows", lambda: 8)
     model = GPT(CFG).to(torch.bfloat16).eval()
-    upcast_wide_products(model, batch_hint=1)
+    upcast_wide_products(model)
     started = []
     monkeypatch.setattr(aot.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
     assert aot.start_background_build(model) and len(started) == 1

@@ -304,7 +304,7 @@ def start_background_build(model: nn.Module, batch_size: int = 1, kind: str = "d
         files["building"].unlink(missing_ok=True)
         spec = {"key": key, "config": model.config.to_dict(), "batch": batch_size, "kind": kind,
                 "cache_len": cache_len, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                "linears": {name: [type(m).__name__, m.batch_hint, getattr(m, "from_rows", None)]
+                "linears": {name: [type(m).__name__, getattr(m, "batch_hint", None), getattr(m, "from_rows", None)]
                             for name, m in model.named_modules() if type(m).__name__ in _SWAPPED_LINEARS}}
         with open(files["building"], "x") as f:  # one builder per key, however many commands start at once
             json.dump(spec, f)
@@ -339,7 +339,7 @@ def _build_from_spec(spec_path: Path) -> int:
             owner = model.get_submodule(parent) if parent else model
             linear = getattr(owner, child)
             swapped = (PackedLinear(linear, batch_hint) if kind == "PackedLinear"
-                       else UpcastLinear(linear, from_rows, batch_hint))
+                       else UpcastLinear(linear, from_rows))
             setattr(owner, child, swapped)
         model.requires_grad_(False)
         if step_key(model, spec["batch"], spec["kind"], spec["cache_len"]) != spec["key"]:

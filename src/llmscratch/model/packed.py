@@ -167,24 +167,29 @@ class UpcastLinear(nn.Linear):
     bias) converted for the call, the result cast back to bf16. Fewer rows multiply in bf16 as before. The same
     parameters stay in place (a tied LM head stays tied, the model saves as usual).
 
-    Under `torch.compile`/export the number of rows may be symbolic, so there the choice is made once from
-    `batch_hint`, the rows a compiled step multiplies (`pack_for_cpu_inference`'s). Eagerly, a weight over
-    `_UPCAST_CHUNK` elements (an LM head) is converted a block of output features at a time, so that the fp32
-    copy never holds all of it."""
+    Compiled with the number of rows a dynamic dimension (the server's compiled-ahead step, model/aot.py), both
+    ways go into the graph and `torch.cond` picks one per call. Eagerly, a weight over `_UPCAST_CHUNK` elements
+    (an LM head) is converted a block of output features at a time, so that the fp32 copy never holds all of
+    it."""
 
-    def __init__(self, linear: nn.Linear, from_rows: int, batch_hint: int = 1):
+    def __init__(self, linear: nn.Linear, from_rows: int):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a weight only to drop it
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameter objects
-        self.from_rows, self.batch_hint = from_rows, batch_hint
+        self.from_rows = from_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compiling = torch.compiler.is_compiling()
-        rows = self.batch_hint if compiling else x.numel() // self.in_features
-        if rows < self.from_rows:
-            return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // self.in_features
+        if isinstance(rows, int):  # eager, or compiled for a fixed number of rows
+            return self._in_fp32(x) if rows >= self.from_rows else self._in_bf16(x)
+        return torch.cond(rows >= self.from_rows, self._in_fp32, self._in_bf16, (x,))
+
+    def _in_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _in_fp32(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        step = self.out_features if compiling else max(1, _UPCAST_CHUNK // self.in_features)
+        step = self.out_features if torch.compiler.is_compiling() else max(1, _UPCAST_CHUNK // self.in_features)
         parts = []
         for start in range(0, self.out_features, step):
             w = self.weight[start:start + step].float()
@@ -199,7 +204,7 @@ class UpcastLinear(nn.Linear):
 _UPCAST_CHUNK = 1 << 24  # weight elements converted at once: a 64 MiB fp32 copy at most
 
 
-def upcast_wide_products(model: nn.Module, batch_hint: int = 1) -> int:
+def upcast_wide_products(model: nn.Module) -> int:
     """Swap each plain `nn.Linear` of a bf16 model on the CPU for an `UpcastLinear`, where this CPU multiplies
     many rows faster in fp32 (`runtime.bf16_upcast_rows`, measured once per CPU); returns how many were swapped
     (0 elsewhere: fp32 models, GPUs, CPUs with bf16 instructions)."""
@@ -216,7 +221,7 @@ def upcast_wide_products(model: nn.Module, batch_hint: int = 1) -> int:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, UpcastLinear(getattr(parent, child), from_rows, batch_hint))
+        setattr(parent, child, UpcastLinear(getattr(parent, child), from_rows))
     return len(names)
 
 
@@ -241,7 +246,7 @@ def pack_for_cpu_inference(model: nn.Module, batch_hint: int = 1, where_faster: 
     fp32 (`upcast_wide_products`)."""
     if not can_pack(model):
         if where_faster:
-            upcast_wide_products(model, batch_hint)
+            upcast_wide_products(model)
         return 0
     model.eval().requires_grad_(False)
     names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
@@ -254,7 +259,7 @@ def pack_for_cpu_inference(model: nn.Module, batch_hint: int = 1, where_faster: 
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, PackedLinear(getattr(parent, child), batch_hint))
     if where_faster:
-        upcast_wide_products(model, batch_hint)  # the bf16 linears left plain, on a CPU where that pays
+        upcast_wide_products(model)  # the bf16 linears left plain, on a CPU where that pays
     return_freed_cpu_memory()  # the replaced weights' pages
     return len(names)
 
