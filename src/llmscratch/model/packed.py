@@ -301,7 +301,6 @@ def measure_linear(linear: nn.Linear, batch_hint: int = 1, rounds: int = 5,
     `rounds` interleaved rounds (`runtime.time_calls`). The product cycles through copies of the weight filling
     `working_set` bytes, so that, as in a decoding step of a model that size, a weight is read from the cache or
     from memory."""
-
     weight, bias = linear.weight.detach(), linear.bias.detach() if linear.bias is not None else None
     x = torch.randn(batch_hint, linear.in_features, dtype=weight.dtype)
     copies = max(1, working_set // (weight.numel() * weight.element_size()))
