@@ -77,6 +77,39 @@ def test_answers_equal_generate_and_commands_change_the_conversation(ckpt, promp
     assert "unknown command /bogus" in err
 
 
+def test_each_turn_reads_only_what_it_adds_to_the_conversation(ckpt, prompts, monkeypatch, capsys):
+    """The chat keeps the KV cache between turns (`KeptPrefix`): a turn starts after the tokens it shares with the
+    previous turn's prompt and answer, and still answers as decoding its whole prompt afresh does."""
+    from llmscratch.generate import common_prefix
+
+    generate = _generate_module()
+    starts, real = [], generate.generate_ids
+
+    def spy(model, ids, *args, kept=None, **options):
+        if kept is not None:  # (the chat's generations, not `_greedy`'s)
+            starts.append((ids.size(1), kept.reusable(model, ids[0].tolist())))
+        return real(model, ids, *args, kept=kept, **options)
+
+    monkeypatch.setattr(generate, "generate_ids", spy)
+    code, out, err = _chat(ckpt, "hello\nhow are you\n/reset\nhi\n", monkeypatch, capsys)
+    assert code == 0, err
+    asked = list(prompts)
+    assert out == "".join(a + "\n" for a in _greedy(ckpt, asked, ["\nUser:"]))
+    tok = _tokenizer(ckpt)
+    lengths = [len(tok.encode(p)) for p in asked]
+    assert [n for n, _ in starts] == lengths
+    assert starts[0][1] == 0
+    assert lengths[0] - 1 <= starts[1][1] < lengths[1]  # all of the first prompt (its last token again at most)
+    # After /reset the new conversation shares only its first characters ("User: h") with the last one.
+    assert starts[2][1] == common_prefix(tok.encode(asked[1]), tok.encode(asked[2])) < 8
+
+
+def _tokenizer(ckpt):
+    from llmscratch.tokenizer import load_tokenizer
+
+    return load_tokenizer(ckpt)
+
+
 def test_end_of_input_ends_and_a_saved_style_and_system_option_are_used(ckpt, prompts, monkeypatch, capsys):
     from llmscratch.prompts import get_style, save_style
 

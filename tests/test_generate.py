@@ -56,7 +56,7 @@ class ScriptedModel(nn.Module):
         self.cache_setups, self.cache_clears, self.calls = 0, 0, 0
         self.modes_seen = []
 
-    def setup_kv_cache(self, batch_size, max_len=None, dtype=None, device=None, at_least=False):
+    def setup_kv_cache(self, batch_size, max_len=None, dtype=None, device=None, at_least=False, keep=False):
         self.cache_setups += 1
 
     def clear_kv_cache(self):

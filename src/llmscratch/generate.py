@@ -169,11 +169,60 @@ def static_cache_len(needed: int, context_length: int, on_gpu: bool) -> int:
     return min(context_length, max(64, 1 << (needed - 1).bit_length()))
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def reusable_prefix(model, held: Sequence[int], ids: Sequence[int]) -> int:
+    """How many leading `ids` need not be processed again where a cache row holds `held` at positions 0, 1, ...:
+    the ids they share, less the last of `ids` (whose logits the next step needs). None for a model with
+    sliding-window layers (their ring caches overwrite the early positions; not worked out), or for `ids`
+    longer than the context (they slide)."""
+    if not held or any(model.config.sliding_layers) or len(ids) > model.config.context_length:
+        return 0
+    return min(common_prefix(held, ids), len(ids) - 1)
+
+
+def _first_cache(model):
+    return model.blocks[0].attn.kv_cache if len(model.blocks) else None
+
+
+class KeptPrefix:
+    """What the model's KV cache holds after a generation, kept for the next one: a conversation's next turn,
+    whose prompt repeats the turns so far, then processes only what it adds (`generate_ids(kept=...)`; `chat`).
+    Without it every turn reads the whole conversation again — ~1.2 s for 800 tokens of GPT-2 124M on the 2-core
+    CPU of benchmarks/RESULTS.md — before its first token.
+
+    `ids`: the token ids at positions 0, 1, ... of the cache (batch row 0). The cache stays allocated between
+    generations and is reused only while it is the one the model holds (nothing set up another in between);
+    the model's weights must not change in between. The tokens may differ from those of a fresh generation
+    by rounding (the held keys were computed in other chunks), as batched decoding's may."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self._cache = None
+
+    def reusable(self, model, ids: Sequence[int]) -> int:
+        """How many leading `ids` the model's cache already holds, ready to use."""
+        if self._cache is None or _first_cache(model) is not self._cache:
+            return 0
+        return reusable_prefix(model, self.ids, ids)
+
+    def hold(self, model, ids: Sequence[int]) -> None:
+        self.ids = list(ids)
+        self._cache = _first_cache(model) if self.ids else None
+
+
 @torch.inference_mode()
 def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
                  seed: int | None = None, use_cache: bool = True, compile: bool = False,
-                 compiled_ahead: bool = False) -> Iterator[torch.Tensor]:
+                 compiled_ahead: bool = False, kept: KeptPrefix | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time for prompts `prompt_ids` (B, T) of equal length.
 
     Rows that produced `eos_id` keep yielding `eos_id`; the iterator ends when every row has, or after
@@ -185,6 +234,8 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
     a step compiled ahead of time for this model's shape when the cache folder holds one (model/aot.py), and the
     prompt eagerly; when it holds none, one is started building in the background for later calls, and this
     one decodes eagerly.
+    `kept` (one prompt, with the cache): the model's KV cache is kept when the generation ends, and what it holds
+    noted there; the next generation given the same `KeptPrefix` starts after the ids its prompt shares with it.
     """
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids.unsqueeze(0)
@@ -204,29 +255,33 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
     model.eval()
     done = torch.zeros(seq.size(0), dtype=torch.bool, device=device)
     needed = min(ctx, seq.size(1) + max_new_tokens)
+    pos = 0  # number of tokens of `seq` already in the cache
+    if use_cache and kept is not None and seq.size(0) == 1:
+        pos = kept.reusable(model, prompt_ids[0].tolist())
     if use_cache:
         # A compiled step has one shape for every call of a generation: its cache length is fixed up front.
         if step is not None:
-            model.setup_kv_cache(seq.size(0), static_cache_len(needed, ctx, step.on_gpu))
+            model.setup_kv_cache(seq.size(0), static_cache_len(needed, ctx, step.on_gpu), keep=pos > 0)
         else:
-            model.setup_kv_cache(seq.size(0), needed, at_least=True)
+            model.setup_kv_cache(seq.size(0), needed, at_least=True, keep=pos > 0)
     pos_t = torch.zeros((), dtype=torch.long, device=device)  # the step's position, kept on the device
     stepped = False  # whether the compiled step has run in this generation (then its shapes are known)
+    intact = True  # whether the cache holds seq[:, :pos] at positions 0, 1, ... (what `kept` is told)
     nxt = seq[:, -1]
     try:
-        pos = 0  # number of tokens of `seq` already in the cache
         for _ in range(max_new_tokens):
             if not use_cache:
                 last = model(seq[:, -ctx:])[:, -1]
             elif seq.size(1) <= ctx and pos > 0:
-                if step is not None:  # exactly one new token, the one just sampled: the compiled step
+                if step is not None and seq.size(1) == pos + 1:  # one new token, the one just sampled
                     pos_t.fill_(pos)  # a device-side write, no host sync
                     last = step(nxt[:, None], pos_t, same_shapes=stepped)  # (B, 1): same strides each call
                     stepped = True
-                else:
+                else:  # the prompt (after a kept prefix), or any token without a compiled step
                     last = model(seq[:, pos:], input_pos=pos, last_only=True)[:, -1]
             else:
                 # First step, or the window slid past the context: positions shift, so refill the cache.
+                intact = seq.size(1) <= ctx
                 last = model(seq[:, -ctx:], input_pos=0, last_only=True)[:, -1]
             pos = min(seq.size(1), ctx)
             nxt = sample_next(last, temperature, top_k, top_p, generator)
@@ -237,8 +292,15 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
             yield nxt
             if eos_id is not None and bool(done.all()):
                 break
+    except GeneratorExit:  # closed at a `yield`: the cache is whole
+        raise
+    except BaseException:  # (Ctrl-C included) a step may have stopped halfway through writing the cache
+        intact = False
+        raise
     finally:
-        if use_cache and built_decode_step(model) is None:
+        if kept is not None:
+            kept.hold(model, seq[0, :pos].tolist() if use_cache and intact and seq.size(0) == 1 else [])
+        elif use_cache and built_decode_step(model) is None:
             model.clear_kv_cache()  # (a model with a compiled step keeps its cache: the step's graph uses it)
         model.train(was_training)
 
@@ -312,18 +374,18 @@ class TextStream:
 def stream(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            stop: Sequence[str] = (), stop_at_eos: bool = True, use_cache: bool = True,
-           compile: bool = False, compiled_ahead: bool = False) -> Iterator[str]:
+           compile: bool = False, compiled_ahead: bool = False, kept: KeptPrefix | None = None) -> Iterator[str]:
     """Yield the generated text piece by piece for one prompt.
 
     Text is held back while it ends in an incomplete UTF-8 character (decoded as U+FFFD) or could still be
     the start of a stop string, so the pieces joined equal the final text exactly; each token decodes only the
-    few latest ids (`TextStream`). `compile`, `compiled_ahead`: see `generate_ids`.
+    few latest ids (`TextStream`). `compile`, `compiled_ahead`, `kept`: see `generate_ids`.
     """
     ids = prompt_ids(tokenizer, prompt)
     eos = tokenizer.eos_id if stop_at_eos else None
     text = TextStream(tokenizer, stop)
     for nxt in generate_ids(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, eos,
-                            seed, use_cache, compile=compile, compiled_ahead=compiled_ahead):
+                            seed, use_cache, compile=compile, compiled_ahead=compiled_ahead, kept=kept):
         token = int(nxt[0])
         if eos is not None and token == eos:
             break
@@ -355,6 +417,7 @@ class Row:
         self.temperature, self.top_k, self.top_p, self.seed, self.key = temperature, top_k, top_p, seed, key
         self.generator: torch.Generator | None = None  # made on the model's device when the row is admitted
         self.cached = 0  # how many of the row's window positions the cache holds (0: it must be filled)
+        self.reused = 0  # how many of its prompt's tokens were found in the cache when it was admitted
 
     @property
     def generated(self) -> list[int]:
@@ -385,10 +448,17 @@ class DecodeBatch:
     through a step compiled ahead of time for the batch's size and cache length when the cache folder holds
     one (model/aot.py); when it does not, one is started building in the background, and looked for again every
     10 s. Prompts are processed eagerly.
+
+    `reuse` (prefix caching): a finished row's keys and values stay in its cache row while the row is free
+    (`parked`), and a new row whose prompt begins with a parked row's tokens takes that cache row over and starts
+    after the tokens they share (`Row.reused`) — a conversation's next turn, which repeats the turns so far, or
+    prompts that share a long instruction. When a row is needed, a free one that holds nothing goes first, then
+    the one parked longest ago. Parking costs a swap of two cache rows when a row leaves (a move without it).
+    Models with sliding-window layers reuse nothing (`reusable_prefix`).
     """
 
     def __init__(self, model, max_rows: int, max_len: int | None = None, prefill_tokens: int = 256,
-                 compiled_ahead: bool = False):
+                 compiled_ahead: bool = False, reuse: bool = True):
         if max_rows <= 0:
             raise UserError(f"batch size must be positive, got {max_rows}")
         if prefill_tokens <= 0:
@@ -400,6 +470,11 @@ class DecodeBatch:
         self.device = next(model.parameters()).device
         self.active: list[Row] = []  # cache row i holds active[i]
         self.waiting: deque[Row] = deque()
+        self.reuse = reuse and not any(model.config.sliding_layers)
+        # Free cache rows (i >= len(active)) that still hold a finished row's keys and values: row -> its window's
+        # ids at positions 0, 1, ..., oldest parked first.
+        self.parked: dict[int, list[int]] = {}
+        self.reused_tokens = 0  # prompt tokens not processed because a parked row held them
         self.was_training = model.training
         model.eval()
         model.setup_kv_cache(max_rows, min(self.ctx, max_len or 256))
@@ -415,10 +490,55 @@ class DecodeBatch:
             return
         i = self.active.index(row)
         last = len(self.active) - 1
+        park = self.reuse and row.cached > 0
         if i != last:  # the last row moves into the gap: the active rows stay rows 0..n-1 of the cache
-            self.model.move_kv_row(last, i, self.active[last].cached)
+            if park:  # and this one's keys and values into its place, now free
+                self.model.move_kv_rows([last, i], [i, last], max(row.cached, self.active[last].cached))
+            else:
+                self.model.move_kv_rows(last, i, self.active[last].cached)
             self.active[i] = self.active[last]
         self.active.pop()
+        if park:
+            self.parked[last] = self._window(row)[:row.cached]
+
+    def _place(self, row: Row) -> None:
+        """Make cache row `len(active)`, where `row` goes, hold the parked row that shares the most leading tokens
+        with `row`'s prompt (then `row` starts after them), or else nothing it must keep: what is parked there
+        moves to a free row that holds nothing, or over the row parked longest ago, or is dropped."""
+        slot = len(self.active)
+        best, shared = None, 0
+        if self.reuse:
+            for r, ids in self.parked.items():
+                n = reusable_prefix(self.model, ids, row.ids)
+                if n > shared:
+                    best, shared = r, n
+        if best is not None:
+            if best != slot:
+                self._swap(slot, best)
+            del self.parked[slot]
+            row.cached = row.reused = shared
+            self.reused_tokens += shared
+            return
+        row.cached = row.reused = 0
+        if slot not in self.parked:
+            return
+        empty = [r for r in range(slot + 1, self.max_rows) if r not in self.parked]
+        to = empty[0] if empty else next(iter(self.parked))  # else the row parked longest ago gives way
+        if to == slot:  # it is this one
+            del self.parked[slot]
+            return
+        self.model.move_kv_rows(slot, to, len(self.parked[slot]))
+        # `slot`'s entry becomes `to`'s, in its place in the order; what `to` held is gone.
+        self.parked = {(to if r == slot else r): ids for r, ids in self.parked.items() if r != to}
+
+    def _swap(self, a: int, b: int) -> None:
+        """Exchange cache rows a and b, what is parked in them included."""
+        ids_a, ids_b = self.parked.pop(a, None), self.parked.pop(b, None)
+        self.model.move_kv_rows([a, b], [b, a], max(len(ids_a or ()), len(ids_b or ())))
+        if ids_a is not None:
+            self.parked[b] = ids_a
+        if ids_b is not None:
+            self.parked[a] = ids_b
 
     def __len__(self) -> int:
         return len(self.active) + len(self.waiting)
@@ -427,6 +547,7 @@ class DecodeBatch:
         """Free the model's KV cache (the model is left as it was found: eval or training mode)."""
         self.active.clear()
         self.waiting.clear()
+        self.parked.clear()
         self.model.clear_kv_cache()
         self.model.train(self.was_training)
 
@@ -443,7 +564,7 @@ class DecodeBatch:
             if row.seed is not None:
                 row.generator = torch.Generator(device=self.device)
                 row.generator.manual_seed(row.seed)
-            row.cached = 0
+            self._place(row)
             self.active.append(row)
         if not self.active:
             return []

@@ -95,7 +95,7 @@ def test_cache_resize_and_row_move_keep_entries():
     cache.update(0, latent, k_rope)
     bigger = cache.resized(8)
     assert bigger.max_len == 8 and torch.equal(bigger.latent[:, :3], latent) and not bigger.k_rope[:, 3:].any()
-    bigger.move_row(1, 0, 3)
+    bigger.move_rows(1, 0, 3)
     assert torch.equal(bigger.latent[0, :3], latent[1]) and torch.equal(bigger.k_rope[0, :3], k_rope[1])
     with pytest.raises(ValueError, match="4 positions"):
         cache.update(2, latent, k_rope)
@@ -183,7 +183,7 @@ def test_cached_generation_gives_the_uncached_tokens():
 
 def test_continuous_batching_equals_decoding_alone():
     """Rows joining and leaving a 2-row batch whose cache starts short and grows (`resized`), the last row moved
-    into a freed place (`move_row`); sampled with a seed so the tokens vary. Each row gets its tokens alone."""
+    into a freed place (`move_rows`); sampled with a seed so the tokens vary. Each row gets its tokens alone."""
     torch.manual_seed(0)
     model = GPT(_cfg(12)).eval()
     g = torch.Generator().manual_seed(2)

@@ -99,7 +99,7 @@ def test_row_positions_with_padding_moved_rows_and_a_grown_cache_equal_uncached(
             got0.append(step[:1])
             got1.append(step[1:])
             n0, n1 = n0 + 1, n1 + 1
-        m.move_kv_row(2, 1, n0)  # as DecodeBatch.remove closes a gap
+        m.move_kv_rows(2, 1, n0)  # as DecodeBatch.remove closes a gap
         got0.append(m(ids[:1, n0:n0 + 4], input_pos=RowPositions.make([n0], 4, [1])))
     torch.testing.assert_close(torch.cat(got0, 1), want[:1, :n0 + 4], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(got1, 1), want[1:, :n1], atol=1e-5, rtol=1e-5)

@@ -84,6 +84,34 @@ def test_chat_answers_in_the_checkpoints_chat_format(client, local, name):
     assert res.usage.prompt_tokens == len(tok.encode(prompt.text))
 
 
+def test_a_conversations_next_turn_reads_only_what_it_adds(client, local, live_server, name):
+    """The server keeps a finished request's keys and values in its free cache row: the next turn of the
+    conversation, whose prompt repeats the first, reads only its new part (`usage.prompt_tokens_details`, as the
+    OpenAI API reports cached prompt tokens), and answers as decoding it afresh does."""
+    from llmscratch.generate import common_prefix, generate
+    from llmscratch.prompts import chat_format
+
+    def cached_total():
+        return httpx.get(live_server.url + "/metrics", params={"format": "json"}).json()["prompt_tokens_cached_total"]
+
+    model, tok = local
+    fmt = chat_format(tok, None)
+    turns = [{"role": "system", "content": "Count the owls: 48213."}, {"role": "user", "content": "How many?"}]
+    first = client.chat.completions.create(model=name, messages=turns, max_tokens=12, temperature=0)
+    turns += [{"role": "assistant", "content": first.choices[0].message.content},
+              {"role": "user", "content": "And the crows?"}]
+    before = cached_total()
+    second = client.chat.completions.create(model=name, messages=turns, max_tokens=12, temperature=0)
+    ids = [tok.encode(fmt.render(turns[:2]).text), tok.encode(fmt.render(turns).text)]
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert common_prefix(*ids) <= cached < second.usage.prompt_tokens == len(ids[1])
+    assert common_prefix(*ids) >= len(ids[0]) - 1  # (the first prompt is all but a prefix of the second)
+    assert cached_total() == before + cached
+    prompt = fmt.render(turns)
+    expected = generate(model, tok, prompt.text, max_new_tokens=12, temperature=0, stop=prompt.stop).lstrip()
+    assert second.choices[0].message.content == expected
+
+
 def test_streamed_completion_joins_to_the_whole_answer(client, name):
     whole = client.completions.create(model=name, prompt=PROMPT, max_tokens=30, temperature=0)
     chunks = list(client.completions.create(model=name, prompt=PROMPT, max_tokens=30, temperature=0, stream=True,
@@ -222,7 +250,7 @@ def test_unknown_route_is_404_with_an_error_body(live_server):
     assert res.status_code == 404 and "/v1/embeddings" in res.json()["error"]["message"]
 
 
-def test_metrics_count_requests_and_tokens(client, live_server, name):
+def test_metrics_count_requests_and_tokens(client, live_server, name, local):
     def metrics():
         return httpx.get(live_server.url + "/metrics", params={"format": "json"}).json()
 
@@ -232,6 +260,8 @@ def test_metrics_count_requests_and_tokens(client, live_server, name):
     assert after["requests_total"] == before["requests_total"] + 1
     assert after["requests_completed"] == before["requests_completed"] + 1
     assert after["tokens_generated_total"] == before["tokens_generated_total"] + 5
+    assert after["prompt_tokens_total"] == before["prompt_tokens_total"] + len(local[1].encode(PROMPT))
+    assert "# TYPE llmscratch_prompt_tokens_cached_total counter" in httpx.get(live_server.url + "/metrics").text
     assert after["time_to_first_token_p50_seconds"] > 0
     res = httpx.get(live_server.url + "/metrics")
     assert res.headers["content-type"].startswith("text/plain")

@@ -21,9 +21,9 @@ def tiny():
     return GPT(ModelConfig.from_preset("llama-micro", vocab_size=tok.vocab_size, context_length=48)).eval(), tok
 
 
-def _serve(model, tok, jobs, max_batch=2, max_queue=16):
+def _serve(model, tok, jobs, max_batch=2, max_queue=16, **settings):
     """Run `jobs` [(prompt, SamplingParams)] through one engine at once; their (text, last event) in order."""
-    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue, **settings)
     engine.start()
 
     async def one(prompt, params):
@@ -51,6 +51,23 @@ def test_requests_decoded_together_equal_decoding_alone(tiny):
         assert last.prompt_tokens == len(tok.encode(prompt))
     assert metrics["requests_completed"] == 5 and metrics["tokens_generated_total"] == 9 + 20 + 4 + 13 + 30
     assert metrics["active"] == 0 and metrics["waiting"] == 0
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_requests_that_repeat_a_finished_prompt_find_it_cached_unless_turned_off(tiny, prefix_cache):
+    """One place in the batch: the second request waits for the first, whose prompt and answer it repeats."""
+    model, tok = tiny
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    (first, _), = _serve(model, tok, [("the engine", params)], max_batch=1)[0]
+    follow = "the engine" + first + " hello"
+    results, metrics = _serve(model, tok, [("the engine", params), (follow, params)], max_batch=1,
+                              prefix_cache=prefix_cache)
+    (_, one), (text, two) = results
+    expected = len(tok.encode("the engine" + first)) - 1 if prefix_cache else 0
+    assert (one.cached_tokens, two.cached_tokens) == (0, expected) and (expected > 2 or not prefix_cache)
+    assert metrics["prompt_tokens_cached_total"] == expected
+    assert metrics["prompt_tokens_total"] == len(tok.encode("the engine")) + len(tok.encode(follow))
+    assert text == generate(model, tok, follow, max_new_tokens=6, temperature=0.0)
 
 
 def test_stop_string_eos_and_full_context(tiny):

@@ -81,7 +81,7 @@ class Conversation:
 
 def cmd_chat(a) -> None:
     from llmscratch.cli.inference import load_for_inference, saved_style
-    from llmscratch.generate import check_new_tokens
+    from llmscratch.generate import KeptPrefix, check_new_tokens
     from llmscratch.prompts import chat_format
 
     model, tok = load_for_inference(a.checkpoint, a.device, a.dtype)
@@ -90,6 +90,7 @@ def cmd_chat(a) -> None:
     context = model.config.context_length
     budget = context - min(a.max_new_tokens, context // 2)  # leave the answer room, but never all of it
     chat = Conversation(fmt, tok, budget, a.system, a.thinking)
+    kept = KeptPrefix()  # each turn's prompt repeats the conversation so far: its keys and values are kept
     sys.stderr.write(f"llmscratch: chatting in the {fmt.describe()}; type a message, or {COMMANDS}\n")
     while (line := _read_line()) is not None:
         if line.startswith("/") and not line.startswith("//"):
@@ -99,7 +100,7 @@ def cmd_chat(a) -> None:
         text = line[1:] if line.startswith("//") else line
         if not text.strip():
             continue
-        answer = _answer(model, tok, chat.prompt(text), a)
+        answer = _answer(model, tok, chat.prompt(text), a, kept)
         chat.add(text, answer)
 
 
@@ -134,16 +135,17 @@ def _command(line: str, chat: Conversation) -> bool:
     return True
 
 
-def _answer(model, tok, prompt, a) -> str:
+def _answer(model, tok, prompt, a, kept) -> str:
     """Stream the answer to `prompt` (a `ChatPrompt`) to stdout and return it. Ctrl-C ends it early: what was
-    printed is the answer."""
+    printed is the answer. `kept`: the `KeptPrefix` of the conversation, so only what the prompt adds to the
+    previous turn's tokens is read."""
     from llmscratch.generate import stream
     from llmscratch.prompts import strip_leading_space
 
     shown: list[str] = []
     pieces = stream(model, tok, prompt.text, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                     top_k=a.top_k or None, top_p=a.top_p, seed=a.seed, stop=list(prompt.stop),
-                    compiled_ahead=True)
+                    compiled_ahead=True, kept=kept)
     answer = strip_leading_space(pieces)
     try:
         for piece in answer:
@@ -156,7 +158,7 @@ def _answer(model, tok, prompt, a) -> str:
         return "".join(shown)
     finally:
         answer.close()
-        pieces.close()  # ends the generation, which frees the KV cache
+        pieces.close()  # ends the generation; its KV cache is kept for the next turn
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(shown)

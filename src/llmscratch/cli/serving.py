@@ -42,6 +42,11 @@ def _serve_parser(p) -> None:
     p.add_argument("--prefill-tokens", type=PositiveInt, default=256,
                    help="prompt tokens processed per decoding step, shared by the requests that just arrived: a "
                         "long prompt delays the other streams by one such chunk at a time, not by all of it")
+    p.add_argument("--prefix-cache", action=ActionYesNo(no_prefix="no-"), default=True,
+                   help="keep a finished request's keys and values in its free batch row, so a request whose prompt "
+                        "begins with the same tokens (a conversation's next turn, a shared instruction) reads only "
+                        "the rest; usage.prompt_tokens_details.cached_tokens says how many it found (default: on; "
+                        "--no-prefix-cache reads every prompt whole)")
     p.add_argument("--max-prompt-tokens", type=Optional[PositiveInt], default=None,
                    help="longest prompt in tokens (default: the model's context length - 1)")
     p.add_argument("--max-tokens-cap", type=Optional[PositiveInt], default=None,
@@ -77,7 +82,7 @@ def cmd_serve(a) -> None:
         engine = Engine.load(lambda: load_for_inference(a.checkpoint, a.device, a.dtype, pack=False,
                                                         rows=a.max_batch),
                              max_batch=a.max_batch, max_queue=a.max_queue, pack=not a.no_pack,
-                             prefill_tokens=a.prefill_tokens)
+                             prefill_tokens=a.prefill_tokens, prefix_cache=a.prefix_cache)
         model, tok = engine.model, engine.tokenizer
         fmt = chat_format(tok, saved_style(a.checkpoint))
         name = a.model_name or Path(a.checkpoint).resolve().name

@@ -109,8 +109,9 @@ class KVCache(nn.Module):
         new.v[:, :, :keep] = self.v[:, :, :keep]
         return new
 
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of batch row `src` to row `dst`."""
+    def move_rows(self, src: int | list[int], dst: int | list[int], length: int) -> None:
+        """Copy the first `length` positions of batch row(s) `src` to row(s) `dst`; with lists, every source is read
+        before any destination is written, so `move_rows([a, b], [b, a], n)` swaps two rows."""
         self.k[dst, :, :length] = self.k[src, :, :length]
         self.v[dst, :, :length] = self.v[src, :, :length]
 
@@ -211,8 +212,9 @@ class WindowKVCache(nn.Module):
         new.v[:, :, :keep] = self.v[:, :, :keep]
         return new
 
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        """Copy batch row `src`'s entries for its first `length` positions to row `dst` (the slots they occupy)."""
+    def move_rows(self, src: int | list[int], dst: int | list[int], length: int) -> None:
+        """Copy batch row(s) `src`'s entries for their first `length` positions to row(s) `dst` (the slots they
+        occupy), as `KVCache.move_rows`."""
         n = min(length, self.slots)
         self.k[dst, :, :n] = self.k[src, :, :n]
         self.v[dst, :, :n] = self.v[src, :, :n]

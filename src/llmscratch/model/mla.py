@@ -66,8 +66,8 @@ class LatentKVCache(nn.Module):
         new.k_rope[:, :keep] = self.k_rope[:, :keep]
         return new
 
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of batch row `src` to row `dst`."""
+    def move_rows(self, src: int | list[int], dst: int | list[int], length: int) -> None:
+        """Copy the first `length` positions of batch row(s) `src` to row(s) `dst`, as `KVCache.move_rows`."""
         self.latent[dst, :length] = self.latent[src, :length]
         self.k_rope[dst, :length] = self.k_rope[src, :length]
 

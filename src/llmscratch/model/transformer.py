@@ -216,18 +216,25 @@ class GPT(nn.Module):
 
     # --- KV cache ---------------------------------------------------------------------------------------
     def setup_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None,
-                       at_least: bool = False) -> None:
+                       at_least: bool = False, keep: bool = False) -> None:
         """Give every attention layer a preallocated cache for `batch_size` sequences of up to `max_len`.
 
         A cache already there is kept when it has that shape — or, with `at_least` (the eager decoding path,
         which reads only the filled prefix), any longer one: a compiled decoding step, whose graph is tied to
-        those very buffers, then stays valid across eager generations in between.
+        those very buffers, then stays valid across eager generations in between. With `keep`, a cache of
+        another length (same rows, dtype and device) is resized to `max_len` with its entries: a conversation's
+        next turn reuses what it holds (`llmscratch.generate.KeptPrefix`).
         """
         max_len = min(max_len or self.config.context_length, self.config.context_length)
         ref = self.tok_emb.weight
         dtype, device = dtype or ref.dtype, torch.device(device or ref.device)
         for block in self.blocks:
-            block.attn.setup_cache(batch_size, max_len, dtype, device, at_least)
+            cache = block.attn.kv_cache
+            if (keep and cache is not None and cache.fits(batch_size, cache.max_len, dtype, device)
+                    and not cache.fits(batch_size, max_len, dtype, device, at_least)):
+                block.attn.kv_cache = cache.resized(max_len)
+            else:
+                block.attn.setup_cache(batch_size, max_len, dtype, device, at_least)
 
     def resize_kv_cache(self, max_len: int) -> None:
         """Give every layer's cache room for `max_len` positions (at most the context), keeping what it holds."""
@@ -235,11 +242,11 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.kv_cache = block.attn.kv_cache.resized(max_len)
 
-    def move_kv_row(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` cached positions of batch row `src` to row `dst`, in every layer (a batched
-        decoder closing the gap a finished row left)."""
+    def move_kv_rows(self, src: int | list[int], dst: int | list[int], length: int) -> None:
+        """Copy the first `length` cached positions of batch row(s) `src` to row(s) `dst`, in every layer (a batched
+        decoder closing the gap a finished row left); `move_kv_rows([a, b], [b, a], n)` swaps two rows."""
         for block in self.blocks:
-            block.attn.kv_cache.move_row(src, dst, length)
+            block.attn.kv_cache.move_rows(src, dst, length)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:

@@ -572,7 +572,8 @@ class _Reply:
 # --- small pieces ----------------------------------------------------------------------------------------------
 def _usage(last: Event) -> dict:
     return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-            "total_tokens": last.prompt_tokens + last.completion_tokens}
+            "total_tokens": last.prompt_tokens + last.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": last.cached_tokens}}
 
 
 def _event(data: dict) -> str:
@@ -621,6 +622,9 @@ _METRICS = [
     ("requests_rejected", "llmscratch_requests_rejected_total", "counter",
      "Requests refused because the queue was full (HTTP 429)."),
     ("tokens_generated_total", "llmscratch_tokens_generated_total", "counter", "Tokens generated."),
+    ("prompt_tokens_total", "llmscratch_prompt_tokens_total", "counter", "Prompt tokens read (requests that got a first token)."),
+    ("prompt_tokens_cached_total", "llmscratch_prompt_tokens_cached_total", "counter",
+     "Prompt tokens found in the KV cache (an earlier request's), not processed again."),
     ("tokens_per_second", "llmscratch_tokens_per_second", "gauge", "Tokens generated per second, last 10 s."),
     ("waiting", "llmscratch_queue_depth", "gauge", "Requests waiting for a place in the batch."),
     ("active", "llmscratch_active_requests", "gauge", "Requests being decoded."),

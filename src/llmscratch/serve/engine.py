@@ -37,13 +37,15 @@ class SamplingParams:
 @dataclass(frozen=True)
 class Event:
     """A piece of a request's output. The last event has `finish_reason` set ("stop": end-of-text or a stop
-    string; "length": max_tokens or the context is full; "error": the engine failed, `error` says how)."""
+    string; "length": max_tokens or the context is full; "error": the engine failed, `error` says how).
+    `cached_tokens`: of the prompt's tokens, those found in the KV cache (an earlier request's), not processed."""
 
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    cached_tokens: int = 0
 
 
 class Busy(Exception):
@@ -90,10 +92,11 @@ class Engine:
     `prefill_tokens`: prompt tokens processed per step (`DecodeBatch`'s chunked prefill). `pack`: on a CPU, pack
     the model's linears for oneDNN (`llmscratch.model.packed`, laid out for `max_batch` rows) from the scheduler
     thread itself, before its first step. Packed by another thread, the same weights made a GPT-2 124M step at 32
-    rows ~30% slower on the 2-core CPU of benchmarks/RESULTS.md."""
+    rows ~30% slower on the 2-core CPU of benchmarks/RESULTS.md. `prefix_cache`: finished requests' keys and
+    values stay in free batch rows for later prompts that begin the same way (`DecodeBatch`'s `reuse`)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, pack: bool = False,
-                 prefill_tokens: int = 256):
+                 prefill_tokens: int = 256, prefix_cache: bool = True):
         from llmscratch.errors import UserError
 
         for name, value, least in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
@@ -102,6 +105,7 @@ class Engine:
                 raise UserError(f"{name} must be {'positive' if least else 'at least 0'}, got {value}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.pack, self.prefill_tokens = max_batch, max_queue, pack, prefill_tokens
+        self.prefix_cache = prefix_cache
         self.ctx = model.config.context_length
         self._lock = threading.Condition()
         self._incoming: deque[Request] = deque()  # submitted, not yet seen by the scheduler
@@ -201,7 +205,8 @@ class Engine:
 
         if self.pack:
             pack_for_cpu_inference(self.model, self.max_batch, where_faster=True)  # a no-op off the CPU
-        batch = DecodeBatch(self.model, self.max_batch, prefill_tokens=self.prefill_tokens, compiled_ahead=True)
+        batch = DecodeBatch(self.model, self.max_batch, prefill_tokens=self.prefill_tokens, compiled_ahead=True,
+                            reuse=self.prefix_cache)
         try:
             while self._take_work(batch):
                 try:
@@ -255,7 +260,7 @@ class Engine:
         string, max_tokens or a full context."""
         if request.first_token_at is None:
             request.first_token_at = now
-            self.stats.first_token(now - request.submitted)
+            self.stats.first_token(now - request.submitted, request.row)
         row, eos = request.row, self.tokenizer.eos_id
         if token == eos:
             self._finish(batch, request, self._last(request, request.text.finish(), "stop", drop_last=True))
@@ -287,7 +292,7 @@ class Engine:
 
     def _last(self, request: Request, text: str, reason: str, drop_last: bool = False) -> Event:
         completion = len(request.row.generated) - (1 if drop_last else 0)  # end-of-text is not part of the answer
-        return Event(text, reason, len(request.prompt_ids), completion)
+        return Event(text, reason, len(request.prompt_ids), completion, cached_tokens=request.row.reused)
 
     def _finish(self, batch, request: Request, event: Event) -> None:
         request.finished = True
@@ -323,14 +328,14 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 class _Stats:
-    """Counters for /metrics: requests by outcome, tokens generated (and their rate over the last 10 s), and the
-    time to first token of recent requests."""
+    """Counters for /metrics: requests by outcome, tokens generated (and their rate over the last 10 s), prompt
+    tokens read and found cached, and the time to first token of recent requests."""
 
     WINDOW = 10.0  # seconds of the tokens/s figure
 
     def __init__(self):
         self.requests = self.completed = self.cancelled = self.failed = self.rejected = 0
-        self.generated = 0
+        self.generated = self.prompt_tokens = self.cached_tokens = 0
         self.started = time.perf_counter()
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self._ttft: deque[float] = deque(maxlen=1000)
@@ -341,8 +346,11 @@ class _Stats:
         while self._recent and self._recent[0][0] < now - self.WINDOW:
             self._recent.popleft()
 
-    def first_token(self, seconds: float) -> None:
+    def first_token(self, seconds: float, row) -> None:
+        """A request's first token came `seconds` after it was submitted; its prompt (`row`, a `Row`) was read."""
         self._ttft.append(seconds)
+        self.prompt_tokens += row.n_prompt
+        self.cached_tokens += row.reused
 
     def snapshot(self, **gauges) -> dict:
         now = time.perf_counter()
@@ -352,6 +360,7 @@ class _Stats:
         return {"requests_total": self.requests, "requests_completed": self.completed,
                 "requests_cancelled": self.cancelled, "requests_failed": self.failed,
                 "requests_rejected": self.rejected, "tokens_generated_total": self.generated,
+                "prompt_tokens_total": self.prompt_tokens, "prompt_tokens_cached_total": self.cached_tokens,
                 "tokens_per_second": sum(n for _, n in recent) / span if span > 0 else 0.0,
                 "time_to_first_token_p50_seconds": ttft[len(ttft) // 2] if ttft else None,
                 "time_to_first_token_p95_seconds": ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))] if ttft else None,
