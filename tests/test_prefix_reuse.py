@@ -124,6 +124,21 @@ def test_nothing_is_reused_from_a_cache_that_was_replaced_or_freed():
     assert reads.widths[0] == len(prompt)
 
 
+def test_two_conversations_on_one_model_never_reuse_each_others_entries():
+    """Each generation with a `KeptPrefix` keeps the cache, so the next one finds the same cache object, now
+    holding the other conversation's entries: only the conversation that wrote last may reuse it."""
+    model = _model()
+    reads = _Reads(model)
+    one, two = KeptPrefix(), KeptPrefix()
+    prompt = _ids(14, 15)
+    answer = _run(model, prompt, 4, one)
+    _run(model, prompt[:6] + _ids(8, 16), 4, two)  # shares 6 tokens with the first, overwrites from there on
+    reads.widths.clear()
+    longer = prompt + answer + _ids(3, 17)
+    assert _run(model, longer, 2, one) == _run(model, longer, 2)
+    assert reads.widths[0] == len(longer)
+
+
 def test_a_generation_closed_early_keeps_what_it_fed():
     """Ctrl-C in `chat` or a stop string closes the generator at a token: what the cache holds is still whole."""
     model = _model()

@@ -192,6 +192,14 @@ def _first_cache(model):
     return model.blocks[0].attn.kv_cache if len(model.blocks) else None
 
 
+def mark_cache(model, kept: KeptPrefix | None) -> None:
+    """Note on the model's KV cache whose entries it is about to hold: `kept`'s, or None (a generation without
+    one, a batch). A `KeptPrefix` reuses a cache only while the mark is its own."""
+    cache = _first_cache(model)
+    if cache is not None:
+        cache.written_for = kept
+
+
 class KeptPrefix:
     """What the model's KV cache holds after a generation, kept for the next one: a conversation's next turn,
     whose prompt repeats the turns so far, then processes only what it adds (`generate_ids(kept=...)`; `chat`).
@@ -199,9 +207,10 @@ class KeptPrefix:
     CPU of benchmarks/RESULTS.md — before its first token.
 
     `ids`: the token ids at positions 0, 1, ... of the cache (batch row 0). The cache stays allocated between
-    generations and is reused only while it is the one the model holds (nothing set up another in between);
-    the model's weights must not change in between. The tokens may differ from those of a fresh generation
-    by rounding (the held keys were computed in other chunks), as batched decoding's may."""
+    generations and is reused only while it is the one the model holds and the last generation or batch that
+    wrote to it was this one's (`mark_cache`); the model's weights must not change in between. The tokens may
+    differ from those of a fresh generation by rounding (the held keys were computed in other chunks), as
+    batched decoding's may."""
 
     def __init__(self):
         self.ids: list[int] = []
@@ -209,7 +218,8 @@ class KeptPrefix:
 
     def reusable(self, model, ids: Sequence[int]) -> int:
         """How many leading `ids` the model's cache already holds, ready to use."""
-        if self._cache is None or _first_cache(model) is not self._cache:
+        cache = _first_cache(model)
+        if self._cache is None or cache is not self._cache or getattr(cache, "written_for", None) is not self:
             return 0
         return reusable_prefix(model, self.ids, ids)
 
@@ -264,6 +274,7 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
             model.setup_kv_cache(seq.size(0), static_cache_len(needed, ctx, step.on_gpu), keep=pos > 0)
         else:
             model.setup_kv_cache(seq.size(0), needed, at_least=True, keep=pos > 0)
+        mark_cache(model, kept)
     pos_t = torch.zeros((), dtype=torch.long, device=device)  # the step's position, kept on the device
     stepped = False  # whether the compiled step has run in this generation (then its shapes are known)
     intact = True  # whether the cache holds seq[:, :pos] at positions 0, 1, ... (what `kept` is told)
@@ -478,6 +489,7 @@ class DecodeBatch:
         self.was_training = model.training
         model.eval()
         model.setup_kv_cache(max_rows, min(self.ctx, max_len or 256))
+        mark_cache(model, None)
 
     def add(self, row: Row) -> None:
         self.waiting.append(row)
