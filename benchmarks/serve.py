@@ -58,8 +58,9 @@ TOPICS = ["the history of the printing press", "how bees find flowers", "a recip
           "why the sky is blue", "the life of a star", "how a bicycle works", "the first computers"]
 
 
-def make_weights(work: Path, gpt2_dir: Path) -> tuple[Path, Path]:
-    """Our checkpoint of a random GPT-2 124M (seeded) with the GPT-2 tokenizer, and its transformers export."""
+def make_weights(work: Path, gpt2_dir: Path, peer: bool = True) -> tuple[Path, Path]:
+    """Our checkpoint of a random GPT-2 124M (seeded) with the GPT-2 tokenizer, and its transformers export (made
+    only with `peer`)."""
     from llmscratch import GPT, ModelConfig
     from llmscratch.checkpoint import save_model
     from llmscratch.tokenizer.gpt2 import gpt2_tokenizer
@@ -69,7 +70,7 @@ def make_weights(work: Path, gpt2_dir: Path) -> tuple[Path, Path]:
     if not (ours / "model.safetensors").is_file():
         torch.manual_seed(0)
         save_model(ours, GPT(ModelConfig.from_preset("gpt2-124m")), gpt2_tokenizer(gpt2_dir))
-    if not hf.is_dir():
+    if peer and not hf.is_dir():
         print(to_hf(ours, hf), flush=True)
     return ours, hf
 
@@ -225,19 +226,20 @@ def matmul_rate(dtype: str, rows: int, repeats: int = 7) -> dict:
             "all": {name: rows / statistics.median(v) for name, v in times.items()}}
 
 
-def prebuild_rows_step(ours: Path, dtype: str, max_batch: int = 32) -> None:
+def prebuild_rows_step(ours: Path, dtype: str, max_batch: int = 32, cache_len: int = 256) -> None:
     """Build (or find) the compiled-ahead batched step `llmscratch serve --max-batch 32` looks for (model/aot.py), so
     that the server decodes through it from its first request instead of starting to build it under the load:
-    the model loaded and packed as the server does, a cache of the server's 256 positions."""
+    the model loaded and packed as the server does, a cache of the server's 256 positions (or `cache_len`: the
+    server doubles its cache as sequences grow)."""
     try:
         from llmscratch.cli.inference import load_for_inference
         from llmscratch.model import aot
         from llmscratch.model.packed import pack_for_cpu_inference
     except ImportError:  # a src without compiled-ahead steps
         return
-    model, _ = load_for_inference(str(ours), "cpu", dtype, pack=False)
+    model, _ = load_for_inference(str(ours), "cpu", dtype, pack=False, rows=max_batch)
     pack_for_cpu_inference(model, max_batch, where_faster=True)
-    cache_len = min(model.config.context_length, 256)
+    cache_len = min(model.config.context_length, cache_len)
     if aot.unsupported(model, max_batch):
         print(f"  {dtype}: no compiled-ahead batched step ({aot.unsupported(model, max_batch)})", flush=True)
         return
@@ -245,8 +247,8 @@ def prebuild_rows_step(ours: Path, dtype: str, max_batch: int = 32) -> None:
     found = aot.load_step(model, max_batch, "rows", cache_len) is not None
     if not found:
         aot.build(model, max_batch, "rows", cache_len)
-    print(f"  {dtype}: compiled-ahead batched step {'found' if found else 'built'} in "
-          f"{time.perf_counter() - start:.1f} s", flush=True)
+    print(f"  {dtype}: compiled-ahead batched step ({max_batch} rows, cache {cache_len}) "
+          f"{'found' if found else 'built'} in {time.perf_counter() - start:.1f} s", flush=True)
 
 
 def _s(seconds: float | None) -> str:
