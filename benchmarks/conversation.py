@@ -27,9 +27,7 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import _common as C  # noqa: E402
 import torch  # noqa: E402
-from serve import ROOT, VENV_BIN, free_port, make_weights, prebuild_rows_step, wait_ready  # noqa: E402
+from serve import ROOT, VENV_BIN, free_port, make_weights, prebuild_rows_step, running  # noqa: E402
 
 # What the user says, turn by turn (the same in every conversation but for its opening, so conversations differ
 # from their first tokens on).
@@ -145,23 +143,13 @@ def serve_part(ckpt: Path, dtype: str, clients: int, turns: int, new_tokens: int
         url = f"http://127.0.0.1:{port}"
         cmd = [str(VENV_BIN / "llmscratch"), "serve", str(ckpt), "--port", str(port), "--max-batch", "8",
                "--dtype", dtype, *extra]
-        log = tempfile.TemporaryFile()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            wait_ready(url, proc)
-            asyncio.run(conversations(url, ckpt.name, 1, 1, 4))  # warm-up: first-request costs
-            turns_out, wall = asyncio.run(conversations(url, ckpt.name, clients, turns, new_tokens))
+            with running(cmd, url):
+                asyncio.run(conversations(url, ckpt.name, 1, 1, 4))  # warm-up: first-request costs
+                turns_out, wall = asyncio.run(conversations(url, ckpt.name, clients, turns, new_tokens))
         except RuntimeError as exc:
-            log.seek(0)
-            print(f"  {label}: {exc}\n{log.read()[-1500:].decode(errors='replace')}", flush=True)
+            print(f"  {label}: {exc}", flush=True)
             continue
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
         first = [t["ttft"] for t in turns_out if t["turn"] == 1]
         later = [t["ttft"] for t in turns_out if t["turn"] > 1]
         last = [t["ttft"] for t in turns_out if t["turn"] == turns]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -168,23 +169,35 @@ def bench_server(kind: str, dtype: str, ours: Path, hf: Path, clients: list[int]
     port = free_port()
     cmd, model = server_command(kind, dtype, ours, hf, port)
     url = f"http://127.0.0.1:{port}"
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     rows = []
     try:
+        with running(cmd, url):
+            asyncio.run(run_load(url, model, 1, 8))  # warm-up: first-request costs (allocation, lazy imports)
+            for n in clients:
+                row = asyncio.run(run_load(url, model, n, new_tokens))
+                row.update(server=kind, dtype=dtype)
+                rows.append(row)
+                print(f"  {kind:12s} {dtype} {n:3d} clients: {row['tok_s']:7.1f} tok/s, ttft p50 "
+                      f"{_s(row['ttft_p50'])} p95 {_s(row['ttft_p95'])}, {row['errors']} errors"
+                      + (f" ({row['first_error']})" if row["errors"] else ""), flush=True)
+    except RuntimeError as exc:
+        print(f"  {kind} {dtype}: {exc}", flush=True)
+    return rows
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], url: str):
+    """A server started from `cmd`, ready on `url` while the block runs, then stopped (its whole process group).
+    Its output goes to a temporary file: a RuntimeError (it did not come up, or the block raised one) carries the
+    output's tail."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
         wait_ready(url, proc)
-        asyncio.run(run_load(url, model, 1, 8))  # warm-up: first-request costs (allocation, lazy imports)
-        for n in clients:
-            row = asyncio.run(run_load(url, model, n, new_tokens))
-            row.update(server=kind, dtype=dtype)
-            rows.append(row)
-            print(f"  {kind:12s} {dtype} {n:3d} clients: {row['tok_s']:7.1f} tok/s, ttft p50 "
-                  f"{_s(row['ttft_p50'])} p95 {_s(row['ttft_p95'])}, {row['errors']} errors"
-                  + (f" ({row['first_error']})" if row["errors"] else ""), flush=True)
+        yield proc
     except RuntimeError as exc:
         log.seek(0)
-        tail = log.read()[-1500:].decode(errors="replace")
-        print(f"  {kind} {dtype}: {exc}\n{tail}", flush=True)
+        raise RuntimeError(f"{exc}\n{log.read()[-1500:].decode(errors='replace')}") from exc
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -192,7 +205,6 @@ def bench_server(kind: str, dtype: str, ours: Path, hf: Path, clients: list[int]
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return rows
 
 
 def matmul_rate(dtype: str, rows: int, repeats: int = 7) -> dict:

@@ -189,7 +189,9 @@ def reusable_prefix(model, held: Sequence[int], ids: Sequence[int]) -> int:
 
 
 def _first_cache(model):
-    return model.blocks[0].attn.kv_cache if len(model.blocks) else None
+    """The first layer's KV cache (None: none, or a model without `blocks`, as the tests' scripted ones)."""
+    blocks = getattr(model, "blocks", None)
+    return blocks[0].attn.kv_cache if blocks else None
 
 
 def mark_cache(model, kept: KeptPrefix | None) -> None:

@@ -5,6 +5,7 @@
 
 import json
 import os
+import re
 import urllib.request
 from pathlib import Path
 
@@ -85,6 +86,8 @@ def test_chat_streams_answers_and_keeps_history(browser, live_server):
         {"role": "assistant", "content": first_answer},
         {"role": "user", "content": "And then?"},
     ]
+    # The server found the first turn in its cache, and the stats line says so.
+    assert re.search(r"· \d+ prompt tokens cached$", page.text_content("#stats"))
     assert page.get_attribute("#stop", "disabled") is not None
     assert page.script_errors == []
 
