@@ -546,13 +546,10 @@ class DecodeBatch:
         self.parked = {(to if r == slot else r): ids for r, ids in self.parked.items() if r != to}
 
     def _swap(self, a: int, b: int) -> None:
-        """Exchange cache rows a and b, what is parked in them included."""
-        ids_a, ids_b = self.parked.pop(a, None), self.parked.pop(b, None)
-        self.model.move_kv_rows([a, b], [b, a], max(len(ids_a or ()), len(ids_b or ())))
-        if ids_a is not None:
-            self.parked[b] = ids_a
-        if ids_b is not None:
-            self.parked[a] = ids_b
+        """Exchange cache rows a and b, what is parked in them included (each keeps its place in the order)."""
+        held = max(len(self.parked.get(a, ())), len(self.parked.get(b, ())))
+        self.model.move_kv_rows([a, b], [b, a], held)
+        self.parked = {{a: b, b: a}.get(r, r): ids for r, ids in self.parked.items()}
 
     def __len__(self) -> int:
         return len(self.active) + len(self.waiting)
