@@ -165,6 +165,7 @@ def _answer(model, tok, prompt, a, kept) -> str:
 
 
 CHAT = Verb("Chat with a checkpoint: a message a line on stdin (terminal or pipe), answers streamed to stdout; in "
-            "its prompt style, else its chat template, else plain User:/Assistant: lines. Commands: /reset (forget "
-            "the turns), /system [TEXT] (set or clear the system message, start over), /help, /quit or end of "
-            "input. Ctrl-C stops an answer; at the prompt, leaves.", _chat_parser, cmd_chat)
+            "its prompt style, else its chat template, else plain User:/Assistant: lines. The KV cache is kept "
+            "between turns, so a turn reads only what it adds to the conversation. Commands: /reset (forget the "
+            "turns), /system [TEXT] (set or clear the system message, start over), /help, /quit or end of input. "
+            "Ctrl-C stops an answer; at the prompt, leaves.", _chat_parser, cmd_chat)
