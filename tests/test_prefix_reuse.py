@@ -18,7 +18,8 @@ gen = importlib.import_module("llmscratch.generate")  # (the package's `generate
 
 def _model(preset: str = "gpt-micro", context_length: int = 128) -> GPT:
     torch.manual_seed(0)
-    return GPT(ModelConfig.from_preset(preset, context_length=context_length)).double().eval()
+    window = {"sliding_window": 24} if preset == "gemma3-micro" else {}
+    return GPT(ModelConfig.from_preset(preset, context_length=context_length, **window)).double().eval()
 
 
 def _ids(n: int, seed: int, vocab: int = 512) -> list[int]:
@@ -179,16 +180,36 @@ def test_a_window_that_slid_keeps_nothing():
     assert kept.ids == []
 
 
-def test_sliding_window_models_reuse_nothing():
+def test_sliding_window_models_reuse_what_their_window_still_holds():
+    """gemma3-micro's local layers keep a ring of 24 positions here. Up to 24 held tokens, any shared part is reused
+    (position p sits in slot p). Past that, the ring holds only the last 24: a prompt that repeats everything held
+    goes on from there, one that departs earlier is read whole."""
     model = _model("gemma3-micro")
     reads = _Reads(model)
     kept = KeptPrefix()
-    prompt = _ids(20, 11)
-    answer = _run(model, prompt, 4, kept)
+    prompt = _ids(12, 11)
+    answer = _run(model, prompt, 6, kept)  # 17 positions held
     reads.widths.clear()
+    partial = prompt[:9] + _ids(3, 12)  # shares 9 of them
+    assert _run(model, partial, 5, kept) == _run(model, partial, 5)
+    assert reads.widths[0] == 3
+    kept = KeptPrefix()
+    _run(model, prompt, 6, kept)
     longer = prompt + answer + _ids(3, 12)
-    assert _run(model, longer, 3, kept) == _run(model, longer, 3)
-    assert reads.widths[0] == len(longer)
+    reads.widths.clear()
+    answer = _run(model, longer, 8, kept)  # 21 + 7 = 28 positions held: the ring wrapped
+    assert reads.widths[0] == 4 and len(kept.ids) == 28
+    assert_holds(model, 0, kept.ids, "gemma3-micro")
+    follow = longer + answer + _ids(2, 13)  # repeats all 28
+    reads.widths.clear()
+    assert _run(model, follow, 3, kept) == _run(model, follow, 3)
+    assert reads.widths[0] == 3
+    kept = KeptPrefix()
+    _run(model, follow, 3, kept)  # 32 held
+    departs = follow[:20] + _ids(2, 14)
+    reads.widths.clear()
+    assert _run(model, departs, 3, kept) == _run(model, departs, 3)
+    assert reads.widths[0] == len(departs)
 
 
 def test_the_compiled_step_takes_single_tokens_after_a_reused_prefix(monkeypatch):
@@ -332,10 +353,9 @@ def test_parked_rows_survive_the_cache_growing():
     batch.close()
 
 
-@pytest.mark.parametrize("preset,reuse", [("gpt-micro", False), ("gemma3-micro", True)])
-def test_no_reuse_when_turned_off_or_for_sliding_window_models(preset, reuse):
-    model = _model(preset)
-    batch = DecodeBatch(model, max_rows=2, reuse=reuse)
+def test_no_reuse_when_turned_off():
+    model = _model()
+    batch = DecodeBatch(model, max_rows=2, reuse=False)
     a = Row(_ids(12, 70))
     batch.add(a)
     _finish(batch, a, 3)
@@ -343,5 +363,35 @@ def test_no_reuse_when_turned_off_or_for_sliding_window_models(preset, reuse):
     batch.add(b)
     _finish(batch, b, 3)
     assert batch.parked == {} and b.reused == 0
-    assert b.generated == _alone(b, preset)
+    assert b.generated == _alone(b)
+    batch.close()
+
+
+def test_sliding_window_rows_are_reused_within_the_window_only():
+    preset = "gemma3-micro"
+    model = _model(preset)
+    batch = DecodeBatch(model, max_rows=3)
+    short, long = Row(_ids(10, 72)), Row(_ids(20, 73))
+    batch.add(short)
+    batch.add(long)
+    _finish(batch, short, 5)  # 14 positions held: within the 24-position window
+    _finish(batch, long, 8)  # 27 positions held: the ring wrapped
+    assert_batch_holds(batch, preset)
+    departs = Row(long.ids[:15] + _ids(3, 76))  # shares 15 of the 27 the long row held, which its ring lost
+    batch.add(departs)
+    batch.step()
+    assert_batch_holds(batch, preset)
+    _finish(batch, departs, 4)
+    assert departs.reused == 0 and departs.generated == _alone(departs, preset)
+    # One repeats all the short row held, one all the long one did (its ring holds the window before that).
+    rows = [Row(short.ids + _ids(3, 74)), Row(long.ids + _ids(3, 75))]
+    for r in rows:
+        batch.add(r)
+    batch.step()
+    assert_batch_holds(batch, preset)
+    for r in rows:
+        _finish(batch, r, 4)
+    assert [r.reused for r in rows] == [len(short.ids) - 1, len(long.ids) - 1]
+    for r in rows:
+        assert r.generated == _alone(r, preset)
     batch.close()

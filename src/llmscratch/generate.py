@@ -180,12 +180,21 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def reusable_prefix(model, held: Sequence[int], ids: Sequence[int]) -> int:
     """How many leading `ids` need not be processed again where a cache row holds `held` at positions 0, 1, ...:
-    the ids they share, less the last of `ids` (whose logits the next step needs). None for a model with
-    sliding-window layers (their ring caches overwrite the early positions; not worked out), or for `ids`
-    longer than the context (they slide)."""
-    if not held or any(model.config.sliding_layers) or len(ids) > model.config.context_length:
+    the ids they share, less the last of `ids` (whose logits the next step needs). None for `ids` longer than the
+    context (they slide).
+
+    A model with sliding-window layers keeps there a ring of the last `sliding_window` positions
+    (`WindowKVCache`). While `held` fits in it, position p is in slot p, and what a later position wrote into a
+    slot is masked by position, so any shared part is whole. Past it, the ring holds only `held`'s last
+    positions: going on from n needs the window before n, there only when n is at least len(held) - 1 (the next
+    turn of a conversation, which repeats all of it). Otherwise none is reused."""
+    cfg = model.config
+    if not held or len(ids) > cfg.context_length:
         return 0
-    return min(common_prefix(held, ids), len(ids) - 1)
+    n = min(common_prefix(held, ids), len(ids) - 1)
+    if any(cfg.sliding_layers) and len(held) > cfg.sliding_window and n < len(held) - 1:
+        return 0
+    return n
 
 
 def _first_cache(model):
@@ -467,7 +476,8 @@ class DecodeBatch:
     after the tokens they share (`Row.reused`) — a conversation's next turn, which repeats the turns so far, or
     prompts that share a long instruction. When a row is needed, a free one that holds nothing goes first, then
     the one parked longest ago. Parking costs a swap of two cache rows when a row leaves (a move without it).
-    Models with sliding-window layers reuse nothing (`reusable_prefix`).
+    In models with sliding-window layers, a row that held more than the window is reused only by a prompt that
+    repeats all of it (`reusable_prefix`).
     """
 
     def __init__(self, model, max_rows: int, max_len: int | None = None, prefill_tokens: int = 256,
@@ -483,7 +493,7 @@ class DecodeBatch:
         self.device = next(model.parameters()).device
         self.active: list[Row] = []  # cache row i holds active[i]
         self.waiting: deque[Row] = deque()
-        self.reuse = reuse and not any(model.config.sliding_layers)
+        self.reuse = reuse
         # Free cache rows (i >= len(active)) that still hold a finished row's keys and values: row -> its window's
         # ids at positions 0, 1, ..., oldest parked first.
         self.parked: dict[int, list[int]] = {}
