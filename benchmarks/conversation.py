@@ -15,10 +15,12 @@ request that begins the same way (`DecodeBatch`'s parked rows), so a turn reads 
    cached (usage.prompt_tokens_details), and the wall time of all conversations.
 
 The model is a GPT-2-124M-shaped one with random weights (seeded) and the GPT-2 tokenizer, as benchmarks/serve.py
-makes it; random weights answer with arbitrary text, which is what the history then holds.
+makes it, or --checkpoint (any model folder `chat` takes). Random weights answer with arbitrary token sequences,
+which often are not the tokens their text encodes to, so less of each turn is found in the cache than a trained
+model's conversation gives.
 
     .venv/bin/python benchmarks/conversation.py [--turns 6] [--new-tokens 48] [--clients 4] [--dtype auto]
-        [--parts chat,serve] [--gpt2-dir ../shared/data/gpt2] [--work DIR]
+        [--parts chat,serve] [--checkpoint DIR | --gpt2-dir ../shared/data/gpt2 --work DIR]
 """
 
 from __future__ import annotations
@@ -56,14 +58,14 @@ def chat_part(ckpt: Path, dtype: str, turns: int, new_tokens: int) -> list[dict]
     from decode import compiled_ahead_ready
 
     from llmscratch.cli.chatting import Conversation
-    from llmscratch.cli.inference import load_for_inference
+    from llmscratch.cli.inference import load_for_inference, saved_style
     from llmscratch.generate import KeptPrefix, stream
     from llmscratch.prompts import chat_format
 
     kept_model, tok = load_for_inference(str(ckpt), "cpu", dtype)
     fresh_model, _ = load_for_inference(str(ckpt), "cpu", dtype)
     compiled_ahead_ready(kept_model, 1, f"  chat ({next(kept_model.parameters()).dtype})")
-    fmt = chat_format(tok, None)
+    fmt = chat_format(tok, saved_style(str(ckpt)))
     ctx = kept_model.config.context_length
     chat = Conversation(fmt, tok, ctx - new_tokens)
     kept = KeptPrefix()
@@ -104,6 +106,8 @@ async def conversation(client, url: str, model: str, index: int, turns: int, new
                 "stream_options": {"include_usage": True}}
         start, first, text, usage = time.perf_counter(), None, [], {}
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+            if response.status_code == 400 and b"context_length_exceeded" in await response.aread():
+                return out  # the conversation outgrew the model's context: it ends here
             if response.status_code != 200:
                 raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
             async for line in response.aiter_lines():
@@ -152,12 +156,13 @@ def serve_part(ckpt: Path, dtype: str, clients: int, turns: int, new_tokens: int
             continue
         first = [t["ttft"] for t in turns_out if t["turn"] == 1]
         later = [t["ttft"] for t in turns_out if t["turn"] > 1]
+        turns = max(t["turn"] for t in turns_out)  # (fewer than asked where the conversations outgrew the context)
         last = [t["ttft"] for t in turns_out if t["turn"] == turns]
         row = {"server": label, "ttft_first": statistics.median(first),
                "ttft_later": statistics.median(later) if later else None,
                "ttft_last": statistics.median(last), "wall": wall,
                "prompt": sum(t["prompt"] for t in turns_out), "cached": sum(t["cached"] for t in turns_out),
-               "last_prompt": statistics.median(t["prompt"] for t in turns_out if t["turn"] == turns)}
+               "turns": turns}
         rows.append(row)
         print(f"  {label}: p50 first token, turn 1 {row['ttft_first']:.2f} s, later turns "
               f"{row['ttft_later'] or 0:.2f} s, turn {turns} {row['ttft_last']:.2f} s; {row['cached']} of "
@@ -172,6 +177,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=4, help="conversations at once (serve part)")
     p.add_argument("--dtype", default="auto", help="auto (what the CLI picks), fp32 or bf16")
     p.add_argument("--parts", default="chat,serve")
+    p.add_argument("--checkpoint", default=None, help="a model folder to converse with (default: random GPT-2 124M)")
     p.add_argument("--gpt2-dir", default=str(ROOT.parent / "shared" / "data" / "gpt2"),
                    help="folder with the GPT-2 tokenizer files (encoder.json, vocab.bpe)")
     p.add_argument("--work", default=None, help="where the weights go (default: a temporary folder)")
@@ -180,10 +186,13 @@ def main() -> None:
     if "serve" in parts:
         C.require("httpx", "pip install httpx")
         C.require("fastapi", "pip install -e '.[serve]'")
-    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="llmscratch-conversation-bench-"))
-    ckpt = make_weights(work, Path(a.gpt2_dir), peer=False)[0]
-    print(C.header(f"conversations: {a.turns} turns, {a.new_tokens} new tokens a turn, GPT-2 124M shapes (random "
-                   f"weights), --dtype {a.dtype}", torch.device("cpu")), flush=True)
+    if a.checkpoint:
+        ckpt, what = Path(a.checkpoint).resolve(), a.checkpoint
+    else:
+        work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="llmscratch-conversation-bench-"))
+        ckpt, what = make_weights(work, Path(a.gpt2_dir), peer=False)[0], "GPT-2 124M shapes (random weights)"
+    print(C.header(f"conversations: {a.turns} turns, {a.new_tokens} new tokens a turn, {what}, --dtype {a.dtype}",
+                   torch.device("cpu")), flush=True)
     if "chat" in parts:
         print("chat (one conversation; each turn's prompt also answered from scratch by a second model):")
         rows = chat_part(ckpt, a.dtype, a.turns, a.new_tokens)
