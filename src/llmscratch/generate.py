@@ -265,27 +265,13 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
     device = next(model.parameters()).device
     seq = prompt_ids.to(device)
     ctx = model.config.context_length
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-    step = compiled_decode_step(model) if compile and use_cache else None
-    if step is None and compiled_ahead and use_cache:
-        step = _compiled_ahead_step(model, prompt_ids.size(0))
+    generator = seeded_generator(seed, device)
+    step = _compiled_step(model, seq.size(0), compile, compiled_ahead) if use_cache else None
     was_training = model.training
     model.eval()
     done = torch.zeros(seq.size(0), dtype=torch.bool, device=device)
-    needed = min(ctx, seq.size(1) + max_new_tokens)
-    pos = 0  # number of tokens of `seq` already in the cache
-    if use_cache and kept is not None and seq.size(0) == 1:
-        pos = kept.reusable(model, prompt_ids[0].tolist())
-    if use_cache:
-        # A compiled step has one shape for every call of a generation: its cache length is fixed up front.
-        if step is not None:
-            model.setup_kv_cache(seq.size(0), static_cache_len(needed, ctx, step.on_gpu), keep=pos > 0)
-        else:
-            model.setup_kv_cache(seq.size(0), needed, at_least=True, keep=pos > 0)
-        mark_cache(model, kept)
+    # Number of tokens of `seq` already in the cache.
+    pos = _setup_cache(model, seq, min(ctx, seq.size(1) + max_new_tokens), step, kept) if use_cache else 0
     pos_t = torch.zeros((), dtype=torch.long, device=device)  # the step's position, kept on the device
     stepped = False  # whether the compiled step has run in this generation (then its shapes are known)
     intact = True  # whether the cache holds seq[:, :pos] at positions 0, 1, ... (what `kept` is told)
@@ -325,6 +311,37 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
         elif use_cache and built_decode_step(model) is None:
             model.clear_kv_cache()  # (a model with a compiled step keeps its cache: the step's graph uses it)
         model.train(was_training)
+
+
+def _compiled_step(model, batch_size: int, compile: bool, compiled_ahead: bool):
+    """What a generation's per-token steps run through: `compile`'s step, else the compiled-ahead one when asked
+    for and built; None: the model itself."""
+    if compile:
+        return compiled_decode_step(model)
+    return _compiled_ahead_step(model, batch_size) if compiled_ahead else None
+
+
+def seeded_generator(seed: int | None, device) -> torch.Generator | None:
+    """A random generator on `device` seeded with `seed`; None (the global one) without a seed."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _setup_cache(model, seq: torch.Tensor, needed: int, step, kept: KeptPrefix | None) -> int:
+    """Give the model a KV cache for a generation of `seq` (B, T) that needs `needed` positions, keeping what `kept`
+    holds of it; return how many of `seq`'s tokens the cache already holds. A compiled step has one shape for
+    every call of a generation, so its cache length is fixed up front."""
+    pos = kept.reusable(model, seq[0].tolist()) if kept is not None and seq.size(0) == 1 else 0
+    if step is not None:
+        model.setup_kv_cache(seq.size(0), static_cache_len(needed, model.config.context_length, step.on_gpu),
+                             keep=pos > 0)
+    else:
+        model.setup_kv_cache(seq.size(0), needed, at_least=True, keep=pos > 0)
+    mark_cache(model, kept)
+    return pos
 
 
 class TextStream:
@@ -582,9 +599,7 @@ class DecodeBatch:
         its prompt); return (row, token) for each row that got a new token, appended to its `ids` too."""
         while self.waiting and len(self.active) < self.max_rows:
             row = self.waiting.popleft()
-            if row.seed is not None:
-                row.generator = torch.Generator(device=self.device)
-                row.generator.manual_seed(row.seed)
+            row.generator = seeded_generator(row.seed, self.device)
             self._place(row)
             self.active.append(row)
         if not self.active:
