@@ -160,6 +160,42 @@ def test_the_oldest_turns_are_dropped_when_the_context_is_full(ckpt, prompts, mo
     assert err.count("dropping its oldest turns") == 1  # said once, not at every turn after
 
 
+def test_trimming_leaves_room_so_the_next_turns_begin_as_the_last_one_did(prepared):
+    """Over a long conversation of turns of varied lengths: every prompt fits the budget; a trim drops the oldest
+    turns down to a quarter below it; and a turn that drops nothing begins exactly with the last prompt and its
+    answer, which is what lets the kept KV cache serve it. Most turns after the first trim are such turns (one
+    turn dropped at a time would make none)."""
+    import random
+
+    from llmscratch.cli.chatting import Conversation
+    from llmscratch.prompts import PlainChat
+    from llmscratch.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(prepared.parent / "tok")
+    rng = random.Random(7)
+    words = "the cat sat on a mat while it rained and then we went home to read".split()
+    budget = 600  # turns of ~15-70 tokens: a quarter of it holds a few
+    chat = Conversation(PlainChat(), tok, budget, system=None)
+    last, extended, trims = None, 0, 0
+    for _ in range(60):
+        user = " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))
+        answer = " ".join(rng.choice(words) for _ in range(rng.randint(3, 20)))
+        before = len(chat.turns)
+        text = chat.prompt(user).text
+        n = len(tok.encode(text))
+        assert n <= budget, n
+        if len(chat.turns) < before:  # trimmed: down to three quarters of the budget
+            trims += 1
+            assert n <= int(budget * Conversation.TRIM_TO), n
+        elif last is not None and before:
+            assert text.startswith(last), (last, text)
+            extended += 1
+        chat.add(user, answer)
+        last = text + " " + answer + "\n"
+    assert trims >= 3, trims
+    assert extended >= 2 * trims, (extended, trims)
+
+
 def test_a_missing_checkpoint_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     code, _, err = _chat(tmp_path / "nope", "hi\n", monkeypatch, capsys)
     assert_user_error(code, err, "not found")

@@ -33,7 +33,8 @@ def _chat_parser(p) -> None:
     p.add_argument("--max-new-tokens", type=Optional[PositiveInt], default=None,
                    help="longest answer in tokens (default: 256, at most the context length); when the "
                         "conversation and this much room no longer fit in the model's context (the room capped at "
-                        "half of it), the oldest turns are dropped")
+                        "half of it), the oldest turns are dropped, a quarter of the room left for the conversation at "
+                        "a time, so the kept KV cache serves the turns after")
     sampling_options(p, temperature=0.7, seed_help="seed for reproducible sampling (each answer)")
     p.add_argument("--thinking", action=ActionYesNo(no_prefix="no-"), default=None,
                    help="Qwen3 chat templates: think before answering, or not (--no-thinking); default: the "
@@ -43,7 +44,16 @@ def _chat_parser(p) -> None:
 
 class Conversation:
     """The messages of one chat: an optional system message, then user/assistant turns. `prompt` renders them
-    with `fmt`, dropping the oldest turns while the prompt is longer than `budget` tokens."""
+    with `fmt`; when the prompt would pass `budget` tokens, the oldest turns are dropped until it fits in
+    `TRIM_TO` of the budget.
+
+    Why not just enough to fit: the model's kept KV cache serves a turn only the tokens it shares with the last
+    turn's prompt and answer from position 0 on (`generate.KeptPrefix`; keys are computed at their positions).
+    Dropping one turn whenever the prompt is full shifts the conversation's start at every turn from then on, and
+    the whole prompt is read again each time; dropping a quarter of the budget at once leaves the next turns room
+    to grow on an unchanged start."""
+
+    TRIM_TO = 0.75
 
     def __init__(self, fmt, tokenizer, budget: int, system: str | None = None, thinking: bool | None = None):
         self.fmt, self.tokenizer, self.budget, self.thinking = fmt, tokenizer, budget, thinking
@@ -57,15 +67,20 @@ class Conversation:
 
     def prompt(self, user: str):
         """The `ChatPrompt` for the answer to `user`, after the turns so far (the oldest dropped to fit)."""
-        while True:
-            prompt = self.fmt.render(self.messages(user), self.thinking)
-            if not self.turns or len(self.tokenizer.encode(prompt.text)) <= self.budget:
-                return prompt
+        prompt = self.fmt.render(self.messages(user), self.thinking)
+        if len(self.tokenizer.encode(prompt.text)) <= self.budget:
+            return prompt
+        if self.turns and not self.trimmed:
+            self.trimmed = True
+            sys.stderr.write(f"llmscratch: the conversation outgrew the model's context ({self.budget} tokens "
+                             "for the prompt); dropping its oldest turns from now on, a quarter of that at a "
+                             "time\n")
+        while self.turns:
             del self.turns[:2]  # one user message and its answer
-            if not self.trimmed:
-                self.trimmed = True
-                sys.stderr.write(f"llmscratch: the conversation outgrew the model's context ({self.budget} tokens "
-                                 "for the prompt); dropping its oldest turns from now on\n")
+            prompt = self.fmt.render(self.messages(user), self.thinking)
+            if len(self.tokenizer.encode(prompt.text)) <= int(self.budget * self.TRIM_TO):
+                break
+        return prompt
 
     def add(self, user: str, answer: str) -> None:
         self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
