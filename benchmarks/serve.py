@@ -238,28 +238,35 @@ def matmul_rate(dtype: str, rows: int, repeats: int = 7) -> dict:
             "all": {name: rows / statistics.median(v) for name, v in times.items()}}
 
 
-def prebuild_rows_step(ours: Path, dtype: str, max_batch: int = 32, cache_len: int = 256) -> None:
+def prebuild_rows_step(ours: Path, dtype: str, max_batch: int = 32, cache_len: int = 256,
+                       prefix_cache_rows: int | None = None) -> None:
     """Build (or find) the compiled-ahead batched step `llmscratch serve --max-batch 32` looks for (model/aot.py), so
     that the server decodes through it from its first request instead of starting to build it under the load:
     the model loaded and packed as the server does, a cache of the server's 256 positions (or `cache_len`: the
-    server doubles its cache as sequences grow)."""
+    server doubles its cache as sequences grow) and of its rows (`serve.engine.cache_rows`: the batch's, and
+    `--prefix-cache-rows` more)."""
     try:
         from llmscratch.cli.inference import load_for_inference
         from llmscratch.model import aot
         from llmscratch.model.packed import pack_for_cpu_inference
     except ImportError:  # a src without compiled-ahead steps
         return
+    try:
+        from llmscratch.serve.engine import cache_rows
+        rows = cache_rows(max_batch, True, prefix_cache_rows)
+    except ImportError:  # a src whose cache has the batch's rows only
+        rows = max_batch
     model, _ = load_for_inference(str(ours), "cpu", dtype, pack=False, rows=max_batch)
     pack_for_cpu_inference(model, max_batch, where_faster=True)
     cache_len = min(model.config.context_length, cache_len)
-    if aot.unsupported(model, max_batch):
-        print(f"  {dtype}: no compiled-ahead batched step ({aot.unsupported(model, max_batch)})", flush=True)
+    if aot.unsupported(model, rows):
+        print(f"  {dtype}: no compiled-ahead batched step ({aot.unsupported(model, rows)})", flush=True)
         return
     start = time.perf_counter()
-    found = aot.load_step(model, max_batch, "rows", cache_len) is not None
+    found = aot.load_step(model, rows, "rows", cache_len) is not None
     if not found:
-        aot.build(model, max_batch, "rows", cache_len)
-    print(f"  {dtype}: compiled-ahead batched step ({max_batch} rows, cache {cache_len}) "
+        aot.build(model, rows, "rows", cache_len)
+    print(f"  {dtype}: compiled-ahead batched step ({rows} cache rows, cache {cache_len}) "
           f"{'found' if found else 'built'} in {time.perf_counter() - start:.1f} s", flush=True)
 
 

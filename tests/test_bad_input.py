@@ -455,7 +455,7 @@ DPO_OPTIONS = [
 SERVE_OPTIONS = [
     ("--max-batch", 0), ("--max-queue", -1), ("--prefill-tokens", 0), ("--max-prompt-tokens", 0),
     ("--max-tokens-cap", 0), ("--max-tokens-cap", CONTEXT * 20), ("--request-timeout", 0), ("--port", 70000),
-    ("--dtype", "fp8"),
+    ("--dtype", "fp8"), ("--prefix-cache-rows", -1),
 ]
 
 

@@ -335,6 +335,43 @@ def test_rows_leaving_from_the_middle_are_parked_and_followed_up():
     batch.close()
 
 
+@pytest.mark.parametrize("spare", [0, 2])
+def test_spare_rows_keep_conversations_while_the_batch_is_full(spare):
+    """Four conversations on a batch of two: each first turn that ends makes room for a waiting one, so without
+    spare rows its keys and values are overwritten before its next turn comes; with two spare cache rows they are
+    kept, and every next turn reads only what it adds. The tokens are a fresh start's either way."""
+    model = _model()
+    batch = DecodeBatch(model, max_rows=2, spare_rows=spare)
+    assert model.blocks[0].attn.kv_cache.k.size(0) == 2 + spare
+    first = [Row(_ids(6 + i, 60 + i)) for i in range(4)]
+    for r in first:
+        batch.add(r)
+    for r in first:  # a and b decode, c and d wait; each one leaving lets the next in
+        _finish(batch, r, 3)
+        assert_batch_holds(batch)
+    assert len(batch.parked) == min(4, 2 + spare)
+    follow = [Row(r.ids + _ids(3, 70 + i)) for i, r in enumerate(first)]
+    for r in follow:
+        batch.add(r)
+    for r in follow:
+        _finish(batch, r, 3)
+        assert_batch_holds(batch)
+    for r in follow:
+        assert r.generated == _alone(r)
+    reused = [r.reused for r in follow]
+    if spare:
+        assert reused == [len(r.ids) - 1 for r in first]
+    else:  # a's and b's rows went to c and d, then c's and d's to a's and b's next turns
+        assert reused == [0, 0, 0, 0]
+    batch.close()
+
+
+def test_spare_rows_are_for_parking_only():
+    assert DecodeBatch(_model(), max_rows=2, spare_rows=3, reuse=False).cache_rows == 2
+    with pytest.raises(gen.UserError, match="spare cache rows"):
+        DecodeBatch(_model(), max_rows=2, spare_rows=-1)
+
+
 def test_parked_rows_survive_the_cache_growing():
     model = _model()
     batch = DecodeBatch(model, max_rows=2, max_len=16)

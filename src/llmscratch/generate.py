@@ -493,17 +493,22 @@ class DecodeBatch:
     after the tokens they share (`Row.reused`) — a conversation's next turn, which repeats the turns so far, or
     prompts that share a long instruction. When a row is needed, a free one that holds nothing goes first, then
     the one parked longest ago. Parking costs a swap of two cache rows when a row leaves (a move without it).
-    In models with sliding-window layers, a row that held more than the window is reused only by a prompt that
-    repeats all of it (`reusable_prefix`).
+    `spare_rows` more cache rows than `max_rows` hold parked rows only: without them a full batch has no free row
+    to park in, and a conversation whose next turn arrives while `max_rows` others are decoding finds nothing
+    (memory: the KV cache grows by that many rows). In models with sliding-window layers, a row that held more
+    than the window is reused only by a prompt that repeats all of it (`reusable_prefix`).
     """
 
     def __init__(self, model, max_rows: int, max_len: int | None = None, prefill_tokens: int = 256,
-                 compiled_ahead: bool = False, reuse: bool = True):
+                 compiled_ahead: bool = False, reuse: bool = True, spare_rows: int = 0):
         if max_rows <= 0:
             raise UserError(f"batch size must be positive, got {max_rows}")
+        if spare_rows < 0:
+            raise UserError(f"spare cache rows must be 0 or more, got {spare_rows}")
         if prefill_tokens <= 0:
             raise UserError(f"prefill chunk must be positive, got {prefill_tokens}")
         self.model, self.max_rows, self.prefill_tokens = model, max_rows, prefill_tokens
+        self.cache_rows = max_rows + (spare_rows if reuse else 0)  # rows past max_rows only ever hold parked ones
         self.compiled_ahead = compiled_ahead
         self._rows_step, self._rows_looked = None, (None, 0.0)  # (cache length, when) of the last look for one
         self.ctx = model.config.context_length
@@ -517,7 +522,7 @@ class DecodeBatch:
         self.reused_tokens = 0  # prompt tokens not processed because a parked row held them
         self.was_training = model.training
         model.eval()
-        model.setup_kv_cache(max_rows, min(self.ctx, max_len or 256))
+        model.setup_kv_cache(self.cache_rows, min(self.ctx, max_len or 256))
         mark_cache(model, None)
 
     def add(self, row: Row) -> None:
@@ -563,7 +568,7 @@ class DecodeBatch:
         row.cached = row.reused = 0
         if slot not in self.parked:
             return
-        empty = [r for r in range(slot + 1, self.max_rows) if r not in self.parked]
+        empty = [r for r in range(slot + 1, self.cache_rows) if r not in self.parked]
         to = empty[0] if empty else next(iter(self.parked))  # else the row parked longest ago gives way
         if to == slot:  # it is this one
             del self.parked[slot]
@@ -653,7 +658,7 @@ class DecodeBatch:
     def _compiled_rows(self, cache_len: int):
         """The compiled-ahead rows step for a cache of `cache_len` (model/aot.py), or None; a missing one is looked
         for at most every 10 s, and started building the first time."""
-        if not self.compiled_ahead or self.max_rows < 2:  # (one row: no rows step exists; `serve --max-batch 1`)
+        if not self.compiled_ahead or self.cache_rows < 2:  # (one row: no rows step exists; `serve --max-batch 1`)
             return None
         if self._rows_step is not None and self._rows_step.cache_len == cache_len:
             return self._rows_step
@@ -663,9 +668,9 @@ class DecodeBatch:
             return None
         from llmscratch.model import aot
 
-        self._rows_step = aot.load_step(self.model, self.max_rows, "rows", cache_len)
+        self._rows_step = aot.load_step(self.model, self.cache_rows, "rows", cache_len)
         if self._rows_step is None and looked_len != cache_len:
-            aot.start_background_build(self.model, self.max_rows, "rows", cache_len)
+            aot.start_background_build(self.model, self.cache_rows, "rows", cache_len)
         self._rows_looked = (cache_len, now)
         return self._rows_step
 

@@ -322,6 +322,7 @@ def test_port_in_use_is_a_user_error(tiny_checkpoint, capsys):
     ("--max-batch", 0, "--max-batch 0: out of range; allowed: > 0"),
     ("--max-queue", -1, "--max-queue -1: out of range; allowed: >= 0"),
     ("--prefill-tokens", 0, "--prefill-tokens 0: out of range; allowed: > 0"),
+    ("--prefix-cache-rows", -1, "--prefix-cache-rows -1: out of range; allowed: >= 0"),
 ])
 def test_bad_limit_is_a_user_error(tiny_checkpoint, capsys, option, value, needle):
     code, _, err = run(["serve", tiny_checkpoint, "--port", 0, "--dtype", "fp32", option, value], capsys)

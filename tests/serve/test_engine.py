@@ -70,6 +70,31 @@ def test_requests_that_repeat_a_finished_prompt_find_it_cached_unless_turned_off
     assert text == generate(model, tok, follow, max_new_tokens=6, temperature=0.0)
 
 
+@pytest.mark.parametrize("spare", [0, 1])
+def test_a_spare_cache_row_keeps_a_conversation_while_another_request_decodes(tiny, spare):
+    """One place in the batch, three requests: A, then B, then A's next turn. B takes the batch's one row as A
+    leaves it; with a spare row (`prefix_cache_rows`) A's keys and values move there and A's next turn finds them,
+    without one they are overwritten."""
+    model, tok = tiny
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    (first, _), = _serve(model, tok, [("the engine", params)], max_batch=1)[0]
+    follow = "the engine" + first + " hello"
+    results, metrics = _serve(model, tok, [("the engine", params), ("world", params), (follow, params)],
+                              max_batch=1, prefix_cache_rows=spare)
+    (_, one), (_, two), (text, three) = results
+    expected = len(tok.encode("the engine" + first)) - 1 if spare else 0
+    assert (one.cached_tokens, two.cached_tokens, three.cached_tokens) == (0, 0, expected)
+    assert expected > 2 or not spare
+    assert text == generate(model, tok, follow, max_new_tokens=6, temperature=0.0)
+
+
+def test_cache_rows():
+    from llmscratch.serve.engine import cache_rows
+
+    assert cache_rows(8) == 16 and cache_rows(8, True, 0) == 8 and cache_rows(8, True, 3) == 11
+    assert cache_rows(8, False, 3) == 8  # no prefix cache: nothing to keep
+
+
 def test_stop_string_eos_and_full_context(tiny):
     model, tok = tiny
     greedy = generate(model, tok, "hello", max_new_tokens=12, temperature=0.0)

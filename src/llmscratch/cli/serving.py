@@ -47,6 +47,11 @@ def _serve_parser(p) -> None:
                         "begins with the same tokens (a conversation's next turn, a shared instruction) reads only "
                         "the rest; usage.prompt_tokens_details.cached_tokens says how many it found (default: on; "
                         "--no-prefix-cache reads every prompt whole)")
+    p.add_argument("--prefix-cache-rows", type=Optional[NonNegativeInt], default=None,
+                   help="KV-cache rows beyond --max-batch that only keep finished requests for the prefix cache, so "
+                        "conversations still find their last turn while --max-batch others are decoding (default: "
+                        "as many as --max-batch; each row holds up to a context of keys and values; 0: only the "
+                        "batch's free rows)")
     p.add_argument("--max-prompt-tokens", type=Optional[PositiveInt], default=None,
                    help="longest prompt in tokens (default: the model's context length - 1)")
     p.add_argument("--max-tokens-cap", type=Optional[PositiveInt], default=None,
@@ -82,7 +87,8 @@ def cmd_serve(a) -> None:
         engine = Engine.load(lambda: load_for_inference(a.checkpoint, a.device, a.dtype, pack=False,
                                                         rows=a.max_batch),
                              max_batch=a.max_batch, max_queue=a.max_queue, pack=not a.no_pack,
-                             prefill_tokens=a.prefill_tokens, prefix_cache=a.prefix_cache)
+                             prefill_tokens=a.prefill_tokens, prefix_cache=a.prefix_cache,
+                             prefix_cache_rows=a.prefix_cache_rows)
         model, tok = engine.model, engine.tokenizer
         fmt = chat_format(tok, saved_style(a.checkpoint))
         name = a.model_name or Path(a.checkpoint).resolve().name

@@ -23,8 +23,8 @@ calls with its argument list), which reaches oneDNN through model/packed.py.
 
 Two kinds of step: "decode", one token for each of `batch_size` sequences at one position (`generate_ids`), and
 "rows", one token for each of 1..`batch_size` rows at positions of their own (`RowPositions`: the server's
-`DecodeBatch`), whose number of rows and of keys are dynamic and whose cache length is fixed (a package per
-length the batch's cache grows to).
+`DecodeBatch`, whose `batch_size` is its cache's rows, spare rows included), whose number of rows and of keys are
+dynamic and whose cache length is fixed (a package per length the batch's cache grows to).
 
 Not served (eager, as before): mixture-of-experts models (routing changes the shapes), sliding-window and latent
 attention (caches of other shapes), training-mode models, GPUs (they have CUDA graphs: `generate --compile`).

@@ -86,6 +86,16 @@ class Request:
         self.engine.cancel(self)
 
 
+def cache_rows(max_batch: int, prefix_cache: bool = True, prefix_cache_rows: int | None = None) -> int:
+    """The rows of the server's KV cache: `max_batch` decoding, and with the prefix cache on, `prefix_cache_rows`
+    more (None: as many again) that only keep finished requests for the next turns of their conversations. Without
+    them a full batch parks nothing: a conversation's next turn that arrives while `max_batch` others decode is
+    read whole. (The compiled-ahead rows step is built for this many rows: benchmarks/serve.py prebuilds it.)"""
+    if not prefix_cache:
+        return max_batch
+    return max_batch + (max_batch if prefix_cache_rows is None else prefix_cache_rows)
+
+
 class Engine:
     """The scheduler: `max_batch` requests decoded together, at most `max_queue` waiting behind them.
 
@@ -93,19 +103,23 @@ class Engine:
     the model's linears for oneDNN (`llmscratch.model.packed`, laid out for `max_batch` rows) from the scheduler
     thread itself, before its first step. Packed by another thread, the same weights made a GPT-2 124M step at 32
     rows ~30% slower on the 2-core CPU of benchmarks/RESULTS.md. `prefix_cache`: finished requests' keys and
-    values stay in free batch rows for later prompts that begin the same way (`DecodeBatch`'s `reuse`)."""
+    values stay in free cache rows for later prompts that begin the same way (`DecodeBatch`'s `reuse`);
+    `prefix_cache_rows`: cache rows beyond `max_batch` kept for them (None: as many as `max_batch`,
+    `cache_rows`)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, pack: bool = False,
-                 prefill_tokens: int = 256, prefix_cache: bool = True):
+                 prefill_tokens: int = 256, prefix_cache: bool = True, prefix_cache_rows: int | None = None):
         from llmscratch.errors import UserError
 
         for name, value, least in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
-                                   ("--prefill-tokens", prefill_tokens, 1)):
+                                   ("--prefill-tokens", prefill_tokens, 1),
+                                   ("--prefix-cache-rows", 0 if prefix_cache_rows is None else prefix_cache_rows, 0)):
             if value < least:
                 raise UserError(f"{name} must be {'positive' if least else 'at least 0'}, got {value}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.pack, self.prefill_tokens = max_batch, max_queue, pack, prefill_tokens
         self.prefix_cache = prefix_cache
+        self.cache_rows = cache_rows(max_batch, prefix_cache, prefix_cache_rows)
         self.ctx = model.config.context_length
         self._lock = threading.Condition()
         self._incoming: deque[Request] = deque()  # submitted, not yet seen by the scheduler
@@ -206,7 +220,7 @@ class Engine:
         if self.pack:
             pack_for_cpu_inference(self.model, self.max_batch, where_faster=True)  # a no-op off the CPU
         batch = DecodeBatch(self.model, self.max_batch, prefill_tokens=self.prefill_tokens, compiled_ahead=True,
-                            reuse=self.prefix_cache)
+                            reuse=self.prefix_cache, spare_rows=self.cache_rows - self.max_batch)
         try:
             while self._take_work(batch):
                 try:
