@@ -9,8 +9,10 @@ request that begins the same way (`DecodeBatch`'s parked rows), so a turn reads 
    step (built first, as the CLI's first `chat` starts it in the background). Each turn's prompt is answered
    twice, alternately: by a model that kept the conversation's cache, and by a second copy of the model from
    scratch. Per turn: prompt tokens, tokens found in the cache, time to first token both ways.
-2. serve: `llmscratch serve --max-batch 8` with and without `--no-prefix-cache`; --clients conversations at once,
-   each --turns turns through streamed `/v1/chat/completions` (a turn is sent when the last one's answer is in).
+2. serve: `llmscratch serve --max-batch 8` as it starts by default (prefix cache on, 8 spare cache rows), with
+   `--prefix-cache-rows 0` (parked rows in the batch's free rows only) and with `--no-prefix-cache`; --clients
+   conversations at once, each --turns turns through streamed `/v1/chat/completions` (a turn is sent when the last
+   one's answer is in). More clients than 8 keep the batch full, which is where the spare rows matter.
    Per server: the p50 time to first token of the first turn and of the later ones, the prompt tokens found
    cached (usage.prompt_tokens_details), and the wall time of all conversations.
 
@@ -138,11 +140,16 @@ async def conversations(url: str, model: str, clients: int, turns: int, new_toke
     return [turn for result in results for turn in result], time.perf_counter() - start
 
 
+SERVERS = (("prefix cache (default)", []), ("--prefix-cache-rows 0", ["--prefix-cache-rows", "0"]),
+           ("--no-prefix-cache", ["--no-prefix-cache"]))
+
+
 def serve_part(ckpt: Path, dtype: str, clients: int, turns: int, new_tokens: int) -> list[dict]:
     for cache_len in (256, 512, 1024):  # the server's cache doubles as the conversations grow
-        prebuild_rows_step(ckpt, dtype, 8, cache_len)
+        for spare in (None, 0):  # the cache's rows: 16 by default, 8 (the last two servers)
+            prebuild_rows_step(ckpt, dtype, 8, cache_len, prefix_cache_rows=spare)
     rows = []
-    for label, extra in (("prefix cache (default)", []), ("--no-prefix-cache", ["--no-prefix-cache"])):
+    for label, extra in SERVERS:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [str(VENV_BIN / "llmscratch"), "serve", str(ckpt), "--port", str(port), "--max-batch", "8",

@@ -366,6 +366,38 @@ def test_spare_rows_keep_conversations_while_the_batch_is_full(spare):
     batch.close()
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_shared_beginning_is_copied_and_the_parked_row_stays(preset):
+    """Two conversations under one system prompt, one place in the batch and one spare row. B's first turn shares
+    only the system prompt with A's parked turn: it gets a copy of those entries, and A's row stays parked, so
+    A's next turn still finds all of A's turn (taken over, it would find only the system prompt), and B's next
+    turn all of B's."""
+    model = _model(preset)
+    batch = DecodeBatch(model, max_rows=1, spare_rows=1)
+    system = _ids(10, 80)
+    a = Row(system + _ids(5, 81))
+    batch.add(a)
+    _finish(batch, a, 4)
+    b = Row(system + _ids(6, 82))
+    batch.add(b)
+    batch.step()
+    assert b.reused == len(system) and batch.parked == {1: a.ids[:-1]}
+    assert_batch_holds(batch, preset)
+    _finish(batch, b, 4)
+    follow_a, follow_b = Row(a.ids + _ids(3, 83)), Row(b.ids + _ids(2, 84))
+    for r in (follow_a, follow_b):
+        batch.add(r)
+    batch.step()
+    assert_batch_holds(batch, preset)
+    for r in (follow_a, follow_b):
+        _finish(batch, r, 3)
+        assert_batch_holds(batch, preset)
+    assert (follow_a.reused, follow_b.reused) == (len(a.ids) - 1, len(b.ids) - 1)
+    for r in (b, follow_a, follow_b):
+        assert r.generated == _alone(r, preset)
+    batch.close()
+
+
 def test_spare_rows_are_for_parking_only():
     assert DecodeBatch(_model(), max_rows=2, spare_rows=3, reuse=False).cache_rows == 2
     with pytest.raises(gen.UserError, match="spare cache rows"):

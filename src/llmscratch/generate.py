@@ -489,10 +489,11 @@ class DecodeBatch:
     10 s. Prompts are processed eagerly.
 
     `reuse` (prefix caching): a finished row's keys and values stay in its cache row while the row is free
-    (`parked`), and a new row whose prompt begins with a parked row's tokens takes that cache row over and starts
-    after the tokens they share (`Row.reused`) — a conversation's next turn, which repeats the turns so far, or
-    prompts that share a long instruction. When a row is needed, a free one that holds nothing goes first, then
-    the one parked longest ago. Parking costs a swap of two cache rows when a row leaves (a move without it).
+    (`parked`), and a new row whose prompt begins with a parked row's tokens starts after the tokens they share
+    (`Row.reused`): a conversation's next turn, which repeats the turns so far, takes the cache row over; prompts
+    that share only a beginning (a system prompt, a long instruction) get a copy of it (`_place`). When a row is
+    needed, a free one that holds nothing goes first, then the one parked (or copied from) longest ago. Parking
+    costs a swap of two cache rows when a row leaves (a move without it).
     `spare_rows` more cache rows than `max_rows` hold parked rows only: without them a full batch has no free row
     to park in, and a conversation whose next turn arrives while `max_rows` others are decoding finds nothing
     (memory: the KV cache grows by that many rows). In models with sliding-window layers, a row that held more
@@ -534,6 +535,8 @@ class DecodeBatch:
         if row in self.waiting:
             self.waiting.remove(row)
             return
+        if row not in self.active:  # taken from the queue by a step that failed before it joined
+            return
         i = self.active.index(row)
         last = len(self.active) - 1
         park = self.reuse and row.cached > 0
@@ -548,9 +551,13 @@ class DecodeBatch:
             self.parked[last] = self._window(row)[:row.cached]
 
     def _place(self, row: Row) -> None:
-        """Make cache row `len(active)`, where `row` goes, hold the parked row that shares the most leading tokens
-        with `row`'s prompt (then `row` starts after them), or else nothing it must keep: what is parked there
-        moves to a free row that holds nothing, or over the row parked longest ago, or is dropped."""
+        """Make cache row `len(active)`, where `row` goes, hold what a parked row shares with `row`'s prompt (the
+        most leading tokens of any), so `row` starts after them, and nothing else it must keep.
+
+        A prompt that repeats all a parked row holds (a conversation's next turn) takes that row over. One that
+        shares only its beginning (a system prompt, an instruction) gets a copy of those entries, and the parked
+        row stays for its own conversation: taking it over would lose that conversation's turns to a few shared
+        tokens. What was parked in the row `row` needs moves aside (`_move_aside`)."""
         slot = len(self.active)
         best, shared = None, 0
         if self.reuse:
@@ -558,24 +565,36 @@ class DecodeBatch:
                 n = reusable_prefix(self.model, ids, row.ids)
                 if n > shared:
                     best, shared = r, n
-        if best is not None:
+        if best is not None and shared >= len(self.parked[best]) - 1:
             if best != slot:
                 self._swap(slot, best)
             del self.parked[slot]
-            row.cached = row.reused = shared
-            self.reused_tokens += shared
-            return
-        row.cached = row.reused = 0
+        else:
+            moved = self._move_aside(slot, keep=best)
+            if best == slot:  # its entry moved (or was dropped); the slot still holds the entries
+                best = moved
+            elif best is not None:
+                self.model.move_kv_rows(best, slot, shared)
+            if best is not None:
+                self.parked[best] = self.parked.pop(best)  # just used: the last to give way
+        row.cached = row.reused = shared
+        self.reused_tokens += shared
+
+    def _move_aside(self, slot: int, keep: int | None) -> int | None:
+        """Copy what is parked in `slot` to a free row that holds nothing, or over the row parked longest ago (not
+        `keep`), or drop it when there is no such row; return where it went (None: nowhere)."""
         if slot not in self.parked:
-            return
+            return None
         empty = [r for r in range(slot + 1, self.cache_rows) if r not in self.parked]
-        to = empty[0] if empty else next(iter(self.parked))  # else the row parked longest ago gives way
-        if to == slot:  # it is this one
+        others = [r for r in self.parked if r not in (slot, keep)]
+        to = empty[0] if empty else others[0] if others else None
+        if to is not None:
+            self.model.move_kv_rows(slot, to, len(self.parked[slot]))
+            # `slot`'s entry becomes `to`'s, in its place in the order; what `to` held is gone.
+            self.parked = {(to if r == slot else r): ids for r, ids in self.parked.items() if r != to}
+        else:
             del self.parked[slot]
-            return
-        self.model.move_kv_rows(slot, to, len(self.parked[slot]))
-        # `slot`'s entry becomes `to`'s, in its place in the order; what `to` held is gone.
-        self.parked = {(to if r == slot else r): ids for r, ids in self.parked.items() if r != to}
+        return to
 
     def _swap(self, a: int, b: int) -> None:
         """Exchange cache rows a and b, what is parked in them included (each keeps its place in the order)."""

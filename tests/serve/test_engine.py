@@ -88,6 +88,42 @@ def test_a_spare_cache_row_keeps_a_conversation_while_another_request_decodes(ti
     assert text == generate(model, tok, follow, max_new_tokens=6, temperature=0.0)
 
 
+def test_a_step_that_fails_while_admitting_a_request_fails_it_and_the_engine_goes_on(tiny, monkeypatch):
+    """A step can fail after it took a request from the queue and before the request joined the batch (placing it
+    in the cache). That request gets an error event, and the same engine answers the next one."""
+    from llmscratch.generate import DecodeBatch
+
+    model, tok = tiny
+    place, calls = DecodeBatch._place, []
+
+    def place_once_failing(self, row):
+        calls.append(row)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory while placing")
+        return place(self, row)
+
+    monkeypatch.setattr(DecodeBatch, "_place", place_once_failing)
+    engine = Engine(model, tok, max_batch=1)
+    engine.start()
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+
+    async def one():
+        request = engine.submit(tok.encode("hello"), params)
+        events = [event async for event in request.events()]
+        return "".join(e.text for e in events), events[-1]
+
+    async def two_in_turn():
+        return [await asyncio.wait_for(one(), timeout=30) for _ in range(2)]
+
+    try:
+        (failed, failed_last), (text, last) = asyncio.run(two_in_turn())
+    finally:
+        engine.shutdown()
+    assert failed_last.finish_reason == "error" and "out of memory while placing" in failed_last.error
+    assert failed == "" and len(calls) == 2
+    assert last.finish_reason == "length" and text == generate(model, tok, "hello", max_new_tokens=4, temperature=0.0)
+
+
 def test_cache_rows():
     from llmscratch.serve.engine import cache_rows
 
