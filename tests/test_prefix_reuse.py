@@ -398,6 +398,26 @@ def test_a_shared_beginning_is_copied_and_the_parked_row_stays(preset):
     batch.close()
 
 
+def test_a_next_turn_whose_answer_came_back_as_other_tokens_still_takes_the_row_over():
+    """A conversation's next turn holds the last answer as text, encoded again: the tokens can differ from those
+    the model produced. It repeats the last request's whole prompt, so it is that conversation's turn and takes
+    the row over, reading from the answer on; no stale copy of the old turn is left parked."""
+    model = _model()
+    batch = DecodeBatch(model, max_rows=1, spare_rows=1)
+    a = Row(_ids(12, 90))
+    batch.add(a)
+    _finish(batch, a, 5)
+    answer_again = [(t + 1) % 512 for t in a.generated]  # the answer's text, encoded into other tokens
+    b = Row(a.ids[:a.n_prompt] + answer_again + _ids(3, 91))
+    batch.add(b)
+    batch.step()
+    assert b.reused == a.n_prompt and batch.parked == {}
+    assert_batch_holds(batch)
+    _finish(batch, b, 3)
+    assert b.generated == _alone(b)
+    batch.close()
+
+
 def test_spare_rows_are_for_parking_only():
     assert DecodeBatch(_model(), max_rows=2, spare_rows=3, reuse=False).cache_rows == 2
     with pytest.raises(gen.UserError, match="spare cache rows"):

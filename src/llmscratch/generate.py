@@ -463,6 +463,15 @@ class Row:
         return self.ids[self.n_prompt:]
 
 
+class _Held(list):
+    """The token ids a parked cache row holds at positions 0, 1, ...; `prompt`: how many of them were its
+    request's prompt."""
+
+    def __init__(self, ids: Sequence[int], prompt: int):
+        super().__init__(ids)
+        self.prompt = prompt
+
+
 class DecodeBatch:
     """Continuous batching: sequences of any lengths decoded together in the model's one KV cache.
 
@@ -519,7 +528,7 @@ class DecodeBatch:
         self.reuse = reuse
         # Free cache rows (i >= len(active)) that still hold a finished row's keys and values: row -> its window's
         # ids at positions 0, 1, ..., oldest parked first.
-        self.parked: dict[int, list[int]] = {}
+        self.parked: dict[int, _Held] = {}
         self.reused_tokens = 0  # prompt tokens not processed because a parked row held them
         self.was_training = model.training
         model.eval()
@@ -548,16 +557,18 @@ class DecodeBatch:
             self.active[i] = self.active[last]
         self.active.pop()
         if park:
-            self.parked[last] = self._window(row)[:row.cached]
+            held = self._window(row)[:row.cached]
+            self.parked[last] = _Held(held, row.n_prompt if len(row.ids) <= self.ctx else len(held))
 
     def _place(self, row: Row) -> None:
         """Make cache row `len(active)`, where `row` goes, hold what a parked row shares with `row`'s prompt (the
         most leading tokens of any), so `row` starts after them, and nothing else it must keep.
 
-        A prompt that repeats all a parked row holds (a conversation's next turn) takes that row over. One that
-        shares only its beginning (a system prompt, an instruction) gets a copy of those entries, and the parked
-        row stays for its own conversation: taking it over would lose that conversation's turns to a few shared
-        tokens. What was parked in the row `row` needs moves aside (`_move_aside`)."""
+        A prompt that repeats the parked request's whole prompt (a conversation's next turn; its answer may come
+        back as other tokens, encoded again from its text) takes that row over. One that shares less (a system
+        prompt, an instruction) gets a copy of those entries, and the parked row stays for its own conversation:
+        taking it over would lose that conversation's turns to a few shared tokens. What was parked in the row
+        `row` needs moves aside (`_move_aside`)."""
         slot = len(self.active)
         best, shared = None, 0
         if self.reuse:
@@ -565,7 +576,7 @@ class DecodeBatch:
                 n = reusable_prefix(self.model, ids, row.ids)
                 if n > shared:
                     best, shared = r, n
-        if best is not None and shared >= len(self.parked[best]) - 1:
+        if best is not None and shared >= min(self.parked[best].prompt, len(self.parked[best]) - 1):
             if best != slot:
                 self._swap(slot, best)
             del self.parked[slot]
