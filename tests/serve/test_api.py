@@ -48,6 +48,23 @@ def test_models_and_health(client, live_server, name):
                                                              "waiting": 0}
 
 
+def test_startup_says_what_the_kv_cache_holds(live_server, tiny_checkpoint, start_server):
+    """Before its ready line the server says how many KV-cache rows it keeps and their size at the full context
+    (`live_server`: --max-batch 16, fp32, so 32 rows by default); `--prefix-cache-rows 0` leaves the batch's."""
+    from llmscratch.config import ModelConfig
+    from llmscratch.model.memory import format_bytes, kv_cache_bytes
+
+    cfg = ModelConfig.load(tiny_checkpoint / "config.json")
+    full = format_bytes(kv_cache_bytes(cfg, cfg.context_length, 4, 32))
+    assert (f"KV cache of 32 rows (16 for the batch, 16 more keep finished requests for the prefix cache), {full} "
+            "once they hold the full context") in live_server.log()
+    server = start_server(tiny_checkpoint, "--max-batch", 3, "--prefix-cache-rows", 0)
+    try:
+        assert "KV cache of 3 rows (3 for the batch), " in server.log()
+    finally:
+        server.stop()
+
+
 def test_greedy_completion_equals_generate_in_this_process(client, local, name):
     from llmscratch.generate import generate
 

@@ -95,8 +95,8 @@ def cmd_serve(a) -> None:
         limits = Limits(max_prompt_tokens=a.max_prompt_tokens, max_tokens_cap=a.max_tokens_cap,
                         request_timeout=a.request_timeout)
         url = _url(a.host, sock.getsockname()[1])
-        ready = (f"llmscratch: serving {name} (chat format: {fmt.describe()}) on {url} — web chat at /, API at "
-                 "/v1\n")
+        ready = (_cache_line(engine) + f"llmscratch: serving {name} (chat format: {fmt.describe()}) on {url} — web "
+                 "chat at /, API at /v1\n")
         app = create_app(engine, tok, fmt, name, model.config.context_length, api_key=api_key, limits=limits,
                          thinking=a.thinking, on_ready=lambda: (sys.stderr.write(ready), sys.stderr.flush()))
         # Ctrl-C: requests in flight get a few seconds to finish, then they are cancelled and the engine stops.
@@ -123,6 +123,21 @@ def _check_before_listening(a) -> None:
     if config.is_file():
         Limits(max_prompt_tokens=a.max_prompt_tokens, max_tokens_cap=a.max_tokens_cap,
                request_timeout=a.request_timeout).for_context(ModelConfig.load(config).context_length)
+
+
+def _cache_line(engine) -> str:
+    """What the KV cache will hold, for sizing a machine: its rows (the batch's, and those that keep finished
+    requests for the prefix cache) and their size once the requests fill the context."""
+    from llmscratch.model.memory import format_bytes, kv_cache_bytes
+
+    cfg = engine.model.config
+    width = next(engine.model.parameters()).element_size()
+    full = kv_cache_bytes(cfg, cfg.context_length, width, engine.cache_rows)
+    kept = engine.cache_rows - engine.max_batch
+    keep = f", {kept} more keep finished requests for the prefix cache" if kept else ""
+    return (f"llmscratch: up to {engine.max_batch} requests decode together; KV cache of {engine.cache_rows} rows "
+            f"({engine.max_batch} for the batch{keep}), {format_bytes(full)} once they hold the full context "
+            "(--max-batch, --prefix-cache-rows)\n")
 
 
 def _api_key(variable: str | None) -> str | None:
